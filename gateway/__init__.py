@@ -1,0 +1,54 @@
+"""A streaming gateway for LLM chat that stops the provider the moment the user presses Stop."""
+
+from __future__ import annotations
+
+from .app import create_app
+from .errors import (
+    BadRequest,
+    ConfigError,
+    GatewayError,
+    HTTPError,
+    SessionConflict,
+    ShuttingDown,
+    UnsupportedMediaType,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamUnavailable,
+)
+from .parser import ProviderStreamParser
+from .registry import Registry
+from .server import load_config, serve
+from .session import Completed, Failed, Outcome, Session, Stopped
+from .settings import Settings
+from .simulator import Simulator, SimulatorConfig, StreamRecord
+
+__all__ = [
+    "BadRequest",
+    "Completed",
+    "ConfigError",
+    "Failed",
+    "GatewayError",
+    "HTTPError",
+    "Outcome",
+    "ProviderStreamParser",
+    "Registry",
+    "Session",
+    "SessionConflict",
+    "Settings",
+    "ShuttingDown",
+    "Simulator",
+    "SimulatorConfig",
+    "Stopped",
+    "StreamRecord",
+    "UnsupportedMediaType",
+    "UpstreamDisconnected",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamStatusError",
+    "UpstreamUnavailable",
+    "create_app",
+    "load_config",
+    "serve",
+]

@@ -1,0 +1,82 @@
+"""``gateway serve``: hypercorn from hypercorn.toml, with a shutdown that stops streams first."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+from hypercorn.config import Config
+from starlette.applications import Starlette
+
+from .app import create_app
+from .errors import ConfigError
+from .server import WORKER_CLASSES, load_config, serve
+from .settings import Settings
+
+__all__ = ["main", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the gateway")
+    serve_cmd.add_argument(
+        "--config", "-c", default=None,
+        help="hypercorn toml file (default: ./hypercorn.toml if present)",
+    )
+    serve_cmd.add_argument("--worker-class", "-k", choices=WORKER_CLASSES, default=None)
+    serve_cmd.add_argument("--bind", "-b", action="append", default=None, help="HOST:PORT")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+        path = args.config
+        if path is None and Path("hypercorn.toml").exists():
+            path = "hypercorn.toml"
+        overrides: dict[str, object] = {}
+        if args.worker_class:
+            overrides["worker_class"] = args.worker_class
+        if args.bind:
+            overrides["bind"] = args.bind
+        config = load_config(path, **overrides)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level_number,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx2 logs every provider request at INFO; the gateway's own lines say more.
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, settings.log_level_number))
+    run(create_app(settings), config)
+    return 0
+
+
+def run(app: Starlette, config: Config) -> None:
+    """Serve until SIGINT or SIGTERM; then stop every stream, then let hypercorn finish."""
+    worker = config.worker_class
+    backend = "trio" if worker == "trio" else "asyncio"
+    options = {"use_uvloop": True} if worker == "uvloop" else {}
+    anyio.run(_serve_until_signal, app, config, backend=backend, backend_options=options)
+
+
+async def _serve_until_signal(app: Starlette, config: Config) -> None:
+    async def shutdown_trigger() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logger.info("received %s: shutting down", signal.Signals(signum).name)
+                break
+        # hypercorn would wait graceful_timeout for our endless streams, then
+        # hard-cancel them; stopping them first lets each get its terminal event.
+        await app.state.registry.shutdown(timeout=config.graceful_timeout)
+
+    logger.info(
+        "gateway serving on %s with the %s worker", ", ".join(config.bind), config.worker_class
+    )
+    await serve(app, config, shutdown_trigger=shutdown_trigger)

@@ -1,0 +1,86 @@
+"""The gateway's exceptions: one small hierarchy.
+
+``httpx`` errors are mapped to ``UpstreamError`` subclasses in ``upstream.py`` and
+nowhere else; HTTP-facing errors carry their status and a stable ``code``.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class of everything the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A setting is missing or malformed; raised once, at start-up."""
+
+
+class HTTPError(GatewayError):
+    """A request the gateway refuses; rendered as ``{"error": {"code", "message"}}``."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(HTTPError):
+    status_code = 400
+    code = "bad_request"
+
+
+class UnsupportedMediaType(HTTPError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class SessionConflict(HTTPError):
+    status_code = 409
+    code = "session_conflict"
+
+
+class ShuttingDown(HTTPError):
+    status_code = 503
+    code = "shutting_down"
+
+
+class UpstreamError(GatewayError):
+    """The provider could not be reached or answered badly.
+
+    ``code`` is the one sent to the client in the ``error`` event.
+    """
+
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.upstream_status = upstream_status
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No connection to the provider: refused, unresolvable, connect timeout."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The provider answered with an HTTP error status or an error object."""
+
+    code = "upstream_error"
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The provider's connection broke in the middle of the stream."""
+
+    code = "upstream_disconnected"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The provider's stream is not the OpenAI streaming format."""
+
+    code = "upstream_protocol"

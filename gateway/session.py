@@ -1,0 +1,140 @@
+"""A Session: one stream's cancel scope, its outcome, and its single end-of-life line.
+
+``Session.cancel(reason)`` is the one cancellation path: the cancel endpoint, a
+client disconnect, every timeout and server shutdown call it. The first outcome
+wins, whether a stop, a completion or a failure; later ones are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+
+from .errors import UpstreamError
+
+__all__ = ["Completed", "Failed", "Outcome", "Session", "StopReason", "Stopped"]
+
+logger = logging.getLogger(__name__)
+
+StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    reason: StopReason
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    code: str
+    message: str
+    upstream_status: int | None = None
+
+    @classmethod
+    def from_error(cls, exc: UpstreamError) -> Failed:
+        return cls(exc.code, exc.message, exc.upstream_status)
+
+
+Outcome = Completed | Stopped | Failed
+
+
+class Session:
+    """State of one live stream, keyed in the registry by the client's session id.
+
+    Times are on ``anyio.current_time()``, the clock the watchdog sleeps on.
+    """
+
+    def __init__(self, session_id: str, model: str) -> None:
+        self.id = session_id
+        self.model = model
+        self.scope = anyio.CancelScope()
+        self.outcome: Outcome | None = None
+        self.started_at = anyio.current_time()
+        # Token events queued for the client; all of them precede the terminal event.
+        self.tokens = 0
+        self.seq = 0
+        self.first_delta_at: float | None = None
+        self.last_delta_at = self.started_at
+        self.last_write_at = self.started_at
+        self.send_started_at: float | None = None
+        self.client_gone = False
+        self.upstream_closed = anyio.Event()
+        self.sender_done = anyio.Event()
+        self.ended = anyio.Event()
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def cancel(self, reason: StopReason, detail: str | None = None) -> bool:
+        """Stop the stream for ``reason``; ``False`` if it already has an outcome."""
+        if not self.settle(Stopped(reason, detail)):
+            return False
+        self.scope.cancel()
+        return True
+
+    def settle(self, outcome: Outcome) -> bool:
+        if self.outcome is not None:
+            return False
+        self.outcome = outcome
+        return True
+
+    def terminal_event(self) -> tuple[str, dict[str, Any]]:
+        outcome = self.outcome
+        if isinstance(outcome, Completed):
+            return "done", {
+                "status": "completed",
+                "finish_reason": outcome.finish_reason,
+                "usage": outcome.usage,
+            }
+        if isinstance(outcome, Stopped):
+            data: dict[str, Any] = {"status": "stopped", "reason": outcome.reason}
+            if outcome.detail is not None:
+                data["detail"] = outcome.detail
+            data["tokens_delivered"] = self.tokens
+            return "stopped", data
+        assert outcome is not None
+        data = {"status": "error", "code": outcome.code, "message": outcome.message}
+        if outcome.upstream_status is not None:
+            data["upstream_status"] = outcome.upstream_status
+        return "error", data
+
+    def log_end(self) -> None:
+        """Write the session's one end-of-life line (a stop is INFO, never ERROR)."""
+        outcome = self.outcome
+        after = round((anyio.current_time() - self.started_at) * 1000)
+        if isinstance(outcome, Completed):
+            logger.info("[SSE] %s completed in %dms tokens=%d", self.id, after, self.tokens)
+        elif isinstance(outcome, Stopped):
+            detail = f" detail={outcome.detail}" if outcome.detail else ""
+            if outcome.reason in ("cancel", "disconnect"):
+                logger.info(
+                    "[SSE] %s aborted by client/cancel reason=%s%s tokens=%d after=%dms",
+                    self.id, outcome.reason, detail, self.tokens, after,
+                )
+            elif outcome.reason == "timeout":
+                logger.info(
+                    "[SSE] %s timed out reason=%s tokens=%d after=%dms",
+                    self.id, outcome.detail, self.tokens, after,
+                )
+            else:
+                logger.info(
+                    "[SSE] %s stopped reason=%s tokens=%d after=%dms",
+                    self.id, outcome.reason, self.tokens, after,
+                )
+        elif isinstance(outcome, Failed):
+            status = f" upstream_status={outcome.upstream_status}" if outcome.upstream_status else ""
+            logger.warning(
+                "[SSE] %s failed code=%s%s tokens=%d after=%dms: %s",
+                self.id, outcome.code, status, self.tokens, after, outcome.message,
+            )

@@ -1,0 +1,255 @@
+"""One chat stream as an ASGI response: the tasks, and the cleanup they all lead to.
+
+::
+
+    request task group ─┬─ disconnect listener (blocked on receive())
+                        ├─ sender: queue → ASGI send, one send per batch
+                        └─ Session.scope ─┬─ relay: provider → parser → queue
+                                          └─ watchdog: timeouts, pings, stuck sends
+
+The sender sits outside the session's scope: under Trio, hypercorn shields its
+socket writes, so a task blocked writing to a client that stopped reading cannot be
+cancelled, and must not hold the provider or the cleanup hostage.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.types import Receive, Scope, Send
+
+from .errors import HTTPError, UpstreamError, UpstreamProtocolError
+from .events import PING, encode_event
+from .parser import ProviderStreamParser
+from .registry import Registry
+from .responses import error_response
+from .session import Completed, Failed, Outcome, Session
+from .settings import Settings
+from .upstream import UpstreamResponse, open_stream
+
+__all__ = ["ChatStream"]
+
+logger = logging.getLogger(__name__)
+
+# Chunks waiting for the sender. When the client reads slower than the provider
+# writes, the relay waits here and the provider feels TCP back-pressure.
+_QUEUE_SIZE = 64
+# After [DONE], how long to wait for the body's last bytes so the connection can be reused.
+_DRAIN_TIMEOUT = 1.0
+
+
+@dataclass(slots=True)
+class _Chunk:
+    data: bytes
+    tokens: int = 0
+
+
+class ChatStream:
+    """The ASGI response for ``POST /api/chat/stream``."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        client: httpx.AsyncClient,
+        settings: Settings,
+        upstream_url: str,
+        session_id: str,
+        payload: dict[str, Any],
+    ) -> None:
+        self._registry = registry
+        self._client = client
+        self._settings = settings
+        self._upstream_url = upstream_url
+        self._session_id = session_id
+        self._payload = payload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The claim happens here, not in the endpoint, so no path can leave it behind.
+        try:
+            session = self._registry.open(self._session_id, self._payload["model"])
+        except HTTPError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        logger.info("[SSE] %s started model=%s", session.id, session.model)
+        tx, rx = anyio.create_memory_object_stream[_Chunk](_QUEUE_SIZE)
+        start = {"session_id": session.id, "model": session.model}
+        tx.send_nowait(_Chunk(encode_event("start", session.next_seq(), start)))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_listen_for_disconnect, session, receive)
+            tg.start_soon(self._send_events, session, rx, send)
+            await self._run(session, tx)
+            # Stops the listener, and on asyncio a sender stuck past its bound.
+            tg.cancel_scope.cancel()
+
+    async def _run(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
+        try:
+            with session.scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch, session, tx)
+                    session.settle(await self._relay(session, tx))
+                    tg.cancel_scope.cancel()
+        except Exception:
+            logger.exception("[SSE] %s internal error", session.id)
+            session.settle(Failed("internal_error", "the gateway failed"))
+        finally:
+            with anyio.CancelScope(shield=True):
+                # Cancelled from outside our scope: the server is going away.
+                session.cancel("shutdown")
+                await self._finish(session, tx)
+
+    async def _finish(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
+        """Cleanup every trigger ends in; the upstream response is already closed."""
+        async with tx:
+            if not session.client_gone:
+                event, data = session.terminal_event()
+                with anyio.move_on_after(self._settings.send_timeout):
+                    await tx.send(_Chunk(encode_event(event, session.next_seq(), data)))
+        if not session.client_gone:
+            with anyio.move_on_after(self._settings.send_timeout):
+                await session.sender_done.wait()
+        self._registry.remove(session)
+        session.log_end()
+        session.ended.set()
+
+    async def _relay(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> Outcome:
+        """Read the provider's stream into the queue until it ends."""
+        upstream: UpstreamResponse | None = None
+        try:
+            upstream = await open_stream(self._client, self._upstream_url, self._payload)
+            parser = ProviderStreamParser()
+            finish_reason: str | None = None
+            usage: dict[str, Any] | None = None
+            while not parser.done:
+                data = await upstream.read()
+                if not data:
+                    if finish_reason is None:
+                        raise UpstreamProtocolError("provider closed the stream before [DONE]")
+                    break
+                parsed = parser.feed(data)
+                if parsed.finish_reason is not None:
+                    finish_reason = parsed.finish_reason
+                if parsed.usage is not None:
+                    usage = parsed.usage
+                if parsed.deltas:
+                    now = anyio.current_time()
+                    if session.first_delta_at is None:
+                        session.first_delta_at = now
+                    session.last_delta_at = now
+                    body = b"".join(
+                        encode_event("token", session.next_seq(), {"delta": delta})
+                        for delta in parsed.deltas
+                    )
+                    session.tokens += len(parsed.deltas)
+                    await tx.send(_Chunk(body, len(parsed.deltas)))
+            if parser.done:
+                # Read the body's end so the connection goes back to the pool.
+                with anyio.move_on_after(_DRAIN_TIMEOUT):
+                    while await upstream.read():
+                        pass
+            return Completed(finish_reason, usage)
+        except UpstreamError as exc:
+            return Failed.from_error(exc)
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+            session.upstream_closed.set()
+
+    async def _watch(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
+        """Every timeout and the pings, on deadlines: one task, no timer per token.
+
+        Deadlines only move later as tokens arrive, except two that appear: the idle
+        deadline after the first token, and a send's deadline once it starts. Never
+        sleeping longer than those two timeouts means the first wake after either
+        appears still lands before it, so each fires on time.
+        """
+        s = self._settings
+        total_at = session.started_at + s.max_duration
+        while True:
+            now = anyio.current_time()
+            if now >= total_at:
+                session.cancel("timeout", "total")
+                return
+            if session.first_delta_at is None:
+                token_at, kind = session.started_at + s.first_token_timeout, "first_token"
+            else:
+                token_at, kind = session.last_delta_at + s.idle_timeout, "idle"
+            if now >= token_at:
+                session.cancel("timeout", kind)
+                return
+            send_started = session.send_started_at
+            if send_started is not None and now >= send_started + s.send_timeout:
+                # The client stopped reading: nothing more can reach it.
+                session.client_gone = True
+                session.cancel("timeout", "send")
+                return
+            wake = min(total_at, token_at, now + s.idle_timeout)
+            wake = min(wake, now + s.send_timeout if send_started is None
+                       else send_started + s.send_timeout)
+            if s.ping_interval:
+                ping_at = session.last_write_at + s.ping_interval
+                if now >= ping_at:
+                    try:
+                        tx.send_nowait(_Chunk(PING))
+                    except anyio.WouldBlock:
+                        pass  # the queue is full of data; a ping would add nothing
+                    session.last_write_at = now
+                    ping_at = now + s.ping_interval
+                wake = min(wake, ping_at)
+            await anyio.sleep_until(wake)
+
+    async def _send_events(
+        self, session: Session, rx: MemoryObjectReceiveStream[_Chunk], send: Send
+    ) -> None:
+        """Write queued chunks to the client: whatever is ready goes in one send."""
+        try:
+            if session.client_gone:
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-store"),
+                        (b"x-accel-buffering", b"no"),
+                        (b"x-session-id", session.id.encode()),
+                    ],
+                }
+            )
+            async with rx:
+                async for chunk in rx:
+                    parts = [chunk.data]
+                    while True:
+                        try:
+                            parts.append(rx.receive_nowait().data)
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    if session.client_gone:
+                        continue  # keep draining so the relay never blocks on a dead client
+                    session.send_started_at = anyio.current_time()
+                    await send({"type": "http.response.body", "body": b"".join(parts),
+                                "more_body": True})
+                    session.send_started_at = None
+                    session.last_write_at = anyio.current_time()
+            if not session.client_gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            session.client_gone = True
+            session.cancel("disconnect")
+        finally:
+            session.sender_done.set()
+
+
+async def _listen_for_disconnect(session: Session, receive: Receive) -> None:
+    # A task blocked on receive() is the one way to see a disconnect on every
+    # backend: under Trio, request.is_disconnected() never does (hypercorn #210).
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    session.client_gone = True
+    session.cancel("disconnect")

@@ -1,0 +1,128 @@
+"""The provider side: the HTTP client, the streaming request, and the one place
+where ``httpx`` errors become ours.
+
+The client speaks HTTP/1.1 only: closing an HTTP/1.1 response before its end closes
+the TCP connection, so the provider sees EOF and stops generating. httpcore's
+HTTP/2 only frees the stream slot and sends no RST_STREAM (encode/httpcore #943).
+
+``httpx2`` (the maintained fork of httpx, same API) was chosen by test; see
+docs/architecture.md and tests/test_pool_leak.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+
+from .errors import (
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamUnavailable,
+)
+from .settings import Settings
+
+__all__ = ["UpstreamResponse", "create_client", "open_stream"]
+
+# Bounds for work done while cleaning up: closing a socket, reading an error body.
+_CLOSE_TIMEOUT = 2.0
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def create_client(settings: Settings) -> httpx.AsyncClient:
+    # No read timeout: the gap between content deltas is the session's idle
+    # timeout, which keep-alive comments must not reset and httpx's would.
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=None,
+        write=settings.connect_timeout,
+        pool=settings.connect_timeout,
+    )
+    limits = httpx.Limits(
+        max_connections=settings.upstream_max_connections,
+        max_keepalive_connections=min(100, settings.upstream_max_connections),
+    )
+    headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
+    if settings.upstream_api_key:
+        headers["authorization"] = f"Bearer {settings.upstream_api_key}"
+    return httpx.AsyncClient(
+        http1=True, http2=False, timeout=timeout, limits=limits, headers=headers
+    )
+
+
+class UpstreamResponse:
+    """An open streaming response from the provider."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._chunks: AsyncIterator[bytes] = response.aiter_bytes()
+
+    async def read(self) -> bytes:
+        """The next bytes of the body; ``b""`` at its end."""
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return b""
+        except httpx.HTTPError as exc:
+            raise _map_error(exc, connected=True) from exc
+
+    async def aclose(self) -> None:
+        """Close the response; before its end this closes the TCP connection.
+
+        Shielded and bounded, so it runs to completion inside a cancelled scope.
+        """
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await self._response.aclose()
+
+
+async def open_stream(
+    client: httpx.AsyncClient, base_url: str, payload: dict[str, Any]
+) -> UpstreamResponse:
+    """POST ``{base_url}/chat/completions`` and return once the headers are in."""
+    request = client.build_request("POST", f"{base_url}/chat/completions", json=payload)
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise _map_error(exc, connected=False) from exc
+    if response.status_code >= 400:
+        try:
+            with anyio.move_on_after(_CLOSE_TIMEOUT):
+                await _read_limited(response)
+        except httpx.HTTPError:
+            pass
+        finally:
+            await UpstreamResponse(response).aclose()
+        # The provider's body may echo the prompt or account details: only the status
+        # reaches the client.
+        raise UpstreamStatusError(
+            f"provider answered HTTP {response.status_code}",
+            upstream_status=response.status_code,
+        )
+    return UpstreamResponse(response)
+
+
+async def _read_limited(response: httpx.Response) -> bytes:
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > _ERROR_BODY_LIMIT:
+            break
+    return body
+
+
+def _map_error(exc: httpx.HTTPError, *, connected: bool) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UpstreamUnavailable(f"provider not reachable: {type(exc).__name__}")
+    if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
+        return UpstreamUnavailable("provider refused the connection")
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamProtocolError("provider sent a body that cannot be decoded")
+    if isinstance(exc, httpx.TransportError):
+        if connected:
+            return UpstreamDisconnected("provider connection lost mid-stream")
+        return UpstreamUnavailable("provider closed the connection before answering")
+    return UpstreamError(f"provider request failed: {type(exc).__name__}")
