@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -17,7 +18,7 @@ from .errors import ConfigError
 from .server import WORKER_CLASSES, load_config, serve
 from .settings import Settings
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "stop_streams_first"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +67,32 @@ def run(app: Starlette, config: Config) -> None:
     anyio.run(_serve_until_signal, app, config, backend=backend, backend_options=options)
 
 
-async def _serve_until_signal(app: Starlette, config: Config) -> None:
-    async def shutdown_trigger() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                logger.info("received %s: shutting down", signal.Signals(signum).name)
-                break
-        # hypercorn would wait graceful_timeout for our endless streams, then
-        # hard-cancel them; stopping them first lets each get its terminal event.
-        await app.state.registry.shutdown(timeout=config.graceful_timeout)
+def stop_streams_first(
+    app: Starlette, trigger: Callable[[], Awaitable[object]], timeout: float
+) -> Callable[[], Awaitable[None]]:
+    """A hypercorn shutdown trigger: when ``trigger`` returns, stop every stream first.
 
+    hypercorn would wait ``graceful_timeout`` for our endless streams and then
+    hard-cancel them; stopping them first gives each its terminal event.
+    """
+
+    async def shutdown_trigger() -> None:
+        await trigger()
+        await app.state.registry.shutdown(timeout=timeout)
+
+    return shutdown_trigger
+
+
+async def _wait_for_signal() -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info("received %s: shutting down", signal.Signals(signum).name)
+            return
+
+
+async def _serve_until_signal(app: Starlette, config: Config) -> None:
     logger.info(
         "gateway serving on %s with the %s worker", ", ".join(config.bind), config.worker_class
     )
-    await serve(app, config, shutdown_trigger=shutdown_trigger)
+    trigger = stop_streams_first(app, _wait_for_signal, config.graceful_timeout)
+    await serve(app, config, shutdown_trigger=trigger)

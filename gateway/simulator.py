@@ -53,6 +53,7 @@ class SimulatorConfig:
     malformed_after: int | None = None
     omit_done: bool = False
     headers_delay: float = 0.0
+    token_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +67,7 @@ class StreamRecord:
     text: str = ""
     outcome: str = "streaming"
     ended_at: float | None = None
+    last_token_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -228,10 +230,11 @@ class Simulator:
                 return
             if i == cfg.malformed_after:
                 await write(b'data: {"choices": [{"delta": \n\n')
-            word = _word(i)
+            word = cfg.token_text if cfg.token_text is not None else _word(i)
             await write(chunk({"content": word}))
             record.sent += 1
             record.text += word
+            record.last_token_at = time.monotonic()
         if not cfg.omit_done:
             finish = "length" if record.planned < cfg.tokens else "stop"
             await write(chunk({}, finish))

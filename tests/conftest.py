@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .harness import END_MARKERS, quiet_logging
+
+_STARTED = re.compile(r"\[SSE\] (\S+) started ")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Every async test runs on asyncio, uvloop and Trio."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """After every test: each started session wrote exactly one end line, and the
+    gateway logged nothing at ERROR (a stop is never an error)."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    quiet_logging()
+    yield
+    records = [r for r in caplog.get_records("call") if r.name.startswith("gateway")]
+    messages = [r.getMessage() for r in records]
+    for sid in {m.group(1) for msg in messages if (m := _STARTED.match(msg))}:
+        ends = [msg for msg in messages
+                if msg.startswith(f"[SSE] {sid} ") and any(e in msg for e in END_MARKERS)]
+        assert len(ends) == 1, f"{sid} has {len(ends)} end lines: {ends}"
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert not errors, errors

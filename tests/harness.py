@@ -1,0 +1,265 @@
+"""Real servers for the tests: the simulator and the gateway, each under hypercorn on
+a free loopback port, on the test's own event loop (asyncio, uvloop or Trio).
+
+The SSE reader here is written independently of the gateway's code, so the tests
+check the wire format rather than agree with themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import pytest
+from anyio.abc import TaskGroup
+from starlette.applications import Starlette
+
+from gateway import Settings, Simulator, SimulatorConfig, StreamRecord, create_app, load_config
+from gateway.cli import stop_streams_first
+from gateway.registry import Registry
+from gateway.server import serve
+
+# Generous bound on any single wait in a test: a hang fails instead of stalling CI.
+WAIT = 10.0
+
+END_MARKERS = (" aborted by client/cancel ", " timed out ", " stopped reason=", " completed in ",
+               " failed code=")
+
+
+@dataclass
+class SSEEvent:
+    event: str
+    id: str | None = None
+    data: Any = None
+    comment: str | None = None
+    at: float = field(default_factory=time.monotonic)
+
+
+class EventReader:
+    """Reads a gateway response as SSE events, one at a time."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.events: list[SSEEvent] = []
+        self.comments: list[str] = []
+        self._lines = response.aiter_lines()
+        self.ended = False
+
+    @property
+    def tokens(self) -> list[str]:
+        return [e.data["delta"] for e in self.events if e.event == "token"]
+
+    async def next(self) -> SSEEvent | None:
+        """The next event (comments are collected, not returned); None at the end."""
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        while True:
+            try:
+                line = await anext(self._lines)
+            except StopAsyncIteration:
+                self.ended = True
+                return None
+            if line == "":
+                if data or fields:
+                    event = SSEEvent(
+                        event=fields.get("event", "message"),
+                        id=fields.get("id"),
+                        data=json.loads("\n".join(data)) if data else None,
+                    )
+                    self.events.append(event)
+                    return event
+                continue
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            else:
+                fields[name] = value
+
+    async def until(self, predicate: Callable[[SSEEvent], bool]) -> SSEEvent:
+        with anyio.fail_after(WAIT):
+            while True:
+                event = await self.next()
+                assert event is not None, f"stream ended early: {self.events[-3:]}"
+                if predicate(event):
+                    return event
+
+    async def tokens_at_least(self, n: int) -> None:
+        if len(self.tokens) < n:
+            await self.until(lambda _: len(self.tokens) >= n)
+
+    async def rest(self) -> list[SSEEvent]:
+        """Every remaining event, up to the end of the response."""
+        out = []
+        with anyio.fail_after(WAIT):
+            while (event := await self.next()) is not None:
+                out.append(event)
+        return out
+
+
+class Harness:
+    """Simulator + gateway on real sockets; ``async with Harness(...) as h``."""
+
+    def __init__(
+        self,
+        sim: SimulatorConfig | None = None,
+        *,
+        upstream_url: str | None = None,
+        graceful_timeout: float = 2.0,
+        **settings: Any,
+    ) -> None:
+        self.simulator = Simulator(sim or SimulatorConfig(rate=200.0))
+        self._upstream_url = upstream_url
+        self._settings = settings
+        self._graceful_timeout = graceful_timeout
+        self._tg: TaskGroup | None = None
+        self._stop_sim = anyio.Event()
+        self._stop_gateway = anyio.Event()
+        self.served = anyio.Event()
+        self.sim_port = 0
+        self.port = 0
+
+    async def __aenter__(self) -> Harness:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        quiet = {"accesslog": None, "errorlog": None}
+        if self._upstream_url is None:
+            config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, **quiet)
+            [(_, self.sim_port)] = await self._tg.start(
+                _serve, self.simulator, config, self._stop_sim.wait
+            )
+            self._upstream_url = f"http://127.0.0.1:{self.sim_port}/v1"
+        settings = Settings(upstream_url=self._upstream_url, model="sim-model", **self._settings)
+        self.settings = settings
+        self.app: Starlette = create_app(settings)
+        config = load_config(
+            bind=["127.0.0.1:0"], graceful_timeout=self._graceful_timeout, **quiet
+        )
+        trigger = stop_streams_first(self.app, self._stop_gateway.wait, self._graceful_timeout)
+        [(_, self.port)] = await self._tg.start(self._serve_gateway, config, trigger)
+        self.client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}", timeout=WAIT
+        )
+        return self
+
+    async def _serve_gateway(
+        self, config: Any, trigger: Any, *, task_status: anyio.abc.TaskStatus[Any]
+    ) -> None:
+        try:
+            await serve(self.app, config, shutdown_trigger=trigger, task_status=task_status)
+        finally:
+            self.served.set()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._tg is not None
+        with anyio.CancelScope(shield=True):
+            await self.client.aclose()
+            self._stop_gateway.set()
+            with anyio.move_on_after(WAIT):
+                await self.served.wait()
+            self._stop_sim.set()
+        await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def shutdown(self) -> None:
+        """Trigger the gateway's shutdown, as SIGTERM does under ``gateway serve``."""
+        self._stop_gateway.set()
+
+    @property
+    def registry(self) -> Registry:
+        registry: Registry = self.app.state.registry
+        return registry
+
+    @asynccontextmanager
+    async def stream(
+        self, session_id: str, content: str = "Tell me about stopping.", **body: Any
+    ) -> AsyncIterator[EventReader]:
+        payload = {"messages": [{"role": "user", "content": content}], **body}
+        async with self.client.stream(
+            "POST", "/api/chat/stream", headers={"X-Session-Id": session_id}, json=payload
+        ) as response:
+            assert response.status_code == 200, response.status_code
+            reader = EventReader(response)
+            yield reader
+
+    async def cancel(self, session_id: str) -> httpx.Response:
+        return await self.client.post(f"/api/chat/cancel/{session_id}")
+
+    async def record(self, index: int = -1) -> StreamRecord:
+        """The simulator's record of a stream, once it has one."""
+        with anyio.fail_after(WAIT):
+            await self.simulator.wait_until(lambda: len(self.simulator.records) > 0)
+        return self.simulator.records[index]
+
+    async def closed(self, record: StreamRecord) -> StreamRecord:
+        """Wait until the simulator saw this stream end."""
+        with anyio.fail_after(WAIT):
+            await self.simulator.wait_until(lambda: record.outcome != "streaming")
+        return record
+
+    async def ended(self, session_id: str) -> None:
+        """Wait until the gateway's session has run its cleanup."""
+        session = self.registry.get(session_id)
+        if session is not None:
+            with anyio.fail_after(WAIT):
+                await session.ended.wait()
+
+    def upstream_connections(self) -> int:
+        """ESTABLISHED TCP connections from this process to the simulator."""
+        return established_to(self.sim_port)
+
+
+async def _serve(
+    app: Any, config: Any, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
+) -> None:
+    await serve(app, config, shutdown_trigger=stop, task_status=task_status)
+
+
+def established_to(port: int) -> int:
+    """Count ESTABLISHED sockets whose remote port is ``port`` (from /proc/net/tcp*)."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as fh:
+                next(fh)
+                for line in fh:
+                    parts = line.split()
+                    remote, state = parts[2], parts[3]
+                    if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def end_lines(caplog: pytest.LogCaptureFixture, session_id: str) -> list[str]:
+    """The session's end-of-life log lines (there must be exactly one)."""
+    prefix = f"[SSE] {session_id} "
+    return [
+        r.getMessage() for r in caplog.records
+        if r.getMessage().startswith(prefix) and any(m in r.getMessage() for m in END_MARKERS)
+    ]
+
+
+def sim_config(**changes: Any) -> SimulatorConfig:
+    return dataclasses.replace(SimulatorConfig(rate=200.0), **changes)
+
+
+def quiet_logging() -> None:
+    logging.getLogger("httpx2").setLevel(logging.WARNING)

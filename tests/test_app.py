@@ -1,0 +1,212 @@
+"""Request validation, error bodies, 409, healthz, and provider faults as error events."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import anyio
+import pytest
+
+from .harness import Harness, end_lines, sim_config
+
+pytestmark = pytest.mark.anyio
+
+MESSAGES = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def _error(response: Any, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_session_id"),
+        ({"X-Session-Id": "short"}, "invalid_session_id"),
+        ({"X-Session-Id": "has space in it"}, "invalid_session_id"),
+        ({"X-Session-Id": "x" * 129}, "invalid_session_id"),
+        ({"X-Session-Id": "séssion_123456".encode()}, "invalid_session_id"),
+    ],
+)
+async def test_bad_session_id_is_400(headers: dict[str, str | bytes], code: str) -> None:
+    async with Harness() as h:
+        response = await h.client.post("/api/chat/stream", headers=headers, json=MESSAGES)
+        _error(response, 400, code)
+        assert len(h.registry) == 0
+
+
+async def test_session_id_formats_accepted() -> None:
+    async with Harness(sim_config(tokens=1, rate=0)) as h:
+        for sid in ("session_1732000000000_k3j4h5", "a.b:c-d_e", "x" * 128, "12345678"):
+            async with h.stream(sid) as s:
+                events = await s.rest()
+            assert events[-1].event == "done"
+
+
+@pytest.mark.parametrize(
+    ("body", "message_part"),
+    [
+        ("[1, 2]", "JSON object"),
+        ('{"messages": []}', "messages"),
+        ('{"messages": "hi"}', "messages"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role"),
+        ('{"messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+        ('{"messages": [{"role": "user", "content": "x"}, 3]}', "messages[1]"),
+        ('{"messages": [{"role": "user", "content": "x"}], "model": ""}', "model"),
+        ('{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
+        ('{"messages": [{"role": "user", "content": "x"}], "temperature": 9}', "temperature"),
+        ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
+        ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens"),
+    ],
+)
+async def test_bad_body_is_400_naming_the_field(body: str, message_part: str) -> None:
+    async with Harness() as h:
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_bad_body", "content-type": "application/json"},
+            content=body,
+        )
+        _error(response, 400, "invalid_body")
+        assert message_part in response.json()["error"]["message"]
+        assert len(h.registry) == 0
+
+
+async def test_malformed_json_is_400() -> None:
+    async with Harness() as h:
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_bad_json", "content-type": "application/json"},
+            content=b'{"messages": [',
+        )
+        _error(response, 400, "invalid_json")
+
+
+async def test_not_json_is_415() -> None:
+    async with Harness() as h:
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_form_1", "content-type": "text/plain"},
+            content=b"hello",
+        )
+        _error(response, 415, "unsupported_media_type")
+
+
+async def test_live_duplicate_session_id_is_409_and_first_stream_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sid = "session_dup_0001"
+    async with Harness(sim_config(tokens=40, rate=200)) as h:
+        async with h.stream(sid) as s:
+            await s.tokens_at_least(1)
+            response = await h.client.post(
+                "/api/chat/stream", headers={"X-Session-Id": sid}, json=MESSAGES
+            )
+            _error(response, 409, "session_conflict")
+            events = await s.rest()
+        assert events[-1].event == "done"
+        assert len(s.tokens) == 40
+        await h.ended(sid)
+        assert len(end_lines(caplog, sid)) == 1
+
+
+async def test_unknown_route_and_method_get_json_errors() -> None:
+    async with Harness() as h:
+        _error(await h.client.get("/nope"), 404, "not_found")
+        _error(await h.client.get("/api/chat/stream"), 405, "method_not_allowed")
+
+
+async def test_healthz_counts_live_sessions() -> None:
+    async with Harness(sim_config(tokens=10_000)) as h:
+        assert (await h.client.get("/healthz")).json() == {"status": "ok", "sessions": 0}
+        async with h.stream("session_health") as s:
+            await s.tokens_at_least(1)
+            assert (await h.client.get("/healthz")).json()["sessions"] == 1
+        await h.ended("session_health")
+        assert (await h.client.get("/healthz")).json()["sessions"] == 0
+
+
+async def test_max_tokens_and_model_are_forwarded() -> None:
+    async with Harness(sim_config(tokens=50, rate=0)) as h:
+        async with h.stream("session_fwd_01", model="other-model", max_tokens=7,
+                            temperature=0.5) as s:
+            events = await s.rest()
+        assert len(s.tokens) == 7
+        assert events[-1].data["finish_reason"] == "length"
+        sent = h.simulator.requests[-1]
+        assert sent["model"] == "other-model"
+        assert sent["max_tokens"] == 7 and sent["temperature"] == 0.5
+        assert sent["stream"] is True
+        assert sent["stream_options"] == {"include_usage": True}
+
+
+# Provider faults: each ends the stream with one `error` event and one log line.
+
+async def _error_event(h: Harness, sid: str) -> dict[str, Any]:
+    async with h.stream(sid) as s:
+        events = await s.rest()
+    assert [e.event for e in events].count("error") == 1
+    assert events[-1].event == "error"
+    data: dict[str, Any] = events[-1].data
+    assert data["status"] == "error"
+    await h.ended(sid)
+    assert len(h.registry) == 0
+    return data
+
+
+async def test_provider_refuses_connection(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens on `port` now.
+    async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1") as h:
+        data = await _error_event(h, "session_refused")
+        assert data["code"] == "upstream_unavailable"
+        lines = end_lines(caplog, "session_refused")
+        assert len(lines) == 1 and "failed code=upstream_unavailable" in lines[0]
+        assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_provider_error_status(status: int) -> None:
+    async with Harness(sim_config(status=status)) as h:
+        data = await _error_event(h, "session_status")
+        assert data["code"] == "upstream_error"
+        assert data["upstream_status"] == status
+        assert "simulated failure" not in data["message"]
+
+
+async def test_provider_resets_mid_stream(caplog: pytest.LogCaptureFixture) -> None:
+    async with Harness(sim_config(tokens=50, reset_after=5, rate=0)) as h:
+        data = await _error_event(h, "session_reset")
+        assert data["code"] == "upstream_disconnected"
+        assert len(end_lines(caplog, "session_reset")) == 1
+
+
+async def test_provider_sends_malformed_chunk() -> None:
+    async with Harness(sim_config(tokens=50, malformed_after=3, rate=0)) as h:
+        data = await _error_event(h, "session_malformed")
+        assert data["code"] == "upstream_protocol"
+        assert h.upstream_connections() == 0
+
+
+async def test_provider_closes_without_done() -> None:
+    async with Harness(sim_config(tokens=5, omit_done=True, rate=0)) as h:
+        data = await _error_event(h, "session_no_done")
+        assert data["code"] == "upstream_protocol"
+
+
+async def test_connect_timeout_is_upstream_unavailable() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1",
+                               connect_timeout=0.2) as h:
+                with anyio.fail_after(3):
+                    data = await _error_event(h, "session_ctimeout")
+                assert data["code"] == "upstream_unavailable"
