@@ -32,24 +32,26 @@ class ProviderStreamParser:
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._max = max_line_bytes
         self._buffer = b""
+        self._skip_lf = False
         self._data: list[str] = []
         self.done = False
 
     def feed(self, data: bytes) -> ParsedChunk:
         """Parse the next bytes; raise ``UpstreamProtocolError`` on malformed input."""
         out = ParsedChunk()
+        if self._skip_lf and data.startswith(b"\n"):
+            data = data[1:]
+        self._skip_lf = False
         buffer = self._buffer + data
-        # A CR at the end may be the first half of CRLF: keep it for the next read.
-        if buffer.endswith(b"\r"):
-            buffer, self._buffer = buffer[:-1], b"\r"
-        else:
-            self._buffer = b""
         if b"\r" in buffer:
+            # A CR ends a line now; if it was the first half of a CRLF split
+            # across reads, the LF that starts the next read is not a second one.
+            self._skip_lf = buffer.endswith(b"\r")
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, rest = buffer.split(b"\n")
         if len(rest) > self._max:
             raise UpstreamProtocolError(f"provider sent a line longer than {self._max} bytes")
-        self._buffer = rest + self._buffer
+        self._buffer = rest
         for line in lines:
             self._line(line, out)
         return out

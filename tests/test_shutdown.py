@@ -1,0 +1,94 @@
+"""Server shutdown and clients that stop reading: the provider is always closed."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import anyio
+import pytest
+
+from .harness import WAIT, Harness, end_lines, sim_config
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_shutdown_stops_every_stream_first(caplog: pytest.LogCaptureFixture) -> None:
+    async with Harness(sim_config(tokens=10_000)) as h:
+        async with h.stream("session_shut_a") as a, h.stream("session_shut_b") as b:
+            await a.tokens_at_least(2)
+            await b.tokens_at_least(2)
+            records = list(h.simulator.records)
+            t0 = time.monotonic()
+            await h.shutdown()
+            rest_a, rest_b = await a.rest(), await b.rest()
+        for reader, rest in ((a, rest_a), (b, rest_b)):
+            assert rest[-1].event == "stopped"
+            assert rest[-1].data == {"status": "stopped", "reason": "shutdown",
+                                     "tokens_delivered": len(reader.tokens)}
+        for record in records:
+            await h.closed(record)
+            assert record.outcome == "closed_by_client"
+            assert record.ended_at is not None and record.ended_at - t0 < 0.1
+        with anyio.fail_after(WAIT):
+            await h.served.wait()
+        assert len(h.registry) == 0
+        assert h.upstream_connections() == 0
+        for sid in ("session_shut_a", "session_shut_b"):
+            lines = end_lines(caplog, sid)
+            assert len(lines) == 1 and "stopped reason=shutdown" in lines[0]
+
+
+async def test_new_stream_while_shutting_down_is_503() -> None:
+    async with Harness() as h:
+        h.registry.closing = True
+        response = await h.client.post(
+            "/api/chat/stream", headers={"X-Session-Id": "session_late_1"},
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "shutting_down"
+        assert (await h.client.get("/healthz")).status_code == 503
+        h.registry.closing = False
+
+
+def _request(port: int, session_id: str) -> bytes:
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    return (
+        f"POST /api/chat/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"X-Session-Id: {session_id}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def test_client_that_stops_reading_releases_the_provider(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The provider is closed once a send has been stuck for send_timeout.
+
+    On asyncio the stuck send is interrupted and the client's connection closed.
+    Under Trio, hypercorn shields socket writes, so the request task stays in its
+    send until the client reads or goes away; the provider is closed all the same.
+    """
+    sid = "session_no_reader"
+    big = "x" * 8192
+    async with Harness(sim_config(tokens=5000, rate=0, token_text=big), send_timeout=0.5) as h:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", h.port))
+        try:
+            sock.sendall(_request(h.port, sid))
+            record = await h.record()
+            await h.closed(record)
+            assert record.outcome == "closed_by_client"
+            assert 0 < record.sent < record.planned
+            assert record.ended_at is not None and record.last_token_at is not None
+            # The provider stalls when the pipe fills; the send times out 0.5 s later.
+            assert record.ended_at - record.last_token_at < 0.5 + 0.4
+            await h.ended(sid)
+            assert len(h.registry) == 0
+            assert h.upstream_connections() == 0
+            lines = end_lines(caplog, sid)
+            assert len(lines) == 1 and "timed out reason=send" in lines[0]
+        finally:
+            sock.close()
