@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .app import create_app
+from .api import create_app
 from .errors import (
     BadRequest,
     ConfigError,

@@ -13,7 +13,7 @@ import anyio
 from hypercorn.config import Config
 from starlette.applications import Starlette
 
-from .app import create_app
+from .api import create_app
 from .errors import ConfigError
 from .server import WORKER_CLASSES, load_config, serve
 from .settings import Settings

@@ -68,6 +68,7 @@ class Session:
         self.last_write_at = self.started_at
         self.send_started_at: float | None = None
         self.client_gone = False
+        self.response_started = False
         self.upstream_closed = anyio.Event()
         self.sender_done = anyio.Event()
         self.ended = anyio.Event()

@@ -83,11 +83,13 @@ class ChatStream:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_listen_for_disconnect, session, receive)
             tg.start_soon(self._send_events, session, rx, send)
-            await self._run(session, tx)
+            await self._run(session, tx, send)
             # Stops the listener, and on asyncio a sender stuck past its bound.
             tg.cancel_scope.cancel()
 
-    async def _run(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
+    async def _run(
+        self, session: Session, tx: MemoryObjectSendStream[_Chunk], send: Send
+    ) -> None:
         try:
             with session.scope:
                 async with anyio.create_task_group() as tg:
@@ -101,17 +103,31 @@ class ChatStream:
             with anyio.CancelScope(shield=True):
                 # Cancelled from outside our scope: the server is going away.
                 session.cancel("shutdown")
-                await self._finish(session, tx)
+                await self._finish(session, tx, send)
 
-    async def _finish(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
+    async def _finish(
+        self, session: Session, tx: MemoryObjectSendStream[_Chunk], send: Send
+    ) -> None:
         """Cleanup every trigger ends in; the upstream response is already closed."""
+        bound = self._settings.send_timeout
         async with tx:
             if not session.client_gone:
                 event, data = session.terminal_event()
-                with anyio.move_on_after(self._settings.send_timeout):
-                    await tx.send(_Chunk(encode_event(event, session.next_seq(), data)))
+                terminal = encode_event(event, session.next_seq(), data)
+                try:
+                    with anyio.move_on_after(bound):
+                        await tx.send(_Chunk(terminal))
+                except anyio.BrokenResourceError:
+                    # The sender was cancelled with the request (a server's hard
+                    # shutdown): write the terminal event ourselves, once.
+                    if session.response_started:
+                        with anyio.move_on_after(bound):
+                            await send({"type": "http.response.body", "body": terminal,
+                                        "more_body": True})
+                            await send({"type": "http.response.body", "body": b"",
+                                        "more_body": False})
         if not session.client_gone:
-            with anyio.move_on_after(self._settings.send_timeout):
+            with anyio.move_on_after(bound):
                 await session.sender_done.wait()
         self._registry.remove(session)
         session.log_end()
@@ -222,6 +238,7 @@ class ChatStream:
                     ],
                 }
             )
+            session.response_started = True
             async with rx:
                 async for chunk in rx:
                     parts = [chunk.data]

@@ -118,12 +118,14 @@ class Harness:
         *,
         upstream_url: str | None = None,
         graceful_timeout: float = 2.0,
+        stop_streams_first: bool = True,
         **settings: Any,
     ) -> None:
         self.simulator = Simulator(sim or SimulatorConfig(rate=200.0))
         self._upstream_url = upstream_url
         self._settings = settings
         self._graceful_timeout = graceful_timeout
+        self._stop_streams_first = stop_streams_first
         self._tg: TaskGroup | None = None
         self._stop_sim = anyio.Event()
         self._stop_gateway = anyio.Event()
@@ -147,7 +149,11 @@ class Harness:
         config = load_config(
             bind=["127.0.0.1:0"], graceful_timeout=self._graceful_timeout, **quiet
         )
-        trigger = stop_streams_first(self.app, self._stop_gateway.wait, self._graceful_timeout)
+        # Without stop_streams_first this serves like plain `hypercorn`, which
+        # hard-cancels whatever still runs at graceful_timeout.
+        trigger: Any = self._stop_gateway.wait
+        if self._stop_streams_first:
+            trigger = stop_streams_first(self.app, trigger, self._graceful_timeout)
         [(_, self.port)] = await self._tg.start(self._serve_gateway, config, trigger)
         self.client = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{self.port}", timeout=WAIT

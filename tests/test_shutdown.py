@@ -39,6 +39,32 @@ async def test_shutdown_stops_every_stream_first(caplog: pytest.LogCaptureFixtur
             assert len(lines) == 1 and "stopped reason=shutdown" in lines[0]
 
 
+async def test_server_hard_cancel_goes_through_the_same_cleanup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Plain hypercorn cancels the request task itself at graceful_timeout: the
+    provider is closed, the client still gets `stopped`, one line is logged."""
+    sid = "session_hard_cancel"
+    async with Harness(sim_config(tokens=10_000), graceful_timeout=0.3,
+                       stop_streams_first=False) as h:
+        async with h.stream(sid) as s:
+            await s.tokens_at_least(2)
+            record = await h.record()
+            await h.shutdown()
+            rest = await s.rest()
+        assert rest[-1].event == "stopped"
+        assert rest[-1].data["reason"] == "shutdown"
+        assert rest[-1].data["tokens_delivered"] == len(s.tokens)
+        await h.closed(record)
+        assert record.outcome == "closed_by_client"
+        with anyio.fail_after(WAIT):
+            await h.served.wait()
+        assert len(h.registry) == 0
+        assert h.upstream_connections() == 0
+        lines = end_lines(caplog, sid)
+        assert len(lines) == 1 and "stopped reason=shutdown" in lines[0]
+
+
 async def test_new_stream_while_shutting_down_is_503() -> None:
     async with Harness() as h:
         h.registry.closing = True

@@ -1,0 +1,258 @@
+"""The HTTP API as a Starlette application: routes, request validation, errors, lifespan.
+
+``create_app(settings)`` builds one; ``gateway.app:app`` is one built from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from .errors import BadRequest, HTTPError, UnsupportedMediaType
+from .registry import Registry
+from .responses import error_response
+from .server import load_config, serve
+from .settings import Settings
+from .simulator import Simulator
+from .stream import ChatStream
+from .upstream import create_client
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
+_ROLES = ("system", "user", "assistant")
+
+
+class _Lifespan:
+    """The app's resources: the provider client and, in demo mode, the simulator.
+
+    A class rather than an ``@asynccontextmanager`` so that no task group is held
+    across a ``yield``.
+    """
+
+    def __init__(self, app: Starlette) -> None:
+        self._state = app.state
+        self._settings: Settings = app.state.settings
+        self._tg: TaskGroup | None = None
+        self._stop_simulator = anyio.Event()
+
+    async def __aenter__(self) -> None:
+        state = self._state
+        state.client = create_client(self._settings)
+        if self._settings.upstream_url is not None:
+            state.upstream_url = self._settings.upstream_url
+            return
+        simulator = Simulator()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        addresses = await self._tg.start(
+            _serve_simulator, simulator, self._stop_simulator.wait
+        )
+        host, port = addresses[0]
+        state.simulator = simulator
+        state.upstream_url = f"http://{host}:{port}/v1"
+        logger.info(
+            "No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s",
+            state.upstream_url,
+        )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._state.registry.shutdown(timeout=5.0)
+            if self._tg is not None:
+                self._stop_simulator.set()
+                await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.move_on_after(5.0, shield=True):
+                await self._state.client.aclose()
+
+
+async def _serve_simulator(
+    simulator: Simulator, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
+) -> None:
+    config = load_config(
+        bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None
+    )
+    await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    app = Starlette(
+        routes=[
+            Route("/api/chat/stream", _chat_stream, methods=["POST"]),
+            Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
+            Route("/healthz", _healthz, methods=["GET"]),
+        ],
+        exception_handlers={
+            HTTPError: _handle_gateway_error,
+            HTTPException: _handle_http_exception,
+            Exception: _handle_internal_error,
+        },
+        lifespan=_Lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = Registry()
+    # A level, not a handler: where the lines go is the operator's logging config.
+    logging.getLogger("gateway").setLevel(settings.log_level_number)
+    return app
+
+
+async def _chat_stream(request: Request) -> Response:
+    state = request.app.state
+    session_id = _session_id(request.headers.get("x-session-id"))
+    payload = _chat_payload(await _json_body(request), state.settings)
+    return _StreamResponse(
+        ChatStream(
+            registry=state.registry,
+            client=state.client,
+            settings=state.settings,
+            upstream_url=state.upstream_url,
+            session_id=session_id,
+            payload=payload,
+        )
+    )
+
+
+class _StreamResponse(Response):
+    """Hands the ASGI call to a ``ChatStream`` (Starlette routes want a Response)."""
+
+    def __init__(self, stream: ASGIApp) -> None:
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._stream(scope, receive, send)
+
+
+async def _chat_cancel(request: Request) -> Response:
+    session_id = request.path_params["session_id"]
+    logger.info("[SSE] Cancel request received for %s", session_id)
+    state = request.app.state
+    session = state.registry.get(session_id)
+    if session is None or not session.cancel("cancel"):
+        return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
+    with anyio.move_on_after(state.settings.cancel_wait):
+        await session.ended.wait()
+    if not session.ended.is_set():
+        return JSONResponse(
+            {"error": {"code": "cancel_timeout",
+                       "message": "the stream did not end within the wait bound"}},
+            status_code=504,
+        )
+    return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
+
+
+async def _healthz(request: Request) -> Response:
+    registry: Registry = request.app.state.registry
+    status = "shutting_down" if registry.closing else "ok"
+    return JSONResponse(
+        {"status": status, "sessions": len(registry)},
+        status_code=503 if registry.closing else 200,
+    )
+
+
+def _session_id(value: str | None) -> str:
+    if value is None:
+        raise BadRequest("the X-Session-Id header is required", code="missing_session_id")
+    if not SESSION_ID_RE.fullmatch(value):
+        raise BadRequest(
+            "X-Session-Id must be 8-128 characters of A-Z a-z 0-9 _ . : -",
+            code="invalid_session_id",
+        )
+    return value
+
+
+async def _json_body(request: Request) -> Any:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType("the request body must be application/json")
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+
+
+def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
+    """Validate the client's body and build the provider request from known fields only."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_body")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", code="invalid_body")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object", code="invalid_body")
+        if message.get("role") not in _ROLES:
+            raise BadRequest(
+                f"messages[{i}].role must be one of {', '.join(_ROLES)}", code="invalid_body"
+            )
+        if not isinstance(message.get("content"), str):
+            raise BadRequest(f"messages[{i}].content must be a string", code="invalid_body")
+        clean.append({"role": message["role"], "content": message["content"]})
+    model = body.get("model", settings.model)
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model must be a non-empty string", code="invalid_body")
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": clean,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if "temperature" in body:
+        temperature = body["temperature"]
+        if (not isinstance(temperature, int | float) or isinstance(temperature, bool)
+                or not math.isfinite(temperature) or not 0 <= temperature <= 2):
+            raise BadRequest("temperature must be a number from 0 to 2", code="invalid_body")
+        payload["temperature"] = temperature
+    if "max_tokens" in body:
+        max_tokens = body["max_tokens"]
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise BadRequest("max_tokens must be a positive integer", code="invalid_body")
+        payload["max_tokens"] = max_tokens
+    return payload
+
+
+async def _handle_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    return error_response(exc)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": {"code": code, "message": str(exc.detail)}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _handle_internal_error(request: Request, exc: Exception) -> Response:
+    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"error": {"code": "internal_error", "message": "the gateway failed"}}, status_code=500
+    )

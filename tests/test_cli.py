@@ -1,0 +1,167 @@
+"""The two ways to run the gateway, as real processes: `gateway serve` and plain hypercorn."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import pytest
+from anyio.abc import Process
+from anyio.streams.text import TextReceiveStream
+
+from .harness import WAIT, EventReader
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _worker(anyio_backend: Any) -> str:
+    if anyio_backend == "trio":
+        return "trio"
+    return "uvloop" if isinstance(anyio_backend, tuple) else "asyncio"
+
+
+class _Output:
+    """A process's stderr, collected line by line; waits are on lines, not sleeps."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._changed = anyio.Event()
+
+    async def collect(self, process: Process) -> None:
+        assert process.stderr is not None
+        buffer = ""
+        async for text in TextReceiveStream(process.stderr):
+            buffer += text
+            *complete, buffer = buffer.split("\n")
+            self.lines += complete
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait_for(self, pattern: str) -> str:
+        with anyio.fail_after(WAIT):
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                await self._changed.wait()
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@asynccontextmanager
+async def _running(command: list[str], port: int) -> AsyncIterator[tuple[Process, _Output]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    process = await anyio.open_process(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    output = _Output()
+    async with process, anyio.create_task_group() as tg:
+        tg.start_soon(output.collect, process)
+        try:
+            await output.wait_for(rf"Running on http://127\.0\.0\.1:{port}\b")
+            yield process, output
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with anyio.move_on_after(WAIT, shield=True):
+                await process.wait()
+
+
+async def _stream(client: httpx.AsyncClient, session_id: str) -> Any:
+    return client.stream(
+        "POST", "/api/chat/stream", headers={"X-Session-Id": session_id},
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    )
+
+
+async def test_gateway_serve_stops_streams_then_exits_on_sigterm(
+    anyio_backend: Any, free_tcp_port: int
+) -> None:
+    command = [sys.executable, "-m", "gateway", "serve", "-k", _worker(anyio_backend),
+               "-b", f"127.0.0.1:{free_tcp_port}"]
+    async with _running(command, free_tcp_port) as (process, output):
+        assert "built-in provider simulator" in await output.wait_for("simulator on")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}",
+                                     timeout=WAIT) as client:
+            async with await _stream(client, "session_serve_1") as response:
+                reader = EventReader(response)
+                await reader.tokens_at_least(2)
+                process.send_signal(signal.SIGTERM)
+                rest = await reader.rest()
+        assert rest[-1].event == "stopped"
+        assert rest[-1].data["reason"] == "shutdown"
+        with anyio.fail_after(WAIT):
+            assert await process.wait() == 0
+        await output.wait_for("stopped reason=shutdown")
+    assert output.text.count("[SSE] session_serve_1 stopped reason=shutdown") == 1
+    assert f"with the {_worker(anyio_backend)} worker" in output.text
+    assert "Traceback" not in output.text
+
+
+async def test_plain_hypercorn_cli_streams_cancels_and_stops(
+    anyio_backend: Any, free_tcp_port: int, tmp_path: Path
+) -> None:
+    """`hypercorn --config hypercorn.toml gateway.app:app`: the app and its simulator work;
+    on SIGTERM hypercorn cancels streams itself at graceful_timeout, which the gateway
+    logs as a shutdown stop after closing the provider."""
+    config = tmp_path / "hypercorn.toml"
+    config.write_text(
+        (ROOT / "hypercorn.toml").read_text().replace("graceful_timeout = 5.0",
+                                                      "graceful_timeout = 1.0")
+    )
+    command = [sys.executable, "-m", "hypercorn", "--config", str(config),
+               "-k", _worker(anyio_backend), "-b", f"127.0.0.1:{free_tcp_port}",
+               "gateway.app:app"]
+    async with _running(command, free_tcp_port) as (process, output):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}",
+                                     timeout=WAIT) as client:
+            async with await _stream(client, "session_cli_1") as response:
+                reader = EventReader(response)
+                await reader.tokens_at_least(1)
+                cancel = await client.post("/api/chat/cancel/session_cli_1")
+                assert cancel.status_code == 200
+                rest = await reader.rest()
+            assert rest[-1].data["reason"] == "cancel"
+            async with await _stream(client, "session_cli_2") as response:
+                reader = EventReader(response)
+                await reader.tokens_at_least(1)
+                process.send_signal(signal.SIGTERM)
+                # hypercorn hard-cancels the stream: whether the `stopped` event gets
+                # out first depends on the worker; under Trio the body is cut short.
+                with anyio.fail_after(WAIT):
+                    try:
+                        await reader.rest()
+                    except httpx.RemoteProtocolError:
+                        pass
+        with anyio.fail_after(WAIT):
+            await process.wait()
+        await output.wait_for("session_cli_2 stopped reason=shutdown")
+    assert output.text.count("session_cli_1 aborted by client/cancel reason=cancel") == 1
+    assert output.text.count("[SSE] session_cli_2 stopped reason=shutdown") == 1
+    # hypercorn's asyncio worker logs its own hard-cancel of connection tasks at
+    # graceful_timeout as an asyncio ERROR; none of it may come from the gateway.
+    assert "/gateway/" not in output.text, output.text
+    assert not re.search(r" ERROR gateway", output.text), output.text
+
+
+async def test_bad_setting_fails_loudly_at_start() -> None:
+    env = {**os.environ, "GATEWAY_IDLE_TIMEOUT": "soon"}
+    result = await anyio.run_process(
+        [sys.executable, "-m", "gateway", "serve"], env=env, cwd=ROOT, check=False
+    )
+    assert result.returncode == 2
+    assert b"GATEWAY_IDLE_TIMEOUT" in result.stderr
