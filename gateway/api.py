@@ -60,9 +60,7 @@ class _Lifespan:
         simulator = Simulator()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        addresses = await self._tg.start(
-            _serve_simulator, simulator, self._stop_simulator.wait
-        )
+        addresses = await self._tg.start(_serve_simulator, simulator, self._stop_simulator.wait)
         host, port = addresses[0]
         state.simulator = simulator
         state.upstream_url = f"http://{host}:{port}/v1"
@@ -78,7 +76,8 @@ class _Lifespan:
         tb: TracebackType | None,
     ) -> None:
         try:
-            await self._state.registry.shutdown(timeout=5.0)
+            with anyio.move_on_after(5.0):
+                await self._state.registry.shutdown()
             if self._tg is not None:
                 self._stop_simulator.set()
                 await self._tg.__aexit__(exc_type, exc, tb)
@@ -90,9 +89,7 @@ class _Lifespan:
 async def _serve_simulator(
     simulator: Simulator, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
 ) -> None:
-    config = load_config(
-        bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None
-    )
+    config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None)
     await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)
 
 
@@ -155,8 +152,12 @@ async def _chat_cancel(request: Request) -> Response:
         await session.ended.wait()
     if not session.ended.is_set():
         return JSONResponse(
-            {"error": {"code": "cancel_timeout",
-                       "message": "the stream did not end within the wait bound"}},
+            {
+                "error": {
+                    "code": "cancel_timeout",
+                    "message": "the stream did not end within the wait bound",
+                }
+            },
             status_code=504,
         )
     return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
@@ -221,8 +222,12 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
     }
     if "temperature" in body:
         temperature = body["temperature"]
-        if (not isinstance(temperature, int | float) or isinstance(temperature, bool)
-                or not math.isfinite(temperature) or not 0 <= temperature <= 2):
+        if (
+            not isinstance(temperature, int | float)
+            or isinstance(temperature, bool)
+            or not math.isfinite(temperature)
+            or not 0 <= temperature <= 2
+        ):
             raise BadRequest("temperature must be a number from 0 to 2", code="invalid_body")
         payload["temperature"] = temperature
     if "max_tokens" in body:

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the gateway")
     serve_cmd.add_argument(
-        "--config", "-c", default=None,
+        "--config",
+        "-c",
+        default=None,
         help="hypercorn toml file (default: ./hypercorn.toml if present)",
     )
     serve_cmd.add_argument("--worker-class", "-k", choices=WORKER_CLASSES, default=None)
@@ -78,7 +80,8 @@ def stop_streams_first(
 
     async def shutdown_trigger() -> None:
         await trigger()
-        await app.state.registry.shutdown(timeout=timeout)
+        with anyio.move_on_after(timeout):
+            await app.state.registry.shutdown()
 
     return shutdown_trigger
 

@@ -110,6 +110,7 @@ class ProviderStreamParser:
 
 
 def _error_message(error: Any) -> str:
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return "provider error: " + error["message"][:200]
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str):
+        return "provider error: " + message[:200]
     return "provider sent an error"

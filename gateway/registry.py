@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import anyio
-
 from .errors import SessionConflict, ShuttingDown
 from .session import Session
 
@@ -42,14 +40,16 @@ class Registry:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
 
-    async def shutdown(self, timeout: float) -> None:
-        """Refuse new streams, stop every live one with reason ``shutdown``, wait for them."""
+    async def shutdown(self) -> None:
+        """Refuse new streams, stop every live one with reason ``shutdown``, wait for them.
+
+        Each session's cleanup is bounded; callers bound the whole with ``move_on_after``.
+        """
         self.closing = True
         sessions = list(self._sessions.values())
         if sessions:
             logger.info("[SSE] shutdown: stopping %d live stream(s)", len(sessions))
         for session in sessions:
             session.cancel("shutdown")
-        with anyio.move_on_after(timeout):
-            for session in sessions:
-                await session.ended.wait()
+        for session in sessions:
+            await session.ended.wait()

@@ -49,7 +49,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     if data.get("worker_class", "asyncio") not in WORKER_CLASSES:
         raise ConfigError(f"worker_class must be one of {', '.join(WORKER_CLASSES)}")
     if data.get("read_timeout") is not None:
-        raise ConfigError("read_timeout must stay unset: hypercorn applies it to streaming responses")
+        raise ConfigError(
+            "read_timeout must stay unset: hypercorn applies it to streaming responses"
+        )
     return Config.from_mapping(data)
 
 

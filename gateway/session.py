@@ -121,21 +121,38 @@ class Session:
             if outcome.reason in ("cancel", "disconnect"):
                 logger.info(
                     "[SSE] %s aborted by client/cancel reason=%s%s tokens=%d after=%dms",
-                    self.id, outcome.reason, detail, self.tokens, after,
+                    self.id,
+                    outcome.reason,
+                    detail,
+                    self.tokens,
+                    after,
                 )
             elif outcome.reason == "timeout":
                 logger.info(
                     "[SSE] %s timed out reason=%s tokens=%d after=%dms",
-                    self.id, outcome.detail, self.tokens, after,
+                    self.id,
+                    outcome.detail,
+                    self.tokens,
+                    after,
                 )
             else:
                 logger.info(
                     "[SSE] %s stopped reason=%s tokens=%d after=%dms",
-                    self.id, outcome.reason, self.tokens, after,
+                    self.id,
+                    outcome.reason,
+                    self.tokens,
+                    after,
                 )
         elif isinstance(outcome, Failed):
-            status = f" upstream_status={outcome.upstream_status}" if outcome.upstream_status else ""
+            status = (
+                f" upstream_status={outcome.upstream_status}" if outcome.upstream_status else ""
+            )
             logger.warning(
                 "[SSE] %s failed code=%s%s tokens=%d after=%dms: %s",
-                self.id, outcome.code, status, self.tokens, after, outcome.message,
+                self.id,
+                outcome.code,
+                status,
+                self.tokens,
+                after,
+                outcome.message,
             )

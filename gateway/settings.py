@@ -45,8 +45,14 @@ class Settings:
                     f"GATEWAY_UPSTREAM_URL must be an http(s) URL ending in /v1, got {url!r}"
                 )
             object.__setattr__(self, "upstream_url", url.rstrip("/"))
-        for name in ("connect_timeout", "first_token_timeout", "idle_timeout", "max_duration",
-                     "send_timeout", "cancel_wait"):
+        for name in (
+            "connect_timeout",
+            "first_token_timeout",
+            "idle_timeout",
+            "max_duration",
+            "send_timeout",
+            "cancel_wait",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{_env_name(name)} must be a positive number, got {value!r}")

@@ -14,6 +14,7 @@ cancelled, and must not hold the provider or the cleanup hostage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -87,9 +88,7 @@ class ChatStream:
             # Stops the listener, and on asyncio a sender stuck past its bound.
             tg.cancel_scope.cancel()
 
-    async def _run(
-        self, session: Session, tx: MemoryObjectSendStream[_Chunk], send: Send
-    ) -> None:
+    async def _run(self, session: Session, tx: MemoryObjectSendStream[_Chunk], send: Send) -> None:
         try:
             with session.scope:
                 async with anyio.create_task_group() as tg:
@@ -122,10 +121,12 @@ class ChatStream:
                     # shutdown): write the terminal event ourselves, once.
                     if session.response_started:
                         with anyio.move_on_after(bound):
-                            await send({"type": "http.response.body", "body": terminal,
-                                        "more_body": True})
-                            await send({"type": "http.response.body", "body": b"",
-                                        "more_body": False})
+                            await send(
+                                {"type": "http.response.body", "body": terminal, "more_body": True}
+                            )
+                            await send(
+                                {"type": "http.response.body", "body": b"", "more_body": False}
+                            )
         if not session.client_gone:
             with anyio.move_on_after(bound):
                 await session.sender_done.wait()
@@ -205,15 +206,16 @@ class ChatStream:
                 session.cancel("timeout", "send")
                 return
             wake = min(total_at, token_at, now + s.idle_timeout)
-            wake = min(wake, now + s.send_timeout if send_started is None
-                       else send_started + s.send_timeout)
+            wake = min(
+                wake,
+                now + s.send_timeout if send_started is None else send_started + s.send_timeout,
+            )
             if s.ping_interval:
                 ping_at = session.last_write_at + s.ping_interval
                 if now >= ping_at:
-                    try:
+                    # A full queue holds data already; a ping would add nothing.
+                    with contextlib.suppress(anyio.WouldBlock):
                         tx.send_nowait(_Chunk(PING))
-                    except anyio.WouldBlock:
-                        pass  # the queue is full of data; a ping would add nothing
                     session.last_write_at = now
                     ping_at = now + s.ping_interval
                 wake = min(wake, ping_at)
@@ -250,8 +252,9 @@ class ChatStream:
                     if session.client_gone:
                         continue  # keep draining so the relay never blocks on a dead client
                     session.send_started_at = anyio.current_time()
-                    await send({"type": "http.response.body", "body": b"".join(parts),
-                                "more_body": True})
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(parts), "more_body": True}
+                    )
                     session.send_started_at = None
                     session.last_write_at = anyio.current_time()
             if not session.client_gone:

@@ -31,8 +31,13 @@ from gateway.server import serve
 # Generous bound on any single wait in a test: a hang fails instead of stalling CI.
 WAIT = 10.0
 
-END_MARKERS = (" aborted by client/cancel ", " timed out ", " stopped reason=", " completed in ",
-               " failed code=")
+END_MARKERS = (
+    " aborted by client/cancel ",
+    " timed out ",
+    " stopped reason=",
+    " completed in ",
+    " failed code=",
+)
 
 
 @dataclass
@@ -146,18 +151,14 @@ class Harness:
         settings = Settings(upstream_url=self._upstream_url, model="sim-model", **self._settings)
         self.settings = settings
         self.app: Starlette = create_app(settings)
-        config = load_config(
-            bind=["127.0.0.1:0"], graceful_timeout=self._graceful_timeout, **quiet
-        )
+        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=self._graceful_timeout, **quiet)
         # Without stop_streams_first this serves like plain `hypercorn`, which
         # hard-cancels whatever still runs at graceful_timeout.
         trigger: Any = self._stop_gateway.wait
         if self._stop_streams_first:
             trigger = stop_streams_first(self.app, trigger, self._graceful_timeout)
         [(_, self.port)] = await self._tg.start(self._serve_gateway, config, trigger)
-        self.client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.port}", timeout=WAIT
-        )
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=WAIT)
         return self
 
     async def _serve_gateway(
@@ -261,7 +262,8 @@ def end_lines(caplog: pytest.LogCaptureFixture, session_id: str) -> list[str]:
     """The session's end-of-life log lines (there must be exactly one)."""
     prefix = f"[SSE] {session_id} "
     return [
-        r.getMessage() for r in caplog.records
+        r.getMessage()
+        for r in caplog.records
         if r.getMessage().startswith(prefix) and any(m in r.getMessage() for m in END_MARKERS)
     ]
 

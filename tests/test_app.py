@@ -19,20 +19,21 @@ def _error(response: Any, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
 
 
 @pytest.mark.parametrize(
     ("headers", "code"),
     [
         ({}, "missing_session_id"),
-        ({"X-Session-Id": "short"}, "invalid_session_id"),
-        ({"X-Session-Id": "has space in it"}, "invalid_session_id"),
-        ({"X-Session-Id": "x" * 129}, "invalid_session_id"),
-        ({"X-Session-Id": "séssion_123456".encode()}, "invalid_session_id"),
+        ({b"X-Session-Id": b"short"}, "invalid_session_id"),
+        ({b"X-Session-Id": b"has space in it"}, "invalid_session_id"),
+        ({b"X-Session-Id": b"x" * 129}, "invalid_session_id"),
+        ({b"X-Session-Id": "séssion_123456".encode()}, "invalid_session_id"),
     ],
 )
-async def test_bad_session_id_is_400(headers: dict[str, str | bytes], code: str) -> None:
+async def test_bad_session_id_is_400(headers: dict[bytes, bytes], code: str) -> None:
     async with Harness() as h:
         response = await h.client.post("/api/chat/stream", headers=headers, json=MESSAGES)
         _error(response, 400, code)
@@ -131,19 +132,22 @@ async def test_healthz_counts_live_sessions() -> None:
 
 async def test_max_tokens_and_model_are_forwarded() -> None:
     async with Harness(sim_config(tokens=50, rate=0)) as h:
-        async with h.stream("session_fwd_01", model="other-model", max_tokens=7,
-                            temperature=0.5) as s:
+        async with h.stream(
+            "session_fwd_01", model="other-model", max_tokens=7, temperature=0.5
+        ) as s:
             events = await s.rest()
         assert len(s.tokens) == 7
         assert events[-1].data["finish_reason"] == "length"
         sent = h.simulator.requests[-1]
         assert sent["model"] == "other-model"
-        assert sent["max_tokens"] == 7 and sent["temperature"] == 0.5
+        assert sent["max_tokens"] == 7
+        assert sent["temperature"] == 0.5
         assert sent["stream"] is True
         assert sent["stream_options"] == {"include_usage": True}
 
 
 # Provider faults: each ends the stream with one `error` event and one log line.
+
 
 async def _error_event(h: Harness, sid: str) -> dict[str, Any]:
     async with h.stream(sid) as s:
@@ -166,7 +170,8 @@ async def test_provider_refuses_connection(caplog: pytest.LogCaptureFixture) -> 
         data = await _error_event(h, "session_refused")
         assert data["code"] == "upstream_unavailable"
         lines = end_lines(caplog, "session_refused")
-        assert len(lines) == 1 and "failed code=upstream_unavailable" in lines[0]
+        assert len(lines) == 1
+        assert "failed code=upstream_unavailable" in lines[0]
         assert not any(r.exc_info for r in caplog.records)
 
 
@@ -205,8 +210,9 @@ async def test_connect_timeout_is_upstream_unavailable() -> None:
         listener.listen(0)
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)):
-            async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1",
-                               connect_timeout=0.2) as h:
+            async with Harness(
+                upstream_url=f"http://127.0.0.1:{port}/v1", connect_timeout=0.2
+            ) as h:
                 with anyio.fail_after(3):
                     data = await _error_event(h, "session_ctimeout")
                 assert data["code"] == "upstream_unavailable"

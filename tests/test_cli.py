@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -83,7 +84,9 @@ async def _running(command: list[str], port: int) -> AsyncIterator[tuple[Process
 
 async def _stream(client: httpx.AsyncClient, session_id: str) -> Any:
     return client.stream(
-        "POST", "/api/chat/stream", headers={"X-Session-Id": session_id},
+        "POST",
+        "/api/chat/stream",
+        headers={"X-Session-Id": session_id},
         json={"messages": [{"role": "user", "content": "hi"}]},
     )
 
@@ -91,17 +94,27 @@ async def _stream(client: httpx.AsyncClient, session_id: str) -> Any:
 async def test_gateway_serve_stops_streams_then_exits_on_sigterm(
     anyio_backend: Any, free_tcp_port: int
 ) -> None:
-    command = [sys.executable, "-m", "gateway", "serve", "-k", _worker(anyio_backend),
-               "-b", f"127.0.0.1:{free_tcp_port}"]
+    command = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "-k",
+        _worker(anyio_backend),
+        "-b",
+        f"127.0.0.1:{free_tcp_port}",
+    ]
     async with _running(command, free_tcp_port) as (process, output):
         assert "built-in provider simulator" in await output.wait_for("simulator on")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}",
-                                     timeout=WAIT) as client:
-            async with await _stream(client, "session_serve_1") as response:
-                reader = EventReader(response)
-                await reader.tokens_at_least(2)
-                process.send_signal(signal.SIGTERM)
-                rest = await reader.rest()
+        base_url = f"http://127.0.0.1:{free_tcp_port}"
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=WAIT) as client,
+            await _stream(client, "session_serve_1") as response,
+        ):
+            reader = EventReader(response)
+            await reader.tokens_at_least(2)
+            process.send_signal(signal.SIGTERM)
+            rest = await reader.rest()
         assert rest[-1].event == "stopped"
         assert rest[-1].data["reason"] == "shutdown"
         with anyio.fail_after(WAIT):
@@ -120,15 +133,26 @@ async def test_plain_hypercorn_cli_streams_cancels_and_stops(
     logs as a shutdown stop after closing the provider."""
     config = tmp_path / "hypercorn.toml"
     config.write_text(
-        (ROOT / "hypercorn.toml").read_text().replace("graceful_timeout = 5.0",
-                                                      "graceful_timeout = 1.0")
+        (ROOT / "hypercorn.toml")
+        .read_text()
+        .replace("graceful_timeout = 5.0", "graceful_timeout = 1.0")
     )
-    command = [sys.executable, "-m", "hypercorn", "--config", str(config),
-               "-k", _worker(anyio_backend), "-b", f"127.0.0.1:{free_tcp_port}",
-               "gateway.app:app"]
+    command = [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--config",
+        str(config),
+        "-k",
+        _worker(anyio_backend),
+        "-b",
+        f"127.0.0.1:{free_tcp_port}",
+        "gateway.app:app",
+    ]
     async with _running(command, free_tcp_port) as (process, output):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}",
-                                     timeout=WAIT) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{free_tcp_port}", timeout=WAIT
+        ) as client:
             async with await _stream(client, "session_cli_1") as response:
                 reader = EventReader(response)
                 await reader.tokens_at_least(1)
@@ -142,11 +166,8 @@ async def test_plain_hypercorn_cli_streams_cancels_and_stops(
                 process.send_signal(signal.SIGTERM)
                 # hypercorn hard-cancels the stream: whether the `stopped` event gets
                 # out first depends on the worker; under Trio the body is cut short.
-                with anyio.fail_after(WAIT):
-                    try:
-                        await reader.rest()
-                    except httpx.RemoteProtocolError:
-                        pass
+                with anyio.fail_after(WAIT), contextlib.suppress(httpx.RemoteProtocolError):
+                    await reader.rest()
         with anyio.fail_after(WAIT):
             await process.wait()
         await output.wait_for("session_cli_2 stopped reason=shutdown")

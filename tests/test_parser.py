@@ -13,9 +13,7 @@ from gateway.parser import ParsedChunk
 
 def _chunk(content: str | None = None, finish: str | None = None, usage: bool = False) -> bytes:
     delta = {} if content is None else {"content": content}
-    body: dict[str, object] = {
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
-    }
+    body: dict[str, object] = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     if usage:
         body = {"choices": [], "usage": {"completion_tokens": 3}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -75,12 +73,15 @@ def test_keepalive_comments_produce_nothing() -> None:
 
 
 def test_multiline_data_is_joined() -> None:
-    out = ProviderStreamParser().feed(b'data: {"choices":\ndata: [{"delta": {"content": "a"}}]}\n\n')
+    out = ProviderStreamParser().feed(
+        b'data: {"choices":\ndata: [{"delta": {"content": "a"}}]}\n\n'
+    )
     assert out.deltas == ["a"]
 
 
 def test_data_without_space_after_colon() -> None:
-    assert ProviderStreamParser().feed(b'data:{"choices":[{"delta":{"content":"z"}}]}\n\n').deltas == ["z"]
+    out = ProviderStreamParser().feed(b'data:{"choices":[{"delta":{"content":"z"}}]}\n\n')
+    assert out.deltas == ["z"]
 
 
 def test_nothing_after_done_counts() -> None:

@@ -33,8 +33,9 @@ POOL = 10
 BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
 
 
-async def _storm(client: Any, url: str, rng: random.Random, count: int, max_delay: float,
-                 read: bool) -> None:
+async def _storm(
+    client: Any, url: str, rng: random.Random, count: int, max_delay: float, read: bool
+) -> None:
     async def one(delay: float) -> None:
         with anyio.move_on_after(delay):
             async with client.stream("POST", url, json=BODY) as response:
@@ -83,7 +84,8 @@ async def test_httpx2_leaks_no_slot_and_no_connection() -> None:
 
 
 @pytest.mark.xfail(
-    raises=httpx.PoolTimeout, strict=True,
+    raises=httpx.PoolTimeout,
+    strict=True,
     reason="httpcore 1.0.9 leaks pool slots on cancellation (encode/httpcore#1093)",
 )
 async def test_httpx_leaks_slots_under_cancellation() -> None:

@@ -17,18 +17,20 @@ def test_defaults_run_the_simulator() -> None:
 
 
 def test_reads_every_variable() -> None:
-    settings = Settings.from_env({
-        "GATEWAY_UPSTREAM_URL": "https://api.deepseek.com/v1/",
-        "GATEWAY_UPSTREAM_API_KEY": "sk-test",
-        "GATEWAY_MODEL": "deepseek-chat",
-        "GATEWAY_CONNECT_TIMEOUT": "3",
-        "GATEWAY_FIRST_TOKEN_TIMEOUT": "30",
-        "GATEWAY_IDLE_TIMEOUT": "20.5",
-        "GATEWAY_MAX_DURATION": "300",
-        "GATEWAY_PING_INTERVAL": "0",
-        "GATEWAY_SEND_TIMEOUT": "4",
-        "GATEWAY_LOG_LEVEL": "debug",
-    })
+    settings = Settings.from_env(
+        {
+            "GATEWAY_UPSTREAM_URL": "https://api.deepseek.com/v1/",
+            "GATEWAY_UPSTREAM_API_KEY": "sk-test",
+            "GATEWAY_MODEL": "deepseek-chat",
+            "GATEWAY_CONNECT_TIMEOUT": "3",
+            "GATEWAY_FIRST_TOKEN_TIMEOUT": "30",
+            "GATEWAY_IDLE_TIMEOUT": "20.5",
+            "GATEWAY_MAX_DURATION": "300",
+            "GATEWAY_PING_INTERVAL": "0",
+            "GATEWAY_SEND_TIMEOUT": "4",
+            "GATEWAY_LOG_LEVEL": "debug",
+        }
+    )
     assert settings.upstream_url == "https://api.deepseek.com/v1"
     assert settings.upstream_api_key == "sk-test"
     assert settings.model == "deepseek-chat"
@@ -48,10 +50,14 @@ def test_reads_every_variable() -> None:
         ({"GATEWAY_CONNECT_TIMEOUT": "nan"}, "GATEWAY_CONNECT_TIMEOUT"),
         ({"GATEWAY_PING_INTERVAL": "-5"}, "GATEWAY_PING_INTERVAL"),
         ({"GATEWAY_LOG_LEVEL": "LOUD"}, "GATEWAY_LOG_LEVEL"),
-        ({"GATEWAY_UPSTREAM_URL": "api.openai.com/v1", "GATEWAY_MODEL": "m"},
-         "GATEWAY_UPSTREAM_URL"),
-        ({"GATEWAY_UPSTREAM_URL": "https://api.openai.com", "GATEWAY_MODEL": "m"},
-         "GATEWAY_UPSTREAM_URL"),
+        (
+            {"GATEWAY_UPSTREAM_URL": "api.openai.com/v1", "GATEWAY_MODEL": "m"},
+            "GATEWAY_UPSTREAM_URL",
+        ),
+        (
+            {"GATEWAY_UPSTREAM_URL": "https://api.openai.com", "GATEWAY_MODEL": "m"},
+            "GATEWAY_UPSTREAM_URL",
+        ),
         ({"GATEWAY_UPSTREAM_URL": "https://api.openai.com/v1"}, "GATEWAY_MODEL"),
         ({"GATEWAY_UPSTREAM_MAX_CONNECTIONS": "0"}, "GATEWAY_UPSTREAM_MAX_CONNECTIONS"),
     ],

@@ -24,19 +24,24 @@ async def test_shutdown_stops_every_stream_first(caplog: pytest.LogCaptureFixtur
             rest_a, rest_b = await a.rest(), await b.rest()
         for reader, rest in ((a, rest_a), (b, rest_b)):
             assert rest[-1].event == "stopped"
-            assert rest[-1].data == {"status": "stopped", "reason": "shutdown",
-                                     "tokens_delivered": len(reader.tokens)}
+            assert rest[-1].data == {
+                "status": "stopped",
+                "reason": "shutdown",
+                "tokens_delivered": len(reader.tokens),
+            }
         for record in records:
             await h.closed(record)
             assert record.outcome == "closed_by_client"
-            assert record.ended_at is not None and record.ended_at - t0 < 0.1
+            assert record.ended_at is not None
+            assert record.ended_at - t0 < 0.1
         with anyio.fail_after(WAIT):
             await h.served.wait()
         assert len(h.registry) == 0
         assert h.upstream_connections() == 0
         for sid in ("session_shut_a", "session_shut_b"):
             lines = end_lines(caplog, sid)
-            assert len(lines) == 1 and "stopped reason=shutdown" in lines[0]
+            assert len(lines) == 1
+            assert "stopped reason=shutdown" in lines[0]
 
 
 async def test_server_hard_cancel_goes_through_the_same_cleanup(
@@ -45,8 +50,9 @@ async def test_server_hard_cancel_goes_through_the_same_cleanup(
     """Plain hypercorn cancels the request task itself at graceful_timeout: the
     provider is closed, the client still gets `stopped`, one line is logged."""
     sid = "session_hard_cancel"
-    async with Harness(sim_config(tokens=10_000), graceful_timeout=0.3,
-                       stop_streams_first=False) as h:
+    async with Harness(
+        sim_config(tokens=10_000), graceful_timeout=0.3, stop_streams_first=False
+    ) as h:
         async with h.stream(sid) as s:
             await s.tokens_at_least(2)
             record = await h.record()
@@ -62,14 +68,16 @@ async def test_server_hard_cancel_goes_through_the_same_cleanup(
         assert len(h.registry) == 0
         assert h.upstream_connections() == 0
         lines = end_lines(caplog, sid)
-        assert len(lines) == 1 and "stopped reason=shutdown" in lines[0]
+        assert len(lines) == 1
+        assert "stopped reason=shutdown" in lines[0]
 
 
 async def test_new_stream_while_shutting_down_is_503() -> None:
     async with Harness() as h:
         h.registry.closing = True
         response = await h.client.post(
-            "/api/chat/stream", headers={"X-Session-Id": "session_late_1"},
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_late_1"},
             json={"messages": [{"role": "user", "content": "hi"}]},
         )
         assert response.status_code == 503
@@ -108,13 +116,15 @@ async def test_client_that_stops_reading_releases_the_provider(
             await h.closed(record)
             assert record.outcome == "closed_by_client"
             assert 0 < record.sent < record.planned
-            assert record.ended_at is not None and record.last_token_at is not None
+            assert record.ended_at is not None
+            assert record.last_token_at is not None
             # The provider stalls when the pipe fills; the send times out 0.5 s later.
             assert record.ended_at - record.last_token_at < 0.5 + 0.4
             await h.ended(sid)
             assert len(h.registry) == 0
             assert h.upstream_connections() == 0
             lines = end_lines(caplog, sid)
-            assert len(lines) == 1 and "timed out reason=send" in lines[0]
+            assert len(lines) == 1
+            assert "timed out reason=send" in lines[0]
         finally:
             sock.close()

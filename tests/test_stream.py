@@ -17,9 +17,11 @@ async def test_completion_relays_every_delta_in_order(caplog: pytest.LogCaptureF
         async with h.stream("session_1700000000000_abc123") as s:
             events = await s.rest()
         record = await h.record()
-        assert [e.event for e in s.events][0] == "start"
-        assert s.events[0].data == {"session_id": "session_1700000000000_abc123",
-                                    "model": "sim-model"}
+        assert s.events[0].event == "start"
+        assert s.events[0].data == {
+            "session_id": "session_1700000000000_abc123",
+            "model": "sim-model",
+        }
         assert "".join(s.tokens) == record.text
         assert len(s.tokens) == 40
         ids = [int(e.id) for e in s.events if e.id is not None]
@@ -37,7 +39,9 @@ async def test_completion_relays_every_delta_in_order(caplog: pytest.LogCaptureF
         await h.ended("session_1700000000000_abc123")
         assert len(h.registry) == 0
         lines = end_lines(caplog, "session_1700000000000_abc123")
-        assert len(lines) == 1 and "completed in" in lines[0] and "tokens=40" in lines[0]
+        assert len(lines) == 1
+        assert "completed in" in lines[0]
+        assert "tokens=40" in lines[0]
 
 
 async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureFixture) -> None:
@@ -52,14 +56,18 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             assert response.json() == {"ok": True, "cancelled": True, "session_id": sid}
             # The 200 comes only after the provider's connection is closed.
             assert record.outcome == "closed_by_client"
-            assert record.ended_at is not None and record.ended_at - t0 < 0.1
+            assert record.ended_at is not None
+            assert record.ended_at - t0 < 0.1
             assert record.sent < record.planned
             assert sid not in h.registry
             rest = await s.rest()
         stopped = rest[-1]
         assert stopped.event == "stopped"
-        assert stopped.data == {"status": "stopped", "reason": "cancel",
-                                "tokens_delivered": len(s.tokens)}
+        assert stopped.data == {
+            "status": "stopped",
+            "reason": "cancel",
+            "tokens_delivered": len(s.tokens),
+        }
         assert h.upstream_connections() == 0
         lines = end_lines(caplog, sid)
         assert len(lines) == 1
@@ -108,12 +116,14 @@ async def test_client_disconnect_closes_provider(caplog: pytest.LogCaptureFixtur
         # Leaving the block closed the HTTP/1.1 response, and so the connection.
         await h.closed(record)
         assert record.outcome == "closed_by_client"
-        assert record.ended_at is not None and record.ended_at - t0 < 0.1
+        assert record.ended_at is not None
+        assert record.ended_at - t0 < 0.1
         await h.ended(sid)
         assert len(h.registry) == 0
         assert h.upstream_connections() == 0
         lines = end_lines(caplog, sid)
-        assert len(lines) == 1 and "aborted by client/cancel reason=disconnect" in lines[0]
+        assert len(lines) == 1
+        assert "aborted by client/cancel reason=disconnect" in lines[0]
 
 
 async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> None:
@@ -126,7 +136,8 @@ async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> No
             response = await h.cancel(sid)
             assert response.status_code == 200
             assert record.outcome == "closed_by_client"
-            assert record.ended_at is not None and record.ended_at - t0 < 0.1
+            assert record.ended_at is not None
+            assert record.ended_at - t0 < 0.1
             assert record.sent == 0
             rest = await s.rest()
         assert rest[-1].data == {"status": "stopped", "reason": "cancel", "tokens_delivered": 0}
@@ -159,7 +170,8 @@ async def test_cancel_while_waiting_for_provider_headers() -> None:
             t0 = time.monotonic()
             assert (await h.cancel(sid)).status_code == 200
             assert record.outcome == "closed_by_client"
-            assert record.ended_at is not None and record.ended_at - t0 < 0.1
+            assert record.ended_at is not None
+            assert record.ended_at - t0 < 0.1
             await s.rest()
         assert h.upstream_connections() == 0
 

@@ -21,38 +21,51 @@ async def test_idle_timeout_fires_despite_keepalives(caplog: pytest.LogCaptureFi
         record = await h.closed(await h.record())
         assert record.outcome == "closed_by_client"
         assert record.sent == 5
-        assert record.last_token_at is not None and record.ended_at is not None
+        assert record.last_token_at is not None
+        assert record.ended_at is not None
         # The trigger is the idle deadline: last delta + idle_timeout.
         late = record.ended_at - (record.last_token_at + 0.3)
         assert -0.02 < late < 0.1
         assert events[-1].event == "stopped"
-        assert events[-1].data == {"status": "stopped", "reason": "timeout", "detail": "idle",
-                                   "tokens_delivered": 5}
+        assert events[-1].data == {
+            "status": "stopped",
+            "reason": "timeout",
+            "detail": "idle",
+            "tokens_delivered": 5,
+        }
         await h.ended(sid)
         assert len(h.registry) == 0
         assert h.upstream_connections() == 0
         lines = end_lines(caplog, sid)
-        assert len(lines) == 1 and "timed out reason=idle" in lines[0]
+        assert len(lines) == 1
+        assert "timed out reason=idle" in lines[0]
 
 
 async def test_first_token_timeout(caplog: pytest.LogCaptureFixture) -> None:
     sid = "session_first_1"
     async with Harness(
         sim_config(queue_seconds=30, keepalive_interval=0.02),
-        first_token_timeout=0.3, idle_timeout=0.05,
+        first_token_timeout=0.3,
+        idle_timeout=0.05,
     ) as h:
         async with h.stream(sid) as s:
             events = await s.rest()
         record = await h.closed(await h.record())
-        assert record.sent == 0 and record.ended_at is not None
+        assert record.sent == 0
+        assert record.ended_at is not None
         late = record.ended_at - (record.started_at + 0.3)
         assert -0.05 < late < 0.1
-        assert events[-1].data == {"status": "stopped", "reason": "timeout",
-                                   "detail": "first_token", "tokens_delivered": 0}
+        assert events[-1].data == {
+            "status": "stopped",
+            "reason": "timeout",
+            "detail": "first_token",
+            "tokens_delivered": 0,
+        }
         await h.ended(sid)
         assert h.upstream_connections() == 0
         lines = end_lines(caplog, sid)
-        assert len(lines) == 1 and "timed out reason=first_token" in lines[0]
+        assert len(lines) == 1
+        assert "timed out reason=first_token" in lines[0]
 
 
 async def test_total_timeout(caplog: pytest.LogCaptureFixture) -> None:
@@ -66,29 +79,32 @@ async def test_total_timeout(caplog: pytest.LogCaptureFixture) -> None:
         assert -0.05 < late < 0.1
         assert 0 < record.sent < record.planned
         stopped = events[-1]
-        assert stopped.data["reason"] == "timeout" and stopped.data["detail"] == "total"
+        assert stopped.data["reason"] == "timeout"
+        assert stopped.data["detail"] == "total"
         assert stopped.data["tokens_delivered"] == len(s.tokens)
         await h.ended(sid)
         assert h.upstream_connections() == 0
         lines = end_lines(caplog, sid)
-        assert len(lines) == 1 and "timed out reason=total" in lines[0]
+        assert len(lines) == 1
+        assert "timed out reason=total" in lines[0]
 
 
 async def test_pings_are_sent_while_the_provider_is_quiet() -> None:
-    async with Harness(
-        sim_config(queue_seconds=0.5, keepalive_interval=0.02), ping_interval=0.1
-    ) as h:
-        async with h.stream("session_pings_1") as s:
-            await s.until(lambda e: e.event == "token")
-            assert s.comments.count("ping") >= 2
-            await s.rest()
+    async with (
+        Harness(sim_config(queue_seconds=0.5, keepalive_interval=0.02), ping_interval=0.1) as h,
+        h.stream("session_pings_1") as s,
+    ):
+        await s.until(lambda e: e.event == "token")
+        assert s.comments.count("ping") >= 2
+        await s.rest()
 
 
 async def test_first_token_before_timeout_switches_to_idle_deadline() -> None:
     """A first token at 0.1 s moves the deadline to idle (0.2 s later), not first_token (5 s)."""
     async with Harness(
         sim_config(tokens=100, queue_seconds=0.1, stall_after=1, keepalive_interval=0.02),
-        first_token_timeout=5, idle_timeout=0.2,
+        first_token_timeout=5,
+        idle_timeout=0.2,
     ) as h:
         async with h.stream("session_switch") as s:
             with anyio.fail_after(2):
