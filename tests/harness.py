@@ -230,6 +230,18 @@ class Harness:
             with anyio.fail_after(WAIT):
                 await session.ended.wait()
 
+    async def assert_ended_cleanly(
+        self, caplog: pytest.LogCaptureFixture, session_id: str, line: str
+    ) -> None:
+        """The contract after any end: cleanup ran, nothing is left registered or
+        connected to the provider, and exactly one end line was logged, saying ``line``."""
+        await self.ended(session_id)
+        assert session_id not in self.registry
+        assert self.upstream_connections() == 0
+        lines = end_lines(caplog, session_id)
+        assert len(lines) == 1, lines
+        assert line in lines[0], lines[0]
+
     def upstream_connections(self) -> int:
         """ESTABLISHED TCP connections from this process to the simulator."""
         return established_to(self.sim_port)

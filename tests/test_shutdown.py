@@ -8,7 +8,7 @@ import time
 import anyio
 import pytest
 
-from .harness import WAIT, Harness, end_lines, sim_config
+from .harness import WAIT, Harness, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -36,12 +36,8 @@ async def test_shutdown_stops_every_stream_first(caplog: pytest.LogCaptureFixtur
             assert record.ended_at - t0 < 0.1
         with anyio.fail_after(WAIT):
             await h.served.wait()
-        assert len(h.registry) == 0
-        assert h.upstream_connections() == 0
         for sid in ("session_shut_a", "session_shut_b"):
-            lines = end_lines(caplog, sid)
-            assert len(lines) == 1
-            assert "stopped reason=shutdown" in lines[0]
+            await h.assert_ended_cleanly(caplog, sid, "stopped reason=shutdown")
 
 
 async def test_server_hard_cancel_goes_through_the_same_cleanup(
@@ -65,11 +61,7 @@ async def test_server_hard_cancel_goes_through_the_same_cleanup(
         assert record.outcome == "closed_by_client"
         with anyio.fail_after(WAIT):
             await h.served.wait()
-        assert len(h.registry) == 0
-        assert h.upstream_connections() == 0
-        lines = end_lines(caplog, sid)
-        assert len(lines) == 1
-        assert "stopped reason=shutdown" in lines[0]
+        await h.assert_ended_cleanly(caplog, sid, "stopped reason=shutdown")
 
 
 async def test_new_stream_while_shutting_down_is_503() -> None:
@@ -120,11 +112,6 @@ async def test_client_that_stops_reading_releases_the_provider(
             assert record.last_token_at is not None
             # The provider stalls when the pipe fills; the send times out 0.5 s later.
             assert record.ended_at - record.last_token_at < 0.5 + 0.4
-            await h.ended(sid)
-            assert len(h.registry) == 0
-            assert h.upstream_connections() == 0
-            lines = end_lines(caplog, sid)
-            assert len(lines) == 1
-            assert "timed out reason=send" in lines[0]
+            await h.assert_ended_cleanly(caplog, sid, "timed out reason=send")
         finally:
             sock.close()

@@ -38,6 +38,7 @@ async def test_completion_relays_every_delta_in_order(caplog: pytest.LogCaptureF
         assert s.response.headers["content-type"].startswith("text/event-stream")
         await h.ended("session_1700000000000_abc123")
         assert len(h.registry) == 0
+        # A completed response goes back to the pool as a keep-alive connection.
         lines = end_lines(caplog, "session_1700000000000_abc123")
         assert len(lines) == 1
         assert "completed in" in lines[0]
@@ -68,10 +69,8 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             "reason": "cancel",
             "tokens_delivered": len(s.tokens),
         }
-        assert h.upstream_connections() == 0
+        await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
         lines = end_lines(caplog, sid)
-        assert len(lines) == 1
-        assert "aborted by client/cancel reason=cancel" in lines[0]
         assert f"tokens={len(s.tokens)}" in lines[0]
         assert any(f"Cancel request received for {sid}" in r.getMessage() for r in caplog.records)
         assert not any(r.levelname == "ERROR" for r in caplog.records)
@@ -118,12 +117,7 @@ async def test_client_disconnect_closes_provider(caplog: pytest.LogCaptureFixtur
         assert record.outcome == "closed_by_client"
         assert record.ended_at is not None
         assert record.ended_at - t0 < 0.1
-        await h.ended(sid)
-        assert len(h.registry) == 0
-        assert h.upstream_connections() == 0
-        lines = end_lines(caplog, sid)
-        assert len(lines) == 1
-        assert "aborted by client/cancel reason=disconnect" in lines[0]
+        await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=disconnect")
 
 
 async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> None:
@@ -141,7 +135,7 @@ async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> No
             assert record.sent == 0
             rest = await s.rest()
         assert rest[-1].data == {"status": "stopped", "reason": "cancel", "tokens_delivered": 0}
-        assert len(end_lines(caplog, sid)) == 1
+        await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
 
 
 async def test_cancel_while_connecting_to_provider(caplog: pytest.LogCaptureFixture) -> None:
@@ -157,8 +151,7 @@ async def test_cancel_while_connecting_to_provider(caplog: pytest.LogCaptureFixt
                 assert response.status_code == 200
                 rest = await s.rest()
             assert rest[-1].data["reason"] == "cancel"
-            assert len(h.registry) == 0
-            assert len(end_lines(caplog, sid)) == 1
+            await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
 
 
 async def test_cancel_while_waiting_for_provider_headers() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from .harness import Harness, end_lines, sim_config
+from .harness import Harness, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -33,12 +33,7 @@ async def test_idle_timeout_fires_despite_keepalives(caplog: pytest.LogCaptureFi
             "detail": "idle",
             "tokens_delivered": 5,
         }
-        await h.ended(sid)
-        assert len(h.registry) == 0
-        assert h.upstream_connections() == 0
-        lines = end_lines(caplog, sid)
-        assert len(lines) == 1
-        assert "timed out reason=idle" in lines[0]
+        await h.assert_ended_cleanly(caplog, sid, "timed out reason=idle")
 
 
 async def test_first_token_timeout(caplog: pytest.LogCaptureFixture) -> None:
@@ -61,11 +56,7 @@ async def test_first_token_timeout(caplog: pytest.LogCaptureFixture) -> None:
             "detail": "first_token",
             "tokens_delivered": 0,
         }
-        await h.ended(sid)
-        assert h.upstream_connections() == 0
-        lines = end_lines(caplog, sid)
-        assert len(lines) == 1
-        assert "timed out reason=first_token" in lines[0]
+        await h.assert_ended_cleanly(caplog, sid, "timed out reason=first_token")
 
 
 async def test_total_timeout(caplog: pytest.LogCaptureFixture) -> None:
@@ -82,11 +73,7 @@ async def test_total_timeout(caplog: pytest.LogCaptureFixture) -> None:
         assert stopped.data["reason"] == "timeout"
         assert stopped.data["detail"] == "total"
         assert stopped.data["tokens_delivered"] == len(s.tokens)
-        await h.ended(sid)
-        assert h.upstream_connections() == 0
-        lines = end_lines(caplog, sid)
-        assert len(lines) == 1
-        assert "timed out reason=total" in lines[0]
+        await h.assert_ended_cleanly(caplog, sid, "timed out reason=total")
 
 
 async def test_pings_are_sent_while_the_provider_is_quiet() -> None:
