@@ -62,6 +62,8 @@ class Session:
         self.started_at = anyio.current_time()
         # Token events queued for the client; all of them precede the terminal event.
         self.tokens = 0
+        # Token events the sender has handed to the server.
+        self.tokens_sent = 0
         self.seq = 0
         self.first_delta_at: float | None = None
         self.last_delta_at = self.started_at
@@ -69,7 +71,6 @@ class Session:
         self.send_started_at: float | None = None
         self.client_gone = False
         self.response_started = False
-        self.upstream_closed = anyio.Event()
         self.sender_done = anyio.Event()
         self.ended = anyio.Event()
 

@@ -111,18 +111,22 @@ class ChatStream:
         bound = self._settings.send_timeout
         async with tx:
             if not session.client_gone:
-                event, data = session.terminal_event()
-                terminal = encode_event(event, session.next_seq(), data)
                 try:
                     with anyio.move_on_after(bound):
-                        await tx.send(_Chunk(terminal))
+                        await tx.send(_Chunk(_terminal(session)))
                 except anyio.BrokenResourceError:
                     # The sender was cancelled with the request (a server's hard
-                    # shutdown): write the terminal event ourselves, once.
+                    # shutdown), dropping whatever it still had queued: write the
+                    # terminal event ourselves, counting only what it handed over.
+                    session.tokens = session.tokens_sent
                     if session.response_started:
                         with anyio.move_on_after(bound):
                             await send(
-                                {"type": "http.response.body", "body": terminal, "more_body": True}
+                                {
+                                    "type": "http.response.body",
+                                    "body": _terminal(session),
+                                    "more_body": True,
+                                }
                             )
                             await send(
                                 {"type": "http.response.body", "body": b"", "more_body": False}
@@ -175,7 +179,6 @@ class ChatStream:
         finally:
             if upstream is not None:
                 await upstream.aclose()
-            session.upstream_closed.set()
 
     async def _watch(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
         """Every timeout and the pings, on deadlines: one task, no timer per token.
@@ -243,14 +246,17 @@ class ChatStream:
             session.response_started = True
             async with rx:
                 async for chunk in rx:
-                    parts = [chunk.data]
+                    parts, tokens = [chunk.data], chunk.tokens
                     while True:
                         try:
-                            parts.append(rx.receive_nowait().data)
+                            chunk = rx.receive_nowait()
                         except (anyio.WouldBlock, anyio.EndOfStream):
                             break
+                        parts.append(chunk.data)
+                        tokens += chunk.tokens
                     if session.client_gone:
                         continue  # keep draining so the relay never blocks on a dead client
+                    session.tokens_sent += tokens
                     session.send_started_at = anyio.current_time()
                     await send(
                         {"type": "http.response.body", "body": b"".join(parts), "more_body": True}
@@ -264,6 +270,11 @@ class ChatStream:
             session.cancel("disconnect")
         finally:
             session.sender_done.set()
+
+
+def _terminal(session: Session) -> bytes:
+    event, data = session.terminal_event()
+    return encode_event(event, session.next_seq(), data)
 
 
 async def _listen_for_disconnect(session: Session, receive: Receive) -> None:
