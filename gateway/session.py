@@ -62,7 +62,7 @@ class Session:
         self.started_at = anyio.current_time()
         # Token events queued for the client; all of them precede the terminal event.
         self.tokens = 0
-        # Token events the sender has handed to the server.
+        # Token events the sender's completed sends carried.
         self.tokens_sent = 0
         self.seq = 0
         self.first_delta_at: float | None = None

@@ -256,11 +256,14 @@ class ChatStream:
                         tokens += chunk.tokens
                     if session.client_gone:
                         continue  # keep draining so the relay never blocks on a dead client
-                    session.tokens_sent += tokens
                     session.send_started_at = anyio.current_time()
                     await send(
                         {"type": "http.response.body", "body": b"".join(parts), "more_body": True}
                     )
+                    # Counted once the send returns: hypercorn's Trio worker can be
+                    # cancelled before its (shielded) write, never after it; its
+                    # asyncio worker does not yield at all while the client reads.
+                    session.tokens_sent += tokens
                     session.send_started_at = None
                     session.last_write_at = anyio.current_time()
             if not session.client_gone:
