@@ -5,16 +5,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest clean
+.PHONY: run test bench lint typecheck pytest clean
 
 run: $(VENV)/.installed
 	$(BIN)/gateway serve
 
 test: $(VENV)/.installed-dev lint typecheck pytest
 
+# Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 5 min).
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.run
+
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

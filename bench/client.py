@@ -1,0 +1,116 @@
+"""Raw-socket clients for the benchmark, so the load generator costs little CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, cast
+
+_ENDS = (b"event: done", b"event: stopped", b"event: error")
+
+
+class SSEStream(asyncio.Protocol):
+    """One streaming request; notes the first token and the end, nothing else."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.first_token: asyncio.Future[float] = loop.create_future()
+        self.ended: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        window = self._tail + data
+        self._tail = data[-32:]
+        if not self.first_token.done() and b"event: token" in window:
+            self.first_token.set_result(time.monotonic())
+        if not self.ended.done() and any(end in window for end in _ENDS):
+            self.ended.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+        if not self.first_token.done():
+            self.first_token.cancel()
+
+    def close(self) -> None:
+        """Disconnect, as a browser tab closing does (FIN)."""
+        assert self.transport is not None
+        self.transport.close()
+
+
+async def open_stream(port: int, sid: str, mode: str, n: int = 0) -> SSEStream:
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": f"bench:{sid}:{mode}:{n}"}]}
+    ).encode()
+    request = (
+        f"POST /api/chat/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"X-Session-Id: {sid}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    loop = asyncio.get_running_loop()
+    transport, stream = await loop.create_connection(SSEStream, "127.0.0.1", port)
+    stream.transport = transport
+    transport.write(request)
+    return stream
+
+
+class _Response(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = b""
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = self.buf[:end].lower()
+        i = head.find(b"content-length:")
+        length = int(head[i + 15 :].split(b"\r\n", 1)[0]) if i >= 0 else 0
+        if len(self.buf) >= end + 4 + length:
+            body = self.buf[end + 4 : end + 4 + length]
+            self.buf = self.buf[end + 4 + length :]
+            self.waiter.set_result(body)
+            self.waiter = None
+
+
+class Control:
+    """A keep-alive HTTP/1.1 connection for small requests (cancel, provider control)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._proto: _Response | None = None
+
+    async def _connect(self) -> _Response:
+        if (
+            self._proto is None
+            or self._proto.transport is None
+            or self._proto.transport.is_closing()
+        ):
+            loop = asyncio.get_running_loop()
+            transport, self._proto = await loop.create_connection(_Response, "127.0.0.1", self.port)
+            self._proto.transport = transport
+        return self._proto
+
+    async def request(self, method: str, path: str) -> Any:
+        proto = await self._connect()
+        assert proto.transport is not None
+        proto.waiter = asyncio.get_running_loop().create_future()
+        length = "Content-Length: 0\r\n" if method == "POST" else ""
+        proto.transport.write(
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{length}\r\n".encode()
+        )
+        return json.loads(await proto.waiter)
+
+    def close(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()

@@ -1,0 +1,83 @@
+"""Renders a `make bench` report as the markdown table in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ratio(gateway: float | None, baseline: float | None) -> str:
+    if gateway is None or baseline is None or baseline == 0:
+        return ""
+    return f"{gateway / baseline:.2f}x"
+
+
+def render(report: dict[str, Any], loads: list[int]) -> str:
+    runs = {(r["worker"], r["impl"]): r for r in report["runs"]}
+    workers = list(dict.fromkeys(r["worker"] for r in report["runs"]))
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (bench/run.py); do not edit by hand.",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {report['machine']}, Python {report['python']}",
+        f"- command: `{report['command']}`, {report['seconds']} s",
+        f"- load: streams x {report['rate']:g} tokens/s, one token per provider chunk",
+        "",
+        "CPU is the server process's own (utime + stime from /proc/<pid>/stat) per token the",
+        "provider sent in the window. Latencies run from the trigger (the cancel request",
+        "written, or the client's FIN) to the provider seeing EOF, both on CLOCK_MONOTONIC.",
+        "The machine is shared and noisy: compare columns of one run, not runs.",
+        "",
+    ]
+    for worker in workers:
+        base, gate = runs.get((worker, "baseline")), runs.get((worker, "gateway"))
+        if base is None or gate is None:
+            continue
+        lines += [
+            f"## {worker} worker",
+            "",
+            "| measure | baseline | gateway | gateway / baseline |",
+            "|---|---|---|---|",
+        ]
+        for n in loads:
+            b, g = base["cpu"].get(str(n)), gate["cpu"].get(str(n))
+            if b and g:
+                lines.append(
+                    f"| CPU µs per token, {n} streams | {b['us_per_token']} "
+                    f"({b['cpu_fraction']:.0%} CPU, {b['tokens_per_s']} tok/s) | "
+                    f"{g['us_per_token']} ({g['cpu_fraction']:.0%} CPU, "
+                    f"{g['tokens_per_s']} tok/s) | {_ratio(g['us_per_token'], b['us_per_token'])} |"
+                )
+        for key, label in (
+            ("cancel_idle", "cancel → provider EOF, idle"),
+            ("cancel_loaded", "cancel → provider EOF, 200 streams"),
+            ("disconnect_idle", "disconnect → provider EOF, idle"),
+            ("disconnect_loaded", "disconnect → provider EOF, 200 streams"),
+        ):
+            b, g = base.get(key), gate.get(key)
+            if b and g:
+                lines.append(
+                    f"| {label}, ms p50 / p99 (n={g['n']}) | {b['p50']} / {b['p99']} | "
+                    f"{g['p50']} / {g['p99']} | {_ratio(g['p99'], b['p99'])} (p99) |"
+                )
+        b, g = base.get("memory"), gate.get("memory")
+        if b and g:
+            lines.append(
+                f"| RSS per held stream, KiB ({g['streams']} streams) | {b['kib_per_stream']} | "
+                f"{g['kib_per_stream']} | {_ratio(g['kib_per_stream'], b['kib_per_stream'])} |"
+            )
+            lines.append(
+                f"| RSS before / open / after close, MiB | {b['rss_before_kib'] // 1024} / "
+                f"{b['rss_open_kib'] // 1024} / {b['rss_after_kib'] // 1024} | "
+                f"{g['rss_before_kib'] // 1024} / {g['rss_open_kib'] // 1024} / "
+                f"{g['rss_after_kib'] // 1024} | |"
+            )
+        late = gate.get("idle_timeout_late")
+        if late:
+            lines.append(
+                f"| idle timeout lateness, ms p50 / p99 (n={late['n']}) | (none) | "
+                f"{late['p50']} / {late['p99']} | |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""`make bench`: the gateway against the baseline, per hypercorn worker class.
+
+The provider (bench/provider.py), the server under test and this load generator are
+three processes. The figures (see README of docs/benchmarks.md):
+
+- CPU microseconds of the server process per relayed token, N streams x 20 tokens/s,
+  from /proc/<pid>/stat over a fixed window after warm-up;
+- cancel -> provider sees EOF, and client disconnect -> provider sees EOF, idle and
+  under N=200; the clock is CLOCK_MONOTONIC in both processes;
+- idle-timeout lateness (gateway only);
+- RSS per held stream with 1,000 open streams, and RSS after they close.
+
+Writes docs/benchmarks.md (the table) and docs/benchmarks.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from .client import Control, SSEStream, open_stream
+from .report import render
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RATE = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def _summary_ms(values: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values]
+    return {
+        "n": len(ms),
+        "p50": round(statistics.median(ms), 2),
+        "p99": round(_percentile(ms, 99), 2),
+        "max": round(max(ms), 2),
+    }
+
+
+async def _wait_port(port: int, process: asyncio.subprocess.Process) -> None:
+    for _ in range(400):
+        if process.returncode is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.025)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+@contextlib.asynccontextmanager
+async def _server(
+    impl: str, worker: str, provider_port: int, env_extra: dict[str, str] | None = None
+) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
+    port = _free_port()
+    upstream = f"http://127.0.0.1:{provider_port}/v1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    if impl == "gateway":
+        command = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "-k",
+            worker,
+            "-b",
+            f"127.0.0.1:{port}",
+            "--config",
+            str(ROOT / "bench" / "hypercorn.toml"),
+        ]
+        env.update(
+            GATEWAY_UPSTREAM_URL=upstream,
+            GATEWAY_MODEL="bench",
+            GATEWAY_LOG_LEVEL="WARNING",
+            **(env_extra or {}),
+        )
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "bench.baseline",
+            "-k",
+            worker,
+            "-b",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            upstream,
+        ]
+    process = await asyncio.create_subprocess_exec(
+        *command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
+    try:
+        await _wait_port(port, process)
+        yield port, process
+    finally:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+class Bench:
+    def __init__(self, provider_port: int) -> None:
+        self.provider_port = provider_port
+        self._ids = 0
+
+    def sid(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}_{os.getpid()}_{self._ids:07d}"
+
+    async def provider_stats(self) -> dict[str, int]:
+        ctl = Control(self.provider_port)
+        try:
+            stats: dict[str, int] = await ctl.request("GET", "/_stats")
+            return stats
+        finally:
+            ctl.close()
+
+    async def wait_provider_idle(self, baseline_open: int = 0) -> None:
+        for _ in range(400):
+            if (await self.provider_stats())["open"] <= baseline_open:
+                return
+            await asyncio.sleep(0.05)
+
+    async def latency(self, port: int, kind: str, samples: int, lanes: int = 4) -> list[float]:
+        """Trigger -> provider EOF, for `cancel` (the endpoint) or `disconnect` (FIN)."""
+        out: list[float] = []
+
+        async def lane(count: int) -> None:
+            gateway, provider = Control(port), Control(self.provider_port)
+            try:
+                for _ in range(count):
+                    sid = self.sid(kind)
+                    stream = await open_stream(port, sid, "pace", 0)
+                    await asyncio.wait_for(stream.first_token, 10)
+                    t0 = time.monotonic()
+                    if kind == "cancel":
+                        await gateway.request("POST", f"/api/chat/cancel/{sid}")
+                    else:
+                        stream.close()
+                    closed = await asyncio.wait_for(provider.request("GET", f"/_closed/{sid}"), 10)
+                    out.append(closed["closed_at"] - t0)
+                    stream.close()
+            finally:
+                gateway.close()
+                provider.close()
+
+        await asyncio.gather(*(lane(samples // lanes) for _ in range(lanes)))
+        return out
+
+    async def open_many(self, port: int, count: int, mode: str, ramp: float) -> list[SSEStream]:
+        """Open `count` streams spread over `ramp` seconds, so tokens don't arrive in lockstep."""
+        streams = []
+        for i in range(count):
+            streams.append(await open_stream(port, self.sid(mode), mode, 0))
+            await asyncio.sleep(ramp / count if i % 10 == 9 else 0)
+        await asyncio.wait_for(asyncio.gather(*(s.first_token for s in streams)), 30)
+        return streams
+
+    async def cpu_per_token(self, pid: int, window: float) -> dict[str, float]:
+        cpu0, sent0, t0 = _cpu_seconds(pid), (await self.provider_stats())["sent"], time.monotonic()
+        await asyncio.sleep(window)
+        cpu1, sent1, t1 = _cpu_seconds(pid), (await self.provider_stats())["sent"], time.monotonic()
+        tokens = sent1 - sent0
+        return {
+            "us_per_token": round((cpu1 - cpu0) * 1e6 / max(tokens, 1), 1),
+            "cpu_fraction": round((cpu1 - cpu0) / (t1 - t0), 3),
+            "tokens_per_s": round(tokens / (t1 - t0)),
+        }
+
+    async def closing(self, streams: list[SSEStream]) -> None:
+        for stream in streams:
+            stream.close()
+        await self.wait_provider_idle()
+
+
+async def measure(
+    bench: Bench, impl: str, worker: str, loads: list[int], samples: int, window: float, hold: int
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"impl": impl, "worker": worker, "cpu": {}}
+    async with _server(impl, worker, bench.provider_port) as (port, process):
+        pid = process.pid
+        await bench.latency(port, "cancel", 8)  # warm up imports and the pool
+        result["cancel_idle"] = _summary_ms(await bench.latency(port, "cancel", samples))
+        result["disconnect_idle"] = _summary_ms(await bench.latency(port, "disconnect", samples))
+        for n in loads:
+            streams = await bench.open_many(port, n, "pace", ramp=1.0)
+            await asyncio.sleep(2.0)
+            result["cpu"][str(n)] = await bench.cpu_per_token(pid, window)
+            if n == 200:
+                result["cancel_loaded"] = _summary_ms(await bench.latency(port, "cancel", samples))
+                result["disconnect_loaded"] = _summary_ms(
+                    await bench.latency(port, "disconnect", samples)
+                )
+            await bench.closing(streams)
+        if hold:
+            rss0 = _rss_kib(pid)
+            streams = await bench.open_many(port, hold, "hold", ramp=2.0)
+            await asyncio.sleep(0.5)
+            rss1 = _rss_kib(pid)
+            await bench.closing(streams)
+            await asyncio.sleep(1.0)
+            rss2 = _rss_kib(pid)
+            result["memory"] = {
+                "streams": hold,
+                "rss_before_kib": rss0,
+                "rss_open_kib": rss1,
+                "rss_after_kib": rss2,
+                "kib_per_stream": round((rss1 - rss0) / hold, 1),
+            }
+    return result
+
+
+async def timeout_precision(bench: Bench, worker: str, streams: int) -> dict[str, float]:
+    idle = 1.0
+    async with _server(
+        "gateway", worker, bench.provider_port, {"GATEWAY_IDLE_TIMEOUT": str(idle)}
+    ) as (port, _):
+        provider = Control(bench.provider_port)
+        sids = []
+        for _ in range(streams):
+            sid = bench.sid("stall")
+            sids.append(sid)
+            await open_stream(port, sid, "stall", 3)
+            await asyncio.sleep(0.005)
+        late = []
+        for sid in sids:
+            closed = await asyncio.wait_for(provider.request("GET", f"/_closed/{sid}"), 20)
+            late.append(closed["closed_at"] - (closed["last_token_at"] + idle))
+        provider.close()
+    return _summary_ms(late)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    provider = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.provider",
+        "--rate",
+        str(RATE),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    assert provider.stdout is not None
+    line = (await provider.stdout.readline()).decode().split()
+    bench = Bench(int(line[1]))
+    started = time.monotonic()
+    runs = []
+    try:
+        for worker in args.workers:
+            for impl in ("baseline", "gateway"):
+                print(f"-- {impl} on {worker}", flush=True)
+                runs.append(
+                    await measure(
+                        bench, impl, worker, args.loads, args.samples, args.window, args.hold
+                    )
+                )
+                print(json.dumps(runs[-1]), flush=True)
+            timeouts = await timeout_precision(bench, worker, args.samples)
+            runs[-1]["idle_timeout_late"] = timeouts
+            print(f"   idle timeout lateness: {timeouts}", flush=True)
+    finally:
+        provider.terminate()
+        await provider.wait()
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"{_mem_gib()} GiB, Linux {platform.release()}",
+        "python": platform.python_version(),
+        "command": "make bench  (" + " ".join(["python -m bench.run", *sys.argv[1:]]) + ")",
+        "seconds": round(time.monotonic() - started),
+        "rate": RATE,
+        "runs": runs,
+    }
+
+
+def _mem_gib() -> int:
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", nargs="+", default=["asyncio", "uvloop", "trio"])
+    parser.add_argument("--loads", nargs="+", type=int, default=[50, 200, 500])
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--window", type=float, default=6.0)
+    parser.add_argument("--hold", type=int, default=1000)
+    parser.add_argument("--out", default=str(ROOT / "docs"))
+    args = parser.parse_args()
+    report = uvloop.run(main_async(args))
+    out = Path(args.out)
+    (out / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "benchmarks.md").write_text(render(report, args.loads))
+    print(f"wrote {out / 'benchmarks.md'} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
