@@ -8,6 +8,8 @@ import time
 from typing import Any, cast
 
 _ENDS = (b"event: done", b"event: stopped", b"event: error")
+_TOKEN = b"event: token"
+_TAIL = len(_TOKEN) - 1
 
 
 class SSEStream(asyncio.Protocol):
@@ -18,15 +20,20 @@ class SSEStream(asyncio.Protocol):
         self.first_token: asyncio.Future[float] = loop.create_future()
         self.ended: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
+        self.tokens = 0
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        # The tail is shorter than the marker, so a marker split across two reads is
+        # counted once, in the read that completes it.
         window = self._tail + data
-        self._tail = data[-32:]
-        if not self.first_token.done() and b"event: token" in window:
+        self._tail = window[-_TAIL:]
+        found = window.count(_TOKEN)
+        self.tokens += found
+        if found and not self.first_token.done():
             self.first_token.set_result(time.monotonic())
         if not self.ended.done() and any(end in window for end in _ENDS):
             self.ended.set_result(None)

@@ -11,13 +11,23 @@ def _ratio(gateway: float | None, baseline: float | None) -> str:
     return f"{gateway / baseline:.2f}x"
 
 
-def render(report: dict[str, Any], loads: list[int]) -> str:
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def render(report: dict[str, Any], loads: list[int], page: str = "") -> str:
+    """Replace the generated block in ``page``; what is outside it (the history of
+    optimization steps) is kept as written."""
+    block = "\n".join([START, _tables(report, loads), END])
+    if START in page and END in page:
+        return page[: page.index(START)] + block + page[page.index(END) + len(END) :]
+    return "# Benchmarks\n\n" + block + "\n"
+
+
+def _tables(report: dict[str, Any], loads: list[int]) -> str:
     runs = {(r["worker"], r["impl"]): r for r in report["runs"]}
     workers = list(dict.fromkeys(r["worker"] for r in report["runs"]))
     lines = [
-        "# Benchmarks",
-        "",
-        "Written by `make bench` (bench/run.py); do not edit by hand.",
+        "Written by `make bench` (bench/run.py) between these markers.",
         "",
         f"- date: {report['date']}",
         f"- machine: {report['machine']}, Python {report['python']}",
@@ -25,7 +35,8 @@ def render(report: dict[str, Any], loads: list[int]) -> str:
         f"- load: streams x {report['rate']:g} tokens/s, one token per provider chunk",
         "",
         "CPU is the server process's own (utime + stime from /proc/<pid>/stat) per token the",
-        "provider sent in the window. Latencies run from the trigger (the cancel request",
+        "clients received in the window; tok/s below 20 x streams means the server could not",
+        "keep up. Latencies run from the trigger (the cancel request",
         "written, or the client's FIN) to the provider seeing EOF, both on CLOCK_MONOTONIC.",
         "The machine is shared and noisy: compare columns of one run, not runs.",
         "",
@@ -72,6 +83,12 @@ def render(report: dict[str, Any], loads: list[int]) -> str:
                 f"{b['rss_open_kib'] // 1024} / {b['rss_after_kib'] // 1024} | "
                 f"{g['rss_before_kib'] // 1024} / {g['rss_open_kib'] // 1024} / "
                 f"{g['rss_after_kib'] // 1024} | |"
+            )
+        b, g = base.get("capacity"), gate.get("capacity")
+        if b and g:
+            lines.append(
+                f"| capacity: streams at 20 tok/s with cancel p99 < 15 ms | {b['streams']} | "
+                f"{g['streams']} | |"
             )
         late = gate.get("idle_timeout_late")
         if late:
