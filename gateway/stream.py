@@ -25,7 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from starlette.types import Receive, Scope, Send
 
 from .errors import HTTPError, UpstreamError, UpstreamProtocolError
-from .events import PING, encode_event
+from .events import PING, encode_event, encode_token
 from .parser import ProviderStreamParser
 from .registry import Registry
 from .responses import error_response
@@ -163,8 +163,7 @@ class ChatStream:
                         session.first_delta_at = now
                     session.last_delta_at = now
                     body = b"".join(
-                        encode_event("token", session.next_seq(), {"delta": delta})
-                        for delta in parsed.deltas
+                        encode_token(session.next_seq(), delta) for delta in parsed.deltas
                     )
                     session.tokens += len(parsed.deltas)
                     await tx.send(_Chunk(body, len(parsed.deltas)))
