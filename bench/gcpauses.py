@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import uvloop
 
-from .run import ROOT, Bench, _free_port, _summary_ms, _wait_port
+from .run import ROOT, Bench, _server, _summary_ms
 
 # Runs in the gateway process: time each collection, write the pauses at exit.
 _HOOK = """
@@ -43,42 +42,22 @@ async def run(worker: str, streams: int, out: Path) -> dict[str, object]:
     )
     assert provider.stdout is not None
     bench = Bench(int((await provider.stdout.readline()).split()[1]))
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GATEWAY_UPSTREAM_URL": f"http://127.0.0.1:{bench.provider_port}/v1",
-        "GATEWAY_MODEL": "bench",
-        "GATEWAY_LOG_LEVEL": "WARNING",
-        "GC_PAUSES_OUT": str(out),
-    }
-    gateway = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _HOOK,
-        "serve",
-        "-k",
-        worker,
-        "-b",
-        f"127.0.0.1:{port}",
-        "--config",
-        str(ROOT / "bench" / "hypercorn.toml"),
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        await _wait_port(port, gateway)
-        since = time.monotonic()
-        opened = await bench.open_many(port, streams, "pace", ramp=1.0)
-        await asyncio.sleep(1.0)
-        latency = _summary_ms(await bench.latency(port, "cancel", 200))
-        await bench.closing(opened)
+        async with _server(
+            "gateway",
+            worker,
+            bench.provider_port,
+            {"GC_PAUSES_OUT": str(out)},
+            gateway_main=("-c", _HOOK),
+        ) as (port, _):
+            since = time.monotonic()
+            opened = await bench.open_many(port, streams, "pace", ramp=1.0)
+            await asyncio.sleep(1.0)
+            latency = _summary_ms(await bench.latency(port, "cancel", 200))
+            await bench.closing(opened)
     finally:
-        for process in (gateway, provider):
-            if process.returncode is None:
-                process.terminate()
-            await process.wait()
+        provider.terminate()
+        await provider.wait()
     return {"cancel_ms": latency, "since": since}
 
 

@@ -91,16 +91,21 @@ async def _wait_port(port: int, process: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def _server(
-    impl: str, worker: str, provider_port: int, env_extra: dict[str, str] | None = None
+    impl: str,
+    worker: str,
+    provider_port: int,
+    env_extra: dict[str, str] | None = None,
+    gateway_main: tuple[str, ...] = ("-m", "gateway"),
 ) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
+    """The server under test in its own process; ``gateway_main`` replaces
+    ``-m gateway`` (bench/gcpauses.py runs the gateway under a hook)."""
     port = _free_port()
     upstream = f"http://127.0.0.1:{provider_port}/v1"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     if impl == "gateway":
         command = [
             sys.executable,
-            "-m",
-            "gateway",
+            *gateway_main,
             "serve",
             "-k",
             worker,
