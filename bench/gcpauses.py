@@ -72,7 +72,7 @@ def main() -> None:
         by_gen: dict[int, list[float]] = {}
         # Only collections while streams ran; start-up ones stall no cancel.
         for gen, seconds, at in json.loads(out.read_text()):
-            if at >= result["since"]:  # type: ignore[operator]
+            if at >= result["since"]:
                 by_gen.setdefault(gen, []).append(seconds * 1000)
     print(f"cancel -> provider EOF, {args.streams} streams: {result['cancel_ms']}")
     for gen, ms in sorted(by_gen.items()):
