@@ -68,10 +68,6 @@ class Settings:
             raise ConfigError("GATEWAY_MODEL must not be empty")
 
     @property
-    def uses_simulator(self) -> bool:
-        return self.upstream_url is None
-
-    @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
 

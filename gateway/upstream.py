@@ -91,7 +91,7 @@ async def open_stream(
     if response.status_code >= 400:
         try:
             with anyio.move_on_after(_CLOSE_TIMEOUT):
-                await _read_limited(response)
+                await _drain_limited(response)
         except httpx.HTTPError:
             pass
         finally:
@@ -105,13 +105,14 @@ async def open_stream(
     return UpstreamResponse(response)
 
 
-async def _read_limited(response: httpx.Response) -> bytes:
-    body = b""
+async def _drain_limited(response: httpx.Response) -> None:
+    """Read a short error body to its end, so the connection can go back to the pool;
+    a longer one is cut and its connection closed."""
+    read = 0
     async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > _ERROR_BODY_LIMIT:
+        read += len(chunk)
+        if read > _ERROR_BODY_LIMIT:
             break
-    return body
 
 
 def _map_error(exc: httpx.HTTPError, *, connected: bool) -> UpstreamError:

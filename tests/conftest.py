@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .harness import END_MARKERS, quiet_logging
+from .harness import end_lines, quiet_logging
 
 _STARTED = re.compile(r"\[SSE\] (\S+) started ")
 
@@ -34,11 +34,7 @@ def _gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     records = [r for r in caplog.get_records("call") if r.name.startswith("gateway")]
     messages = [r.getMessage() for r in records]
     for sid in {m.group(1) for msg in messages if (m := _STARTED.match(msg))}:
-        ends = [
-            msg
-            for msg in messages
-            if msg.startswith(f"[SSE] {sid} ") and any(e in msg for e in END_MARKERS)
-        ]
+        ends = end_lines(records, sid)
         assert len(ends) == 1, f"{sid} has {len(ends)} end lines: {ends}"
     errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     assert not errors, errors

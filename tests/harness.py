@@ -238,7 +238,7 @@ class Harness:
         await self.ended(session_id)
         assert session_id not in self.registry
         assert self.upstream_connections() == 0
-        lines = end_lines(caplog, session_id)
+        lines = end_lines(caplog.records, session_id)
         assert len(lines) == 1, lines
         assert line in lines[0], lines[0]
 
@@ -270,14 +270,11 @@ def established_to(port: int) -> int:
     return count
 
 
-def end_lines(caplog: pytest.LogCaptureFixture, session_id: str) -> list[str]:
+def end_lines(records: list[logging.LogRecord], session_id: str) -> list[str]:
     """The session's end-of-life log lines (there must be exactly one)."""
     prefix = f"[SSE] {session_id} "
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.getMessage().startswith(prefix) and any(m in r.getMessage() for m in END_MARKERS)
-    ]
+    messages = (r.getMessage() for r in records)
+    return [m for m in messages if m.startswith(prefix) and any(e in m for e in END_MARKERS)]
 
 
 def sim_config(**changes: Any) -> SimulatorConfig:

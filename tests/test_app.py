@@ -111,7 +111,7 @@ async def test_live_duplicate_session_id_is_409_and_first_stream_goes_on(
         assert events[-1].event == "done"
         assert len(s.tokens) == 40
         await h.ended(sid)
-        assert len(end_lines(caplog, sid)) == 1
+        assert len(end_lines(caplog.records, sid)) == 1
 
 
 async def test_unknown_route_and_method_get_json_errors() -> None:
@@ -169,7 +169,7 @@ async def test_provider_refuses_connection(caplog: pytest.LogCaptureFixture) -> 
     async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1") as h:
         data = await _error_event(h, "session_refused")
         assert data["code"] == "upstream_unavailable"
-        lines = end_lines(caplog, "session_refused")
+        lines = end_lines(caplog.records, "session_refused")
         assert len(lines) == 1
         assert "failed code=upstream_unavailable" in lines[0]
         assert not any(r.exc_info for r in caplog.records)

@@ -7,7 +7,7 @@ from gateway import ConfigError, Settings
 
 def test_defaults_run_the_simulator() -> None:
     settings = Settings.from_env({})
-    assert settings.uses_simulator
+    assert settings.upstream_url is None
     assert settings.connect_timeout == 10
     assert settings.first_token_timeout == 120
     assert settings.idle_timeout == 60

@@ -39,7 +39,7 @@ async def test_completion_relays_every_delta_in_order(caplog: pytest.LogCaptureF
         await h.ended("session_1700000000000_abc123")
         assert len(h.registry) == 0
         # A completed response goes back to the pool as a keep-alive connection.
-        lines = end_lines(caplog, "session_1700000000000_abc123")
+        lines = end_lines(caplog.records, "session_1700000000000_abc123")
         assert len(lines) == 1
         assert "completed in" in lines[0]
         assert "tokens=40" in lines[0]
@@ -70,7 +70,7 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             "tokens_delivered": len(s.tokens),
         }
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
-        lines = end_lines(caplog, sid)
+        lines = end_lines(caplog.records, sid)
         assert f"tokens={len(s.tokens)}" in lines[0]
         assert any(f"Cancel request received for {sid}" in r.getMessage() for r in caplog.records)
         assert not any(r.levelname == "ERROR" for r in caplog.records)
