@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.server import load_config, serve
+from gateway.server import anyio_backend, load_config, serve
 
 
 def create_app(upstream_url: str) -> Starlette:
@@ -89,8 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     app = create_app(args.upstream)
     config = load_config(bind=[args.bind], accesslog=None, graceful_timeout=1.0)
-    backend = "trio" if args.worker_class == "trio" else "asyncio"
-    options = {"use_uvloop": True} if args.worker_class == "uvloop" else {}
+    backend, options = anyio_backend(args.worker_class)
     anyio.run(_serve_forever, app, config, backend=backend, backend_options=options)
 
 

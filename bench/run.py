@@ -383,6 +383,7 @@ def main() -> None:
     args = parser.parse_args()
     report = uvloop.run(main_async(args))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
     page = out / "benchmarks.md"
     page.write_text(render(report, args.loads, page.read_text() if page.exists() else ""))

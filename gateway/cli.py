@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from .api import create_app
 from .errors import ConfigError
-from .server import WORKER_CLASSES, load_config, serve
+from .server import WORKER_CLASSES, anyio_backend, load_config, serve
 from .settings import Settings
 
 __all__ = ["main", "run", "stop_streams_first"]
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(app: Starlette, config: Config) -> None:
     """Serve until SIGINT or SIGTERM; then stop every stream, then let hypercorn finish."""
-    worker = config.worker_class
-    backend = "trio" if worker == "trio" else "asyncio"
-    options = {"use_uvloop": True} if worker == "uvloop" else {}
+    backend, options = anyio_backend(config.worker_class)
     anyio.run(_serve_until_signal, app, config, backend=backend, backend_options=options)
 
 

@@ -24,9 +24,16 @@ from starlette.types import ASGIApp
 
 from .errors import ConfigError
 
-__all__ = ["WORKER_CLASSES", "load_config", "serve"]
+__all__ = ["WORKER_CLASSES", "anyio_backend", "load_config", "serve"]
 
 WORKER_CLASSES = ("asyncio", "uvloop", "trio")
+
+
+def anyio_backend(worker_class: str) -> tuple[str, dict[str, Any]]:
+    """``anyio.run``'s backend and options for a hypercorn worker class."""
+    if worker_class == "trio":
+        return "trio", {}
+    return "asyncio", {"use_uvloop": True} if worker_class == "uvloop" else {}
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
