@@ -11,7 +11,8 @@ docs/architecture.md and tests/test_pool_leak.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .settings import Settings
+from .transport import BODY_EXTENSION, H11Transport
 
 __all__ = ["UpstreamResponse", "create_client", "open_stream"]
 
@@ -49,9 +51,32 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
     headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
     if settings.upstream_api_key:
         headers["authorization"] = f"Bearer {settings.upstream_api_key}"
+    transport: httpx.AsyncBaseTransport | None = None
+    if not _proxied(settings.upstream_url):
+        transport = H11Transport(
+            max_connections=limits.max_connections or settings.upstream_max_connections,
+            max_keepalive=limits.max_keepalive_connections or 0,
+        )
+    # Behind an HTTP proxy (HTTPS_PROXY and friends), httpx's own transport, which
+    # speaks to proxies; the lean one does not.
     return httpx.AsyncClient(
-        http1=True, http2=False, timeout=timeout, limits=limits, headers=headers
+        http1=True,
+        http2=False,
+        timeout=timeout,
+        limits=limits,
+        headers=headers,
+        transport=transport,
     )
+
+
+def _proxied(url: str | None) -> bool:
+    if url is None:
+        return False  # the built-in simulator, on loopback
+    parsed = httpx.URL(url)
+    proxies = urllib.request.getproxies_environment()
+    if parsed.scheme not in proxies and "all" not in proxies:
+        return False
+    return not urllib.request.proxy_bypass(parsed.host)
 
 
 class UpstreamResponse:
@@ -59,14 +84,18 @@ class UpstreamResponse:
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self._chunks: AsyncIterator[bytes] = response.aiter_bytes()
+        body = response.extensions.get(BODY_EXTENSION)
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        self._receive: Callable[[], Awaitable[bytes]]
+        if body is not None and encoding == "identity":
+            self._receive = body.receive
+        else:
+            self._receive = _reader(response.aiter_bytes())
 
     async def read(self) -> bytes:
         """The next bytes of the body; ``b""`` at its end."""
         try:
-            return await anext(self._chunks)
-        except StopAsyncIteration:
-            return b""
+            return await self._receive()
         except httpx.HTTPError as exc:
             raise _map_error(exc, connected=True) from exc
 
@@ -103,6 +132,16 @@ async def open_stream(
             upstream_status=response.status_code,
         )
     return UpstreamResponse(response)
+
+
+def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
+    async def receive() -> bytes:
+        try:
+            return await anext(chunks)
+        except StopAsyncIteration:
+            return b""
+
+    return receive
 
 
 async def _drain_limited(response: httpx.Response) -> None:

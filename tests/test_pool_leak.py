@@ -12,6 +12,8 @@ leaked slot makes one of them fail with PoolTimeout.
 
 httpx 0.28.1 / httpcore 1.0.9 leaks every slot in phase B on each run (measured:
 10 of 10 slots stuck CONNECTING after 2,000 requests, 8 of 8 runs); httpx2 leaks none.
+The gateway's own transport (gateway/transport.py), used on the hot path, must
+pass the same test.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+
+from gateway.transport import H11Transport
 
 from .harness import WAIT, Harness, sim_config
 
@@ -51,7 +55,7 @@ async def _storm(
                 tg.start_soon(one, rng.uniform(0.0, max_delay))
 
 
-async def _check_library(name: str) -> None:
+async def _check_library(name: str, transport: Any = None) -> None:
     lib = importlib.import_module(name)
     rng = random.Random(7)
     async with Harness(sim_config(tokens=10_000, rate=500, headers_delay=0.005)) as h:
@@ -59,6 +63,7 @@ async def _check_library(name: str) -> None:
         client = lib.AsyncClient(
             limits=lib.Limits(max_connections=POOL, max_keepalive_connections=POOL),
             timeout=lib.Timeout(5.0, pool=1.0),
+            transport=transport,
         )
         async with client:
             # Phase A
@@ -81,6 +86,10 @@ async def _check_library(name: str) -> None:
 
 async def test_httpx2_leaks_no_slot_and_no_connection() -> None:
     await _check_library("httpx2")
+
+
+async def test_the_gateway_transport_leaks_no_slot_and_no_connection() -> None:
+    await _check_library("httpx2", H11Transport(max_connections=POOL, max_keepalive=POOL))
 
 
 @pytest.mark.xfail(

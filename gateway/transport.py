@@ -1,0 +1,301 @@
+"""A lean httpx transport for the provider: h11 driven directly over an anyio stream.
+
+httpx keeps its client API, request building and timeouts; only the bytes skip
+httpcore's layers. A token costs one socket read, one h11 parse and one handoff, where
+httpcore spent about as much again in per-read scopes and generator layers
+(docs/benchmarks.md). A read hands over every body byte already parsed, so deltas that
+arrive together leave together.
+
+HTTP/1.1 only, by design (see upstream.py). Closing a response before its end closes
+the socket at once, so the provider sees EOF. Connections whose response was read to
+its end go back to a small idle pool.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import h11
+import httpx2 as httpx
+from anyio.abc import ByteStream, SocketAttribute
+
+__all__ = ["BODY_EXTENSION", "H11Transport"]
+
+# The response extension holding the body's ``receive()`` fast path.
+BODY_EXTENSION = "gateway.body"
+
+_READ_SIZE = 64 * 1024
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_Origin = tuple[str, str, int]
+
+
+class _Connection:
+    __slots__ = ("h11", "origin", "stream")
+
+    def __init__(self, stream: ByteStream, origin: _Origin) -> None:
+        self.stream = stream
+        self.origin = origin
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def looks_dead(self) -> bool:
+        """An idle connection with something to read has been closed by the server
+        (or has sent bytes no request asked for): either way it cannot be reused."""
+        sock = self.stream.extra(SocketAttribute.raw_socket, None)
+        if sock is None or sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+
+class H11Transport(httpx.AsyncBaseTransport):
+    """An ``httpx`` transport for plain and TLS HTTP/1.1 with keep-alive.
+
+    ``max_connections`` bounds the responses open at once (a request waits for a slot
+    up to the pool timeout); ``max_keepalive`` bounds the idle connections kept.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        max_keepalive: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._slots = anyio.Semaphore(max_connections)
+        self._max_keepalive = max_keepalive
+        self._ssl_context = ssl_context
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
+        origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        body = await request.aread()
+        await self._acquire(request, timeouts.get("pool"))
+        try:
+            connection = await self._take_idle(origin)
+            if connection is not None:
+                try:
+                    return await self._exchange(connection, request, body, timeouts)
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                    # The server closed the kept-alive connection as we sent: the
+                    # request never reached it, so one retry on a fresh one is safe.
+                    pass
+            connection = await self._connect(request, origin, timeouts.get("connect"))
+            return await self._exchange(connection, request, body, timeouts)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await anyio.aclose_forcefully(connection.stream)
+
+    async def _acquire(self, request: httpx.Request, within: float | None) -> None:
+        try:
+            with anyio.fail_after(within):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise httpx.PoolTimeout("no free upstream connection slot", request=request) from exc
+
+    async def _take_idle(self, origin: _Origin) -> _Connection | None:
+        for i in range(len(self._idle) - 1, -1, -1):
+            connection = self._idle[i]
+            if connection.origin != origin:
+                continue
+            del self._idle[i]
+            if connection.looks_dead():
+                await anyio.aclose_forcefully(connection.stream)
+                continue
+            return connection
+        return None
+
+    async def _release(self, connection: _Connection, reusable: bool) -> None:
+        try:
+            if reusable and not self._closed and len(self._idle) < self._max_keepalive:
+                connection.h11.start_next_cycle()
+                self._idle.append(connection)
+            else:
+                await anyio.aclose_forcefully(connection.stream)
+        finally:
+            self._slots.release()
+
+    async def _connect(
+        self, request: httpx.Request, origin: _Origin, within: float | None
+    ) -> _Connection:
+        scheme, host, port = origin
+        try:
+            with anyio.fail_after(within):
+                if scheme == "https":
+                    ssl_context = self._ssl_context or httpx.create_ssl_context()
+                    self._ssl_context = ssl_context
+                    stream: ByteStream = await anyio.connect_tcp(
+                        host, port, ssl_context=ssl_context, tls_hostname=host
+                    )
+                else:
+                    stream = await anyio.connect_tcp(host, port)
+        except TimeoutError as exc:
+            message = f"connecting to {host}:{port} timed out"
+            raise httpx.ConnectTimeout(message, request=request) from exc
+        except (OSError, ssl.SSLError) as exc:
+            message = f"cannot connect to {host}:{port}: {exc}"
+            raise httpx.ConnectError(message, request=request) from exc
+        return _Connection(stream, origin)
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        request: httpx.Request,
+        body: bytes,
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
+        try:
+            await self._send_request(connection, request, body, timeouts.get("write"))
+            stream = _ResponseStream(self, connection, request, timeouts.get("read"))
+            event = await stream.receive_head()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(connection.stream)
+            raise
+        return httpx.Response(
+            status_code=event.status_code,
+            headers=event.headers,
+            stream=stream,
+            # httpx wraps the stream; the gateway finds the fast path here.
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": event.reason,
+                BODY_EXTENSION: stream,
+            },
+        )
+
+    async def _send_request(
+        self,
+        connection: _Connection,
+        request: httpx.Request,
+        body: bytes,
+        within: float | None,
+    ) -> None:
+        conn = connection.h11
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"]
+        if not any(k.lower() == b"content-length" for k, _ in headers) and (
+            body or request.method not in ("GET", "HEAD")
+        ):
+            headers.append((b"content-length", str(len(body)).encode()))
+        data = conn.send(
+            h11.Request(method=request.method, target=request.url.raw_path, headers=headers)
+        )
+        if body:
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        try:
+            with anyio.fail_after(within):
+                await connection.stream.send(data)
+        except TimeoutError as exc:
+            raise httpx.WriteTimeout("sending the request timed out", request=request) from exc
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise httpx.WriteError(f"sending the request failed: {exc!r}", request=request) from exc
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """The body of one response; ``receive()`` is the fast path the gateway reads."""
+
+    def __init__(
+        self,
+        transport: H11Transport,
+        connection: _Connection,
+        request: httpx.Request,
+        read_timeout: float | None,
+    ) -> None:
+        self._transport = transport
+        self._connection = connection
+        self._request = request
+        self._read_timeout = read_timeout
+        self._complete = False
+        self._closed = False
+
+    async def receive_head(self) -> h11.Response:
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Response):
+                return event
+            # 1xx: skip to the final response.
+
+    async def receive(self) -> bytes:
+        """Every body byte parsed so far, reading once if none is; ``b""`` at the end."""
+        if self._complete:
+            return b""
+        conn = self._connection.h11
+        parts: list[bytes] = []
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
+            if type(event) is h11.Data:
+                parts.append(event.data)
+            elif event is h11.NEED_DATA:
+                if parts:
+                    return b"".join(parts)
+                await self._read_into(conn)
+            elif type(event) is h11.EndOfMessage:
+                self._complete = True
+                return b"".join(parts)
+            else:
+                raise httpx.RemoteProtocolError(
+                    f"unexpected {type(event).__name__} in a response body", request=self._request
+                )
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.receive():
+            yield chunk
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._connection.h11
+        reusable = self._complete and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        await self._transport._release(self._connection, reusable)
+
+    async def _next_event(self) -> Any:
+        conn = self._connection.h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            await self._read_into(conn)
+
+    async def _read_into(self, conn: h11.Connection) -> None:
+        try:
+            if self._read_timeout is None:
+                data = await self._connection.stream.receive(_READ_SIZE)
+            else:
+                with anyio.fail_after(self._read_timeout):
+                    data = await self._connection.stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            data = b""
+        except TimeoutError as exc:
+            message = "reading the response timed out"
+            raise httpx.ReadTimeout(message, request=self._request) from exc
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            message = f"reading the response failed: {exc!r}"
+            raise httpx.ReadError(message, request=self._request) from exc
+        try:
+            conn.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc

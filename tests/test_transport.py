@@ -1,0 +1,146 @@
+"""The lean provider transport, on real sockets: reuse, early close, limits, stale
+connections, and what the gateway builds from its settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx2 as httpx
+import pytest
+from anyio.abc import SocketStream
+
+from gateway import Settings
+from gateway.transport import BODY_EXTENSION, H11Transport
+from gateway.upstream import create_client
+
+from .harness import WAIT, Harness, sim_config
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+
+
+def _client(max_connections: int = 10, pool: float = WAIT) -> httpx.AsyncClient:
+    transport = H11Transport(max_connections=max_connections, max_keepalive=max_connections)
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(WAIT, pool=pool))
+
+
+async def _read_all(response: httpx.Response) -> bytes:
+    body = response.extensions[BODY_EXTENSION]
+    parts = []
+    while chunk := await body.receive():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def test_a_body_read_to_its_end_returns_its_connection_for_reuse() -> None:
+    async with Harness(sim_config(tokens=5, rate=0)) as h, _client() as client:
+        url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
+        for _ in range(3):
+            async with client.stream("POST", url, json=BODY) as response:
+                assert response.status_code == 200
+                body = await _read_all(response)
+                assert body.endswith(b"data: [DONE]\n\n")
+                # The end is seen with the last bytes, not at the server's keep-alive
+                # timeout: a second read answers at once.
+                with anyio.fail_after(1):
+                    assert await response.extensions[BODY_EXTENSION].receive() == b""
+        assert [r.outcome for r in h.simulator.records] == ["completed"] * 3
+        assert h.upstream_connections() == 1
+
+
+async def test_httpx_iteration_gives_the_same_bytes() -> None:
+    async with Harness(sim_config(tokens=5, rate=0)) as h, _client() as client:
+        url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
+        async with client.stream("POST", url, json=BODY) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        async with client.stream("POST", url, json=BODY) as response:
+            fast = await _read_all(response)
+        assert raw.replace(b"sim1", b"sim2") == fast
+
+
+async def test_closing_early_closes_the_socket() -> None:
+    async with Harness(sim_config(tokens=10_000, rate=200)) as h, _client() as client:
+        url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
+        async with client.stream("POST", url, json=BODY) as response:
+            assert await response.extensions[BODY_EXTENSION].receive()
+        record = await h.closed(await h.record())
+        assert record.outcome == "closed_by_client"
+        assert h.upstream_connections() == 0
+
+
+async def test_a_full_pool_times_out_and_frees_its_slot_on_close() -> None:
+    async with (
+        Harness(sim_config(tokens=10_000, rate=50)) as h,
+        _client(max_connections=1, pool=0.2) as client,
+    ):
+        url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
+        async with client.stream("POST", url, json=BODY) as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.PoolTimeout):
+                await client.post(url, json=BODY)
+        async with client.stream("POST", url, json=BODY) as response:
+            assert response.status_code == 200
+
+
+@asynccontextmanager
+async def _one_shot_server() -> AsyncIterator[tuple[int, list[int], anyio.Event]]:
+    """Answers one request per connection with a short body, then closes."""
+    accepted: list[int] = []
+    closed = anyio.Event()
+
+    async def handle(stream: SocketStream) -> None:
+        accepted.append(1)
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        closed.set()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port), accepted, closed
+        tg.cancel_scope.cancel()
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_not_reused() -> None:
+    async with _one_shot_server() as (port, accepted, closed), _client() as client:
+        first = await client.post(f"http://127.0.0.1:{port}/", json=BODY)
+        assert first.text == "ok"
+        with anyio.fail_after(WAIT):
+            await closed.wait()
+        second = await client.post(f"http://127.0.0.1:{port}/", json=BODY)
+        assert second.text == "ok"
+        assert len(accepted) == 2
+
+
+async def test_connection_errors_are_httpx_errors() -> None:
+    async with _one_shot_server() as (port, _, _), _client() as client:
+        pass
+    async with _client() as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.post(f"http://127.0.0.1:{port}/", json=BODY)
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await client.post("ftp://127.0.0.1/", json=BODY)
+
+
+def test_the_gateway_uses_it_unless_a_proxy_is_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    settings = Settings(upstream_url="https://api.example.com/v1", model="m")
+    assert isinstance(create_client(settings)._transport, H11Transport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
+    assert not isinstance(create_client(settings)._transport, H11Transport)
+    monkeypatch.setenv("NO_PROXY", "api.example.com")
+    assert isinstance(create_client(settings)._transport, H11Transport)
