@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench lint typecheck pytest clean
+.PHONY: run test bench lint typecheck jstest pytest clean
 
 run: $(VENV)/.installed
 	$(BIN)/gateway serve
 
-test: $(VENV)/.installed-dev lint typecheck pytest
+test: $(VENV)/.installed-dev lint typecheck jstest pytest
 
 # Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 5 min).
 bench: $(VENV)/.installed-dev
@@ -23,8 +23,14 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
+# The browser tests drive Debian's chromium; node runs the client's unit tests.
 pytest: $(VENV)/.installed-dev
+	scripts/ensure-apt.sh chromium
 	$(BIN)/pytest
+
+jstest:
+	command -v node >/dev/null || scripts/ensure-apt.sh nodejs
+	node --test tests/js/
 
 $(BIN)/python:
 	scripts/ensure-python.sh $(PYTHON) $(VENV)

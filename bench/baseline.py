@@ -10,7 +10,6 @@ It speaks the same event protocol as the gateway, so the same client drives both
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.server import anyio_backend, load_config, serve
+from . import serving
 
 
 def create_app(upstream_url: str) -> Starlette:
@@ -81,21 +80,5 @@ def create_app(upstream_url: str) -> Starlette:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-k", "--worker-class", default="asyncio")
-    parser.add_argument("-b", "--bind", required=True)
-    parser.add_argument("--upstream", required=True)
-    args = parser.parse_args()
-    app = create_app(args.upstream)
-    config = load_config(bind=[args.bind], accesslog=None, graceful_timeout=1.0)
-    backend, options = anyio_backend(args.worker_class)
-    anyio.run(_serve_forever, app, config, backend=backend, backend_options=options)
-
-
-async def _serve_forever(app: Starlette, config: Any) -> None:
-    await serve(app, config, shutdown_trigger=anyio.sleep_forever)
-
-
 if __name__ == "__main__":
-    main()
+    serving.main(create_app)

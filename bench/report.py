@@ -90,6 +90,15 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 f"| capacity: streams at 20 tok/s with cancel p99 < 15 ms | {b['streams']} | "
                 f"{g['streams']} | |"
             )
+        floor = runs.get((worker, "floor"))
+        for n, f in (floor or {}).get("cpu", {}).items():
+            g = gate["cpu"].get(n)
+            lines.append(
+                f"| floor (bench/floor.py: hypercorn, one socket read and one send per token), "
+                f"CPU µs per token, {n} streams | | {f['us_per_token']} "
+                f"({f['cpu_fraction']:.0%} CPU, {f['tokens_per_s']} tok/s) | "
+                f"gateway / floor {_ratio(g['us_per_token'] if g else None, f['us_per_token'])} |"
+            )
         late = gate.get("idle_timeout_late")
         if late:
             lines.append(

@@ -124,7 +124,7 @@ async def _server(
         command = [
             sys.executable,
             "-m",
-            "bench.baseline",
+            f"bench.{impl}",
             "-k",
             worker,
             "-b",
@@ -262,6 +262,16 @@ async def measure(
     return result
 
 
+async def measure_floor(bench: Bench, worker: str, load: int, window: float) -> dict[str, Any]:
+    """CPU per token of bench/floor.py: hypercorn's own cost, the floor under any relay."""
+    async with _server("floor", worker, bench.provider_port) as (port, process):
+        streams = await bench.open_many(port, load, "pace", ramp=1.0)
+        await asyncio.sleep(2.0)
+        cpu = await bench.cpu_per_token(process.pid, streams, window)
+        await bench.closing(streams)
+    return {"impl": "floor", "worker": worker, "cpu": {str(load): cpu}}
+
+
 async def capacity(
     bench: Bench, impl: str, worker: str, steps: list[int], samples: int
 ) -> dict[str, Any]:
@@ -343,8 +353,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if args.capacity:
                     runs[-1]["capacity"] = await capacity(bench, impl, worker, args.capacity, 100)
                 print(json.dumps(runs[-1]), flush=True)
+            if args.floor:
+                print(f"-- floor on {worker}", flush=True)
+                runs.append(await measure_floor(bench, worker, args.floor, args.window))
+                print(json.dumps(runs[-1]), flush=True)
             timeouts = await timeout_precision(bench, worker, args.samples)
-            runs[-1]["idle_timeout_late"] = timeouts
+            gateway_run = next(r for r in reversed(runs) if r["impl"] == "gateway")
+            gateway_run["idle_timeout_late"] = timeouts
             print(f"   idle timeout lateness: {timeouts}", flush=True)
     finally:
         provider.terminate()
@@ -378,6 +393,9 @@ def main() -> None:
         type=int,
         default=[200, 300, 400, 600],
         help="stream counts to try, in order (none: skip)",
+    )
+    parser.add_argument(
+        "--floor", type=int, default=200, help="streams for the floor's CPU figure; 0: skip"
     )
     parser.add_argument("--out", default=str(ROOT / "docs"))
     args = parser.parse_args()

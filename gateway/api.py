@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import re
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -17,8 +18,9 @@ from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from .errors import BadRequest, HTTPError, UnsupportedMediaType
@@ -26,7 +28,7 @@ from .registry import Registry
 from .responses import error_response
 from .server import load_config, serve
 from .settings import Settings
-from .simulator import Simulator
+from .simulator import Simulator, SimulatorConfig
 from .stream import ChatStream
 from .upstream import create_client
 
@@ -35,6 +37,8 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
+_STATIC = Path(__file__).parent / "static"
+_DEMO_WAIT = 1.0
 _ROLES = ("system", "user", "assistant")
 
 
@@ -57,7 +61,11 @@ class _Lifespan:
         if self._settings.upstream_url is not None:
             state.upstream_url = self._settings.upstream_url
             return
-        simulator = Simulator()
+        simulator = Simulator(
+            SimulatorConfig(
+                tokens=self._settings.simulator_tokens, rate=self._settings.simulator_rate
+            )
+        )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         addresses = await self._tg.start(_serve_simulator, simulator, self._stop_simulator.wait)
@@ -100,6 +108,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/chat/stream", _chat_stream, methods=["POST"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
             Route("/healthz", _healthz, methods=["GET"]),
+            Route("/api/demo/provider/{session_id}", _demo_provider, methods=["GET"]),
+            Route("/", _index, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=_STATIC), name="static"),
         ],
         exception_handlers={
             HTTPError: _handle_gateway_error,
@@ -127,6 +138,8 @@ async def _chat_stream(request: Request) -> Response:
             upstream_url=state.upstream_url,
             session_id=session_id,
             payload=payload,
+            # Demo mode: the simulator records the session, for the page's panel.
+            upstream_headers={"x-session-id": session_id} if _simulator(request) else None,
         )
     )
 
@@ -161,6 +174,42 @@ async def _chat_cancel(request: Request) -> Response:
             status_code=504,
         )
     return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
+
+
+def _simulator(request: Request) -> Simulator | None:
+    simulator: Simulator | None = getattr(request.app.state, "simulator", None)
+    return simulator
+
+
+async def _demo_provider(request: Request) -> Response:
+    """What the built-in simulator did for a session: the token saving made visible."""
+    simulator = _simulator(request)
+    if simulator is None:
+        raise HTTPException(404, "demo mode is off: the gateway talks to a real provider")
+    session_id = request.path_params["session_id"]
+
+    def ended() -> bool:
+        record = simulator.record_for(session_id)
+        return record is not None and record.outcome != "streaming"
+
+    # Asked right after a stop, the simulator may not have seen the close yet.
+    with anyio.move_on_after(_DEMO_WAIT):
+        await simulator.wait_until(ended)
+    record = simulator.record_for(session_id)
+    if record is None:
+        raise HTTPException(404, "the simulator has no stream for this session")
+    return JSONResponse(
+        {
+            "session_id": session_id,
+            "planned": record.planned,
+            "generated": record.sent,
+            "outcome": record.outcome,
+        }
+    )
+
+
+async def _index(request: Request) -> Response:
+    return FileResponse(_STATIC / "index.html")
 
 
 async def _healthz(request: Request) -> Response:

@@ -36,6 +36,9 @@ class Settings:
     cancel_wait: float = 10.0
     upstream_max_connections: int = 1000
     log_level: str = "INFO"
+    # Demo mode only: how long the built-in simulator's answers are, and how fast.
+    simulator_tokens: int = 300
+    simulator_rate: float = 40.0
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -66,6 +69,12 @@ class Settings:
             )
         if not self.model:
             raise ConfigError("GATEWAY_MODEL must not be empty")
+        if self.simulator_tokens < 1:
+            raise ConfigError("GATEWAY_SIMULATOR_TOKENS must be >= 1")
+        if not math.isfinite(self.simulator_rate) or self.simulator_rate <= 0:
+            raise ConfigError(
+                f"GATEWAY_SIMULATOR_RATE must be a positive number, got {self.simulator_rate!r}"
+            )
 
     @property
     def log_level_number(self) -> int:
@@ -97,6 +106,8 @@ class Settings:
                 env, "upstream_max_connections", int, defaults.upstream_max_connections
             ),
             log_level=env.get("GATEWAY_LOG_LEVEL", defaults.log_level).upper(),
+            simulator_tokens=_read(env, "simulator_tokens", int, defaults.simulator_tokens),
+            simulator_rate=_read(env, "simulator_rate", float, defaults.simulator_rate),
         )
 
 

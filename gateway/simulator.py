@@ -63,6 +63,8 @@ class StreamRecord:
     id: str
     planned: int
     started_at: float
+    # The gateway's session id, sent only to the built-in simulator (demo mode).
+    session_id: str | None = None
     sent: int = 0
     text: str = ""
     outcome: str = "streaming"
@@ -72,8 +74,10 @@ class StreamRecord:
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "session_id": self.session_id,
             "planned": self.planned,
             "sent": self.sent,
+            "text": self.text,
             "outcome": self.outcome,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
@@ -133,7 +137,8 @@ class Simulator:
         method, path = scope["method"], scope["path"]
         if method == "POST" and path == "/v1/chat/completions":
             body = await _read_body(receive)
-            await self._chat(body, receive, send)
+            session_id = dict(scope["headers"]).get(b"x-session-id")
+            await self._chat(body, receive, send, session_id and session_id.decode("latin-1"))
         elif method == "GET" and path == "/v1/_streams":
             await _json(send, 200, {"streams": [r.as_json() for r in self.records]})
         elif method == "GET" and path == "/v1/models":
@@ -141,7 +146,16 @@ class Simulator:
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
 
-    async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
+    def record_for(self, session_id: str) -> StreamRecord | None:
+        """The newest stream the gateway opened for ``session_id``."""
+        for record in reversed(self.records):
+            if record.session_id == session_id:
+                return record
+        return None
+
+    async def _chat(
+        self, body: bytes, receive: Receive, send: Send, session_id: str | None = None
+    ) -> None:
         try:
             request = json.loads(body)
         except ValueError:
@@ -159,7 +173,10 @@ class Simulator:
         if isinstance(max_tokens, int) and max_tokens < planned:
             planned = max_tokens
         record = StreamRecord(
-            id=f"chatcmpl-sim{next(self._ids)}", planned=planned, started_at=time.monotonic()
+            id=f"chatcmpl-sim{next(self._ids)}",
+            planned=planned,
+            started_at=time.monotonic(),
+            session_id=session_id,
         )
         self.records.append(record)
         self._changed()

@@ -62,6 +62,7 @@ class ChatStream:
         upstream_url: str,
         session_id: str,
         payload: dict[str, Any],
+        upstream_headers: dict[str, str] | None = None,
     ) -> None:
         self._registry = registry
         self._client = client
@@ -69,6 +70,7 @@ class ChatStream:
         self._upstream_url = upstream_url
         self._session_id = session_id
         self._payload = payload
+        self._upstream_headers = upstream_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
@@ -142,7 +144,9 @@ class ChatStream:
         """Read the provider's stream into the queue until it ends."""
         upstream: UpstreamResponse | None = None
         try:
-            upstream = await open_stream(self._client, self._upstream_url, self._payload)
+            upstream = await open_stream(
+                self._client, self._upstream_url, self._payload, self._upstream_headers
+            )
             parser = ProviderStreamParser()
             finish_reason: str | None = None
             usage: dict[str, Any] | None = None

@@ -109,10 +109,15 @@ class UpstreamResponse:
 
 
 async def open_stream(
-    client: httpx.AsyncClient, base_url: str, payload: dict[str, Any]
+    client: httpx.AsyncClient,
+    base_url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str] | None = None,
 ) -> UpstreamResponse:
     """POST ``{base_url}/chat/completions`` and return once the headers are in."""
-    request = client.build_request("POST", f"{base_url}/chat/completions", json=payload)
+    request = client.build_request(
+        "POST", f"{base_url}/chat/completions", json=payload, headers=headers
+    )
     try:
         response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:

@@ -1,0 +1,74 @@
+"""The least a relay on hypercorn can do per token, measured beside the gateway.
+
+A raw ASGI app (no Starlette, no HTTP client, no parsing): for each stream it opens a
+plain TCP connection to the provider, writes the request by hand, and for every read
+from that socket sends one fixed ``token`` event to the client. At a paced load each
+read is one token, so its CPU per token is hypercorn's own per-event cost plus one
+socket read: a floor no hypercorn-based relay goes below. It is not a correct proxy
+(no cancel endpoint, no framing); `make bench` uses it for CPU figures only.
+
+``python -m bench.floor -k uvloop -b 127.0.0.1:9000 --upstream http://.../v1``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+
+from . import serving
+
+_TOKEN = b'event: token\ndata: {"delta":" x"}\n\n'
+_START = b'event: start\ndata: {"session_id":"floor"}\n\n'
+
+
+def create_app(upstream_url: str) -> Any:
+    url = httpx.URL(upstream_url)
+    host, port, path = url.host, url.port or 80, url.raw_path.decode() + "/chat/completions"
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send({"type": "http.response.body", "body": _START, "more_body": True})
+        async with await anyio.connect_tcp(host, port) as upstream, anyio.create_task_group() as tg:
+
+            async def disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(disconnect)
+            await upstream.send(
+                b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (path.encode(), host.encode(), len(body), body)
+            )
+            try:
+                while True:
+                    await upstream.receive()
+                    await send({"type": "http.response.body", "body": _TOKEN, "more_body": True})
+            except anyio.EndOfStream:
+                tg.cancel_scope.cancel()
+
+    return app
+
+
+if __name__ == "__main__":
+    serving.main(create_app)

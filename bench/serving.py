@@ -1,0 +1,28 @@
+"""Serves a comparison app (bench/baseline.py, bench/floor.py) the way `make bench` starts it:
+``python -m bench.<name> -k <worker> -b <host:port> --upstream <provider /v1 URL>``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from gateway.server import anyio_backend, load_config, serve
+
+
+def main(create_app: Callable[[str], Any]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-k", "--worker-class", default="asyncio")
+    parser.add_argument("-b", "--bind", required=True)
+    parser.add_argument("--upstream", required=True)
+    args = parser.parse_args()
+    config = load_config(bind=[args.bind], accesslog=None, graceful_timeout=1.0)
+    backend, options = anyio_backend(args.worker_class)
+    app = create_app(args.upstream)
+    anyio.run(_serve_forever, app, config, backend=backend, backend_options=options)
+
+
+async def _serve_forever(app: Any, config: Any) -> None:
+    await serve(app, config, shutdown_trigger=anyio.sleep_forever)

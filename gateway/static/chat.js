@@ -1,0 +1,143 @@
+// The reference chat page: one answer streams at a time; Stop (or Escape) stops it.
+import { historyFor, startChat } from "./client.js";
+
+const list = document.getElementById("messages");
+const form = document.getElementById("composer");
+const input = document.getElementById("message");
+const sendButton = document.getElementById("send");
+const stopButton = document.getElementById("stop");
+const demo = document.getElementById("demo");
+const demoText = document.getElementById("demo-text");
+
+const entries = []; // what the next request's history is built from
+let current = null; // the chat streaming now
+
+const TIMEOUTS = {
+  first_token: "the provider did not start answering in time",
+  idle: "the provider went quiet for too long",
+  total: "the answer reached its time limit",
+};
+
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
+function describe(state) {
+  const delivered = `${plural(state.tokens, "token")} delivered.`;
+  if (state.status === "stopped") {
+    if (state.reason === "user") return `AI response stopped by user. ${delivered}`;
+    if (state.reason === "cancel") return `AI response stopped by a cancel request. ${delivered}`;
+    if (state.reason === "timeout") {
+      return `AI response stopped: ${TIMEOUTS[state.detail] ?? "it timed out"}. ${delivered}`;
+    }
+    if (state.reason === "shutdown") {
+      return `AI response stopped: the server is restarting. ${delivered} Try again in a moment.`;
+    }
+    return `AI response stopped. ${delivered}`;
+  }
+  if (state.status === "error") return `Something went wrong: ${state.message}`;
+  return "";
+}
+
+function addMessage(role, text) {
+  const el = document.createElement("article");
+  el.className = `msg ${role}`;
+  el.setAttribute("aria-label", role === "user" ? "You" : "Assistant");
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  el.append(body);
+  list.append(el);
+  el.scrollIntoView({ block: "end" });
+  return { el, body };
+}
+
+function setStreaming(streaming) {
+  stopButton.disabled = !streaming;
+  sendButton.disabled = streaming;
+}
+
+async function showDemo(sessionId) {
+  // Demo mode only: what the built-in simulator did for this answer.
+  const response = await fetch(`/api/demo/provider/${encodeURIComponent(sessionId)}`).catch(() => null);
+  if (!response?.ok) return;
+  const p = await response.json();
+  const how = p.outcome === "closed_by_client" ? "stopped by the gateway" : p.outcome;
+  demoText.textContent = `Simulated provider: generated ${p.generated} of ${p.planned} tokens, ${how}.`;
+  demo.hidden = false;
+}
+
+async function send(text) {
+  if (current !== null) return;
+  entries.push({ role: "user", content: text });
+  addMessage("user", text);
+  const entry = { role: "assistant", content: "", status: "streaming" };
+  const history = historyFor(entries);
+  entries.push(entry);
+  const view = addMessage("assistant", "");
+  view.el.setAttribute("aria-busy", "true");
+  const chat = startChat({
+    messages: history,
+    onToken: (delta) => {
+      view.body.textContent += delta;
+      view.el.scrollIntoView({ block: "end" });
+    },
+  });
+  const details = document.createElement("details");
+  details.innerHTML = "<summary>Details</summary>Session id: <code></code>";
+  details.querySelector("code").textContent = chat.sessionId;
+  view.el.dataset.sessionId = chat.sessionId;
+  current = chat;
+  setStreaming(true);
+
+  const state = await chat.done;
+  entry.content = state.text;
+  entry.status = state.status;
+  view.body.textContent = state.text;
+  view.el.removeAttribute("aria-busy");
+  view.el.classList.add(state.status);
+  view.el.dataset.status = state.status;
+  const note = describe(state);
+  if (note) {
+    const status = document.createElement("span");
+    status.className = "status";
+    status.textContent = note;
+    view.el.append(status);
+  }
+  view.el.append(details);
+  if (current === chat) {
+    current = null;
+    setStreaming(false);
+  }
+  showDemo(chat.sessionId);
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  if (!text || current !== null) return;
+  input.value = "";
+  send(text);
+});
+
+input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+
+stopButton.addEventListener("click", () => current?.stop());
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && current !== null) {
+    event.preventDefault();
+    current.stop();
+  }
+});
+
+// Leaving or reloading mid-answer: the browser drops the fetch, and the cancel call
+// (sent with keepalive) reaches the gateway even if a proxy keeps the stream open.
+window.addEventListener("pagehide", () => current?.stop());
+
+input.focus();

@@ -1,0 +1,229 @@
+// The client half of the gateway's Stop protocol: a dependency-free ES module.
+// Documented in docs/client.md; tested by tests/js/client.test.mjs (node --test)
+// and by the browser tests in tests/test_page.py.
+
+/** A fresh session id, `session_<ms>_<random>`, one per request. */
+export function newSessionId() {
+  const bytes = new Uint8Array(8);
+  crypto.getRandomValues(bytes);
+  const random = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return `session_${Date.now()}_${random}`;
+}
+
+/**
+ * An incremental Server-Sent Events parser (the WHATWG rules): lines end with CRLF,
+ * LF or CR, also when split across chunks; `data:` lines join with "\n"; comments
+ * and unknown fields are skipped; an event is dispatched at a blank line, and only
+ * if it had data.
+ */
+export class SSEParser {
+  constructor() {
+    this.lastEventId = "";
+    this._buffer = "";
+    this._data = [];
+    this._event = "";
+    this._skipLF = false; // the previous chunk ended with CR: a leading LF is its pair
+  }
+
+  /** Feed decoded text; returns the events it completed, as `{event, data, id}`. */
+  feed(text) {
+    const events = [];
+    if (text === "") return events;
+    let start = 0;
+    if (this._skipLF && text.startsWith("\n")) start = 1;
+    this._skipLF = false;
+    let carry = this._buffer;
+    for (let i = start; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (c !== 10 && c !== 13) continue;
+      this._line(carry + text.slice(start, i), events);
+      carry = "";
+      if (c === 13) {
+        if (i + 1 === text.length) this._skipLF = true;
+        else if (text.charCodeAt(i + 1) === 10) i++;
+      }
+      start = i + 1;
+    }
+    this._buffer = carry + text.slice(start);
+    return events;
+  }
+
+  _line(line, events) {
+    if (line === "") {
+      if (this._data.length > 0) {
+        events.push({
+          event: this._event || "message",
+          data: this._data.join("\n"),
+          id: this.lastEventId,
+        });
+      }
+      this._data = [];
+      this._event = "";
+      return;
+    }
+    if (line.charCodeAt(0) === 58) return; // ":" starts a comment, e.g. ": ping"
+    const colon = line.indexOf(":");
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? "" : line.slice(colon + 1);
+    if (value.charCodeAt(0) === 32) value = value.slice(1);
+    if (field === "data") this._data.push(value);
+    else if (field === "event") this._event = value;
+    else if (field === "id" && !value.includes("\0")) this.lastEventId = value;
+  }
+}
+
+/**
+ * The history to send with the next request: every user and system message, and
+ * only the assistant answers that completed. A stopped or failed answer is left out,
+ * so a half-written reply never becomes context.
+ * Entries are `{role, content, status?}`; `status` matters for assistant entries.
+ */
+export function historyFor(entries) {
+  return entries
+    .filter((m) => m.role !== "assistant" || m.status === "completed")
+    .map((m) => ({ role: m.role, content: m.content }));
+}
+
+/**
+ * Start one streamed answer.
+ *
+ * `startChat({messages, onToken, onEvent, baseUrl, model, sessionId, fetch})` returns
+ * `{sessionId, stop(), done, state}` at once. `done` resolves (never rejects) with the
+ * final state, one of:
+ *   {status: "completed", text, tokens, finishReason, usage}
+ *   {status: "stopped", reason, detail?, text, tokens}   reason: "user" (stop() was
+ *        called), "cancel" (cancelled elsewhere), "timeout" (detail: first_token, idle,
+ *        total), "shutdown"
+ *   {status: "error", code, message, text, tokens}
+ * `state` is the current one; it is `{status: "streaming"}` until then. The partial
+ * text is kept on every end. After the end, or once stop() is called, no callback is
+ * called again: tokens of an old answer cannot reach a newer one.
+ */
+export function startChat({
+  messages,
+  onToken = () => {},
+  onEvent = () => {},
+  baseUrl = "",
+  model,
+  sessionId = newSessionId(),
+  fetch: fetchImpl = globalThis.fetch.bind(globalThis),
+}) {
+  const controller = new AbortController();
+  let text = "";
+  let tokens = 0;
+  let stopReason = null; // set by stop()
+  let final = null;
+  const chat = { sessionId, state: { status: "streaming" } };
+
+  const end = (state) => {
+    if (final === null) {
+      final = { ...state, text, tokens };
+      chat.state = final;
+    }
+    return final;
+  };
+
+  const handle = (event) => {
+    let data;
+    try {
+      data = JSON.parse(event.data);
+    } catch {
+      return end({ status: "error", code: "bad_event", message: "The server sent an unreadable event." });
+    }
+    if (event.event === "token") {
+      text += data.delta;
+      tokens += 1;
+      onToken(data.delta, chat);
+    } else if (event.event === "done") {
+      end({ status: "completed", finishReason: data.finish_reason ?? null, usage: data.usage ?? null });
+    } else if (event.event === "stopped") {
+      const state = { status: "stopped", reason: data.reason };
+      if (data.detail) state.detail = data.detail;
+      end(state);
+    } else if (event.event === "error") {
+      end({ status: "error", code: data.code, message: data.message });
+    }
+    return final;
+  };
+
+  const run = async () => {
+    let response;
+    try {
+      response = await fetchImpl(`${baseUrl}/api/chat/stream`, {
+        method: "POST",
+        headers: {
+          "Content-Type": "application/json",
+          Accept: "text/event-stream",
+          "X-Session-Id": sessionId,
+        },
+        body: JSON.stringify(model ? { messages, model } : { messages }),
+        signal: controller.signal,
+      });
+      if (!response.ok) {
+        const body = await response.json().catch(() => null);
+        return end({
+          status: "error",
+          code: body?.error?.code ?? `http_${response.status}`,
+          message: body?.error?.message ?? `The server answered HTTP ${response.status}.`,
+        });
+      }
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      const parser = new SSEParser();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (stopReason !== null) break;
+        if (done) break;
+        for (const event of parser.feed(value)) {
+          if (stopReason !== null) break;
+          onEvent(event, chat);
+          if (handle(event) !== null) {
+            await reader.cancel().catch(() => {});
+            return final;
+          }
+        }
+      }
+      if (stopReason !== null) return end({ status: "stopped", reason: stopReason });
+      return end({
+        status: "error",
+        code: "incomplete",
+        message: "The connection closed before the answer finished.",
+      });
+    } catch (err) {
+      // An AbortError is our own stop() at work, not a failure.
+      if (stopReason !== null || err?.name === "AbortError") {
+        return end({ status: "stopped", reason: stopReason ?? "user" });
+      }
+      return end({ status: "error", code: "network_error", message: "The connection to the server failed." });
+    }
+  };
+
+  chat.done = run();
+
+  /**
+   * Stop the answer: ask the gateway to cancel (so the provider is closed even when a
+   * proxy keeps the stream's connection open), and abort our own fetch. Resolves when
+   * the cancel call has been answered; a failed cancel call is a console warning,
+   * never an error, because the aborted fetch already stops the stream.
+   */
+  chat.stop = async () => {
+    if (final !== null || stopReason !== null) return;
+    stopReason = "user";
+    end({ status: "stopped", reason: "user" });
+    const cancel = fetchImpl(`${baseUrl}/api/chat/cancel/${encodeURIComponent(sessionId)}`, {
+      method: "POST",
+      keepalive: true,
+    });
+    controller.abort();
+    try {
+      const response = await cancel;
+      // 404: the stream had already ended, e.g. through the aborted fetch.
+      if (!response.ok && response.status !== 404) {
+        console.warn(`[chat] cancel of ${sessionId} answered HTTP ${response.status}`);
+      }
+    } catch (err) {
+      console.warn(`[chat] cancel of ${sessionId} failed: ${err}`);
+    }
+  };
+
+  return chat;
+}

@@ -1,0 +1,241 @@
+// Unit tests of gateway/static/client.js, run with `node --test tests/js/`.
+// The SSE parser and the chat state machine, fed by in-memory Responses: the
+// browser tests (tests/test_page.py) cover the same code against a real gateway.
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+
+import { SSEParser, historyFor, newSessionId, startChat } from "../../gateway/static/client.js";
+
+function parseAll(chunks) {
+  const parser = new SSEParser();
+  return chunks.flatMap((chunk) => parser.feed(chunk));
+}
+
+const STREAM = [
+  "id: 1\nevent: start\ndata: {\"session_id\":\"s\",\"model\":\"m\"}\n\n",
+  ": ping\n\n",
+  "id: 2\nevent: token\ndata: {\"delta\":\"Hel\"}\n\n",
+  "id: 3\nevent: token\ndata: {\"delta\":\"lo\"}\n\n",
+  "id: 4\nevent: done\ndata: {\"status\":\"completed\",\"finish_reason\":\"stop\",\"usage\":null}\n\n",
+].join("");
+
+describe("SSEParser", () => {
+  it("parses events with id, event and data", () => {
+    const events = parseAll([STREAM]);
+    assert.deepEqual(
+      events.map((e) => [e.id, e.event]),
+      [["1", "start"], ["2", "token"], ["3", "token"], ["4", "done"]],
+    );
+    assert.equal(JSON.parse(events[1].data).delta, "Hel");
+  });
+
+  it("gives the same events however the text is split", () => {
+    const whole = parseAll([STREAM]);
+    for (let size = 1; size <= 7; size++) {
+      const chunks = [];
+      for (let i = 0; i < STREAM.length; i += size) chunks.push(STREAM.slice(i, i + size));
+      assert.deepEqual(parseAll(chunks), whole, `chunks of ${size}`);
+    }
+  });
+
+  it("accepts CRLF and bare CR line ends, also split between chunks", () => {
+    const lf = parseAll([STREAM]);
+    const crlf = STREAM.replaceAll("\n", "\r\n");
+    const cr = STREAM.replaceAll("\n", "\r");
+    assert.deepEqual(parseAll([crlf]), lf);
+    assert.deepEqual(parseAll([cr]), lf);
+    // Split exactly between CR and LF: the LF must not end an extra (blank) line,
+    // which would dispatch early and lose the event's name.
+    const at = crlf.indexOf("event: start\r\n") + "event: start\r".length;
+    assert.deepEqual(parseAll([crlf.slice(0, at), crlf.slice(at)]), lf);
+    assert.deepEqual(parseAll([crlf.slice(0, at), "", crlf.slice(at)]), lf);
+  });
+
+  it("joins multi-line data with newlines and strips one leading space", () => {
+    const events = parseAll(["data: first\ndata:second\ndata:  third\n\n"]);
+    assert.equal(events.length, 1);
+    assert.equal(events[0].data, "first\nsecond\n third");
+    assert.equal(events[0].event, "message");
+  });
+
+  it("skips comments, unknown fields, and events without data", () => {
+    const events = parseAll([": hello\nretry: 10\nfoo: bar\nevent: x\n\nevent: y\ndata\n\n"]);
+    assert.deepEqual(events, [{ event: "y", data: "", id: "" }]);
+  });
+
+  it("keeps the last event id across events and ignores ids with NUL", () => {
+    const events = parseAll(["id: 7\ndata: a\n\ndata: b\n\nid: 8\0\ndata: c\n\n"]);
+    assert.deepEqual(events.map((e) => e.id), ["7", "7", "7"]);
+  });
+
+  it("holds an unfinished event until its blank line", () => {
+    const parser = new SSEParser();
+    assert.deepEqual(parser.feed("data: a\n"), []);
+    assert.deepEqual(parser.feed("\n"), [{ event: "message", data: "a", id: "" }]);
+  });
+});
+
+describe("newSessionId", () => {
+  it("has the browser format and the gateway's character set, and differs each time", () => {
+    const a = newSessionId();
+    const b = newSessionId();
+    assert.match(a, /^session_\d{13}_[0-9a-f]{16}$/);
+    assert.notEqual(a, b);
+  });
+});
+
+describe("historyFor", () => {
+  it("leaves out stopped and failed answers", () => {
+    const history = historyFor([
+      { role: "user", content: "q1" },
+      { role: "assistant", content: "partial", status: "stopped" },
+      { role: "user", content: "q2" },
+      { role: "assistant", content: "a2", status: "completed" },
+      { role: "user", content: "q3" },
+      { role: "assistant", content: "oops", status: "error" },
+    ]);
+    assert.deepEqual(history, [
+      { role: "user", content: "q1" },
+      { role: "user", content: "q2" },
+      { role: "assistant", content: "a2" },
+      { role: "user", content: "q3" },
+    ]);
+  });
+});
+
+// A fetch that serves a stream from chunks handed to `push`, honours the abort
+// signal like the real one, and records every call.
+function fakeServer() {
+  const calls = [];
+  let controller;
+  const body = new ReadableStream({ start: (c) => { controller = c; } });
+  const encoder = new TextEncoder();
+  const fetch = async (url, init = {}) => {
+    calls.push({ url, init });
+    if (url.includes("/cancel/")) return new Response("{}", { status: 200 });
+    init.signal?.addEventListener("abort", () => {
+      const error = new DOMException("aborted", "AbortError");
+      try { controller.error(error); } catch {}
+    });
+    return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
+  };
+  return { fetch, calls, push: (text) => controller.enqueue(encoder.encode(text)), close: () => controller.close() };
+}
+
+const token = (n, delta) => `id: ${n}\nevent: token\ndata: ${JSON.stringify({ delta })}\n\n`;
+
+describe("startChat", () => {
+  it("streams tokens and completes", async () => {
+    const server = fakeServer();
+    const seen = [];
+    const chat = startChat({ messages: [{ role: "user", content: "hi" }], fetch: server.fetch, onToken: (t) => seen.push(t) });
+    assert.equal(chat.state.status, "streaming");
+    server.push(STREAM);
+    const state = await chat.done;
+    assert.deepEqual(seen, ["Hel", "lo"]);
+    assert.equal(state.status, "completed");
+    assert.equal(state.text, "Hello");
+    assert.equal(state.tokens, 2);
+    assert.equal(state.finishReason, "stop");
+    const [{ url, init }] = server.calls;
+    assert.equal(url, "/api/chat/stream");
+    assert.equal(init.headers["X-Session-Id"], chat.sessionId);
+    assert.deepEqual(JSON.parse(init.body), { messages: [{ role: "user", content: "hi" }] });
+  });
+
+  it("stop() aborts the fetch, calls cancel with the same id, keeps the partial text", async () => {
+    const server = fakeServer();
+    const seen = [];
+    const chat = startChat({ messages: [], fetch: server.fetch, onToken: (t) => seen.push(t), baseUrl: "http://gw" });
+    server.push(token(1, "par"));
+    server.push(token(2, "tial"));
+    while (seen.length < 2) await new Promise((r) => setTimeout(r, 1));
+    await chat.stop();
+    // Tokens that arrive after Stop never reach the page.
+    try { server.push(token(3, "ghost")); } catch {}
+    const state = await chat.done;
+    assert.deepEqual(seen, ["par", "tial"]);
+    assert.equal(state.status, "stopped");
+    assert.equal(state.reason, "user");
+    assert.equal(state.text, "partial");
+    assert.equal(state.tokens, 2);
+    assert.equal(server.calls[0].init.signal.aborted, true);
+    assert.equal(server.calls[1].url, `http://gw/api/chat/cancel/${chat.sessionId}`);
+    assert.equal(server.calls[1].init.method, "POST");
+  });
+
+  it("no token after stop() reaches the page, even from the same read", async () => {
+    const server = fakeServer();
+    const seen = [];
+    let chat = null;
+    chat = startChat({
+      messages: [],
+      fetch: server.fetch,
+      onToken: (t) => {
+        seen.push(t);
+        if (seen.length === 1) chat.stop();
+      },
+    });
+    server.push(token(1, "one") + token(2, "two") + token(3, "three"));
+    const state = await chat.done;
+    assert.deepEqual(seen, ["one"]);
+    assert.equal(state.text, "one");
+    assert.equal(state.tokens, 1);
+  });
+
+  it("a failed cancel call is a warning, and the chat still ends stopped", async () => {
+    const server = fakeServer();
+    const warnings = [];
+    const original = console.warn;
+    console.warn = (message) => warnings.push(String(message));
+    try {
+      const fetch = (url, init) => (url.includes("/cancel/") ? Promise.reject(new TypeError("failed to fetch")) : server.fetch(url, init));
+      const chat = startChat({ messages: [], fetch });
+      server.push(token(1, "a"));
+      await chat.stop();
+      const state = await chat.done;
+      assert.equal(state.status, "stopped");
+      assert.equal(warnings.length, 1);
+      assert.match(warnings[0], /cancel of session_.* failed/);
+    } finally {
+      console.warn = original;
+    }
+  });
+
+  it("reports the gateway's stopped and error events", async () => {
+    for (const [event, data, expected] of [
+      ["stopped", { status: "stopped", reason: "timeout", detail: "idle", tokens_delivered: 1 }, { status: "stopped", reason: "timeout", detail: "idle" }],
+      ["stopped", { status: "stopped", reason: "shutdown", tokens_delivered: 1 }, { status: "stopped", reason: "shutdown" }],
+      ["error", { status: "error", code: "upstream_error", message: "provider answered HTTP 500" }, { status: "error", code: "upstream_error", message: "provider answered HTTP 500" }],
+    ]) {
+      const server = fakeServer();
+      const chat = startChat({ messages: [], fetch: server.fetch });
+      server.push(token(1, "x") + `id: 2\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+      const state = await chat.done;
+      assert.deepEqual(state, { ...expected, text: "x", tokens: 1 });
+    }
+  });
+
+  it("turns an HTTP error answer into an error state with the gateway's code", async () => {
+    const fetch = async () => new Response(JSON.stringify({ error: { code: "session_conflict", message: "busy" } }), { status: 409 });
+    const state = await startChat({ messages: [], fetch }).done;
+    assert.deepEqual(state, { status: "error", code: "session_conflict", message: "busy", text: "", tokens: 0 });
+  });
+
+  it("a stream that ends without a terminal event is an error, not a completion", async () => {
+    const server = fakeServer();
+    const chat = startChat({ messages: [], fetch: server.fetch });
+    server.push(token(1, "x"));
+    server.close();
+    const state = await chat.done;
+    assert.equal(state.status, "error");
+    assert.equal(state.code, "incomplete");
+  });
+
+  it("a network failure is an error state, and done never rejects", async () => {
+    const fetch = async () => { throw new TypeError("failed to fetch"); };
+    const state = await startChat({ messages: [], fetch }).done;
+    assert.equal(state.status, "error");
+    assert.equal(state.code, "network_error");
+  });
+});

@@ -1,0 +1,434 @@
+"""The reference chat page and gateway/static/client.js in a real browser.
+
+Debian's Chromium, driven headless by Playwright, against `gateway serve` in its own
+process (demo mode: the built-in simulator behind it), on each worker class. What
+the simulator did is read from its own `/v1/_streams`; what the gateway logged, from
+its stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+from playwright.sync_api import (
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
+from playwright.sync_api import Request as PWRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+WAIT = 10.0
+# Long enough that a stopped answer has generated far fewer than planned; fast
+# enough that a completed one takes about two seconds.
+TOKENS, RATE = 80, 40.0
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed (make test does)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Gateway:
+    """`gateway serve` in its own process; its stderr collected line by line."""
+
+    def __init__(self, worker: str, **settings: str) -> None:
+        self.worker = worker
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env |= {
+            "PYTHONUNBUFFERED": "1",
+            "GATEWAY_SIMULATOR_TOKENS": str(TOKENS),
+            "GATEWAY_SIMULATOR_RATE": str(RATE),
+            **settings,
+        }
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-k", worker, "-b", self.url[7:]],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.wait_for(rf"Running on http://127\.0\.0\.1:{self.port}\b")
+        self.simulator_url = ""
+        if "GATEWAY_UPSTREAM_URL" in settings:
+            return
+        line = self.wait_for(r"built-in provider simulator on (http://\S+)/v1")
+        match = re.search(r"simulator on (http://\S+)/v1", line)
+        assert match is not None
+        self.simulator_url = match.group(1)
+
+    def _collect(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: str) -> str:
+        deadline = time.monotonic() + WAIT
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                left = deadline - time.monotonic()
+                assert left > 0, f"no line matching {pattern!r} in:\n" + "\n".join(self.lines)
+                self._changed.wait(left)
+
+    def session_lines(self, session_id: str) -> list[str]:
+        with self._changed:
+            return [line for line in self.lines if session_id in line]
+
+    def streams(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.simulator_url}/v1/_streams", timeout=WAIT)
+        streams: list[dict[str, Any]] = response.json()["streams"]
+        return streams
+
+    def stream_for(self, session_id: str, ended: bool = True) -> dict[str, Any]:
+        """The simulator's record of a session, waiting until it has ended."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            for record in self.streams():
+                if record["session_id"] == session_id and (
+                    not ended or record["outcome"] != "streaming"
+                ):
+                    return record
+            assert time.monotonic() < deadline, f"no ended simulator stream for {session_id}"
+            time.sleep(0.05)  # polling another process's state; there is no event to await
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(WAIT)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    gw = Gateway(request.param)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+    assert not any("Traceback" in line for line in gw.lines), "\n".join(gw.lines)
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture
+def context(playwright: Playwright, tmp_path: Path) -> Iterator[BrowserContext]:
+    context = playwright.chromium.launch_persistent_context(
+        tmp_path / "profile",
+        executable_path=CHROMIUM,
+        headless=True,
+        args=[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+class ChatPage:
+    """The page, with what it logs to the console and the stream requests it makes."""
+
+    def __init__(self, page: Page, gateway: Gateway) -> None:
+        self.page = page
+        self.console: list[ConsoleMessage] = []
+        self.stream_requests: list[PWRequest] = []
+        self.failed: list[PWRequest] = []
+        self.page_errors: list[str] = []
+        page.on("console", lambda message: self.console.append(message))
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        page.on("request", lambda request: self._request(request))
+        page.on("requestfailed", lambda request: self.failed.append(request))
+        page.goto(gateway.url)
+        self.message = page.get_by_role("textbox", name="Message", exact=True)
+        self.send_button = page.get_by_role("button", name="Send")
+        self.stop_button = page.get_by_role("button", name="Stop")
+        self.log = page.get_by_role("log")
+
+    def _request(self, request: PWRequest) -> None:
+        if request.url.endswith("/api/chat/stream"):
+            self.stream_requests.append(request)
+
+    def ask(self, text: str) -> None:
+        self.message.fill(text)
+        self.send_button.click()
+
+    def answer(self, index: int = -1) -> Any:
+        return self.log.locator("article.assistant").nth(index)
+
+    def answer_text(self, index: int = -1) -> str:
+        text: str = self.answer(index).locator(".text").inner_text()
+        return text
+
+    def wait_for_tokens(self, n: int) -> None:
+        """Until the streaming answer shows at least ``n`` tokens (the simulator's
+        tokens are words, each but the first with a leading space)."""
+        self.page.wait_for_function(
+            """n => {
+                const a = [...document.querySelectorAll('article.assistant')].pop();
+                return a && a.querySelector('.text').textContent.split(' ').length >= n;
+            }""",
+            arg=n,
+            timeout=WAIT * 1000,
+        )
+
+    def session_id(self, index: int = -1) -> str:
+        session_id: str | None = self.answer(index).get_attribute("data-session-id")
+        assert session_id is not None
+        return session_id
+
+    def errors(self) -> list[str]:
+        """Console errors and uncaught exceptions: a stop must cause neither.
+
+        Left out: Chromium's own network line for a cancel call answered 404, which
+        is expected when the aborted fetch ends the stream first (docs/client.md).
+        """
+        return self.page_errors + [
+            f"{m.text} ({m.location.get('url')})"
+            for m in self.console
+            if m.type == "error"
+            and not ("/api/chat/cancel/" in m.location.get("url", "") and "status of 404" in m.text)
+        ]
+
+
+@pytest.fixture
+def chat(context: BrowserContext, gateway: Gateway) -> ChatPage:
+    return ChatPage(context.new_page(), gateway)
+
+
+def _tokens_in(status: str) -> int:
+    match = re.search(r"(\d+) tokens? delivered", status)
+    assert match is not None, status
+    return int(match.group(1))
+
+
+def test_stop_keeps_the_partial_text_and_closes_the_provider(
+    chat: ChatPage, gateway: Gateway
+) -> None:
+    expect(chat.stop_button).to_be_disabled()
+    chat.ask("Tell me a long story.")
+    expect(chat.stop_button).to_be_enabled()
+    chat.wait_for_tokens(5)
+    session_id = chat.session_id()
+    clicked = time.monotonic()
+    chat.stop_button.click()
+
+    status = chat.answer().locator(".status")
+    expect(status).to_contain_text("AI response stopped by user.")
+    expect(chat.stop_button).to_be_disabled()
+    partial = chat.answer_text()
+    assert _tokens_in(status.inner_text()) == len(partial.split(" "))
+    # The fetch was aborted by the browser, not left to finish.
+    assert any(
+        r.url.endswith("/api/chat/stream") and "ERR_ABORTED" in (r.failure or "")
+        for r in chat.failed
+    )
+
+    record = gateway.stream_for(session_id)
+    assert record["outcome"] == "closed_by_client"
+    assert record["ended_at"] - clicked < 1.0
+    assert record["sent"] < record["planned"] / 2
+    assert record["text"].startswith(partial)
+    line = gateway.wait_for(rf"\[SSE\] {session_id} aborted by client/cancel")
+    assert "reason=cancel" in line or "reason=disconnect" in line
+    assert not any("completed" in x for x in gateway.session_lines(session_id))
+
+    # The demo panel makes the saving visible.
+    panel = chat.page.get_by_role("complementary", name="Simulated provider")
+    expect(panel).to_contain_text(
+        f"generated {record['sent']} of {record['planned']} tokens, stopped by the gateway"
+    )
+    assert chat.errors() == []
+
+
+def test_the_next_answer_is_clean_and_its_history_leaves_out_the_stopped_one(
+    chat: ChatPage, gateway: Gateway
+) -> None:
+    chat.ask("First question")
+    chat.wait_for_tokens(3)
+    chat.stop_button.click()
+    expect(chat.answer().locator(".status")).to_contain_text("stopped by user")
+    stopped_text = chat.answer_text()
+
+    chat.ask("Second question")
+    expect(chat.answer(1)).to_have_attribute("data-status", "completed", timeout=WAIT * 1000)
+    second_id = chat.session_id(1)
+    record = gateway.stream_for(second_id)
+    assert record["outcome"] == "completed"
+    # Exactly the second session's tokens, none from the first, and the first
+    # answer was not touched.
+    assert chat.answer_text(1) == record["text"]
+    assert chat.answer_text(0) == stopped_text
+    assert chat.session_id(0) != second_id
+    expect(chat.answer(1).locator(".status")).to_have_count(0)
+
+    body = json.loads(chat.stream_requests[1].post_data or "")
+    assert body["messages"] == [
+        {"role": "user", "content": "First question"},
+        {"role": "user", "content": "Second question"},
+    ]
+    assert chat.stream_requests[1].headers["x-session-id"] == second_id
+    assert chat.errors() == []
+
+
+def test_reloading_mid_stream_closes_the_provider(chat: ChatPage, gateway: Gateway) -> None:
+    chat.ask("Keep talking")
+    chat.wait_for_tokens(3)
+    session_id = chat.session_id()
+    reloaded = time.monotonic()
+    chat.page.reload()
+    record = gateway.stream_for(session_id)
+    assert record["outcome"] == "closed_by_client"
+    assert record["ended_at"] - reloaded < 1.0
+    assert record["sent"] < record["planned"]
+    gateway.wait_for(rf"\[SSE\] {session_id} aborted by client/cancel")
+    expect(chat.stop_button).to_be_disabled()
+
+
+def test_a_failed_cancel_call_still_stops_cleanly(chat: ChatPage, gateway: Gateway) -> None:
+    chat.page.route("**/api/chat/cancel/**", lambda route: route.abort())
+    chat.ask("Hello")
+    chat.wait_for_tokens(3)
+    session_id = chat.session_id()
+    chat.stop_button.click()
+    expect(chat.answer().locator(".status")).to_contain_text("AI response stopped by user.")
+    expect(chat.stop_button).to_be_disabled()
+    expect(chat.send_button).to_be_enabled()
+    # The aborted fetch alone closes the provider.
+    record = gateway.stream_for(session_id)
+    assert record["outcome"] == "closed_by_client"
+    line = gateway.wait_for(rf"\[SSE\] {session_id} aborted by client/cancel")
+    assert "reason=disconnect" in line
+    # Chromium itself logs the failed request; the page logs no error of its own.
+    assert [e for e in chat.errors() if "/api/chat/cancel/" not in e] == []
+    assert all(e.startswith("Failed to load resource") for e in chat.errors())
+    warnings = [m.text for m in chat.console if m.type == "warning"]
+    assert any(f"cancel of {session_id} failed" in w for w in warnings), warnings
+
+
+def test_escape_stops_and_enter_sends(chat: ChatPage, gateway: Gateway) -> None:
+    chat.message.fill("Via the keyboard")
+    chat.message.press("Enter")
+    chat.wait_for_tokens(3)
+    expect(chat.stop_button).to_be_enabled()
+    session_id = chat.session_id()
+    chat.page.keyboard.press("Escape")
+    expect(chat.answer().locator(".status")).to_contain_text("AI response stopped by user.")
+    expect(chat.stop_button).to_be_disabled()
+    assert gateway.stream_for(session_id)["outcome"] == "closed_by_client"
+
+
+def test_an_error_is_shown_readably(context: BrowserContext, gateway: Gateway) -> None:
+    # A gateway whose provider refuses connections answers with an `error` event.
+    broken = Gateway(
+        gateway.worker,
+        GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{free_port()}/v1",
+        GATEWAY_MODEL="m",
+    )
+    try:
+        chat = ChatPage(context.new_page(), broken)
+        chat.ask("Anyone there?")
+        expect(chat.answer()).to_have_attribute("data-status", "error", timeout=WAIT * 1000)
+        expect(chat.answer().locator(".status")).to_have_text(
+            "Something went wrong: provider refused the connection"
+        )
+        expect(chat.stop_button).to_be_disabled()
+        expect(chat.send_button).to_be_enabled()
+        assert chat.page_errors == []
+    finally:
+        broken.stop()
+
+
+def test_a_duplicate_session_id_is_an_error_state_not_a_stop(chat: ChatPage) -> None:
+    second: dict[str, Any] = chat.page.evaluate(
+        """async () => {
+            const { startChat } = await import('/static/client.js');
+            let started;
+            const firstToken = new Promise((resolve) => { started = resolve; });
+            const first = startChat({ messages: [{ role: 'user', content: 'a' }],
+                                      sessionId: 'session_1_conflict', onToken: () => started() });
+            await firstToken;
+            const second = await startChat({ messages: [{ role: 'user', content: 'b' }],
+                                             sessionId: 'session_1_conflict' }).done;
+            await first.stop();
+            return second;
+        }"""
+    )
+    assert second["status"] == "error"
+    assert second["code"] == "session_conflict"
+    assert second["message"]
+
+
+def test_works_on_a_narrow_phone_screen(
+    playwright: Playwright, gateway: Gateway, tmp_path: Path
+) -> None:
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+    )
+    try:
+        page = browser.new_page(viewport={"width": 360, "height": 640}, is_mobile=True)
+        chat = ChatPage(page, gateway)
+        chat.ask("Small screen")
+        chat.wait_for_tokens(3)
+        chat.stop_button.click()
+        expect(chat.answer().locator(".status")).to_contain_text("stopped by user")
+        # Nothing wider than the screen, and both buttons on it.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        for button in (chat.send_button, chat.stop_button):
+            box = button.bounding_box()
+            assert box is not None
+            assert box["x"] >= 0
+            assert box["x"] + box["width"] <= 360
+            assert box["height"] >= 40  # a finger's target
+    finally:
+        browser.close()
