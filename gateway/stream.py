@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx2 as httpx
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import Receive, Scope, Send
 
 from .errors import HTTPError, UpstreamError, UpstreamProtocolError
 from .events import PING, encode_event, encode_token
+from .outbox import Outbox
 from .parser import ProviderStreamParser
 from .registry import Registry
 from .responses import error_response
@@ -42,12 +41,6 @@ logger = logging.getLogger(__name__)
 _QUEUE_SIZE = 64
 # After [DONE], how long to wait for the body's last bytes so the connection can be reused.
 _DRAIN_TIMEOUT = 1.0
-
-
-@dataclass(slots=True)
-class _Chunk:
-    data: bytes
-    tokens: int = 0
 
 
 class ChatStream:
@@ -80,22 +73,22 @@ class ChatStream:
             await error_response(exc)(scope, receive, send)
             return
         logger.info("[SSE] %s started model=%s", session.id, session.model)
-        tx, rx = anyio.create_memory_object_stream[_Chunk](_QUEUE_SIZE)
+        outbox = Outbox(_QUEUE_SIZE)
         start = {"session_id": session.id, "model": session.model}
-        tx.send_nowait(_Chunk(encode_event("start", session.next_seq(), start)))
+        outbox.put_nowait(encode_event("start", session.next_seq(), start))
         async with anyio.create_task_group() as tg:
             tg.start_soon(_listen_for_disconnect, session, receive)
-            tg.start_soon(self._send_events, session, rx, send)
-            await self._run(session, tx, send)
+            tg.start_soon(self._send_events, session, outbox, send)
+            await self._run(session, outbox, send)
             # Stops the listener, and on asyncio a sender stuck past its bound.
             tg.cancel_scope.cancel()
 
-    async def _run(self, session: Session, tx: MemoryObjectSendStream[_Chunk], send: Send) -> None:
+    async def _run(self, session: Session, outbox: Outbox, send: Send) -> None:
         try:
             with session.scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._watch, session, tx)
-                    session.settle(await self._relay(session, tx))
+                    tg.start_soon(self._watch, session, outbox)
+                    session.settle(await self._relay(session, outbox))
                     tg.cancel_scope.cancel()
         except Exception:
             logger.exception("[SSE] %s internal error", session.id)
@@ -104,18 +97,16 @@ class ChatStream:
             with anyio.CancelScope(shield=True):
                 # Cancelled from outside our scope: the server is going away.
                 session.cancel("shutdown")
-                await self._finish(session, tx, send)
+                await self._finish(session, outbox, send)
 
-    async def _finish(
-        self, session: Session, tx: MemoryObjectSendStream[_Chunk], send: Send
-    ) -> None:
+    async def _finish(self, session: Session, outbox: Outbox, send: Send) -> None:
         """Cleanup every trigger ends in; the upstream response is already closed."""
         bound = self._settings.send_timeout
-        async with tx:
+        try:
             if not session.client_gone:
                 try:
                     with anyio.move_on_after(bound):
-                        await tx.send(_Chunk(_terminal(session)))
+                        await outbox.put(_terminal(session))
                 except anyio.BrokenResourceError:
                     # The sender was cancelled with the request (a server's hard
                     # shutdown), dropping whatever it still had queued: write the
@@ -133,6 +124,8 @@ class ChatStream:
                             await send(
                                 {"type": "http.response.body", "body": b"", "more_body": False}
                             )
+        finally:
+            outbox.close()
         if not session.client_gone:
             with anyio.move_on_after(bound):
                 await session.sender_done.wait()
@@ -140,7 +133,7 @@ class ChatStream:
         session.log_end()
         session.ended.set()
 
-    async def _relay(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> Outcome:
+    async def _relay(self, session: Session, outbox: Outbox) -> Outcome:
         """Read the provider's stream into the queue until it ends."""
         upstream: UpstreamResponse | None = None
         try:
@@ -170,7 +163,7 @@ class ChatStream:
                         encode_token(session.next_seq(), delta) for delta in parsed.deltas
                     )
                     session.tokens += len(parsed.deltas)
-                    await tx.send(_Chunk(body, len(parsed.deltas)))
+                    await outbox.put(body, len(parsed.deltas))
             if parser.done:
                 # Read the body's end so the connection goes back to the pool.
                 with anyio.move_on_after(_DRAIN_TIMEOUT):
@@ -183,7 +176,7 @@ class ChatStream:
             if upstream is not None:
                 await upstream.aclose()
 
-    async def _watch(self, session: Session, tx: MemoryObjectSendStream[_Chunk]) -> None:
+    async def _watch(self, session: Session, outbox: Outbox) -> None:
         """Every timeout and the pings, on deadlines: one task, no timer per token.
 
         Deadlines only move later as tokens arrive, except two that appear: the idle
@@ -221,15 +214,13 @@ class ChatStream:
                 if now >= ping_at:
                     # A full queue holds data already; a ping would add nothing.
                     with contextlib.suppress(anyio.WouldBlock):
-                        tx.send_nowait(_Chunk(PING))
+                        outbox.put_nowait(PING)
                     session.last_write_at = now
                     ping_at = now + s.ping_interval
                 wake = min(wake, ping_at)
             await anyio.sleep_until(wake)
 
-    async def _send_events(
-        self, session: Session, rx: MemoryObjectReceiveStream[_Chunk], send: Send
-    ) -> None:
+    async def _send_events(self, session: Session, outbox: Outbox, send: Send) -> None:
         """Write queued chunks to the client: whatever is ready goes in one send."""
         try:
             if session.client_gone:
@@ -247,34 +238,25 @@ class ChatStream:
                 }
             )
             session.response_started = True
-            async with rx:
-                async for chunk in rx:
-                    parts, tokens = [chunk.data], chunk.tokens
-                    while True:
-                        try:
-                            chunk = rx.receive_nowait()
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                        parts.append(chunk.data)
-                        tokens += chunk.tokens
-                    if session.client_gone:
-                        continue  # keep draining so the relay never blocks on a dead client
-                    session.send_started_at = anyio.current_time()
-                    await send(
-                        {"type": "http.response.body", "body": b"".join(parts), "more_body": True}
-                    )
-                    # Counted once the send returns: hypercorn's Trio worker can be
-                    # cancelled before its (shielded) write, never after it; its
-                    # asyncio worker does not yield at all while the client reads.
-                    session.tokens_sent += tokens
-                    session.send_started_at = None
-                    session.last_write_at = anyio.current_time()
+            while (batch := await outbox.take()) is not None:
+                data, tokens = batch
+                if session.client_gone:
+                    continue  # keep draining so the relay never blocks on a dead client
+                session.send_started_at = anyio.current_time()
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                # Counted once the send returns: hypercorn's Trio worker can be
+                # cancelled before its (shielded) write, never after it; its
+                # asyncio worker does not yield at all while the client reads.
+                session.tokens_sent += tokens
+                session.send_started_at = None
+                session.last_write_at = anyio.current_time()
             if not session.client_gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             session.client_gone = True
             session.cancel("disconnect")
         finally:
+            outbox.close_receiver()
             session.sender_done.set()
 
 
