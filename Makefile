@@ -12,13 +12,13 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev lint typecheck jstest pytest
 
-# Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 5 min).
+# Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 7 min).
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.run
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests bench scripts
+	$(BIN)/ruff format --check gateway tests bench scripts
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

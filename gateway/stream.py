@@ -3,7 +3,7 @@
 ::
 
     request task group ─┬─ disconnect listener (blocked on receive())
-                        ├─ sender: queue → ASGI send, one send per batch
+                        ├─ sender: outbox → ASGI send, one send per batch
                         └─ Session.scope ─┬─ relay: provider → parser → queue
                                           └─ watchdog: timeouts, pings, stuck sends
 

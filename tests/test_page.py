@@ -389,6 +389,27 @@ def test_an_error_is_shown_readably(context: BrowserContext, gateway: Gateway) -
         broken.stop()
 
 
+def test_timeout_and_shutdown_stops_say_so(context: BrowserContext, gateway: Gateway) -> None:
+    short = Gateway(gateway.worker, GATEWAY_MAX_DURATION="1")
+    try:
+        chat = ChatPage(context.new_page(), short)
+        chat.ask("Take your time")
+        expect(chat.answer().locator(".status")).to_contain_text(
+            "AI response stopped: the answer reached its time limit.", timeout=WAIT * 1000
+        )
+        assert chat.answer_text()
+        chat.ask("Again")
+        chat.wait_for_tokens(3)
+        short.process.terminate()  # SIGTERM: `gateway serve` stops streams, then exits
+        expect(chat.answer().locator(".status")).to_contain_text(
+            "AI response stopped: the server is restarting.", timeout=WAIT * 1000
+        )
+        expect(chat.stop_button).to_be_disabled()
+        assert chat.errors() == []
+    finally:
+        short.stop()
+
+
 def test_a_duplicate_session_id_is_an_error_state_not_a_stop(chat: ChatPage) -> None:
     second: dict[str, Any] = chat.page.evaluate(
         """async () => {

@@ -109,7 +109,8 @@ async function send(text) {
     current = null;
     setStreaming(false);
   }
-  showDemo(chat.sessionId);
+  // A server that is shutting down has no panel to show.
+  if (state.reason !== "shutdown") showDemo(chat.sessionId);
 }
 
 form.addEventListener("submit", (event) => {
