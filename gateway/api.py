@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,13 +18,16 @@ import anyio
 from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from .errors import BadRequest, HTTPError, UnsupportedMediaType
+from .auth import Authenticator
+from .errors import BadRequest, HTTPError, PayloadTooLarge, UnsupportedMediaType
 from .registry import Registry
 from .responses import error_response
 from .server import load_config, serve
@@ -103,7 +107,20 @@ async def _serve_simulator(
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type", "x-session-id"],
+                expose_headers=["x-session-id"],
+                max_age=600,
+            )
+        )
     app = Starlette(
+        middleware=middleware,
         routes=[
             Route("/api/chat/stream", _chat_stream, methods=["POST"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
@@ -120,18 +137,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=_Lifespan,
     )
     app.state.settings = settings
-    app.state.registry = Registry()
+    app.state.registry = Registry(
+        max_sessions=settings.max_sessions, max_per_principal=settings.max_sessions_per_principal
+    )
+    app.state.auth = Authenticator(settings)
     # A level, not a handler: where the lines go is the operator's logging config.
     logging.getLogger("gateway").setLevel(settings.log_level_number)
     return app
 
 
+def _principal(request: Request) -> str:
+    auth: Authenticator = request.app.state.auth
+    return auth.principal(request.headers, request.client.host if request.client else None)
+
+
 async def _chat_stream(request: Request) -> Response:
     state = request.app.state
+    principal = _principal(request)
     session_id = _session_id(request.headers.get("x-session-id"))
-    payload = _chat_payload(await _json_body(request), state.settings)
+    body = await _json_body(request, state.settings.max_body_bytes)
+    payload = _chat_payload(body, state.settings)
     return _StreamResponse(
         ChatStream(
+            principal=principal,
             registry=state.registry,
             client=state.client,
             settings=state.settings,
@@ -155,10 +183,12 @@ class _StreamResponse(Response):
 
 
 async def _chat_cancel(request: Request) -> Response:
+    principal = _principal(request)
     session_id = request.path_params["session_id"]
     logger.info("[SSE] Cancel request received for %s", session_id)
     state = request.app.state
-    session = state.registry.get(session_id)
+    # Another principal's session answers exactly like an unknown one.
+    session = state.registry.get(session_id, principal)
     if session is None or not session.cancel("cancel"):
         return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
     with anyio.move_on_after(state.settings.cancel_wait):
@@ -183,6 +213,7 @@ def _simulator(request: Request) -> Simulator | None:
 
 async def _demo_provider(request: Request) -> Response:
     """What the built-in simulator did for a session: the token saving made visible."""
+    _principal(request)
     simulator = _simulator(request)
     if simulator is None:
         raise HTTPException(404, "demo mode is off: the gateway talks to a real provider")
@@ -232,12 +263,22 @@ def _session_id(value: str | None) -> str:
     return value
 
 
-async def _json_body(request: Request) -> Any:
+async def _json_body(request: Request, limit: int) -> Any:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
+    too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large  # answered before reading a byte of it
+    body = bytearray()
+    async with contextlib.aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > limit:
+                raise too_large
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except ValueError:
         raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
 
@@ -249,6 +290,10 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", code="invalid_body")
+    if len(messages) > settings.max_messages:
+        raise BadRequest(
+            f"messages must have at most {settings.max_messages} entries", code="invalid_body"
+        )
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -259,6 +304,11 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
             )
         if not isinstance(message.get("content"), str):
             raise BadRequest(f"messages[{i}].content must be a string", code="invalid_body")
+        if len(message["content"]) > settings.max_message_chars:
+            raise BadRequest(
+                f"messages[{i}].content is longer than {settings.max_message_chars} characters",
+                code="invalid_body",
+            )
         clean.append({"role": message["role"], "content": message["content"]})
     model = body.get("model", settings.model)
     if not isinstance(model, str) or not model:

@@ -21,9 +21,12 @@ class HTTPError(GatewayError):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -31,6 +34,30 @@ class HTTPError(GatewayError):
 class BadRequest(HTTPError):
     status_code = 400
     code = "bad_request"
+
+
+class Unauthorized(HTTPError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class PayloadTooLarge(HTTPError):
+    status_code = 413
+    code = "body_too_large"
+
+
+class TooManySessions(HTTPError):
+    """This principal has as many live streams as it may."""
+
+    status_code = 429
+    code = "too_many_sessions"
+
+
+class ServerBusy(HTTPError):
+    """The process holds as many live streams as it may."""
+
+    status_code = 503
+    code = "server_busy"
 
 
 class UnsupportedMediaType(HTTPError):

@@ -8,6 +8,7 @@ the finish reason, the usage and the ``[DONE]`` marker. Keep-alive comments
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,8 +110,15 @@ class ProviderStreamParser:
             out.usage = usage
 
 
+_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def _error_message(error: Any) -> str:
-    message = error.get("message") if isinstance(error, dict) else None
-    if isinstance(message, str):
-        return "provider error: " + message[:200]
+    """A safe message for an in-stream error object. Its free text may echo the prompt
+    or account details, so only a short identifier (``type`` or ``code``) is passed on."""
+    if isinstance(error, dict):
+        for field in ("type", "code"):
+            value = error.get(field)
+            if isinstance(value, str) and _ERROR_TYPE.fullmatch(value):
+                return f"provider sent an error: {value}"
     return "provider sent an error"

@@ -1,44 +1,80 @@
-"""The registry of live sessions, keyed by the client's session id."""
+"""The registry of live sessions, keyed by (principal, the client's session id).
+
+Two principals may use the same session id; one principal cannot see, cancel or
+collide with another's. It also holds the live-stream limits, per principal and for
+the process.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from .errors import SessionConflict, ShuttingDown
+from .errors import ServerBusy, SessionConflict, ShuttingDown, TooManySessions
 from .session import Session
 
-__all__ = ["Registry"]
+__all__ = ["ANONYMOUS", "Registry"]
 
 logger = logging.getLogger(__name__)
 
+# The one principal when the gateway authenticates nobody (GATEWAY_API_KEYS and
+# GATEWAY_PRINCIPAL_HEADER unset).
+ANONYMOUS = "anonymous"
+
+# Seconds a refused client is told to wait: streams end in seconds, not minutes.
+_RETRY_AFTER = "1"
+
 
 class Registry:
-    def __init__(self) -> None:
-        self._sessions: dict[str, Session] = {}
+    def __init__(
+        self, *, max_sessions: int | None = None, max_per_principal: int | None = None
+    ) -> None:
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._per_principal: dict[str, int] = {}
+        self._max_sessions = max_sessions
+        self._max_per_principal = max_per_principal
         self.closing = False
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def __contains__(self, session_id: str) -> bool:
-        return session_id in self._sessions
+        """Whether the anonymous principal has ``session_id`` live (for tests and tools)."""
+        return (ANONYMOUS, session_id) in self._sessions
 
-    def open(self, session_id: str, model: str) -> Session:
-        """Claim ``session_id`` for a new stream."""
+    def open(self, session_id: str, model: str, principal: str = ANONYMOUS) -> Session:
+        """Claim ``session_id`` for a new stream of ``principal``."""
         if self.closing:
             raise ShuttingDown("the gateway is shutting down")
-        if session_id in self._sessions:
+        key = (principal, session_id)
+        if key in self._sessions:
             raise SessionConflict(f"a live stream already has session id {session_id!r}")
-        session = Session(session_id, model)
-        self._sessions[session_id] = session
+        live = self._per_principal.get(principal, 0)
+        if self._max_per_principal is not None and live >= self._max_per_principal:
+            raise TooManySessions(
+                f"at most {self._max_per_principal} live streams per client",
+                headers={"retry-after": _RETRY_AFTER},
+            )
+        if self._max_sessions is not None and len(self._sessions) >= self._max_sessions:
+            raise ServerBusy(
+                "the gateway holds as many streams as it may", headers={"retry-after": _RETRY_AFTER}
+            )
+        session = Session(session_id, model, principal)
+        self._sessions[key] = session
+        self._per_principal[principal] = live + 1
         return session
 
-    def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
+    def get(self, session_id: str, principal: str = ANONYMOUS) -> Session | None:
+        return self._sessions.get((principal, session_id))
 
     def remove(self, session: Session) -> None:
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
+        key = (session.principal, session.id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+            left = self._per_principal[session.principal] - 1
+            if left:
+                self._per_principal[session.principal] = left
+            else:
+                del self._per_principal[session.principal]
 
     async def shutdown(self) -> None:
         """Refuse new streams, stop every live one with reason ``shutdown``, wait for them.

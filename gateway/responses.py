@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import logging
+
+import anyio
+import trio
 from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from .errors import HTTPError
 
 __all__ = ["error_response"]
 
+logger = logging.getLogger(__name__)
+
+# What writing to a client that has gone away raises. BusyResourceError: hypercorn's
+# Trio worker closes a connection whose request body was left unread while the answer
+# is still being written (seen answering 413 to a body still arriving).
+_CLIENT_GONE = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    trio.BusyResourceError,
+)
+
+
+class _ErrorResponse(JSONResponse):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except _CLIENT_GONE:
+            # Refused requests whose client left are not the gateway's errors.
+            logger.info("client went away before its %d answer was written", self.status_code)
+
 
 def error_response(exc: HTTPError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status_code
+    return _ErrorResponse(
+        {"error": {"code": exc.code, "message": exc.message}},
+        status_code=exc.status_code,
+        headers=exc.headers,
     )

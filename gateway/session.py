@@ -54,9 +54,10 @@ class Session:
     Times are on ``anyio.current_time()``, the clock the watchdog sleeps on.
     """
 
-    def __init__(self, session_id: str, model: str) -> None:
+    def __init__(self, session_id: str, model: str, principal: str = "anonymous") -> None:
         self.id = session_id
         self.model = model
+        self.principal = principal
         self.scope = anyio.CancelScope()
         self.outcome: Outcome | None = None
         self.started_at = anyio.current_time()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from .errors import ConfigError
@@ -39,6 +41,18 @@ class Settings:
     # Demo mode only: how long the built-in simulator's answers are, and how fast.
     simulator_tokens: int = 300
     simulator_rate: float = 40.0
+    # Who a request comes from (docs/security.md): bearer keys as (name, key) pairs,
+    # or a header set by a trusted authenticating proxy; neither: one anonymous principal.
+    api_keys: tuple[tuple[str, str], ...] = ()
+    principal_header: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    # Limits on what clients may ask for.
+    max_body_bytes: int = 1024 * 1024
+    max_messages: int = 1000
+    max_message_chars: int = 512 * 1024
+    max_sessions_per_principal: int = 8
+    max_sessions: int = 10_000
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -69,6 +83,43 @@ class Settings:
             )
         if not self.model:
             raise ConfigError("GATEWAY_MODEL must not be empty")
+        for name in (
+            "max_body_bytes",
+            "max_messages",
+            "max_message_chars",
+            "max_sessions_per_principal",
+            "max_sessions",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_env_name(name)} must be >= 1")
+        names = [name for name, _ in self.api_keys]
+        keys = [key for _, key in self.api_keys]
+        for name, key in self.api_keys:
+            if not name or ":" in name:
+                raise ConfigError("each API key needs a name: entries are name:key")
+            if len(key) < 16:
+                raise ConfigError(f"the API key named {name!r} is shorter than 16 characters")
+        if len(set(names)) != len(names) or len(set(keys)) != len(keys):
+            raise ConfigError("API key names and keys must each be unique")
+        if self.api_keys and self.principal_header:
+            raise ConfigError(
+                "set either GATEWAY_API_KEYS(_FILE) or GATEWAY_PRINCIPAL_HEADER, not both"
+            )
+        if self.principal_header and not self.trusted_proxies:
+            raise ConfigError(
+                "GATEWAY_PRINCIPAL_HEADER needs GATEWAY_TRUSTED_PROXIES: the header is "
+                "honoured only from them"
+            )
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"GATEWAY_TRUSTED_PROXIES: {proxy!r} is not an IP address or network"
+                ) from None
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"GATEWAY_CORS_ORIGINS: {origin!r} is not an origin")
         if self.simulator_tokens < 1:
             raise ConfigError("GATEWAY_SIMULATOR_TOKENS must be >= 1")
         if not math.isfinite(self.simulator_rate) or self.simulator_rate <= 0:
@@ -108,6 +159,17 @@ class Settings:
             log_level=env.get("GATEWAY_LOG_LEVEL", defaults.log_level).upper(),
             simulator_tokens=_read(env, "simulator_tokens", int, defaults.simulator_tokens),
             simulator_rate=_read(env, "simulator_rate", float, defaults.simulator_rate),
+            api_keys=_api_keys(env),
+            principal_header=(env.get("GATEWAY_PRINCIPAL_HEADER") or "").strip().lower() or None,
+            trusted_proxies=_list(env, "GATEWAY_TRUSTED_PROXIES"),
+            cors_origins=tuple(o.rstrip("/") for o in _list(env, "GATEWAY_CORS_ORIGINS")),
+            max_body_bytes=_read(env, "max_body_bytes", int, defaults.max_body_bytes),
+            max_messages=_read(env, "max_messages", int, defaults.max_messages),
+            max_message_chars=_read(env, "max_message_chars", int, defaults.max_message_chars),
+            max_sessions_per_principal=_read(
+                env, "max_sessions_per_principal", int, defaults.max_sessions_per_principal
+            ),
+            max_sessions=_read(env, "max_sessions", int, defaults.max_sessions),
         )
 
 
@@ -123,3 +185,31 @@ def _read(env: Mapping[str, str], field: str, kind: Callable[[str], _T], default
         return kind(raw.strip())
     except ValueError:
         raise ConfigError(f"{_env_name(field)} must be a {kind.__name__}, got {raw!r}") from None
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """``GATEWAY_API_KEYS`` (``name:key,...``) and the lines of ``GATEWAY_API_KEYS_FILE``
+    (``name:key``; blank lines and ``#`` comments skipped). Never echoes a key."""
+    entries = list(_list(env, "GATEWAY_API_KEYS"))
+    path = env.get("GATEWAY_API_KEYS_FILE")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"GATEWAY_API_KEYS_FILE: cannot read {path}: {exc}") from None
+        entries += [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
+    pairs = []
+    for i, entry in enumerate(entries, 1):
+        name, sep, key = entry.partition(":")
+        if not sep:
+            raise ConfigError(f"API key entry {i} is not name:key")
+        pairs.append((name.strip(), key.strip()))
+    return tuple(pairs)

@@ -102,6 +102,8 @@ class Simulator:
         self.config = config or SimulatorConfig()
         self.records: deque[StreamRecord] = deque(maxlen=_RECORDS_KEPT)
         self.requests: list[dict[str, Any]] = []
+        # The Authorization header of each chat request (tests check the provider key).
+        self.authorizations: list[str] = []
         self._ids = itertools.count(1)
         self._waiters: list[_Waiter] = []
 
@@ -137,7 +139,10 @@ class Simulator:
         method, path = scope["method"], scope["path"]
         if method == "POST" and path == "/v1/chat/completions":
             body = await _read_body(receive)
-            session_id = dict(scope["headers"]).get(b"x-session-id")
+            headers = dict(scope["headers"])
+            if b"authorization" in headers:
+                self.authorizations.append(headers[b"authorization"].decode("latin-1"))
+            session_id = headers.get(b"x-session-id")
             await self._chat(body, receive, send, session_id and session_id.decode("latin-1"))
         elif method == "GET" and path == "/v1/_streams":
             await _json(send, 200, {"streams": [r.as_json() for r in self.records]})

@@ -26,7 +26,7 @@ from .errors import HTTPError, UpstreamError, UpstreamProtocolError
 from .events import PING, encode_event, encode_token
 from .outbox import Outbox
 from .parser import ProviderStreamParser
-from .registry import Registry
+from .registry import ANONYMOUS, Registry
 from .responses import error_response
 from .session import Completed, Failed, Outcome, Session
 from .settings import Settings
@@ -49,6 +49,7 @@ class ChatStream:
     def __init__(
         self,
         *,
+        principal: str,
         registry: Registry,
         client: httpx.AsyncClient,
         settings: Settings,
@@ -57,6 +58,7 @@ class ChatStream:
         payload: dict[str, Any],
         upstream_headers: dict[str, str] | None = None,
     ) -> None:
+        self._principal = principal
         self._registry = registry
         self._client = client
         self._settings = settings
@@ -68,11 +70,19 @@ class ChatStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
         try:
-            session = self._registry.open(self._session_id, self._payload["model"])
+            session = self._registry.open(self._session_id, self._payload["model"], self._principal)
         except HTTPError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        logger.info("[SSE] %s started model=%s", session.id, session.model)
+        if session.principal == ANONYMOUS:
+            logger.info("[SSE] %s started model=%s", session.id, session.model)
+        else:
+            logger.info(
+                "[SSE] %s started model=%s principal=%s",
+                session.id,
+                session.model,
+                session.principal,
+            )
         outbox = Outbox(_QUEUE_SIZE)
         start = {"session_id": session.id, "model": session.model}
         outbox.put_nowait(encode_event("start", session.next_seq(), start))

@@ -198,18 +198,27 @@ class Harness:
 
     @asynccontextmanager
     async def stream(
-        self, session_id: str, content: str = "Tell me about stopping.", **body: Any
+        self,
+        session_id: str,
+        content: str = "Tell me about stopping.",
+        headers: dict[str, str] | None = None,
+        **body: Any,
     ) -> AsyncIterator[EventReader]:
         payload = {"messages": [{"role": "user", "content": content}], **body}
         async with self.client.stream(
-            "POST", "/api/chat/stream", headers={"X-Session-Id": session_id}, json=payload
+            "POST",
+            "/api/chat/stream",
+            headers={"X-Session-Id": session_id, **(headers or {})},
+            json=payload,
         ) as response:
             assert response.status_code == 200, response.status_code
             reader = EventReader(response)
             yield reader
 
-    async def cancel(self, session_id: str) -> httpx.Response:
-        return await self.client.post(f"/api/chat/cancel/{session_id}")
+    async def cancel(
+        self, session_id: str, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.client.post(f"/api/chat/cancel/{session_id}", headers=headers)
 
     async def record(self, index: int = -1) -> StreamRecord:
         """The simulator's record of a stream, once it has one."""

@@ -119,6 +119,12 @@ def test_event_larger_than_the_bound_is_refused() -> None:
         parser.feed(b"data: " + b"a" * 600 + b"\ndata: " + b"b" * 600 + b"\n")
 
 
-def test_error_object_in_stream_is_upstream_error() -> None:
-    with pytest.raises(UpstreamStatusError, match="overloaded"):
-        ProviderStreamParser().feed(b'data: {"error": {"message": "overloaded"}}\n\n')
+def test_error_object_in_stream_is_upstream_error_with_a_safe_message() -> None:
+    # The free text may echo the prompt or account details: only the type is passed on.
+    chunk = b'data: {"error": {"message": "key sk-123 of bob@example.com", "type": "rate_limit"}}'
+    with pytest.raises(UpstreamStatusError) as info:
+        ProviderStreamParser().feed(chunk + b"\n\n")
+    assert info.value.message == "provider sent an error: rate_limit"
+    with pytest.raises(UpstreamStatusError) as info:
+        ProviderStreamParser().feed(b'data: {"error": {"message": "secret", "type": "a b"}}\n\n')
+    assert info.value.message == "provider sent an error"

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from gateway import ConfigError, Settings
@@ -65,3 +68,62 @@ def test_reads_every_variable() -> None:
 def test_bad_values_fail_loudly_naming_the_variable(env: dict[str, str], names: str) -> None:
     with pytest.raises(ConfigError, match=names):
         Settings.from_env(env)
+
+
+def test_reads_principals_limits_and_cors(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\ncarol:carol-key-0123456789abcd\n\n")
+    settings = Settings.from_env(
+        {
+            "GATEWAY_API_KEYS": "alice:alice-key-0123456789ab, bob:bob-key-0123456789abcd",
+            "GATEWAY_API_KEYS_FILE": str(keys),
+            "GATEWAY_CORS_ORIGINS": "https://a.example/, http://localhost:5173",
+            "GATEWAY_MAX_BODY_BYTES": "2048",
+            "GATEWAY_MAX_SESSIONS_PER_PRINCIPAL": "3",
+            "GATEWAY_MAX_SESSIONS": "50",
+            "GATEWAY_MAX_MESSAGES": "10",
+            "GATEWAY_MAX_MESSAGE_CHARS": "100",
+        }
+    )
+    assert [name for name, _ in settings.api_keys] == ["alice", "bob", "carol"]
+    assert settings.cors_origins == ("https://a.example", "http://localhost:5173")
+    assert (settings.max_body_bytes, settings.max_sessions) == (2048, 50)
+    assert settings.max_sessions_per_principal == 3
+    assert (settings.max_messages, settings.max_message_chars) == (10, 100)
+    proxied = Settings.from_env(
+        {"GATEWAY_PRINCIPAL_HEADER": "X-User", "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, ::1"}
+    )
+    assert proxied.principal_header == "x-user"
+    assert proxied.trusted_proxies == ("10.0.0.0/8", "::1")
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"GATEWAY_API_KEYS": "no-colon-here-0123456789"}, "name:key"),
+        ({"GATEWAY_API_KEYS": "a:short"}, "16"),
+        ({"GATEWAY_API_KEYS": ":anonymous-key-0123456789"}, "name"),
+        ({"GATEWAY_API_KEYS": "a:same-key-0123456789ab,b:same-key-0123456789ab"}, "unique"),
+        ({"GATEWAY_API_KEYS_FILE": "/nonexistent/keys"}, "GATEWAY_API_KEYS_FILE"),
+        (
+            {
+                "GATEWAY_API_KEYS": "a:alice-key-0123456789ab",
+                "GATEWAY_PRINCIPAL_HEADER": "x-user",
+                "GATEWAY_TRUSTED_PROXIES": "127.0.0.1",
+            },
+            "not both",
+        ),
+        ({"GATEWAY_PRINCIPAL_HEADER": "x-user"}, "GATEWAY_TRUSTED_PROXIES"),
+        ({"GATEWAY_PRINCIPAL_HEADER": "x", "GATEWAY_TRUSTED_PROXIES": "proxy"}, "'proxy'"),
+        ({"GATEWAY_CORS_ORIGINS": "example.com"}, "GATEWAY_CORS_ORIGINS"),
+        ({"GATEWAY_MAX_BODY_BYTES": "0"}, "GATEWAY_MAX_BODY_BYTES"),
+        ({"GATEWAY_MAX_SESSIONS": "many"}, "GATEWAY_MAX_SESSIONS"),
+    ],
+)
+def test_bad_principal_and_limit_settings_fail_loudly(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)) as info:
+        Settings.from_env(env)
+    # A key is never echoed in the error.
+    for value in env.values():
+        if "key-0123456789" in value:
+            assert value.split(":")[-1] not in str(info.value)

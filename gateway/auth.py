@@ -1,0 +1,73 @@
+"""Who a request comes from: the principal its sessions belong to (docs/security.md).
+
+Three modes, from the settings:
+- none: every request is the one anonymous principal (local development);
+- bearer keys: ``Authorization: Bearer <key>`` names the principal; a wrong or
+  missing key is a 401;
+- trusted header: the application's own authenticating proxy sets a header naming
+  the user; it is honoured only from ``GATEWAY_TRUSTED_PROXIES``, so a client that
+  reaches the gateway directly cannot claim to be someone else.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from starlette.datastructures import Headers
+
+from .errors import Unauthorized
+from .registry import ANONYMOUS
+from .settings import Settings
+
+__all__ = ["Authenticator"]
+
+_MAX_PRINCIPAL_CHARS = 256
+_CHALLENGE = {"www-authenticate": 'Bearer realm="gateway"'}
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self._keys = [(name, key.encode()) for name, key in settings.api_keys]
+        self._header = settings.principal_header
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+
+    def principal(self, headers: Headers, client: str | None) -> str:
+        """The principal of a request from the peer address ``client``; raise
+        ``Unauthorized`` if it has none."""
+        if self._keys:
+            return self._from_key(headers.get("authorization", ""))
+        if self._header:
+            return self._from_proxy(headers.get(self._header), client)
+        return ANONYMOUS
+
+    def _from_key(self, authorization: str) -> str:
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise Unauthorized(
+                "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
+            )
+        given = credential.strip().encode()
+        found = None
+        # Every key is compared, each in constant time: no timing tells which matched.
+        for name, key in self._keys:
+            if hmac.compare_digest(given, key):
+                found = name
+        if found is None:
+            raise Unauthorized("the API key is not valid", headers=_CHALLENGE)
+        return found
+
+    def _from_proxy(self, value: str | None, client: str | None) -> str:
+        if client is None or not self._trusted(client):
+            raise Unauthorized("requests must come through the authenticating proxy")
+        principal = (value or "").strip()
+        if not principal or len(principal) > _MAX_PRINCIPAL_CHARS or not principal.isprintable():
+            raise Unauthorized("the authenticating proxy did not name a user")
+        return principal
+
+    def _trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._proxies)

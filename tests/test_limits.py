@@ -1,0 +1,176 @@
+"""Limits on bad input: each a clear JSON error, never a 500, and nothing else disturbed."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import anyio
+import pytest
+
+from .harness import WAIT, Harness, sim_config
+
+pytestmark = pytest.mark.anyio
+
+SID = "session_1700000000000_limits"
+
+
+def _error(response: Any, status: int, code: str, *words: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    for word in words:
+        assert word in error["message"]
+
+
+async def _raw_post(port: int, head: bytes, body: bytes) -> bytes:
+    """Send a request's head and the start of its body; return the whole response.
+    (httpx reads no response before its request is sent whole.) The response is read
+    to its end before closing: a client that closes while hypercorn's Trio worker is
+    still writing can make it raise BusyResourceError (noted in docs/reliability.md)."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        await stream.send(
+            b"POST /api/chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"x-session-id: " + SID.encode() + b"\r\n" + head + b"\r\n" + body
+        )
+        answer = b""
+        with anyio.fail_after(WAIT):
+            while True:
+                try:
+                    answer += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+                head, _, body = answer.partition(b"\r\n\r\n")
+                length = re.search(rb"content-length: (\d+)", head.lower())
+                if length and len(body) >= int(length.group(1)):
+                    break
+    return answer
+
+
+async def test_a_declared_body_over_the_limit_is_413_before_it_is_sent() -> None:
+    async with Harness(max_body_bytes=1000) as h:
+        # The answer must not wait for the 10 MB that never come.
+        answer = await _raw_post(h.port, b"content-length: 10000000\r\n", b"{")
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert len(h.simulator.records) == 0
+
+
+async def test_a_chunked_body_over_the_limit_is_413_without_reading_it_all() -> None:
+    async with Harness(max_body_bytes=1000) as h:
+        # 2,000 bytes of a body that would never end: 413 after the first 1,000.
+        chunk = b"%x\r\n%s\r\n" % (2000, b"x" * 2000)
+        answer = await _raw_post(h.port, b"transfer-encoding: chunked\r\n", chunk)
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert len(h.simulator.records) == 0
+
+
+@pytest.mark.parametrize(
+    ("messages", "words"),
+    [
+        ([{"role": "user", "content": "x"}] * 4, ("messages", "at most 3")),
+        (
+            [{"role": "user", "content": "x"}, {"role": "user", "content": "y" * 11}],
+            ("messages[1].content", "10"),
+        ),
+        ([{"role": "robot", "content": "x"}], ("messages[0].role",)),
+        ([{"role": "user", "content": ["x"]}], ("messages[0].content",)),
+    ],
+)
+async def test_too_many_or_too_large_messages_are_400_naming_the_field(
+    messages: list[dict[str, Any]], words: tuple[str, ...]
+) -> None:
+    async with Harness(max_messages=3, max_message_chars=10) as h:
+        response = await h.client.post(
+            "/api/chat/stream", headers={"X-Session-Id": SID}, json={"messages": messages}
+        )
+        _error(response, 400, "invalid_body", *words)
+        assert len(h.simulator.records) == 0
+
+
+async def test_too_many_live_streams_of_one_principal_is_429_and_others_go_on() -> None:
+    keys = (("alice", "alice-key-0123456789abcdef"), ("bob", "bob-key-0123456789abcdef00"))
+    alice = {"Authorization": f"Bearer {keys[0][1]}"}
+    bob = {"Authorization": f"Bearer {keys[1][1]}"}
+    async with (
+        Harness(
+            sim_config(tokens=10_000, rate=100), api_keys=keys, max_sessions_per_principal=2
+        ) as h,
+        h.stream("session_1_first000", headers=alice) as first,
+        h.stream("session_1_second00", headers=alice) as second,
+    ):
+        await first.tokens_at_least(1)
+        await second.tokens_at_least(1)
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_1_third000", **alice},
+            json={"messages": [{"role": "user", "content": "x"}]},
+        )
+        _error(response, 429, "too_many_sessions", "2")
+        assert int(response.headers["retry-after"]) >= 1
+        # Another principal is not limited by alice's streams.
+        async with h.stream("session_1_bobs0000", headers=bob) as other:
+            await other.tokens_at_least(1)
+            assert (await h.cancel("session_1_bobs0000", headers=bob)).status_code == 200
+            await other.rest()
+        # The refused request disturbed neither stream.
+        await first.tokens_at_least(len(first.tokens) + 2)
+        for sid, stream in (("session_1_first000", first), ("session_1_second00", second)):
+            assert (await h.cancel(sid, headers=alice)).status_code == 200
+            assert (await stream.rest())[-1].data["reason"] == "cancel"
+
+
+async def test_a_full_process_is_503_with_retry_after() -> None:
+    async with (
+        Harness(sim_config(tokens=10_000, rate=100), max_sessions=1) as h,
+        h.stream("session_1_only0000") as only,
+    ):
+        await only.tokens_at_least(1)
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_1_more0000"},
+            json={"messages": [{"role": "user", "content": "x"}]},
+        )
+        _error(response, 503, "server_busy")
+        assert int(response.headers["retry-after"]) >= 1
+        assert (await h.cancel("session_1_only0000")).status_code == 200
+        await only.rest()
+        # The slot is free again.
+        async with h.stream("session_1_more0000") as again:
+            await again.tokens_at_least(1)
+            assert (await h.cancel("session_1_more0000")).status_code == 200
+            await again.rest()
+
+
+async def test_cors_allows_the_listed_origin_to_stream_and_cancel() -> None:
+    origin = "https://chat.example.com"
+    async with (
+        Harness(sim_config(tokens=10_000, rate=100), cors_origins=(origin,)) as h,
+    ):
+        preflight = await h.client.options(
+            "/api/chat/stream",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, x-session-id",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        allowed = preflight.headers["access-control-allow-headers"].lower()
+        assert "x-session-id" in allowed
+        async with h.stream(SID, headers={"Origin": origin}) as s:
+            await s.tokens_at_least(1)
+            assert s.response.headers["access-control-allow-origin"] == origin
+            exposed = s.response.headers["access-control-expose-headers"].lower()
+            assert "x-session-id" in exposed
+            cancel = await h.cancel(SID, headers={"Origin": origin})
+            assert cancel.status_code == 200
+            assert cancel.headers["access-control-allow-origin"] == origin
+            await s.rest()
+        other = await h.client.options(
+            "/api/chat/cancel/x",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert other.status_code == 400
+        assert "access-control-allow-origin" not in other.headers
