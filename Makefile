@@ -5,12 +5,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench lint typecheck jstest pytest clean
+.PHONY: run test bench soak lint typecheck jstest pytest clean
 
 run: $(VENV)/.installed
 	$(BIN)/gateway serve
 
 test: $(VENV)/.installed-dev lint typecheck jstest pytest
+
+# 10,000 streams with random fates on each worker class, then the books must balance
+# (docs/reliability.md; about 2 minutes). `make test` runs a short version.
+soak: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.soak
 
 # Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 7 min).
 bench: $(VENV)/.installed-dev

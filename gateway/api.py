@@ -28,6 +28,7 @@ from starlette.types import ASGIApp
 
 from .auth import Authenticator
 from .errors import BadRequest, HTTPError, PayloadTooLarge, UnsupportedMediaType
+from .openapi import openapi
 from .registry import Registry
 from .responses import error_response
 from .server import load_config, serve
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/chat/stream", _chat_stream, methods=["POST"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
             Route("/healthz", _healthz, methods=["GET"]),
+            Route("/openapi.json", _openapi, methods=["GET"]),
             Route("/api/demo/provider/{session_id}", _demo_provider, methods=["GET"]),
             Route("/", _index, methods=["GET"]),
             Mount("/static", StaticFiles(directory=_STATIC), name="static"),
@@ -137,10 +139,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=_Lifespan,
     )
     app.state.settings = settings
+    authenticated = bool(settings.api_keys or settings.principal_header)
     app.state.registry = Registry(
-        max_sessions=settings.max_sessions, max_per_principal=settings.max_sessions_per_principal
+        max_sessions=settings.max_sessions,
+        # Without authentication the one anonymous principal is every client: only
+        # the process-wide limit applies.
+        max_per_principal=settings.max_sessions_per_principal if authenticated else None,
     )
     app.state.auth = Authenticator(settings)
+    app.state.openapi = openapi(settings)
     # A level, not a handler: where the lines go is the operator's logging config.
     logging.getLogger("gateway").setLevel(settings.log_level_number)
     return app
@@ -219,16 +226,12 @@ async def _demo_provider(request: Request) -> Response:
         raise HTTPException(404, "demo mode is off: the gateway talks to a real provider")
     session_id = request.path_params["session_id"]
 
-    def ended() -> bool:
-        record = simulator.record_for(session_id)
-        return record is not None and record.outcome != "streaming"
-
-    # Asked right after a stop, the simulator may not have seen the close yet.
-    with anyio.move_on_after(_DEMO_WAIT):
-        await simulator.wait_until(ended)
     record = simulator.record_for(session_id)
     if record is None:
         raise HTTPException(404, "the simulator has no stream for this session")
+    # Asked right after a stop, the simulator may not have seen the close yet.
+    with anyio.move_on_after(_DEMO_WAIT):
+        await simulator.wait_until(lambda: record.outcome != "streaming")
     return JSONResponse(
         {
             "session_id": session_id,
@@ -237,6 +240,10 @@ async def _demo_provider(request: Request) -> Response:
             "outcome": record.outcome,
         }
     )
+
+
+async def _openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
 
 
 async def _index(request: Request) -> Response:
@@ -331,6 +338,9 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
         payload["temperature"] = temperature
     if "max_tokens" in body:
         max_tokens = body["max_tokens"]
+        # JSON has one number type: 5.0 is the integer 5 (as JSON Schema says too).
+        if isinstance(max_tokens, float) and max_tokens.is_integer():
+            max_tokens = int(max_tokens)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise BadRequest("max_tokens must be a positive integer", code="invalid_body")
         payload["max_tokens"] = max_tokens

@@ -40,6 +40,8 @@ class ProviderStreamParser:
     def feed(self, data: bytes) -> ParsedChunk:
         """Parse the next bytes; raise ``UpstreamProtocolError`` on malformed input."""
         out = ParsedChunk()
+        if not data:
+            return out  # an empty read must not forget a CR that ended the last one
         if self._skip_lf and data.startswith(b"\n"):
             data = data[1:]
         self._skip_lf = False

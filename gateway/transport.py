@@ -29,18 +29,21 @@ __all__ = ["BODY_EXTENSION", "H11Transport"]
 BODY_EXTENSION = "gateway.body"
 
 _READ_SIZE = 64 * 1024
+# Idle connections older than this are closed rather than reused (httpx's default).
+_KEEPALIVE_EXPIRY = 5.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _Origin = tuple[str, str, int]
 
 
 class _Connection:
-    __slots__ = ("h11", "origin", "stream")
+    __slots__ = ("h11", "idle_since", "origin", "stream")
 
     def __init__(self, stream: ByteStream, origin: _Origin) -> None:
         self.stream = stream
         self.origin = origin
         self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
 
     def looks_dead(self) -> bool:
         """An idle connection with something to read has been closed by the server
@@ -110,21 +113,29 @@ class H11Transport(httpx.AsyncBaseTransport):
             raise httpx.PoolTimeout("no free upstream connection slot", request=request) from exc
 
     async def _take_idle(self, origin: _Origin) -> _Connection | None:
-        for i in range(len(self._idle) - 1, -1, -1):
-            connection = self._idle[i]
-            if connection.origin != origin:
-                continue
-            del self._idle[i]
-            if connection.looks_dead():
+        """The newest usable idle connection to ``origin``. On the way, every idle
+        connection that has expired or that its server closed is closed (with no task
+        watching the pool, this is where they go)."""
+        now = anyio.current_time()
+        found = None
+        keep = []
+        for connection in self._idle:
+            if now - connection.idle_since > _KEEPALIVE_EXPIRY or connection.looks_dead():
                 await anyio.aclose_forcefully(connection.stream)
-                continue
-            return connection
-        return None
+            elif connection.origin == origin:
+                if found is not None:
+                    keep.append(found)
+                found = connection
+            else:
+                keep.append(connection)
+        self._idle = keep
+        return found
 
     async def _release(self, connection: _Connection, reusable: bool) -> None:
         try:
             if reusable and not self._closed and len(self._idle) < self._max_keepalive:
                 connection.h11.start_next_cycle()
+                connection.idle_since = anyio.current_time()
                 self._idle.append(connection)
             else:
                 await anyio.aclose_forcefully(connection.stream)

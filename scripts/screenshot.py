@@ -13,7 +13,8 @@ from playwright.sync_api import expect, sync_playwright
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_page import CHROMIUM, ChatPage, Gateway  # noqa: E402
+from tests.processes import Gateway  # noqa: E402
+from tests.test_page import CHROMIUM, ChatPage  # noqa: E402
 
 
 def main() -> None:

@@ -262,8 +262,9 @@ async def _serve(
     await serve(app, config, shutdown_trigger=stop, task_status=task_status)
 
 
-def established_to(port: int) -> int:
-    """Count ESTABLISHED sockets whose remote port is ``port`` (from /proc/net/tcp*)."""
+def established_to(port: int, states: tuple[str, ...] = ("01",)) -> int:
+    """Count ESTABLISHED sockets whose remote port is ``port`` (from /proc/net/tcp*);
+    ``states`` other TCP states to count too (08: CLOSE_WAIT)."""
     count = 0
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -272,7 +273,7 @@ def established_to(port: int) -> int:
                 for line in fh:
                     parts = line.split()
                     remote, state = parts[2], parts[3]
-                    if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                    if state in states and int(remote.rsplit(":", 1)[1], 16) == port:
                         count += 1
         except FileNotFoundError:
             continue

@@ -216,3 +216,11 @@ async def test_connect_timeout_is_upstream_unavailable() -> None:
                 with anyio.fail_after(3):
                     data = await _error_event(h, "session_ctimeout")
                 assert data["code"] == "upstream_unavailable"
+
+
+async def test_provider_sends_a_giant_chunk() -> None:
+    # One 2 MiB delta: a line over the parser's 1 MiB bound, refused, not buffered.
+    async with Harness(sim_config(tokens=3, rate=0, token_text="x" * (2 * 1024 * 1024))) as h:
+        data = await _error_event(h, "session_giant")
+        assert data["code"] == "upstream_protocol"
+        assert h.upstream_connections() == 0

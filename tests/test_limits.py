@@ -174,3 +174,17 @@ async def test_cors_allows_the_listed_origin_to_stream_and_cancel() -> None:
         )
         assert other.status_code == 400
         assert "access-control-allow-origin" not in other.headers
+
+
+async def test_without_authentication_only_the_process_limit_applies() -> None:
+    # The anonymous principal is every client: a per-principal cap would cap them all.
+    async with (
+        Harness(sim_config(tokens=10_000, rate=100), max_sessions_per_principal=1) as h,
+        h.stream("session_1_anon0001") as a,
+        h.stream("session_1_anon0002") as b,
+    ):
+        await a.tokens_at_least(1)
+        await b.tokens_at_least(1)
+        for sid, stream in (("session_1_anon0001", a), ("session_1_anon0002", b)):
+            assert (await h.cancel(sid)).status_code == 200
+            await stream.rest()

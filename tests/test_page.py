@@ -9,19 +9,13 @@ its stderr.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
 import pytest
 from playwright.sync_api import (
     BrowserContext,
@@ -33,9 +27,9 @@ from playwright.sync_api import (
 )
 from playwright.sync_api import Request as PWRequest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .processes import WAIT, Gateway, free_port
+
 CHROMIUM = "/usr/bin/chromium"
-WAIT = 10.0
 # Long enough that a stopped answer has generated far fewer than planned; fast
 # enough that a completed one takes about two seconds.
 TOKENS, RATE = 80, 40.0
@@ -45,102 +39,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Gateway:
-    """`gateway serve` in its own process; its stderr collected line by line."""
-
-    def __init__(self, worker: str, **settings: str) -> None:
-        self.worker = worker
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env |= {
-            "PYTHONUNBUFFERED": "1",
-            "GATEWAY_SIMULATOR_TOKENS": str(TOKENS),
-            "GATEWAY_SIMULATOR_RATE": str(RATE),
-            **settings,
-        }
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "-k", worker, "-b", self.url[7:]],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        self.wait_for(rf"Running on http://127\.0\.0\.1:{self.port}\b")
-        self.simulator_url = ""
-        if "GATEWAY_UPSTREAM_URL" in settings:
-            return
-        line = self.wait_for(r"built-in provider simulator on (http://\S+)/v1")
-        match = re.search(r"simulator on (http://\S+)/v1", line)
-        assert match is not None
-        self.simulator_url = match.group(1)
-
-    def _collect(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for(self, pattern: str) -> str:
-        deadline = time.monotonic() + WAIT
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if re.search(pattern, line):
-                        return line
-                left = deadline - time.monotonic()
-                assert left > 0, f"no line matching {pattern!r} in:\n" + "\n".join(self.lines)
-                self._changed.wait(left)
-
-    def session_lines(self, session_id: str) -> list[str]:
-        with self._changed:
-            return [line for line in self.lines if session_id in line]
-
-    def streams(self) -> list[dict[str, Any]]:
-        response = httpx.get(f"{self.simulator_url}/v1/_streams", timeout=WAIT)
-        streams: list[dict[str, Any]] = response.json()["streams"]
-        return streams
-
-    def stream_for(self, session_id: str, ended: bool = True) -> dict[str, Any]:
-        """The simulator's record of a session, waiting until it has ended."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            for record in self.streams():
-                if record["session_id"] == session_id and (
-                    not ended or record["outcome"] != "streaming"
-                ):
-                    return record
-            assert time.monotonic() < deadline, f"no ended simulator stream for {session_id}"
-            time.sleep(0.05)  # polling another process's state; there is no event to await
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(WAIT)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+def _gateway(worker: str, **settings: str) -> Gateway:
+    return Gateway(
+        worker,
+        GATEWAY_SIMULATOR_TOKENS=str(TOKENS),
+        GATEWAY_SIMULATOR_RATE=str(RATE),
+        **settings,
+    )
 
 
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
 def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
-    gw = Gateway(request.param)
+    gw = _gateway(request.param)
     try:
         yield gw
     finally:
@@ -370,7 +280,7 @@ def test_escape_stops_and_enter_sends(chat: ChatPage, gateway: Gateway) -> None:
 
 def test_an_error_is_shown_readably(context: BrowserContext, gateway: Gateway) -> None:
     # A gateway whose provider refuses connections answers with an `error` event.
-    broken = Gateway(
+    broken = _gateway(
         gateway.worker,
         GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{free_port()}/v1",
         GATEWAY_MODEL="m",
@@ -390,7 +300,7 @@ def test_an_error_is_shown_readably(context: BrowserContext, gateway: Gateway) -
 
 
 def test_timeout_and_shutdown_stops_say_so(context: BrowserContext, gateway: Gateway) -> None:
-    short = Gateway(gateway.worker, GATEWAY_MAX_DURATION="1")
+    short = _gateway(gateway.worker, GATEWAY_MAX_DURATION="1")
     try:
         chat = ChatPage(context.new_page(), short)
         chat.ask("Take your time")

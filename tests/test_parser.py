@@ -6,6 +6,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import ProviderStreamParser, UpstreamProtocolError, UpstreamStatusError
 from gateway.parser import ParsedChunk
@@ -128,3 +130,69 @@ def test_error_object_in_stream_is_upstream_error_with_a_safe_message() -> None:
     with pytest.raises(UpstreamStatusError) as info:
         ProviderStreamParser().feed(b'data: {"error": {"message": "secret", "type": "a b"}}\n\n')
     assert info.value.message == "provider sent an error"
+
+
+_ENDINGS = st.sampled_from(["\n", "\r\n", "\r"])
+
+
+@st.composite
+def _provider_streams(draw: st.DrawFn) -> tuple[bytes, list[str], str, dict[str, int]]:
+    """A valid provider stream, with its deltas, finish reason and usage."""
+    deltas = draw(st.lists(st.text(min_size=1, max_size=8), max_size=12))
+    ending = draw(_ENDINGS)
+    lines: list[str] = []
+
+    def event(chunk: object) -> None:
+        # One data: line, or the JSON over several (joined with "\n" it is the same JSON).
+        text = json.dumps(chunk, indent=draw(st.sampled_from([None, 1])))
+        lines.extend("data: " + piece for piece in text.split("\n"))
+        lines.append("")
+
+    for delta in deltas:
+        if draw(st.booleans()):
+            lines += [": keep-alive", ""]
+        event({"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
+    finish = draw(st.sampled_from(["stop", "length"]))
+    usage = {"prompt_tokens": draw(st.integers(0, 9)), "completion_tokens": len(deltas)}
+    event({"choices": [{"delta": {}, "finish_reason": finish}]})
+    event({"choices": [], "usage": usage})
+    lines += ["data: [DONE]", ""]
+    text = "".join(line + ending for line in lines)
+    return text.encode(), deltas, finish, usage
+
+
+@given(stream=_provider_streams(), data=st.data())
+def test_any_split_of_a_valid_stream_parses_the_same(
+    stream: tuple[bytes, list[str], str, dict[str, int]], data: st.DataObject
+) -> None:
+    raw, deltas, finish, usage = stream
+    # Anywhere, and often right after a CR: a CRLF split across reads is the hard case.
+    after_cr = [i + 1 for i, byte in enumerate(raw) if byte == 13] or [0]
+    anywhere = st.integers(0, len(raw))
+    cuts = sorted(data.draw(st.lists(anywhere | st.sampled_from(after_cr), max_size=20)))
+    parser = ProviderStreamParser()
+    got: list[str] = []
+    seen_finish, seen_usage = None, None
+    for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        parsed = parser.feed(raw[start:end])
+        got += parsed.deltas
+        seen_finish = parsed.finish_reason or seen_finish
+        seen_usage = parsed.usage or seen_usage
+    assert got == deltas
+    assert seen_finish == finish
+    assert seen_usage == usage
+    assert parser.done
+
+
+@given(junk=st.binary(min_size=1, max_size=200), data=st.data())
+def test_arbitrary_bytes_parse_or_raise_a_protocol_error_never_anything_else(
+    junk: bytes, data: st.DataObject
+) -> None:
+    raw = b"data: " + junk + b"\n\n"
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
+    parser = ProviderStreamParser(max_line_bytes=100)
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+            parser.feed(raw[start:end])
+    except (UpstreamProtocolError, UpstreamStatusError):
+        pass

@@ -97,3 +97,20 @@ async def test_first_token_before_timeout_switches_to_idle_deadline() -> None:
             with anyio.fail_after(2):
                 events = await s.rest()
         assert events[-1].data["detail"] == "idle"
+
+
+async def test_idle_timeout_fires_when_the_provider_goes_silent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sid = "session_idle_silent"
+    # keepalive_interval=0: no keep-alive comments at all, plain silence.
+    async with Harness(
+        sim_config(tokens=100, stall_after=3, keepalive_interval=0), idle_timeout=0.3
+    ) as h:
+        async with h.stream(sid) as s:
+            events = await s.rest()
+        record = await h.closed(await h.record())
+        assert record.outcome == "closed_by_client"
+        assert record.sent == 3
+        assert events[-1].data["detail"] == "idle"
+        await h.assert_ended_cleanly(caplog, sid, "timed out reason=idle")

@@ -87,7 +87,8 @@ export function historyFor(entries) {
 /**
  * Start one streamed answer.
  *
- * `startChat({messages, onToken, onEvent, baseUrl, model, sessionId, fetch})` returns
+ * `startChat({messages, onToken, onEvent, baseUrl, model, headers, sessionId, fetch})`
+ * (`headers`: extra ones for both calls, e.g. `Authorization`) returns
  * `{sessionId, stop(), done, state}` at once. `done` resolves (never rejects) with the
  * final state, one of:
  *   {status: "completed", text, tokens, finishReason, usage}
@@ -105,6 +106,7 @@ export function startChat({
   onEvent = () => {},
   baseUrl = "",
   model,
+  headers = {},
   sessionId = newSessionId(),
   fetch: fetchImpl = globalThis.fetch.bind(globalThis),
 }) {
@@ -152,6 +154,7 @@ export function startChat({
       response = await fetchImpl(`${baseUrl}/api/chat/stream`, {
         method: "POST",
         headers: {
+          ...headers,
           "Content-Type": "application/json",
           Accept: "text/event-stream",
           "X-Session-Id": sessionId,
@@ -211,6 +214,7 @@ export function startChat({
     end({ status: "stopped", reason: "user" });
     const cancel = fetchImpl(`${baseUrl}/api/chat/cancel/${encodeURIComponent(sessionId)}`, {
       method: "POST",
+      headers,
       keepalive: true,
     });
     controller.abort();

@@ -146,7 +146,13 @@ describe("startChat", () => {
   it("stop() aborts the fetch, calls cancel with the same id, keeps the partial text", async () => {
     const server = fakeServer();
     const seen = [];
-    const chat = startChat({ messages: [], fetch: server.fetch, onToken: (t) => seen.push(t), baseUrl: "http://gw" });
+    const chat = startChat({
+      messages: [],
+      fetch: server.fetch,
+      onToken: (t) => seen.push(t),
+      baseUrl: "http://gw",
+      headers: { Authorization: "Bearer k" },
+    });
     server.push(token(1, "par"));
     server.push(token(2, "tial"));
     while (seen.length < 2) await new Promise((r) => setTimeout(r, 1));
@@ -162,6 +168,9 @@ describe("startChat", () => {
     assert.equal(server.calls[0].init.signal.aborted, true);
     assert.equal(server.calls[1].url, `http://gw/api/chat/cancel/${chat.sessionId}`);
     assert.equal(server.calls[1].init.method, "POST");
+    // Extra headers go with both calls; the protocol's own cannot be overridden.
+    assert.equal(server.calls[0].init.headers.Authorization, "Bearer k");
+    assert.equal(server.calls[1].init.headers.Authorization, "Bearer k");
   });
 
   it("no token after stop() reaches the page, even from the same read", async () => {

@@ -1,0 +1,108 @@
+"""A gateway as its own process (`gateway serve`), for tests that drive it from outside
+the test's event loop: the browser tests, schemathesis, the soak."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Gateway:
+    """`gateway serve` in its own process; its stderr collected line by line."""
+
+    def __init__(self, worker: str, **settings: str) -> None:
+        """``settings``: GATEWAY_* variables; demo mode unless GATEWAY_UPSTREAM_URL."""
+        self.worker = worker
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env |= {"PYTHONUNBUFFERED": "1", **settings}
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-k", worker, "-b", self.url[7:]],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.wait_for(rf"Running on http://127\.0\.0\.1:{self.port}\b")
+        self.simulator_url = ""
+        if "GATEWAY_UPSTREAM_URL" in settings:
+            return
+        line = self.wait_for(r"built-in provider simulator on (http://\S+)/v1")
+        match = re.search(r"simulator on (http://\S+)/v1", line)
+        assert match is not None
+        self.simulator_url = match.group(1)
+
+    def _collect(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: str) -> str:
+        deadline = time.monotonic() + WAIT
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                left = deadline - time.monotonic()
+                assert left > 0, f"no line matching {pattern!r} in:\n" + "\n".join(self.lines)
+                self._changed.wait(left)
+
+    def session_lines(self, session_id: str) -> list[str]:
+        with self._changed:
+            return [line for line in self.lines if session_id in line]
+
+    def streams(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.simulator_url}/v1/_streams", timeout=WAIT)
+        streams: list[dict[str, Any]] = response.json()["streams"]
+        return streams
+
+    def stream_for(self, session_id: str, ended: bool = True) -> dict[str, Any]:
+        """The simulator's record of a session, waiting until it has ended."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            for record in self.streams():
+                if record["session_id"] == session_id and (
+                    not ended or record["outcome"] != "streaming"
+                ):
+                    return record
+            assert time.monotonic() < deadline, f"no ended simulator stream for {session_id}"
+            time.sleep(0.05)  # polling another process's state; there is no event to await
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(WAIT)
+        assert self.process.stderr is not None
+        self.process.stderr.close()

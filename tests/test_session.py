@@ -1,0 +1,70 @@
+"""The session's state machine: under any interleaving of tokens, stops, completion and
+failure, exactly one terminal outcome, the first, and exactly one end line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.session import Completed, Failed, Session, Stopped
+
+pytestmark = pytest.mark.anyio
+
+_STOP = st.tuples(st.just("stop"), st.sampled_from(["cancel", "disconnect", "timeout", "shutdown"]))
+_ACTION = st.one_of(st.just(("token", "")), _STOP, st.just(("complete", "")), st.just(("fail", "")))
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@given(actions=st.lists(_ACTION, max_size=15))
+async def test_the_first_outcome_wins_and_one_line_is_written(
+    actions: list[tuple[str, str]],
+) -> None:
+    session = Session("session_1_property", "m")
+    first = None
+    for kind, reason in actions:
+        if kind == "token":
+            session.tokens += 1
+            continue
+        if kind == "stop":
+            outcome: Stopped | Completed | Failed = Stopped(reason)  # type: ignore[arg-type]
+            won = session.cancel(reason)  # type: ignore[arg-type]
+        elif kind == "complete":
+            outcome = Completed("stop", None)
+            won = session.settle(outcome)
+        else:
+            outcome = Failed("upstream_error", "boom")
+            won = session.settle(outcome)
+        assert won == (first is None)
+        if first is None:
+            first = outcome
+    session.settle(Completed("stop", None))  # the relay's own end comes last, if at all
+    expected = first or Completed("stop", None)
+    assert session.outcome == expected
+    assert session.scope.cancel_called == isinstance(expected, Stopped)
+
+    event, data = session.terminal_event()
+    assert event == {Completed: "done", Stopped: "stopped", Failed: "error"}[type(expected)]
+    if isinstance(expected, Stopped):
+        assert data["reason"] == expected.reason
+        assert data["tokens_delivered"] == session.tokens
+
+    handler = _Lines()
+    logger = logging.getLogger("gateway.session")
+    logger.addHandler(handler)
+    try:
+        session.log_end()
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.lines) == 1
+    assert "session_1_property" in handler.lines[0]
