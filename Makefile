@@ -28,9 +28,10 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-# The browser tests drive Debian's chromium; node runs the client's unit tests.
+# The browser tests drive Debian's chromium, the cluster tests Debian's redis-server
+# (each test starts its own on a free port); node runs the client's unit tests.
 pytest: $(VENV)/.installed-dev
-	scripts/ensure-apt.sh chromium
+	scripts/ensure-apt.sh chromium redis-server
 	$(BIN)/pytest
 
 jstest:

@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from .auth import Authenticator
+from .cluster import CancelUnavailable, Cluster
 from .errors import BadRequest, HTTPError, PayloadTooLarge, UnsupportedMediaType
 from .openapi import openapi
 from .registry import Registry
@@ -59,10 +60,15 @@ class _Lifespan:
         self._settings: Settings = app.state.settings
         self._tg: TaskGroup | None = None
         self._stop_simulator = anyio.Event()
+        self._cluster_scope = anyio.CancelScope()
 
     async def __aenter__(self) -> None:
         state = self._state
         state.client = create_client(self._settings)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        if state.cluster is not None:
+            await self._tg.start(self._run_cluster, state.cluster)
         if self._settings.upstream_url is not None:
             state.upstream_url = self._settings.upstream_url
             return
@@ -71,8 +77,6 @@ class _Lifespan:
                 tokens=self._settings.simulator_tokens, rate=self._settings.simulator_rate
             )
         )
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
         addresses = await self._tg.start(_serve_simulator, simulator, self._stop_simulator.wait)
         host, port = addresses[0]
         state.simulator = simulator
@@ -81,6 +85,18 @@ class _Lifespan:
             "No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s",
             state.upstream_url,
         )
+
+    async def _run_cluster(
+        self, cluster: Cluster, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        state = self._state
+
+        async def cancel_here(principal: str, session_id: str) -> bool:
+            logger.info("[SSE] Cancel request forwarded for %s", session_id)
+            return await _cancel_local(state, principal, session_id)
+
+        with self._cluster_scope:
+            await cluster.run(cancel_here, task_status=task_status)
 
     async def __aexit__(
         self,
@@ -92,6 +108,10 @@ class _Lifespan:
             with anyio.move_on_after(5.0):
                 await self._state.registry.shutdown()
             if self._tg is not None:
+                if self._state.cluster is not None:
+                    self._state.cluster.stop()
+                    # Leaving Redis normally is bounded; past that it is cancelled.
+                    self._cluster_scope.deadline = anyio.current_time() + 3.0
                 self._stop_simulator.set()
                 await self._tg.__aexit__(exc_type, exc, tb)
         finally:
@@ -148,6 +168,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.auth = Authenticator(settings)
     app.state.openapi = openapi(settings)
+    app.state.cluster = (
+        Cluster(settings.redis_url, claim_ttl=settings.claim_ttl, cancel_wait=settings.cancel_wait)
+        if settings.redis_url
+        else None
+    )
     # A level, not a handler: where the lines go is the operator's logging config.
     logging.getLogger("gateway").setLevel(settings.log_level_number)
     return app
@@ -168,6 +193,7 @@ async def _chat_stream(request: Request) -> Response:
         ChatStream(
             principal=principal,
             registry=state.registry,
+            cluster=state.cluster,
             client=state.client,
             settings=state.settings,
             upstream_url=state.upstream_url,
@@ -196,6 +222,22 @@ async def _chat_cancel(request: Request) -> Response:
     state = request.app.state
     # Another principal's session answers exactly like an unknown one.
     session = state.registry.get(session_id, principal)
+    if session is None and state.cluster is not None:
+        try:
+            stopped = await state.cluster.forward_cancel(principal, session_id)
+        except CancelUnavailable:
+            return JSONResponse(
+                {
+                    "error": {
+                        "code": "cancel_unavailable",
+                        "message": "the stream may live on another instance, and Redis "
+                        "cannot be reached to ask it",
+                    }
+                },
+                status_code=503,
+            )
+        if stopped:
+            return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
     if session is None or not session.cancel("cancel"):
         return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
     with anyio.move_on_after(state.settings.cancel_wait):
@@ -250,13 +292,26 @@ async def _index(request: Request) -> Response:
     return FileResponse(_STATIC / "index.html")
 
 
+async def _cancel_local(state: Any, principal: str, session_id: str) -> bool:
+    """Stop a stream of this process; ``True`` once it has ended (provider closed)."""
+    session = state.registry.get(session_id, principal)
+    if session is None or not session.cancel("cancel"):
+        return False
+    with anyio.move_on_after(state.settings.cancel_wait):
+        await session.ended.wait()
+    ended: bool = session.ended.is_set()
+    return ended
+
+
 async def _healthz(request: Request) -> Response:
-    registry: Registry = request.app.state.registry
+    state = request.app.state
+    registry: Registry = state.registry
     status = "shutting_down" if registry.closing else "ok"
-    return JSONResponse(
-        {"status": status, "sessions": len(registry)},
-        status_code=503 if registry.closing else 200,
-    )
+    body: dict[str, Any] = {"status": status, "sessions": len(registry)}
+    if state.cluster is not None:
+        body["instance"] = state.cluster.instance_id
+        body["cluster"] = "ok" if state.cluster.available else "unavailable"
+    return JSONResponse(body, status_code=503 if registry.closing else 200)
 
 
 def _session_id(value: str | None) -> str:

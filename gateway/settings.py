@@ -53,6 +53,9 @@ class Settings:
     max_message_chars: int = 512 * 1024
     max_sessions_per_principal: int = 8
     max_sessions: int = 10_000
+    # Scale-out (docs/scaling.md): unset, the registry is this process's alone.
+    redis_url: str | None = None
+    claim_ttl: float = 10.0
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -69,6 +72,7 @@ class Settings:
             "max_duration",
             "send_timeout",
             "cancel_wait",
+            "claim_ttl",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -120,6 +124,10 @@ class Settings:
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"GATEWAY_CORS_ORIGINS: {origin!r} is not an origin")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError("GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
         if self.simulator_tokens < 1:
             raise ConfigError("GATEWAY_SIMULATOR_TOKENS must be >= 1")
         if not math.isfinite(self.simulator_rate) or self.simulator_rate <= 0:
@@ -170,6 +178,8 @@ class Settings:
                 env, "max_sessions_per_principal", int, defaults.max_sessions_per_principal
             ),
             max_sessions=_read(env, "max_sessions", int, defaults.max_sessions),
+            redis_url=env.get("GATEWAY_REDIS_URL") or None,
+            claim_ttl=_read(env, "claim_ttl", float, defaults.claim_ttl),
         )
 
 

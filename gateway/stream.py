@@ -22,7 +22,8 @@ import anyio
 import httpx2 as httpx
 from starlette.types import Receive, Scope, Send
 
-from .errors import HTTPError, UpstreamError, UpstreamProtocolError
+from .cluster import Cluster
+from .errors import HTTPError, SessionConflict, UpstreamError, UpstreamProtocolError
 from .events import PING, encode_event, encode_token
 from .outbox import Outbox
 from .parser import ProviderStreamParser
@@ -51,6 +52,7 @@ class ChatStream:
         *,
         principal: str,
         registry: Registry,
+        cluster: Cluster | None,
         client: httpx.AsyncClient,
         settings: Settings,
         upstream_url: str,
@@ -60,6 +62,7 @@ class ChatStream:
     ) -> None:
         self._principal = principal
         self._registry = registry
+        self._cluster = cluster
         self._client = client
         self._settings = settings
         self._upstream_url = upstream_url
@@ -73,6 +76,13 @@ class ChatStream:
             session = self._registry.open(self._session_id, self._payload["model"], self._principal)
         except HTTPError as exc:
             await error_response(exc)(scope, receive, send)
+            return
+        if self._cluster is not None and not await self._cluster.claim(
+            session.principal, session.id
+        ):
+            self._registry.remove(session)
+            conflict = SessionConflict(f"a live stream already has session id {session.id!r}")
+            await error_response(conflict)(scope, receive, send)
             return
         if session.principal == ANONYMOUS:
             logger.info("[SSE] %s started model=%s", session.id, session.model)
@@ -142,6 +152,8 @@ class ChatStream:
         self._registry.remove(session)
         session.log_end()
         session.ended.set()
+        if self._cluster is not None:
+            await self._cluster.release(session.principal, session.id)
 
     async def _relay(self, session: Session, outbox: Outbox) -> Outcome:
         """Read the provider's stream into the queue until it ends."""

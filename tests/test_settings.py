@@ -127,3 +127,16 @@ def test_bad_principal_and_limit_settings_fail_loudly(env: dict[str, str], words
     for value in env.values():
         if "key-0123456789" in value:
             assert value.split(":")[-1] not in str(info.value)
+
+
+def test_reads_the_redis_settings() -> None:
+    settings = Settings.from_env(
+        {"GATEWAY_REDIS_URL": "redis://10.0.0.5:6379/0", "GATEWAY_CLAIM_TTL": "4.5"}
+    )
+    assert settings.redis_url == "redis://10.0.0.5:6379/0"
+    assert settings.claim_ttl == 4.5
+    assert Settings.from_env({}).redis_url is None
+    with pytest.raises(ConfigError, match="GATEWAY_REDIS_URL"):
+        Settings.from_env({"GATEWAY_REDIS_URL": "10.0.0.5:6379"})
+    with pytest.raises(ConfigError, match="GATEWAY_CLAIM_TTL"):
+        Settings.from_env({"GATEWAY_CLAIM_TTL": "0"})

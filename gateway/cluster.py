@@ -1,0 +1,282 @@
+"""Cancel across processes and machines, through Redis (docs/scaling.md).
+
+Each process is an instance with its own id. A stream claims ``(principal, session
+id)`` cluster-wide with ``SET NX PX`` (refreshed while it lives), so a duplicate live
+id is a 409 on any instance. A cancel that arrives where the stream does not live is
+published to its owner's channel; the owner runs the same local cancel path and
+answers on the asker's channel once its provider connection is closed.
+
+Redis being down never stops streams or local cancels: claims are skipped (with one
+log line per outage), and a cancel that needs another instance is answered 503
+``cancel_unavailable``, never a false 404. The connection is retried with backoff and
+the subscription renewed.
+
+coredis runs on anyio, so the same code serves the asyncio and the Trio worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import coredis
+
+__all__ = ["CancelUnavailable", "Cluster"]
+
+logger = logging.getLogger(__name__)
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_REFRESH = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[1] then
+    redis.call('pexpire', key, ARGV[2]); n = n + 1
+  end
+end
+return n
+"""
+_BACKOFF_MAX = 2.0
+
+# What a local cancel answers: True stopped, False not found here.
+LocalCancel = Callable[[str, str], Awaitable[bool]]
+
+
+class CancelUnavailable(Exception):
+    """The cancel needs another instance and Redis cannot be reached."""
+
+
+def new_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Cluster:
+    def __init__(self, url: str, *, claim_ttl: float, cancel_wait: float) -> None:
+        self.instance_id = new_instance_id()
+        self._url = url
+        self._ttl_ms = max(1, round(claim_ttl * 1000))
+        self._claim_ttl = claim_ttl
+        self._cancel_wait = cancel_wait
+        self._client: coredis.Redis[str] | None = None
+        self._claims: set[str] = set()
+        # Streams that started while Redis was down: claimed once it is back.
+        self._unclaimed: set[str] = set()
+        self._waiting: dict[str, tuple[anyio.Event, list[bool]]] = {}
+        self._local_cancel: LocalCancel | None = None
+        self.available = False
+        self._outage_logged = False
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        """End ``run()`` by leaving the subscription normally. (Cancelling coredis's
+        pubsub makes its cleanup write to a closed stream on uvloop.)"""
+        self._stop.set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(
+        self,
+        local_cancel: LocalCancel,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep the connection and the subscription alive until cancelled."""
+        self._local_cancel = local_cancel
+        task_status.started()
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                client = coredis.Redis.from_url(self._url, decode_responses=True)
+                async with client:
+                    await client.ping()
+                    channels = [self._cancel_channel(self.instance_id), self._reply_channel()]
+                    # No retry policy: a lost connection comes back to this loop, which
+                    # logs the outage once and renews the subscription.
+                    async with (
+                        client.pubsub(
+                            channels=channels, ignore_subscribe_messages=True, retry_policy=None
+                        ) as pubsub,
+                        anyio.create_task_group() as tg,
+                    ):
+                        self._client = client
+                        await self._reclaim(client)
+                        self._up()
+                        delay = 0.05
+                        tg.start_soon(self._refresh_claims, client)
+                        tg.start_soon(self._consume, pubsub, client, tg)
+                        await self._stop.wait()
+                        tg.cancel_scope.cancel()
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                self._down(exc)
+            except BaseExceptionGroup as group:
+                if not group.subgroup((coredis.exceptions.RedisError, OSError)):
+                    raise
+                self._down(group.exceptions[0])
+            finally:
+                self._client = None
+                self.available = False
+            with anyio.move_on_after(delay):
+                await self._stop.wait()
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _consume(self, pubsub: Any, client: coredis.Redis[str], tg: Any) -> None:
+        async for message in pubsub:
+            tg.start_soon(self._on_message, client, message)
+
+    def _up(self) -> None:
+        self.available = True
+        if self._outage_logged:
+            logger.info(
+                "[cluster] Redis reachable again; instance %s resubscribed", self.instance_id
+            )
+        else:
+            logger.info("[cluster] instance %s joined through Redis", self.instance_id)
+        self._outage_logged = False
+
+    def _down(self, exc: BaseException) -> None:
+        self.available = False
+        if not self._outage_logged:
+            # One line per outage: streams and local cancels go on meanwhile.
+            logger.warning(
+                "[cluster] Redis unreachable (%s); retrying with backoff, "
+                "cross-instance cancels answer 503 until it is back",
+                type(exc).__name__,
+            )
+            self._outage_logged = True
+
+    # -- claims ------------------------------------------------------------------
+
+    async def claim(self, principal: str, session_id: str) -> bool:
+        """Claim the id cluster-wide; ``False`` if another live stream holds it.
+        With Redis down the claim is skipped (``True``)."""
+        key = _claim_key(principal, session_id)
+        client = self._client
+        if client is None:
+            self._unclaimed.add(key)
+            return True
+        try:
+            with anyio.fail_after(self._claim_ttl):
+                won = await client.set(
+                    key, self.instance_id, condition=coredis.PureToken.NX, px=self._ttl_ms
+                )
+        except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            self._down(exc)
+            self._unclaimed.add(key)
+            return True
+        if won:
+            self._claims.add(key)
+        return bool(won)
+
+    async def release(self, principal: str, session_id: str) -> None:
+        key = _claim_key(principal, session_id)
+        self._unclaimed.discard(key)
+        if key not in self._claims:
+            return
+        self._claims.discard(key)
+        client = self._client
+        if client is None:
+            return  # it expires within the TTL
+        try:
+            with anyio.move_on_after(1.0, shield=True):
+                await client.eval(_RELEASE, keys=[key], args=[self.instance_id])
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._down(exc)
+
+    async def _reclaim(self, client: coredis.Redis[str]) -> None:
+        """After an outage (or a Redis restart, which forgets every key), claim again
+        what this instance holds, so its streams can be cancelled from anywhere."""
+        keys, self._unclaimed = self._claims | self._unclaimed, set()
+        for key in keys:
+            if await client.set(
+                key, self.instance_id, condition=coredis.PureToken.NX, px=self._ttl_ms
+            ):
+                self._claims.add(key)
+
+    async def _refresh_claims(self, client: coredis.Redis[str]) -> None:
+        while True:
+            await anyio.sleep(self._claim_ttl / 3)
+            if self._claims:
+                await client.eval(
+                    _REFRESH, keys=list(self._claims), args=[self.instance_id, self._ttl_ms]
+                )
+
+    # -- cancel across instances -------------------------------------------------
+
+    async def forward_cancel(self, principal: str, session_id: str) -> bool:
+        """Ask the owner to cancel; ``True`` once its provider connection is closed,
+        ``False`` if no live instance owns the session."""
+        client = self._client
+        if client is None:
+            raise CancelUnavailable
+        request_id = secrets.token_hex(8)
+        done = anyio.Event()
+        result: list[bool] = []
+        self._waiting[request_id] = (done, result)
+        try:
+            owner = await client.get(_claim_key(principal, session_id))
+            if owner is None or owner == self.instance_id:
+                return False
+            request = {
+                "id": request_id,
+                "reply_to": self.instance_id,
+                "principal": principal,
+                "session_id": session_id,
+            }
+            receivers = await client.publish(self._cancel_channel(owner), json.dumps(request))
+            if receivers == 0:
+                return False  # the owner is gone; its claim expires within the TTL
+            with anyio.move_on_after(self._cancel_wait):
+                await done.wait()
+            if not result:
+                raise CancelUnavailable
+            return result[0]
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._down(exc)
+            raise CancelUnavailable from exc
+        finally:
+            del self._waiting[request_id]
+
+    async def _on_message(self, client: coredis.Redis[str], message: Any) -> None:
+        try:
+            data = json.loads(message["data"])
+        except (ValueError, TypeError):
+            return
+        if message["channel"] == self._reply_channel():
+            waiting = self._waiting.get(str(data.get("id")))
+            if waiting is not None:
+                waiting[1].append(bool(data.get("ok")))
+                waiting[0].set()
+            return
+        assert self._local_cancel is not None
+        ok = await self._local_cancel(str(data["principal"]), str(data["session_id"]))
+        reply = json.dumps({"id": data["id"], "ok": ok})
+        try:
+            await client.publish(self._reply_channel(str(data["reply_to"])), reply)
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._down(exc)
+
+    def _cancel_channel(self, instance_id: str) -> str:
+        return f"gw:cancel:{instance_id}"
+
+    def _reply_channel(self, instance_id: str | None = None) -> str:
+        return f"gw:reply:{instance_id or self.instance_id}"
+
+    async def owner(self, principal: str, session_id: str) -> str | None:
+        """The instance holding a claim (for tests and tools)."""
+        if self._client is None:
+            raise CancelUnavailable
+        owner: str | None = await self._client.get(_claim_key(principal, session_id))
+        return owner
+
+
+def _claim_key(principal: str, session_id: str) -> str:
+    # Session ids are A-Za-z0-9_.:-; a principal may hold anything, so it is hex.
+    return f"gw:claim:{principal.encode().hex()}:{session_id}"
