@@ -19,6 +19,7 @@ soak: $(VENV)/.installed-dev
 
 # Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 7 min).
 bench: $(VENV)/.installed-dev
+	scripts/ensure-apt.sh redis-server
 	$(BIN)/python -m bench.run
 
 lint: $(VENV)/.installed-dev

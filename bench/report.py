@@ -72,6 +72,12 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                     f"| {label}, ms p50 / p99 (n={g['n']}) | {b['p50']} / {b['p99']} | "
                     f"{g['p50']} / {g['p99']} | {_ratio(g['p99'], b['p99'])} (p99) |"
                 )
+        cross = gate.get("cancel_cross_instance")
+        if cross:
+            lines.append(
+                f"| cancel sent to another instance (Redis) → provider EOF, idle, ms p50 / p99 "
+                f"(n={cross['n']}) | | {cross['p50']} / {cross['p99']} | |"
+            )
         b, g = base.get("memory"), gate.get("memory")
         if b and g:
             lines.append(

@@ -170,12 +170,15 @@ class Bench:
                 return
             await asyncio.sleep(0.05)
 
-    async def latency(self, port: int, kind: str, samples: int, lanes: int = 4) -> list[float]:
-        """Trigger -> provider EOF, for `cancel` (the endpoint) or `disconnect` (FIN)."""
+    async def latency(
+        self, port: int, kind: str, samples: int, lanes: int = 4, cancel_port: int | None = None
+    ) -> list[float]:
+        """Trigger -> provider EOF, for `cancel` (the endpoint) or `disconnect` (FIN).
+        ``cancel_port``: send the cancel to another instance than the stream's."""
         out: list[float] = []
 
         async def lane(count: int) -> None:
-            gateway, provider = Control(port), Control(self.provider_port)
+            gateway, provider = Control(cancel_port or port), Control(self.provider_port)
             try:
                 for _ in range(count):
                     sid = self.sid(kind)
@@ -272,6 +275,51 @@ async def measure_floor(bench: Bench, worker: str, load: int, window: float) -> 
     return {"impl": "floor", "worker": worker, "cpu": {str(load): cpu}}
 
 
+async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict[str, float]:
+    """Cancel sent to one gateway for a stream on another, both on one Redis."""
+    redis_port = _free_port()
+    redis = await asyncio.create_subprocess_exec(
+        "redis-server",
+        "--port",
+        str(redis_port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        stdout=subprocess.DEVNULL,
+    )
+    env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+    try:
+        async with (
+            _server("gateway", worker, bench.provider_port, env) as (a, _),
+            _server("gateway", worker, bench.provider_port, env) as (b, _),
+        ):
+            for port in (a, b):
+                await _joined(port)
+            await bench.latency(a, "cancel", 8, cancel_port=b)  # warm-up
+            return _summary_ms(await bench.latency(a, "cancel", samples, cancel_port=b))
+    finally:
+        redis.terminate()
+        await redis.wait()
+
+
+async def _joined(port: int) -> None:
+    """Until the gateway on ``port`` reports its Redis connection up (another process:
+    polled, bounded)."""
+    for _ in range(200):
+        ctl = Control(port)
+        try:
+            health: dict[str, Any] = await ctl.request("GET", "/healthz")
+            if health.get("cluster") == "ok":
+                return
+        finally:
+            ctl.close()
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the gateway on {port} did not join the cluster")
+
+
 async def capacity(
     bench: Bench, impl: str, worker: str, steps: list[int], samples: int
 ) -> dict[str, Any]:
@@ -357,6 +405,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"-- floor on {worker}", flush=True)
                 runs.append(await measure_floor(bench, worker, args.floor, args.window))
                 print(json.dumps(runs[-1]), flush=True)
+            if args.cluster:
+                print(f"-- cross-instance cancel on {worker}", flush=True)
+                gateway_run = next(r for r in reversed(runs) if r["impl"] == "gateway")
+                gateway_run["cancel_cross_instance"] = await cross_instance_cancel(
+                    bench, worker, args.samples
+                )
             timeouts = await timeout_precision(bench, worker, args.samples)
             gateway_run = next(r for r in reversed(runs) if r["impl"] == "gateway")
             gateway_run["idle_timeout_late"] = timeouts
@@ -396,6 +450,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--floor", type=int, default=200, help="streams for the floor's CPU figure; 0: skip"
+    )
+    parser.add_argument(
+        "--no-cluster",
+        dest="cluster",
+        action="store_false",
+        help="skip the cross-instance cancel (needs redis-server)",
     )
     parser.add_argument("--out", default=str(ROOT / "docs"))
     args = parser.parse_args()
