@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.bind:
             overrides["bind"] = args.bind
         config = load_config(path, **overrides)
+        if config.workers > 1:
+            raise ConfigError(
+                f"workers = {config.workers}: `gateway serve` runs one process; for several, "
+                "run `hypercorn --config hypercorn.toml gateway.app:app` with "
+                "GATEWAY_REDIS_URL set (docs/scaling.md)"
+            )
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

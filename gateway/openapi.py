@@ -163,6 +163,10 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                 }
                             },
                         },
+                        "503": _error(
+                            "cancel_unavailable: the stream may live on another instance "
+                            "and Redis cannot be reached (docs/scaling.md)"
+                        ),
                         "504": _error("the stream did not end within GATEWAY_CANCEL_WAIT"),
                     },
                 }
@@ -260,6 +264,8 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                 "properties": {
                                     "status": {"enum": ["ok", "shutting_down"]},
                                     "sessions": {"type": "integer", "minimum": 0},
+                                    "instance": {"type": "string"},
+                                    "cluster": {"enum": ["ok", "unavailable"]},
                                 },
                             }
                         }

@@ -186,3 +186,16 @@ async def test_bad_setting_fails_loudly_at_start() -> None:
     )
     assert result.returncode == 2
     assert b"GATEWAY_IDLE_TIMEOUT" in result.stderr
+
+
+async def test_gateway_serve_refuses_several_workers(tmp_path: Path) -> None:
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('bind = ["127.0.0.1:0"]\nworkers = 2\n')
+    result = await anyio.run_process(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"workers = 2" in result.stderr
+    assert b"GATEWAY_REDIS_URL" in result.stderr

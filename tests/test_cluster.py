@@ -100,7 +100,7 @@ class Cluster:
         self.redis = RedisServer()
         self.gateways: list[Gateway] = []
 
-    async def gateway(self) -> Gateway:
+    async def gateway(self, joined: bool = True) -> Gateway:
         gateway = await anyio.to_thread.run_sync(
             lambda: Gateway(
                 self.worker,
@@ -111,7 +111,8 @@ class Cluster:
             )
         )
         self.gateways.append(gateway)
-        await anyio.to_thread.run_sync(gateway.wait_for, r"\[cluster\] instance \S+ joined")
+        if joined:
+            await anyio.to_thread.run_sync(gateway.wait_for, r"\[cluster\] instance \S+ joined")
         return gateway
 
 
@@ -209,6 +210,24 @@ async def test_redis_down_local_cancel_works_remote_is_503_then_recovers(
             assert remote.status_code == 200
         outage_lines = [line for line in a.lines if "Redis unreachable" in line]
         assert len(outage_lines) == 1  # one line per outage
+
+
+async def test_redis_unreachable_at_start_up(anyio_backend: Any) -> None:
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        await anyio.to_thread.run_sync(c.redis.stop)
+        a = await c.gateway(joined=False)
+        await anyio.to_thread.run_sync(a.wait_for, r"\[cluster\] Redis unreachable")
+        assert (await client.get(f"{a.url}/healthz")).json()["cluster"] == "unavailable"
+        async with _stream(client, a.url, "session_1_startup0"):
+            local = await client.post(f"{a.url}/api/chat/cancel/session_1_startup0")
+            assert local.status_code == 200
+        # Not here, and nobody to ask: 503, not a 404 that might be false.
+        unknown = await client.post(f"{a.url}/api/chat/cancel/session_1_nobody00")
+        assert unknown.status_code == 503
+        await anyio.to_thread.run_sync(c.redis.start)
+        await anyio.to_thread.run_sync(a.wait_for, r"\[cluster\] Redis reachable again")
+        unknown = await client.post(f"{a.url}/api/chat/cancel/session_1_nobody00")
+        assert unknown.status_code == 404
 
 
 async def test_a_killed_owner_leaves_a_claim_that_expires(anyio_backend: Any) -> None:
