@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class Gateway:
-    """`gateway serve` in its own process; its stderr collected line by line."""
+    """`gateway serve` in its own process; its output (logs and access log) collected
+    line by line."""
 
     def __init__(self, worker: str, **settings: str) -> None:
         """``settings``: GATEWAY_* variables; demo mode unless GATEWAY_UPSTREAM_URL."""
@@ -42,8 +43,9 @@ class Gateway:
             [sys.executable, "-m", "gateway", "serve", "-k", worker, "-b", self.url[7:]],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # One stream: the logs (stderr) and hypercorn's access log (stdout).
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         self._reader = threading.Thread(target=self._collect, daemon=True)
@@ -58,8 +60,8 @@ class Gateway:
         self.simulator_url = match.group(1)
 
     def _collect(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             with self._changed:
                 self.lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
@@ -104,5 +106,5 @@ class Gateway:
             self.process.kill()
             self.process.wait()
         self._reader.join(WAIT)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+        assert self.process.stdout is not None
+        self.process.stdout.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import anyio
+import httpx2 as httpx
 import pytest
 
-from .harness import Harness, sim_config
+from .harness import WAIT, Harness, sim_config
+from .processes import Gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -140,3 +142,27 @@ async def test_every_route_refuses_wrong_keys_without_disturbing_a_stream() -> N
         await s.tokens_at_least(len(s.tokens) + 2)
         assert (await h.cancel(sid, headers=_bearer(ALICE))).status_code == 200
         await s.rest()
+
+
+async def test_keys_never_reach_the_logs_or_the_access_log() -> None:
+    gateway = await anyio.to_thread.run_sync(
+        lambda: Gateway(
+            "asyncio",
+            GATEWAY_API_KEYS=f"alice:{ALICE}",
+            GATEWAY_UPSTREAM_API_KEY="sk-provider-secret-0123456789",
+        )
+    )
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=WAIT) as client:
+            for key in (ALICE, "wrong-key-0123456789abcdef"):
+                response = await client.post(
+                    "/api/chat/cancel/session_1_abcdefgh", headers=_bearer(key)
+                )
+                assert response.status_code in (401, 404)
+        # The shipped hypercorn.toml writes an access line per request: it is on.
+        await anyio.to_thread.run_sync(gateway.wait_for, r"POST /api/chat/cancel/\S+ 1\.1\" 401")
+    finally:
+        await anyio.to_thread.run_sync(gateway.stop)
+    text = "\n".join(gateway.lines)
+    for secret in (ALICE, "wrong-key-0123456789abcdef", "sk-provider-secret-0123456789"):
+        assert secret not in text

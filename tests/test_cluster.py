@@ -248,8 +248,8 @@ async def test_a_killed_owner_leaves_a_claim_that_expires(anyio_backend: Any) ->
         response = await client.post(f"{b.url}/api/chat/cancel/{sid}")
         assert response.status_code == 404
         c.gateways.remove(a)
-        assert a.process.stderr is not None
-        a.process.stderr.close()
+        assert a.process.stdout is not None
+        a.process.stdout.close()
 
 
 async def test_hypercorn_workers_2_behind_one_port_cancel_all(anyio_backend: Any) -> None:
