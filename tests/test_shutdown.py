@@ -115,3 +115,31 @@ async def test_client_that_stops_reading_releases_the_provider(
             await h.assert_ended_cleanly(caplog, sid, "timed out reason=send")
         finally:
             sock.close()
+
+
+async def test_a_client_that_reads_nothing_while_the_provider_is_quiet_ends_at_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that has vanished without a FIN (half-open) reads nothing. While the
+    provider is quiet nothing fills the socket buffer, so no send gets stuck: the idle
+    timeout ends the stream, and the provider is closed then."""
+    sid = "session_half_open"
+    async with Harness(
+        sim_config(tokens=100, stall_after=2, keepalive_interval=0.05),
+        idle_timeout=0.4,
+        ping_interval=0.1,
+    ) as h:
+        sock = socket.socket()
+        sock.connect(("127.0.0.1", h.port))
+        try:
+            sock.sendall(_request(h.port, sid))
+            record = await h.closed(await h.record())
+            assert record.outcome == "closed_by_client"
+            assert record.sent == 2
+            assert record.ended_at is not None
+            assert record.last_token_at is not None
+            late = record.ended_at - (record.last_token_at + 0.4)
+            assert -0.02 < late < 0.2
+            await h.assert_ended_cleanly(caplog, sid, "timed out reason=idle")
+        finally:
+            sock.close()
