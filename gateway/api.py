@@ -33,6 +33,7 @@ from .openapi import openapi
 from .registry import Registry
 from .responses import error_response
 from .server import load_config, serve
+from .session import Session
 from .settings import Settings
 from .simulator import Simulator, SimulatorConfig
 from .stream import ChatStream
@@ -93,7 +94,8 @@ class _Lifespan:
 
         async def cancel_here(principal: str, session_id: str) -> bool:
             logger.info("[SSE] Cancel request forwarded for %s", session_id)
-            return await _cancel_local(state, principal, session_id)
+            session = state.registry.get(session_id, principal)
+            return bool(await _stop_here(session, state.settings.cancel_wait))
 
         with self._cluster_scope:
             await cluster.run(cancel_here, task_status=task_status)
@@ -238,11 +240,10 @@ async def _chat_cancel(request: Request) -> Response:
             )
         if stopped:
             return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
-    if session is None or not session.cancel("cancel"):
+    ended = await _stop_here(session, state.settings.cancel_wait)
+    if ended is None:
         return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
-    with anyio.move_on_after(state.settings.cancel_wait):
-        await session.ended.wait()
-    if not session.ended.is_set():
+    if not ended:
         return JSONResponse(
             {
                 "error": {
@@ -292,15 +293,15 @@ async def _index(request: Request) -> Response:
     return FileResponse(_STATIC / "index.html")
 
 
-async def _cancel_local(state: Any, principal: str, session_id: str) -> bool:
-    """Stop a stream of this process; ``True`` once it has ended (provider closed)."""
-    session = state.registry.get(session_id, principal)
+async def _stop_here(session: Session | None, wait: float) -> bool | None:
+    """Cancel a stream of this process and wait for its end (provider closed, terminal
+    event written): ``None`` if there was nothing to stop (no such stream, or it already
+    has an outcome), else whether it ended within ``wait``."""
     if session is None or not session.cancel("cancel"):
-        return False
-    with anyio.move_on_after(state.settings.cancel_wait):
+        return None
+    with anyio.move_on_after(wait):
         await session.ended.wait()
-    ended: bool = session.ended.is_set()
-    return ended
+    return session.ended.is_set()
 
 
 async def _healthz(request: Request) -> Response:

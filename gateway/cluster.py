@@ -269,13 +269,6 @@ class Cluster:
     def _reply_channel(self, instance_id: str | None = None) -> str:
         return f"gw:reply:{instance_id or self.instance_id}"
 
-    async def owner(self, principal: str, session_id: str) -> str | None:
-        """The instance holding a claim (for tests and tools)."""
-        if self._client is None:
-            raise CancelUnavailable
-        owner: str | None = await self._client.get(_claim_key(principal, session_id))
-        return owner
-
 
 def _claim_key(principal: str, session_id: str) -> str:
     # Session ids are A-Za-z0-9_.:-; a principal may hold anything, so it is hex.

@@ -84,15 +84,8 @@ class ChatStream:
             conflict = SessionConflict(f"a live stream already has session id {session.id!r}")
             await error_response(conflict)(scope, receive, send)
             return
-        if session.principal == ANONYMOUS:
-            logger.info("[SSE] %s started model=%s", session.id, session.model)
-        else:
-            logger.info(
-                "[SSE] %s started model=%s principal=%s",
-                session.id,
-                session.model,
-                session.principal,
-            )
+        principal = "" if session.principal == ANONYMOUS else f" principal={session.principal}"
+        logger.info("[SSE] %s started model=%s%s", session.id, session.model, principal)
         outbox = Outbox(_QUEUE_SIZE)
         start = {"session_id": session.id, "model": session.model}
         outbox.put_nowait(encode_event("start", session.next_seq(), start))

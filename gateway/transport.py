@@ -118,17 +118,19 @@ class H11Transport(httpx.AsyncBaseTransport):
         watching the pool, this is where they go)."""
         now = anyio.current_time()
         found = None
-        keep = []
-        for connection in self._idle:
+        keep, stale = [], []
+        for connection in reversed(self._idle):  # newest first
             if now - connection.idle_since > _KEEPALIVE_EXPIRY or connection.looks_dead():
-                await anyio.aclose_forcefully(connection.stream)
-            elif connection.origin == origin:
-                if found is not None:
-                    keep.append(found)
+                stale.append(connection)
+            elif found is None and connection.origin == origin:
                 found = connection
             else:
                 keep.append(connection)
+        keep.reverse()
+        # Settled before the first await, so a connection released meanwhile is kept.
         self._idle = keep
+        for connection in stale:
+            await anyio.aclose_forcefully(connection.stream)
         return found
 
     async def _release(self, connection: _Connection, reusable: bool) -> None:

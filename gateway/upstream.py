@@ -44,9 +44,9 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.connect_timeout,
         pool=settings.connect_timeout,
     )
+    keepalive = min(100, settings.upstream_max_connections)
     limits = httpx.Limits(
-        max_connections=settings.upstream_max_connections,
-        max_keepalive_connections=min(100, settings.upstream_max_connections),
+        max_connections=settings.upstream_max_connections, max_keepalive_connections=keepalive
     )
     headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
     if settings.upstream_api_key:
@@ -54,8 +54,7 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
     transport: httpx.AsyncBaseTransport | None = None
     if not _proxied(settings.upstream_url):
         transport = H11Transport(
-            max_connections=limits.max_connections or settings.upstream_max_connections,
-            max_keepalive=limits.max_keepalive_connections or 0,
+            max_connections=settings.upstream_max_connections, max_keepalive=keepalive
         )
     # Behind an HTTP proxy (HTTPS_PROXY and friends), httpx's own transport, which
     # speaks to proxies; the lean one does not.

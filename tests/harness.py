@@ -145,7 +145,7 @@ class Harness:
         if self._upstream_url is None:
             config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, **quiet)
             [(_, self.sim_port)] = await self._tg.start(
-                _serve, self.simulator, config, self._stop_sim.wait
+                serve_until, self.simulator, config, self._stop_sim.wait
             )
             self._upstream_url = f"http://127.0.0.1:{self.sim_port}/v1"
         settings = Settings(upstream_url=self._upstream_url, model="sim-model", **self._settings)
@@ -256,10 +256,18 @@ class Harness:
         return established_to(self.sim_port)
 
 
-async def _serve(
+async def serve_until(
     app: Any, config: Any, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
 ) -> None:
+    """Serve ``app`` in this process until ``stop()`` returns; for ``tg.start``."""
     await serve(app, config, shutdown_trigger=stop, task_status=task_status)
+
+
+def worker_class(anyio_backend: Any) -> str:
+    """The hypercorn worker class matching a test's anyio backend."""
+    if anyio_backend == "trio":
+        return "trio"
+    return "uvloop" if isinstance(anyio_backend, tuple) else "asyncio"
 
 
 def established_to(port: int, states: tuple[str, ...] = ("01",)) -> int:

@@ -30,10 +30,10 @@ import anyio
 import httpx2 as httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.server import load_config, serve
+from gateway.server import load_config
 from gateway.simulator import Simulator, SimulatorConfig
 
-from .harness import established_to
+from .harness import established_to, serve_until
 from .processes import Gateway
 
 FATES = (
@@ -195,7 +195,7 @@ async def soak(worker: str, streams: int, concurrency: int, seed: int) -> dict[s
     tally = Tally()
     async with anyio.create_task_group() as tg:
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
-        [(_, port)] = await tg.start(_serve, provider, config, stop.wait)
+        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
         gateway = await anyio.to_thread.run_sync(
             lambda: Gateway(
                 worker,
@@ -291,12 +291,6 @@ def failures(books: dict[str, Any]) -> list[str]:
     if books["tracebacks"]:
         out.append(f"{books['tracebacks']} tracebacks logged")
     return out
-
-
-async def _serve(
-    app: Any, config: Any, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
-) -> None:
-    await serve(app, config, shutdown_trigger=stop, task_status=task_status)
 
 
 def main() -> None:

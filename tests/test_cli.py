@@ -18,17 +18,11 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
-from .harness import WAIT, EventReader
+from .harness import WAIT, EventReader, worker_class
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _worker(anyio_backend: Any) -> str:
-    if anyio_backend == "trio":
-        return "trio"
-    return "uvloop" if isinstance(anyio_backend, tuple) else "asyncio"
 
 
 class _Output:
@@ -99,7 +93,7 @@ async def test_gateway_serve_stops_streams_then_exits_on_sigterm(
         "gateway",
         "serve",
         "-k",
-        _worker(anyio_backend),
+        worker_class(anyio_backend),
         "-b",
         f"127.0.0.1:{free_tcp_port}",
     ]
@@ -120,7 +114,7 @@ async def test_gateway_serve_stops_streams_then_exits_on_sigterm(
             assert await process.wait() == 0
         await output.wait_for("stopped reason=shutdown")
     assert output.text.count("[SSE] session_serve_1 stopped reason=shutdown") == 1
-    assert f"with the {_worker(anyio_backend)} worker" in output.text
+    assert f"with the {worker_class(anyio_backend)} worker" in output.text
     assert "Traceback" not in output.text
 
 
@@ -143,7 +137,7 @@ async def test_plain_hypercorn_cli_streams_cancels_and_stops(
         "--config",
         str(config),
         "-k",
-        _worker(anyio_backend),
+        worker_class(anyio_backend),
         "-b",
         f"127.0.0.1:{free_tcp_port}",
         "gateway.app:app",

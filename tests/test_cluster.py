@@ -19,9 +19,10 @@ import coredis
 import httpx2 as httpx
 import pytest
 
-from gateway.server import load_config, serve
+from gateway.server import load_config
 from gateway.simulator import Simulator, SimulatorConfig
 
+from .harness import serve_until, worker_class
 from .processes import ROOT, WAIT, Gateway, free_port
 
 pytestmark = [
@@ -33,12 +34,6 @@ pytestmark = [
 ]
 
 BODY = {"messages": [{"role": "user", "content": "x"}]}
-
-
-def _worker(anyio_backend: Any) -> str:
-    if anyio_backend == "trio":
-        return "trio"
-    return "uvloop" if isinstance(anyio_backend, tuple) else "asyncio"
 
 
 class RedisServer:
@@ -84,12 +79,6 @@ class RedisServer:
             self.process = None
 
 
-async def _serve(
-    app: Any, config: Any, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
-) -> None:
-    await serve(app, config, shutdown_trigger=stop, task_status=task_status)
-
-
 class Cluster:
     """A simulator in the test's process, a Redis, and gateway processes."""
 
@@ -122,8 +111,8 @@ async def _cluster(anyio_backend: Any) -> AsyncIterator[Cluster]:
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
-        [(_, port)] = await tg.start(_serve, provider, config, stop.wait)
-        cluster = Cluster(_worker(anyio_backend), provider, port)
+        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
+        cluster = Cluster(worker_class(anyio_backend), provider, port)
         await anyio.to_thread.run_sync(cluster.redis.start)
         try:
             yield cluster
@@ -253,7 +242,7 @@ async def test_a_killed_owner_leaves_a_claim_that_expires(anyio_backend: Any) ->
 
 
 async def test_hypercorn_workers_2_behind_one_port_cancel_all(anyio_backend: Any) -> None:
-    worker = _worker(anyio_backend)
+    worker = worker_class(anyio_backend)
     async with _cluster(anyio_backend) as c:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}

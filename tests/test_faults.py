@@ -11,35 +11,31 @@ import anyio
 import httpx2 as httpx
 import pytest
 
-from gateway.server import load_config, serve
+from gateway.server import load_config
 from gateway.simulator import Simulator, SimulatorConfig
 
-from .harness import WAIT, Harness, end_lines, established_to, sim_config
+from .harness import (
+    WAIT,
+    Harness,
+    end_lines,
+    established_to,
+    serve_until,
+    sim_config,
+    worker_class,
+)
 from .processes import Gateway
 
 pytestmark = pytest.mark.anyio
 
 
-async def _serve(
-    app: Any, config: Any, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
-) -> None:
-    await serve(app, config, shutdown_trigger=stop, task_status=task_status)
-
-
-def _worker(anyio_backend: Any) -> str:
-    if anyio_backend == "trio":
-        return "trio"
-    return "uvloop" if isinstance(anyio_backend, tuple) else "asyncio"
-
-
 async def test_sigterm_with_500_live_streams(anyio_backend: Any) -> None:
-    worker = _worker(anyio_backend)  # the gateway's worker class follows the test's
+    worker = worker_class(anyio_backend)  # the gateway's worker class follows the test's
     streams = 500
     provider = Simulator(SimulatorConfig(tokens=100_000, rate=2.0, keepalive_interval=1.0))
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
-        [(_, port)] = await tg.start(_serve, provider, config, stop.wait)
+        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
         gateway = await anyio.to_thread.run_sync(
             lambda: Gateway(
                 worker, GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{port}/v1", GATEWAY_MODEL="m"
