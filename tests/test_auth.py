@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import httpx2 as httpx
 import pytest
 
-from .harness import WAIT, Harness, sim_config
+from .harness import WAIT, Harness, sim_config, worker_class
 from .processes import Gateway
 
 pytestmark = pytest.mark.anyio
@@ -144,10 +146,10 @@ async def test_every_route_refuses_wrong_keys_without_disturbing_a_stream() -> N
         await s.rest()
 
 
-async def test_keys_never_reach_the_logs_or_the_access_log() -> None:
+async def test_keys_never_reach_the_logs_or_the_access_log(anyio_backend: Any) -> None:
     gateway = await anyio.to_thread.run_sync(
         lambda: Gateway(
-            "asyncio",
+            worker_class(anyio_backend),
             GATEWAY_API_KEYS=f"alice:{ALICE}",
             GATEWAY_UPSTREAM_API_KEY="sk-provider-secret-0123456789",
         )
