@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
-import re
+import os
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -28,12 +31,14 @@ from starlette.types import ASGIApp
 
 from .auth import Authenticator
 from .cluster import CancelUnavailable, Cluster
-from .errors import BadRequest, HTTPError, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, HTTPError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .framing import RefuseAmbiguousFraming
+from .logs import ensure_handler, loggable
 from .openapi import openapi
 from .registry import Registry
 from .responses import error_response
 from .server import load_config, serve
-from .session import Session
+from .session import SESSION_ID_RE, Session
 from .settings import Settings
 from .simulator import Simulator, SimulatorConfig
 from .stream import ChatStream
@@ -43,10 +48,14 @@ __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
 _STATIC = Path(__file__).parent / "static"
 _DEMO_WAIT = 1.0
+# The exit status of a process whose background task failed (EX_SOFTWARE). hypercorn
+# stops all its workers when one exits non-zero, so a supervisor restarts the lot.
+EXIT_BACKGROUND_FAILURE = 70
 _ROLES = ("system", "user", "assistant")
+# Real model names are short; a longer one is a mistake or an attack on the logs.
+MAX_MODEL_CHARS = 256
 
 
 class _Lifespan:
@@ -62,14 +71,17 @@ class _Lifespan:
         self._tg: TaskGroup | None = None
         self._stop_simulator = anyio.Event()
         self._cluster_scope = anyio.CancelScope()
+        self._stopping = False
 
     async def __aenter__(self) -> None:
+        # Here, not at import: the server has set up its logging by now.
+        ensure_handler()
         state = self._state
         state.client = create_client(self._settings)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         if state.cluster is not None:
-            await self._tg.start(self._run_cluster, state.cluster)
+            await self._tg.start(self._supervise, "cluster", self._run_cluster)
         if self._settings.upstream_url is not None:
             state.upstream_url = self._settings.upstream_url
             return
@@ -78,7 +90,11 @@ class _Lifespan:
                 tokens=self._settings.simulator_tokens, rate=self._settings.simulator_rate
             )
         )
-        addresses = await self._tg.start(_serve_simulator, simulator, self._stop_simulator.wait)
+        addresses = await self._tg.start(
+            self._supervise,
+            "simulator",
+            functools.partial(_serve_simulator, simulator, self._stop_simulator.wait),
+        )
         host, port = addresses[0]
         state.simulator = simulator
         state.upstream_url = f"http://{host}:{port}/v1"
@@ -87,10 +103,43 @@ class _Lifespan:
             state.upstream_url,
         )
 
-    async def _run_cluster(
-        self, cluster: Cluster, *, task_status: anyio.abc.TaskStatus[None]
+    async def _supervise(
+        self,
+        name: str,
+        run: Callable[..., Awaitable[None]],
+        *,
+        task_status: anyio.abc.TaskStatus[Any],
     ) -> None:
+        """Run a background task for the app's life. A failure before it has started
+        fails the start-up. After that, a failure or an early end would leave an
+        instance that looks alive and is not (no cross-instance cancels, no provider):
+        it is logged, every stream is stopped as at shutdown, and the process exits
+        non-zero, for its supervisor to restart."""
+        status = _StartedOnce(task_status)
+        try:
+            await run(task_status=status)
+        except Exception:
+            if not status.done:
+                raise
+            logger.exception("background task %r failed: this instance stops", name)
+        else:
+            if self._stopping:
+                return
+            logger.error("background task %r ended on its own: this instance stops", name)
+        await self._exit_on_failure()
+
+    async def _exit_on_failure(self) -> None:
+        with anyio.move_on_after(self._settings.cancel_wait):
+            await self._state.registry.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        # Not an exception: the server would log it and serve on without its lifespan.
+        os._exit(EXIT_BACKGROUND_FAILURE)
+
+    async def _run_cluster(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         state = self._state
+        cluster: Cluster = state.cluster
 
         async def cancel_here(principal: str, session_id: str) -> bool:
             logger.info("[SSE] Cancel request forwarded for %s", session_id)
@@ -106,6 +155,7 @@ class _Lifespan:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._stopping = True
         try:
             with anyio.move_on_after(5.0):
                 await self._state.registry.shutdown()
@@ -121,6 +171,18 @@ class _Lifespan:
                 await self._state.client.aclose()
 
 
+class _StartedOnce:
+    """A task status that remembers whether the task has reported its start."""
+
+    def __init__(self, inner: anyio.abc.TaskStatus[Any]) -> None:
+        self._inner = inner
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        self.done = True
+        self._inner.started(value)
+
+
 async def _serve_simulator(
     simulator: Simulator, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
 ) -> None:
@@ -130,7 +192,7 @@ async def _serve_simulator(
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    middleware = []
+    middleware = [Middleware(RefuseAmbiguousFraming)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -155,6 +217,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         exception_handlers={
             HTTPError: _handle_gateway_error,
+            ClientDisconnect: _handle_client_disconnect,
             HTTPException: _handle_http_exception,
             Exception: _handle_internal_error,
         },
@@ -189,7 +252,7 @@ async def _chat_stream(request: Request) -> Response:
     state = request.app.state
     principal = _principal(request)
     session_id = _session_id(request.headers.get("x-session-id"))
-    body = await _json_body(request, state.settings.max_body_bytes)
+    body = await _json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
     payload = _chat_payload(body, state.settings)
     return _StreamResponse(
         ChatStream(
@@ -201,8 +264,9 @@ async def _chat_stream(request: Request) -> Response:
             upstream_url=state.upstream_url,
             session_id=session_id,
             payload=payload,
-            # Demo mode: the simulator records the session, for the page's panel.
-            upstream_headers={"x-session-id": session_id} if _simulator(request) else None,
+            # Demo mode: the simulator records whose session it served, for the page's
+            # panel (which shows a principal its own sessions only).
+            upstream_headers=_demo_headers(principal, session_id) if _simulator(request) else None,
         )
     )
 
@@ -220,7 +284,10 @@ class _StreamResponse(Response):
 async def _chat_cancel(request: Request) -> Response:
     principal = _principal(request)
     session_id = request.path_params["session_id"]
-    logger.info("[SSE] Cancel request received for %s", session_id)
+    logger.info("[SSE] Cancel request received for %s", loggable(session_id))
+    if not SESSION_ID_RE.fullmatch(session_id):
+        # No stream can have this id: the same answer as an unknown one.
+        return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
     state = request.app.state
     # Another principal's session answers exactly like an unknown one.
     session = state.registry.get(session_id, principal)
@@ -263,13 +330,13 @@ def _simulator(request: Request) -> Simulator | None:
 
 async def _demo_provider(request: Request) -> Response:
     """What the built-in simulator did for a session: the token saving made visible."""
-    _principal(request)
+    principal = _principal(request)
     simulator = _simulator(request)
     if simulator is None:
         raise HTTPException(404, "demo mode is off: the gateway talks to a real provider")
     session_id = request.path_params["session_id"]
-
-    record = simulator.record_for(session_id)
+    # Another principal's session is not found, at once (no wait tells it exists).
+    record = simulator.record_for(session_id, _demo_headers(principal, session_id)["x-principal"])
     if record is None:
         raise HTTPException(404, "the simulator has no stream for this session")
     # Asked right after a stop, the simulator may not have seen the close yet.
@@ -283,6 +350,11 @@ async def _demo_provider(request: Request) -> Response:
             "outcome": record.outcome,
         }
     )
+
+
+def _demo_headers(principal: str, session_id: str) -> dict[str, str]:
+    # Hex: a principal (an API key's name) may hold characters a header cannot.
+    return {"x-session-id": session_id, "x-principal": principal.encode().hex()}
 
 
 async def _openapi(request: Request) -> Response:
@@ -326,7 +398,7 @@ def _session_id(value: str | None) -> str:
     return value
 
 
-async def _json_body(request: Request, limit: int) -> Any:
+async def _json_body(request: Request, limit: int, within: float) -> Any:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
@@ -335,15 +407,25 @@ async def _json_body(request: Request, limit: int) -> Any:
     if declared.isdigit() and int(declared) > limit:
         raise too_large  # answered before reading a byte of it
     body = bytearray()
-    async with contextlib.aclosing(request.stream()) as chunks:
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+    with anyio.move_on_after(within) as scope:
+        async with contextlib.aclosing(request.stream()) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    if scope.cancelled_caught:
+        logger.info("request body not received within %gs: answered 408", within)
+        # The rest of the body may still come: the connection cannot be reused.
+        raise RequestTimeout(
+            f"the request body did not arrive within {within:g} seconds",
+            headers={"connection": "close"},
+        )
     try:
         return json.loads(body)
     except ValueError:
         raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
 
 
 def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
@@ -367,6 +449,7 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
             )
         if not isinstance(message.get("content"), str):
             raise BadRequest(f"messages[{i}].content must be a string", code="invalid_body")
+        _check_text(message["content"], f"messages[{i}].content")
         if len(message["content"]) > settings.max_message_chars:
             raise BadRequest(
                 f"messages[{i}].content is longer than {settings.max_message_chars} characters",
@@ -376,6 +459,9 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
     model = body.get("model", settings.model)
     if not isinstance(model, str) or not model:
         raise BadRequest("model must be a non-empty string", code="invalid_body")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model is longer than {MAX_MODEL_CHARS} characters", code="invalid_body")
+    _check_text(model, "model")
     payload: dict[str, Any] = {
         "model": model,
         "messages": clean,
@@ -403,6 +489,32 @@ def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
     return payload
 
 
+def _check_text(value: str, field: str) -> None:
+    """Refuse text that cannot be sent as UTF-8: JSON's ``\\udfff`` escapes decode to lone
+    surrogates, which no encoder after this point could write."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"{field} is not valid Unicode text (it has a lone surrogate)", code="invalid_body"
+        ) from None
+
+
+class _NoAnswer(Response):
+    """For a client that has gone: there is nobody to answer."""
+
+    def __init__(self) -> None:
+        pass
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+
+async def _handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    logger.info("client went away while sending its request body")
+    return _NoAnswer()
+
+
 async def _handle_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPError)
     return error_response(exc)
@@ -422,7 +534,9 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _handle_internal_error(request: Request, exc: Exception) -> Response:
-    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error(
+        "internal error on %s %s", request.method, loggable(request.url.path), exc_info=exc
+    )
     return JSONResponse(
         {"error": {"code": "internal_error", "message": "the gateway failed"}}, status_code=500
     )

@@ -16,7 +16,7 @@ import ipaddress
 
 from starlette.datastructures import Headers
 
-from .errors import Unauthorized
+from .errors import BadRequest, Unauthorized
 from .registry import ANONYMOUS
 from .settings import Settings
 
@@ -36,9 +36,11 @@ class Authenticator:
         """The principal of a request from the peer address ``client``; raise
         ``Unauthorized`` if it has none."""
         if self._keys:
-            return self._from_key(headers.get("authorization", ""))
+            return self._from_key(_one(headers, "authorization") or "")
         if self._header:
-            return self._from_proxy(headers.get(self._header), client)
+            if client is None or not self._trusted(client):
+                raise Unauthorized("requests must come through the authenticating proxy")
+            return self._from_proxy(_one(headers, self._header))
         return ANONYMOUS
 
     def _from_key(self, authorization: str) -> str:
@@ -57,9 +59,7 @@ class Authenticator:
             raise Unauthorized("the API key is not valid", headers=_CHALLENGE)
         return found
 
-    def _from_proxy(self, value: str | None, client: str | None) -> str:
-        if client is None or not self._trusted(client):
-            raise Unauthorized("requests must come through the authenticating proxy")
+    def _from_proxy(self, value: str | None) -> str:
         principal = (value or "").strip()
         if not principal or len(principal) > _MAX_PRINCIPAL_CHARS or not principal.isprintable():
             raise Unauthorized("the authenticating proxy did not name a user")
@@ -71,3 +71,12 @@ class Authenticator:
         except ValueError:
             return False
         return any(address in network for network in self._proxies)
+
+
+def _one(headers: Headers, name: str) -> str | None:
+    """The header's value; sent twice, it names nobody for sure (proxies and servers
+    disagree on which copy counts), so the request is refused."""
+    values = headers.getlist(name)
+    if len(values) > 1:
+        raise BadRequest(f"the {name} header was sent more than once", code="ambiguous_header")
+    return values[0] if values else None

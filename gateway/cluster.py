@@ -11,6 +11,11 @@ log line per outage), and a cancel that needs another instance is answered 503
 ``cancel_unavailable``, never a false 404. The connection is retried with backoff and
 the subscription renewed.
 
+Every message from Redis is untrusted input (anyone who can publish, an instance of
+another release): one that is not a valid message of a version this instance knows
+is ignored, with a rate-limited warning, and the instance goes on serving. The
+compatibility rule for the format is in docs/scaling.md.
+
 coredis runs on anyio, so the same code serves the asyncio and the Trio worker.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -26,6 +32,9 @@ from typing import Any
 
 import anyio
 import coredis
+
+from .logs import loggable
+from .session import SESSION_ID_RE
 
 __all__ = ["CancelUnavailable", "Cluster"]
 
@@ -46,6 +55,16 @@ return n
 """
 _BACKOFF_MAX = 2.0
 
+# The message format's version: see docs/scaling.md for the rule that changes it.
+PROTOCOL_VERSION = 1
+# A valid message is a few hundred bytes; a larger one is not parsed at all.
+_MAX_MESSAGE_CHARS = 8192
+_MAX_PRINCIPAL_CHARS = 1024
+_REQUEST_ID = re.compile(r"[0-9a-f]{1,64}")
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# At most one warning about ignored messages this often, with the count since.
+_WARN_INTERVAL = 10.0
+
 # What a local cancel answers: True stopped, False not found here.
 LocalCancel = Callable[[str, str], Awaitable[bool]]
 
@@ -55,7 +74,38 @@ class CancelUnavailable(Exception):
 
 
 def new_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    """Random: it is shown on /healthz, so it says nothing about the host. The join
+    log line ties it to the host name and PID for the operator."""
+    return secrets.token_hex(8)
+
+
+class _Malformed(Exception):
+    """A message from Redis that this instance does not accept."""
+
+
+def _text(data: dict[str, Any], name: str, pattern: re.Pattern[str] | None, limit: int) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise _Malformed(f"{name} is missing or not a short string")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _Malformed(f"{name} is not well formed")
+    return value
+
+
+def _parse(raw: Any) -> dict[str, Any]:
+    """A message's JSON object, of a version this instance knows."""
+    if not isinstance(raw, str) or len(raw) > _MAX_MESSAGE_CHARS:
+        raise _Malformed("not text, or too large")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _Malformed("not JSON") from None
+    if not isinstance(data, dict):
+        raise _Malformed("not a JSON object")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise _Malformed(f"unknown version {loggable(version, 16)}")
+    return data
 
 
 class Cluster:
@@ -74,6 +124,8 @@ class Cluster:
         self.available = False
         self._outage_logged = False
         self._stop = anyio.Event()
+        self._ignored = 0
+        self._warned_at: float | None = None
 
     def stop(self) -> None:
         """End ``run()`` by leaving the subscription normally. (Cancelling coredis's
@@ -138,7 +190,12 @@ class Cluster:
                 "[cluster] Redis reachable again; instance %s resubscribed", self.instance_id
             )
         else:
-            logger.info("[cluster] instance %s joined through Redis", self.instance_id)
+            logger.info(
+                "[cluster] instance %s joined through Redis (host %s, pid %d)",
+                self.instance_id,
+                socket.gethostname(),
+                os.getpid(),
+            )
         self._outage_logged = False
 
     def _down(self, exc: BaseException) -> None:
@@ -225,6 +282,7 @@ class Cluster:
             if owner is None or owner == self.instance_id:
                 return False
             request = {
+                "v": PROTOCOL_VERSION,
                 "id": request_id,
                 "reply_to": self.instance_id,
                 "principal": principal,
@@ -246,22 +304,46 @@ class Cluster:
 
     async def _on_message(self, client: coredis.Redis[str], message: Any) -> None:
         try:
-            data = json.loads(message["data"])
-        except (ValueError, TypeError):
-            return
-        if message["channel"] == self._reply_channel():
-            waiting = self._waiting.get(str(data.get("id")))
-            if waiting is not None:
-                waiting[1].append(bool(data.get("ok")))
-                waiting[0].set()
+            data = _parse(message.get("data") if isinstance(message, dict) else None)
+            if message.get("channel") == self._reply_channel():
+                request_id = _text(data, "id", _REQUEST_ID, 64)
+                ok = data.get("ok")
+                if not isinstance(ok, bool):
+                    raise _Malformed("ok is not a boolean")
+                waiting = self._waiting.get(request_id)
+                if waiting is not None and not waiting[0].is_set():
+                    waiting[1].append(ok)
+                    waiting[0].set()
+                return
+            request_id = _text(data, "id", _REQUEST_ID, 64)
+            reply_to = _text(data, "reply_to", _INSTANCE_ID, 128)
+            principal = _text(data, "principal", None, _MAX_PRINCIPAL_CHARS)
+            session_id = _text(data, "session_id", SESSION_ID_RE, 128)
+        except _Malformed as exc:
+            self._ignore(str(exc))
             return
         assert self._local_cancel is not None
-        ok = await self._local_cancel(str(data["principal"]), str(data["session_id"]))
-        reply = json.dumps({"id": data["id"], "ok": ok})
+        ok = await self._local_cancel(principal, session_id)
+        reply = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": ok})
         try:
-            await client.publish(self._reply_channel(str(data["reply_to"])), reply)
+            await client.publish(self._reply_channel(reply_to), reply)
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._down(exc)
+
+    def _ignore(self, why: str) -> None:
+        """Count an ignored message; warn at most once per interval, with the count."""
+        self._ignored += 1
+        now = anyio.current_time()
+        if self._warned_at is not None and now - self._warned_at < _WARN_INTERVAL:
+            return
+        logger.warning(
+            "[cluster] ignored %d malformed message(s) from Redis (last: %s); "
+            "is an instance of another release, or something else, publishing on gw:*?",
+            self._ignored,
+            why,
+        )
+        self._ignored = 0
+        self._warned_at = now
 
     def _cancel_channel(self, instance_id: str) -> str:
         return f"gw:cancel:{instance_id}"

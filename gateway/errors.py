@@ -41,6 +41,11 @@ class Unauthorized(HTTPError):
     code = "unauthorized"
 
 
+class RequestTimeout(HTTPError):
+    status_code = 408
+    code = "body_timeout"
+
+
 class PayloadTooLarge(HTTPError):
     status_code = 413
     code = "body_too_large"
@@ -83,10 +88,19 @@ class UpstreamError(GatewayError):
 
     code = "upstream_error"
 
-    def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        provider_error: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.upstream_status = upstream_status
+        # The provider's error type and code, short identifiers only: for the
+        # operator's log, never the client.
+        self.provider_error = provider_error
 
 
 class UpstreamUnavailable(UpstreamError):

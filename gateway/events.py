@@ -5,21 +5,32 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sse_starlette.event import JSONServerSentEvent, ServerSentEvent
+from sse_starlette.event import ServerSentEvent
 
-__all__ = ["PING", "encode_event", "encode_token"]
+__all__ = ["PING", "encode_event", "encode_token", "json_text"]
 
 _SEP = "\n"
 
 PING = ServerSentEvent(comment="ping", sep=_SEP).encode()
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def json_text(data: Any) -> str:
+    """Compact JSON that fits on one ``data:`` line for every client.
+
+    JSON allows U+2028 and U+2029 raw, but Python's ``str.splitlines`` and httpx's
+    ``iter_lines`` split lines there: escaped, they are the same text once parsed.
+    """
+    text = _dumps(data)
+    if "\u2028" in text or "\u2029" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return text
+
 
 def encode_event(event: str, seq: int, data: dict[str, Any]) -> bytes:
-    """``event: <event>``, ``id: <seq>``, one ``data:`` line of compact JSON."""
-    return JSONServerSentEvent(data, event=event, id=str(seq), sep=_SEP).encode()
-
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    """``id: <seq>``, ``event: <event>``, one ``data:`` line of compact JSON."""
+    return ServerSentEvent(json_text(data), event=event, id=str(seq), sep=_SEP).encode()
 
 
 def encode_token(seq: int, delta: str) -> bytes:
@@ -27,4 +38,4 @@ def encode_token(seq: int, delta: str) -> bytes:
 
     JSON never contains a raw CR or LF, so the data always fits on one line.
     """
-    return b'id: %d\nevent: token\ndata: {"delta":%s}\n\n' % (seq, _dumps(delta).encode())
+    return b'id: %d\nevent: token\ndata: {"delta":%s}\n\n' % (seq, json_text(delta).encode())

@@ -3,30 +3,74 @@
 Bytes go in as they arrive, split anywhere; what comes out is the content deltas,
 the finish reason, the usage and the ``[DONE]`` marker. Keep-alive comments
 (DeepSeek's ``: keep-alive``) produce nothing, so they never count as progress.
+
+What a provider writes is untrusted: only content reaches the client as text. The
+finish reason is one of the known values (else ``other``), the usage only numbers
+under identifier keys, and an error object only a known error type.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UpstreamProtocolError, UpstreamStatusError
+from .errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 
 __all__ = ["MAX_LINE_BYTES", "ParsedChunk", "ProviderStreamParser"]
 
 MAX_LINE_BYTES = 1024 * 1024
 
+# OpenAI's finish reasons and DeepSeek's one extra; anything else is "other".
+FINISH_REASONS = frozenset(
+    {
+        "stop",
+        "length",
+        "tool_calls",
+        "content_filter",
+        "function_call",
+        "insufficient_system_resource",
+    }
+)
+# Error types and codes that OpenAI-compatible providers send and that say nothing
+# about the request: the only ones the client is told.
+KNOWN_ERRORS = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        "insufficient_quota",
+        "server_error",
+        "api_error",
+        "overloaded_error",
+        "timeout",
+        "context_length_exceeded",
+        "model_not_found",
+        "invalid_api_key",
+        "content_filter",
+        "service_unavailable",
+    }
+)
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_USAGE_KEYS = 64
+_USAGE_DEPTH = 3
+
 
 @dataclass(slots=True)
 class ParsedChunk:
-    """What one ``feed()`` found: deltas in order, and the end markers if seen."""
+    """What one ``feed()`` found: deltas in order, the end markers if seen, and the
+    error that ended the parse, if one did (the deltas before it are still here)."""
 
     deltas: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     done: bool = False
+    error: UpstreamError | None = None
 
 
 class ProviderStreamParser:
@@ -36,12 +80,24 @@ class ProviderStreamParser:
         self._skip_lf = False
         self._data: list[str] = []
         self.done = False
+        self.error: UpstreamError | None = None
 
     def feed(self, data: bytes) -> ParsedChunk:
-        """Parse the next bytes; raise ``UpstreamProtocolError`` on malformed input."""
+        """Parse the next bytes. Malformed input or an error object sets ``error``, after
+        the deltas parsed before it; nothing is parsed after an error."""
         out = ParsedChunk()
+        if self.error is not None:
+            out.error = self.error
+            return out
+        try:
+            self._feed(data, out)
+        except UpstreamError as exc:
+            self.error = out.error = exc
+        return out
+
+    def _feed(self, data: bytes, out: ParsedChunk) -> None:
         if not data:
-            return out  # an empty read must not forget a CR that ended the last one
+            return  # an empty read must not forget a CR that ended the last one
         if self._skip_lf and data.startswith(b"\n"):
             data = data[1:]
         self._skip_lf = False
@@ -52,12 +108,12 @@ class ProviderStreamParser:
             self._skip_lf = buffer.endswith(b"\r")
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, rest = buffer.split(b"\n")
+        self._buffer = b""
+        for line in lines:
+            self._line(line, out)
         if len(rest) > self._max:
             raise UpstreamProtocolError(f"provider sent a line longer than {self._max} bytes")
         self._buffer = rest
-        for line in lines:
-            self._line(line, out)
-        return out
 
     def _line(self, line: bytes, out: ParsedChunk) -> None:
         if not line:
@@ -89,7 +145,7 @@ class ProviderStreamParser:
         if not isinstance(chunk, dict):
             raise UpstreamProtocolError("provider sent a chunk that is not a JSON object")
         if "error" in chunk:
-            raise UpstreamStatusError(_error_message(chunk["error"]))
+            raise _error(chunk["error"])
         choices = chunk.get("choices")
         if choices is None:
             choices = []
@@ -106,21 +162,47 @@ class ProviderStreamParser:
                 out.deltas.append(content)
             reason = choice.get("finish_reason")
             if reason is not None:
-                out.finish_reason = str(reason)
+                out.finish_reason = reason if reason in FINISH_REASONS else "other"
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            out.usage = usage
+            out.usage = numbers_only(usage)
 
 
-_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+def numbers_only(usage: dict[Any, Any], depth: int = 1) -> dict[str, Any]:
+    """The numbers of a usage object under identifier keys, nested objects of numbers
+    included (DeepSeek's ``completion_tokens_details``); any text is dropped."""
+    out: dict[str, Any] = {}
+    for key, value in list(usage.items())[:_USAGE_KEYS]:
+        if not isinstance(key, str) or not _IDENTIFIER.fullmatch(key):
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value):
+                out[key] = value
+        elif isinstance(value, dict) and depth < _USAGE_DEPTH:
+            out[key] = numbers_only(value, depth + 1)
+    return out
 
 
-def _error_message(error: Any) -> str:
-    """A safe message for an in-stream error object. Its free text may echo the prompt
-    or account details, so only a short identifier (``type`` or ``code``) is passed on."""
+def provider_error_ids(error: Any) -> dict[str, str]:
+    """The ``type`` and ``code`` of a provider's error object that are short
+    identifiers: safe for the operator's log, where they tell a wrong key from an
+    unknown model. (A provider that is not OpenAI may put free text there.)"""
+    found: dict[str, str] = {}
     if isinstance(error, dict):
-        for field in ("type", "code"):
-            value = error.get(field)
-            if isinstance(value, str) and _ERROR_TYPE.fullmatch(value):
-                return f"provider sent an error: {value}"
-    return "provider sent an error"
+        for name in ("type", "code"):
+            value = error.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if isinstance(value, str) and _IDENTIFIER.fullmatch(value):
+                found[name] = value
+    return found
+
+
+def _error(error: Any) -> UpstreamStatusError:
+    """An in-stream error object. Its free text may echo the prompt or account details,
+    and even an identifier-shaped ``type`` may be the prompt: the client is told only a
+    known error type; the operator's log gets every identifier."""
+    ids = provider_error_ids(error)
+    known = [value for value in ids.values() if value in KNOWN_ERRORS]
+    message = f"provider sent an error: {known[0]}" if known else "provider sent an error"
+    return UpstreamStatusError(message, provider_error=ids or None)

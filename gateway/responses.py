@@ -11,14 +11,14 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import HTTPError
 
-__all__ = ["error_response"]
+__all__ = ["CLIENT_GONE", "error_response"]
 
 logger = logging.getLogger(__name__)
 
 # What writing to a client that has gone away raises. BusyResourceError: hypercorn's
 # Trio worker closes a connection whose request body was left unread while the answer
 # is still being written (seen answering 413 to a body still arriving).
-_CLIENT_GONE = (
+CLIENT_GONE = (
     OSError,
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
@@ -30,7 +30,7 @@ class _ErrorResponse(JSONResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except _CLIENT_GONE:
+        except CLIENT_GONE:
             # Refused requests whose client left are not the gateway's errors.
             logger.info("client went away before its %d answer was written", self.status_code)
 

@@ -8,6 +8,7 @@ wins, whether a stop, a completion or a failure; later ones are ignored.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,9 +16,12 @@ import anyio
 
 from .errors import UpstreamError
 
-__all__ = ["Completed", "Failed", "Outcome", "Session", "StopReason", "Stopped"]
+__all__ = ["SESSION_ID_RE", "Completed", "Failed", "Outcome", "Session", "StopReason", "Stopped"]
 
 logger = logging.getLogger(__name__)
+
+# What a client may name its session: safe in a log line, a header and a Redis key.
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
 
 StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
 
@@ -39,10 +43,12 @@ class Failed:
     code: str
     message: str
     upstream_status: int | None = None
+    # The provider's own error type/code (identifiers), for the log only.
+    provider_error: dict[str, str] | None = None
 
     @classmethod
     def from_error(cls, exc: UpstreamError) -> Failed:
-        return cls(exc.code, exc.message, exc.upstream_status)
+        return cls(exc.code, exc.message, exc.upstream_status, exc.provider_error)
 
 
 Outcome = Completed | Stopped | Failed
@@ -149,6 +155,8 @@ class Session:
             status = (
                 f" upstream_status={outcome.upstream_status}" if outcome.upstream_status else ""
             )
+            for name, value in (outcome.provider_error or {}).items():
+                status += f" provider_{name}={value}"
             logger.warning(
                 "[SSE] %s failed code=%s%s tokens=%d after=%dms: %s",
                 self.id,

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ class Settings:
     max_duration: float = 600.0
     ping_interval: float = 15.0
     send_timeout: float = 10.0
+    # How long a client may take to send its request body (408 after).
+    body_timeout: float = 10.0
     cancel_wait: float = 10.0
     upstream_max_connections: int = 1000
     log_level: str = "INFO"
@@ -59,18 +62,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
-            url = self.upstream_url
-            if not url.startswith(("http://", "https://")) or not url.rstrip("/").endswith("/v1"):
-                raise ConfigError(
-                    f"GATEWAY_UPSTREAM_URL must be an http(s) URL ending in /v1, got {url!r}"
-                )
-            object.__setattr__(self, "upstream_url", url.rstrip("/"))
+            object.__setattr__(self, "upstream_url", _base_url(self.upstream_url))
         for name in (
             "connect_timeout",
             "first_token_timeout",
             "idle_timeout",
             "max_duration",
             "send_timeout",
+            "body_timeout",
             "cancel_wait",
             "claim_ttl",
         ):
@@ -103,6 +102,12 @@ class Settings:
                 raise ConfigError("each API key needs a name: entries are name:key")
             if len(key) < 16:
                 raise ConfigError(f"the API key named {name!r} is shorter than 16 characters")
+            if not (key.isascii() and key.isprintable()) or " " in key:
+                # A header carries ASCII: such a key could never be presented.
+                raise ConfigError(
+                    f"the API key named {name!r} has characters other than printable "
+                    "ASCII without spaces"
+                )
         if len(set(names)) != len(names) or len(set(keys)) != len(keys):
             raise ConfigError("API key names and keys must each be unique")
         if self.api_keys and self.principal_header:
@@ -160,6 +165,7 @@ class Settings:
             max_duration=_read(env, "max_duration", float, defaults.max_duration),
             ping_interval=_read(env, "ping_interval", float, defaults.ping_interval),
             send_timeout=_read(env, "send_timeout", float, defaults.send_timeout),
+            body_timeout=_read(env, "body_timeout", float, defaults.body_timeout),
             cancel_wait=_read(env, "cancel_wait", float, defaults.cancel_wait),
             upstream_max_connections=_read(
                 env, "upstream_max_connections", int, defaults.upstream_max_connections
@@ -181,6 +187,22 @@ class Settings:
             redis_url=env.get("GATEWAY_REDIS_URL") or None,
             claim_ttl=_read(env, "claim_ttl", float, defaults.claim_ttl),
         )
+
+
+def _base_url(url: str) -> str:
+    """Any http(s) base of an OpenAI-compatible API: ``.../v1``, Gemini's
+    ``.../v1beta/openai``, a proxy's path, an Azure deployment with ``?api-version=``.
+    Requests go to ``<base>/chat/completions`` (query kept)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"GATEWAY_UPSTREAM_URL must be an http(s) URL, got {url!r}")
+    if parts.fragment:
+        raise ConfigError(f"GATEWAY_UPSTREAM_URL must not have a #fragment, got {url!r}")
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")))
 
 
 def _env_name(field: str) -> str:

@@ -5,6 +5,9 @@ behind every test. Each stream it serves leaves a ``StreamRecord`` saying how it
 ended: ``completed``, or ``closed_by_client`` at token k of n, with the time on
 ``time.monotonic()`` (CLOCK_MONOTONIC, comparable across processes on Linux).
 ``GET /v1/_streams`` returns the records as JSON.
+
+It answers ``POST <any base>/chat/completions``, so any base URL can be tested. What
+it keeps is bounded: it runs for as long as a demo does.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ _TEXT = (
 )
 _WORDS = _TEXT.split(" ")
 _RECORDS_KEPT = 1000
+# Whole request bodies (up to the gateway's body limit each): the last few only.
+_REQUESTS_KEPT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +68,11 @@ class StreamRecord:
     id: str
     planned: int
     started_at: float
-    # The gateway's session id, sent only to the built-in simulator (demo mode).
+    # The gateway's session id and its principal (hex), sent only to the built-in
+    # simulator (demo mode).
     session_id: str | None = None
+    principal: str | None = None
+    path: str = ""
     sent: int = 0
     text: str = ""
     outcome: str = "streaming"
@@ -75,6 +83,8 @@ class StreamRecord:
         return {
             "id": self.id,
             "session_id": self.session_id,
+            "principal": self.principal,
+            "path": self.path,
             "planned": self.planned,
             "sent": self.sent,
             "text": self.text,
@@ -101,9 +111,9 @@ class Simulator:
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config or SimulatorConfig()
         self.records: deque[StreamRecord] = deque(maxlen=_RECORDS_KEPT)
-        self.requests: list[dict[str, Any]] = []
+        self.requests: deque[dict[str, Any]] = deque(maxlen=_REQUESTS_KEPT)
         # The Authorization header of each chat request (tests check the provider key).
-        self.authorizations: list[str] = []
+        self.authorizations: deque[str] = deque(maxlen=_REQUESTS_KEPT)
         self._ids = itertools.count(1)
         self._waiters: list[_Waiter] = []
 
@@ -137,13 +147,20 @@ class Simulator:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        if method == "POST" and path == "/v1/chat/completions":
+        if method == "POST" and path.endswith("/chat/completions"):
             body = await _read_body(receive)
-            headers = dict(scope["headers"])
-            if b"authorization" in headers:
-                self.authorizations.append(headers[b"authorization"].decode("latin-1"))
-            session_id = headers.get(b"x-session-id")
-            await self._chat(body, receive, send, session_id and session_id.decode("latin-1"))
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            if "authorization" in headers:
+                self.authorizations.append(headers["authorization"])
+            record = StreamRecord(
+                id=f"chatcmpl-sim{next(self._ids)}",
+                planned=0,
+                started_at=time.monotonic(),
+                session_id=headers.get("x-session-id"),
+                principal=headers.get("x-principal"),
+                path=path,
+            )
+            await self._chat(body, receive, send, record)
         elif method == "GET" and path == "/v1/_streams":
             await _json(send, 200, {"streams": [r.as_json() for r in self.records]})
         elif method == "GET" and path == "/v1/models":
@@ -151,16 +168,14 @@ class Simulator:
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
 
-    def record_for(self, session_id: str) -> StreamRecord | None:
-        """The newest stream the gateway opened for ``session_id``."""
+    def record_for(self, session_id: str, principal: str | None = None) -> StreamRecord | None:
+        """The newest stream the gateway opened for ``session_id`` of ``principal``."""
         for record in reversed(self.records):
-            if record.session_id == session_id:
+            if record.session_id == session_id and record.principal == principal:
                 return record
         return None
 
-    async def _chat(
-        self, body: bytes, receive: Receive, send: Send, session_id: str | None = None
-    ) -> None:
+    async def _chat(self, body: bytes, receive: Receive, send: Send, record: StreamRecord) -> None:
         try:
             request = json.loads(body)
         except ValueError:
@@ -177,12 +192,7 @@ class Simulator:
         max_tokens = request.get("max_tokens")
         if isinstance(max_tokens, int) and max_tokens < planned:
             planned = max_tokens
-        record = StreamRecord(
-            id=f"chatcmpl-sim{next(self._ids)}",
-            planned=planned,
-            started_at=time.monotonic(),
-            session_id=session_id,
-        )
+        record.planned = planned
         self.records.append(record)
         self._changed()
         try:

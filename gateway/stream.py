@@ -25,10 +25,11 @@ from starlette.types import Receive, Scope, Send
 from .cluster import Cluster
 from .errors import HTTPError, SessionConflict, UpstreamError, UpstreamProtocolError
 from .events import PING, encode_event, encode_token
+from .logs import loggable
 from .outbox import Outbox
 from .parser import ProviderStreamParser
 from .registry import ANONYMOUS, Registry
-from .responses import error_response
+from .responses import CLIENT_GONE, error_response
 from .session import Completed, Failed, Outcome, Session
 from .settings import Settings
 from .upstream import UpstreamResponse, open_stream
@@ -77,27 +78,37 @@ class ChatStream:
         except HTTPError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        if self._cluster is not None and not await self._cluster.claim(
-            session.principal, session.id
-        ):
+        try:
+            if self._cluster is not None and not await self._cluster.claim(
+                session.principal, session.id
+            ):
+                session.settle(Failed("session_conflict", "the id is live on another instance"))
+                conflict = SessionConflict(f"a live stream already has session id {session.id!r}")
+                await error_response(conflict)(scope, receive, send)
+                return
+            outbox = Outbox(_QUEUE_SIZE)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_listen_for_disconnect, session, receive)
+                tg.start_soon(self._send_events, session, outbox, send)
+                await self._run(session, outbox, send)
+                # Stops the listener, and on asyncio a sender stuck past its bound.
+                tg.cancel_scope.cancel()
+        finally:
+            # Whatever raised or was cancelled on the way (a cluster claim included),
+            # the id is free again and a cancel waiting for this stream is answered.
+            # After a normal end, _finish has done both already.
             self._registry.remove(session)
-            conflict = SessionConflict(f"a live stream already has session id {session.id!r}")
-            await error_response(conflict)(scope, receive, send)
-            return
-        principal = "" if session.principal == ANONYMOUS else f" principal={session.principal}"
-        logger.info("[SSE] %s started model=%s%s", session.id, session.model, principal)
-        outbox = Outbox(_QUEUE_SIZE)
-        start = {"session_id": session.id, "model": session.model}
-        outbox.put_nowait(encode_event("start", session.next_seq(), start))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_listen_for_disconnect, session, receive)
-            tg.start_soon(self._send_events, session, outbox, send)
-            await self._run(session, outbox, send)
-            # Stops the listener, and on asyncio a sender stuck past its bound.
-            tg.cancel_scope.cancel()
+            session.ended.set()
 
     async def _run(self, session: Session, outbox: Outbox, send: Send) -> None:
+        # From the "started" line on, every path ends in _finish and its end line.
+        principal = (
+            "" if session.principal == ANONYMOUS else f" principal={loggable(session.principal)}"
+        )
+        logger.info("[SSE] %s started model=%s%s", session.id, loggable(session.model), principal)
         try:
+            start = {"session_id": session.id, "model": session.model}
+            outbox.put_nowait(encode_event("start", session.next_seq(), start))
             with session.scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch, session, outbox)
@@ -165,20 +176,16 @@ class ChatStream:
                         raise UpstreamProtocolError("provider closed the stream before [DONE]")
                     break
                 parsed = parser.feed(data)
+                if parsed.error is not None:
+                    # Whatever came before the error is the client's first.
+                    await self._deliver(session, outbox, parsed.deltas)
+                    raise parsed.error
                 if parsed.finish_reason is not None:
                     finish_reason = parsed.finish_reason
                 if parsed.usage is not None:
                     usage = parsed.usage
                 if parsed.deltas:
-                    now = anyio.current_time()
-                    if session.first_delta_at is None:
-                        session.first_delta_at = now
-                    session.last_delta_at = now
-                    body = b"".join(
-                        encode_token(session.next_seq(), delta) for delta in parsed.deltas
-                    )
-                    session.tokens += len(parsed.deltas)
-                    await outbox.put(body, len(parsed.deltas))
+                    await self._deliver(session, outbox, parsed.deltas)
             if parser.done:
                 # Read the body's end so the connection goes back to the pool.
                 with anyio.move_on_after(_DRAIN_TIMEOUT):
@@ -190,6 +197,18 @@ class ChatStream:
         finally:
             if upstream is not None:
                 await upstream.aclose()
+
+    @staticmethod
+    async def _deliver(session: Session, outbox: Outbox, deltas: list[str]) -> None:
+        if not deltas:
+            return
+        now = anyio.current_time()
+        if session.first_delta_at is None:
+            session.first_delta_at = now
+        session.last_delta_at = now
+        body = b"".join(encode_token(session.next_seq(), delta) for delta in deltas)
+        session.tokens += len(deltas)
+        await outbox.put(body, len(deltas))
 
     async def _watch(self, session: Session, outbox: Outbox) -> None:
         """Every timeout and the pings, on deadlines: one task, no timer per token.
@@ -267,7 +286,7 @@ class ChatStream:
                 session.last_write_at = anyio.current_time()
             if not session.client_gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
+        except CLIENT_GONE:
             session.client_gone = True
             session.cancel("disconnect")
         finally:

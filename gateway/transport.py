@@ -89,9 +89,12 @@ class H11Transport(httpx.AsyncBaseTransport):
             if connection is not None:
                 try:
                     return await self._exchange(connection, request, body, timeouts)
-                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                    # The server closed the kept-alive connection as we sent: the
-                    # request never reached it, so one retry on a fresh one is safe.
+                except httpx.WriteError:
+                    # The server had closed the kept-alive connection: the request
+                    # could not be written whole, so it cannot have been acted on, and
+                    # one retry on a fresh connection is safe. Once it was written,
+                    # a failure is not retried: the provider may have read it, and a
+                    # second chat request is a second bill.
                     pass
             connection = await self._connect(request, origin, timeouts.get("connect"))
             return await self._exchange(connection, request, body, timeouts)

@@ -11,6 +11,9 @@ docs/architecture.md and tests/test_pool_leak.py.
 
 from __future__ import annotations
 
+import functools
+import json
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,10 +28,11 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from .parser import provider_error_ids
 from .settings import Settings
 from .transport import BODY_EXTENSION, H11Transport
 
-__all__ = ["UpstreamResponse", "create_client", "open_stream"]
+__all__ = ["UpstreamResponse", "chat_url", "create_client", "open_stream"]
 
 # Bounds for work done while cleaning up: closing a socket, reading an error body.
 _CLOSE_TIMEOUT = 2.0
@@ -79,17 +83,21 @@ def _proxied(url: str | None) -> bool:
 
 
 class UpstreamResponse:
-    """An open streaming response from the provider."""
+    """An open streaming response from the provider.
+
+    The body is read as sent, never decoded: the gateway asks for ``identity``, and
+    ``open_stream`` refuses any other encoding (a few MB of gzip can hold gigabytes of
+    newlines, decoded in one go on the event loop).
+    """
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         body = response.extensions.get(BODY_EXTENSION)
-        encoding = response.headers.get("content-encoding", "identity").lower()
         self._receive: Callable[[], Awaitable[bytes]]
-        if body is not None and encoding == "identity":
+        if body is not None:
             self._receive = body.receive
         else:
-            self._receive = _reader(response.aiter_bytes())
+            self._receive = _reader(response.aiter_raw())
 
     async def read(self) -> bytes:
         """The next bytes of the body; ``b""`` at its end."""
@@ -107,6 +115,13 @@ class UpstreamResponse:
             await self._response.aclose()
 
 
+@functools.lru_cache(maxsize=8)
+def chat_url(base_url: str) -> str:
+    """``<base>/chat/completions``, the base's query (Azure's ``api-version``) kept."""
+    parts = urllib.parse.urlsplit(base_url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path + "/chat/completions"))
+
+
 async def open_stream(
     client: httpx.AsyncClient,
     base_url: str,
@@ -114,28 +129,57 @@ async def open_stream(
     headers: dict[str, str] | None = None,
 ) -> UpstreamResponse:
     """POST ``{base_url}/chat/completions`` and return once the headers are in."""
-    request = client.build_request(
-        "POST", f"{base_url}/chat/completions", json=payload, headers=headers
-    )
+    request = client.build_request("POST", chat_url(base_url), json=payload, headers=headers)
     try:
         response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         raise _map_error(exc, connected=False) from exc
-    if response.status_code >= 400:
+    status = response.status_code
+    if status >= 400:
+        body = b""
         try:
             with anyio.move_on_after(_CLOSE_TIMEOUT):
-                await _drain_limited(response)
+                body = await _read_limited(response)
         except httpx.HTTPError:
             pass
         finally:
             await UpstreamResponse(response).aclose()
         # The provider's body may echo the prompt or account details: only the status
-        # reaches the client.
+        # reaches the client; its error type and code reach the log.
         raise UpstreamStatusError(
-            f"provider answered HTTP {response.status_code}",
-            upstream_status=response.status_code,
+            f"provider answered HTTP {status}",
+            upstream_status=status,
+            provider_error=_error_ids(body),
         )
+    problem = _not_a_stream(response)
+    if problem is not None:
+        await UpstreamResponse(response).aclose()
+        raise UpstreamProtocolError(problem, upstream_status=status)
     return UpstreamResponse(response)
+
+
+def _not_a_stream(response: httpx.Response) -> str | None:
+    """Why a non-error answer is not an event stream the gateway can relay, if it is not."""
+    status = response.status_code
+    if status != 200:
+        # A redirect is not followed: a provider's base URL does not move.
+        return f"provider answered HTTP {status}, not a stream"
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "text/event-stream":
+        return "provider answered 200 without an event stream"
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return "provider sent a content encoding the gateway did not ask for"
+    return None
+
+
+def _error_ids(body: bytes) -> dict[str, str] | None:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return provider_error_ids(error) or None
 
 
 def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
@@ -148,14 +192,15 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
     return receive
 
 
-async def _drain_limited(response: httpx.Response) -> None:
+async def _read_limited(response: httpx.Response) -> bytes:
     """Read a short error body to its end, so the connection can go back to the pool;
-    a longer one is cut and its connection closed."""
-    read = 0
-    async for chunk in response.aiter_bytes():
-        read += len(chunk)
-        if read > _ERROR_BODY_LIMIT:
+    a longer one is cut (and its connection closed). Read as sent, never decoded."""
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) > _ERROR_BODY_LIMIT:
             break
+    return bytes(body)
 
 
 def _map_error(exc: httpx.HTTPError, *, connected: bool) -> UpstreamError:

@@ -124,7 +124,7 @@ async def test_the_provider_key_reaches_the_provider_only(
         async with h.stream("session_1700000000000_key") as s:
             events = await s.rest()
         assert events[-1].event == "done"
-        assert h.simulator.authorizations == [f"Bearer {secret}"]
+        assert list(h.simulator.authorizations) == [f"Bearer {secret}"]
         assert all(secret not in str(e.data) for e in s.events)
         assert secret not in "".join(f"{k}{v}" for k, v in s.response.headers.items())
         assert secret not in caplog.text

@@ -1,22 +1,43 @@
 from __future__ import annotations
 
+import json
+
 import pytest
+from sse_starlette.event import JSONServerSentEvent
 
 from gateway.events import encode_event, encode_token
 
+DELTAS = [
+    "Hello",
+    " world",
+    "",
+    'quote " and \\ backslash',
+    "line\nbreak\r\nand\rcr",
+    "w\u00f6rld \U0001f600",
+    "\u2028\u2029\x00\x1f",
+    "</script>",
+]
 
-@pytest.mark.parametrize(
-    "delta",
-    [
-        "Hello",
-        " world",
-        "",
-        'quote " and \\ backslash',
-        "line\nbreak\r\nand\rcr",
-        "w\u00f6rld \U0001f600",
-        "\u2028\u2029\x00\x1f",
-        "</script>",
-    ],
-)
-def test_token_template_matches_the_sse_starlette_encoding(delta: str) -> None:
+
+@pytest.mark.parametrize("delta", DELTAS)
+def test_token_template_matches_the_event_encoding(delta: str) -> None:
     assert encode_token(42, delta) == encode_event("token", 42, {"delta": delta})
+
+
+@pytest.mark.parametrize("delta", [d for d in DELTAS if "\u2028" not in d])
+def test_the_framing_is_sse_starlettes(delta: str) -> None:
+    expected = JSONServerSentEvent({"delta": delta}, event="token", id="42", sep="\n").encode()
+    assert encode_event("token", 42, {"delta": delta}) == expected
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "\u2029", "x\u2028\u2029y\u2028"])
+def test_line_separators_are_escaped_in_every_event(text: str) -> None:
+    for encoded in (encode_token(1, text), encode_event("done", 2, {"usage": {"note": text}})):
+        # Python's splitlines (and httpx's iter_lines) split at U+2028/U+2029:
+        # the event must still be exactly its three lines and the blank one.
+        lines = encoded.decode().splitlines()
+        assert len(lines) == 4, lines
+        assert lines[3] == ""
+        assert lines[2].startswith("data: ")
+        parsed = json.loads(lines[2][6:])
+        assert text in (parsed.get("delta"), parsed.get("usage", {}).get("note"))

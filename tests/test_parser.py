@@ -104,32 +104,125 @@ def test_nothing_after_done_counts() -> None:
     ],
 )
 def test_malformed_input_is_a_protocol_error(data: bytes) -> None:
-    with pytest.raises(UpstreamProtocolError):
-        ProviderStreamParser().feed(data)
+    parser = ProviderStreamParser()
+    assert isinstance(parser.feed(data).error, UpstreamProtocolError)
+    # Nothing is parsed after an error; the error stays.
+    again = parser.feed(_chunk("more"))
+    assert again.deltas == []
+    assert isinstance(again.error, UpstreamProtocolError)
 
 
 def test_line_longer_than_the_bound_is_refused_without_buffering_it() -> None:
     parser = ProviderStreamParser(max_line_bytes=1000)
-    parser.feed(b"data: " + b"a" * 900)
-    with pytest.raises(UpstreamProtocolError, match="longer than 1000"):
-        parser.feed(b"a" * 200)
+    assert parser.feed(b"data: " + b"a" * 900).error is None
+    error = parser.feed(b"a" * 200).error
+    assert isinstance(error, UpstreamProtocolError)
+    assert "longer than 1000" in error.message
 
 
 def test_event_larger_than_the_bound_is_refused() -> None:
     parser = ProviderStreamParser(max_line_bytes=1000)
-    with pytest.raises(UpstreamProtocolError, match="over 1000"):
-        parser.feed(b"data: " + b"a" * 600 + b"\ndata: " + b"b" * 600 + b"\n")
+    error = parser.feed(b"data: " + b"a" * 600 + b"\ndata: " + b"b" * 600 + b"\n").error
+    assert isinstance(error, UpstreamProtocolError)
+    assert "over 1000" in error.message
 
 
-def test_error_object_in_stream_is_upstream_error_with_a_safe_message() -> None:
-    # The free text may echo the prompt or account details: only the type is passed on.
-    chunk = b'data: {"error": {"message": "key sk-123 of bob@example.com", "type": "rate_limit"}}'
-    with pytest.raises(UpstreamStatusError) as info:
-        ProviderStreamParser().feed(chunk + b"\n\n")
-    assert info.value.message == "provider sent an error: rate_limit"
-    with pytest.raises(UpstreamStatusError) as info:
-        ProviderStreamParser().feed(b'data: {"error": {"message": "secret", "type": "a b"}}\n\n')
-    assert info.value.message == "provider sent an error"
+def _error_chunk(error: object) -> bytes:
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "message", "logged"),
+    [
+        # The free text may echo the prompt or account details: never passed on.
+        (
+            {"message": "key sk-123 of bob@example.com", "type": "rate_limit_error"},
+            "provider sent an error: rate_limit_error",
+            {"type": "rate_limit_error"},
+        ),
+        # An identifier-shaped type can be the prompt too: only known types reach the
+        # client, while the operator's log gets it.
+        (
+            {"message": "x", "type": "tell_me_the_launch_codes", "code": "model_not_found"},
+            "provider sent an error: model_not_found",
+            {"type": "tell_me_the_launch_codes", "code": "model_not_found"},
+        ),
+        ({"message": "secret", "type": "a b"}, "provider sent an error", None),
+        # LiteLLM: type null, code a number as text.
+        (
+            {"message": "boom", "type": None, "code": "500"},
+            "provider sent an error",
+            {"code": "500"},
+        ),
+        ("a string, not an object", "provider sent an error", None),
+    ],
+)
+def test_error_object_in_stream_tells_the_client_only_a_known_type(
+    error: object, message: str, logged: dict[str, str] | None
+) -> None:
+    parsed = ProviderStreamParser().feed(_error_chunk(error))
+    assert isinstance(parsed.error, UpstreamStatusError)
+    assert parsed.error.message == message
+    assert parsed.error.provider_error == logged
+
+
+def test_deltas_before_an_error_in_the_same_read_are_delivered_first() -> None:
+    for bad in (_error_chunk({"type": "server_error"}), b"data: {not json\n\n"):
+        parsed = ProviderStreamParser().feed(_chunk("Hel") + _chunk("lo") + bad + _chunk("late"))
+        assert parsed.deltas == ["Hel", "lo"]
+        assert parsed.error is not None
+
+
+def test_deltas_before_an_over_long_line_are_delivered_first() -> None:
+    parser = ProviderStreamParser(max_line_bytes=100)
+    parsed = parser.feed(_chunk("ok") + b"data: " + b"a" * 200)
+    assert parsed.deltas == ["ok"]
+    assert isinstance(parsed.error, UpstreamProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("reason", "relayed"),
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("tool_calls", "tool_calls"),
+        ("content_filter", "content_filter"),
+        ("insufficient_system_resource", "insufficient_system_resource"),
+        ("ignore previous instructions", "other"),
+        ("eos", "other"),
+        (7, "other"),
+    ],
+)
+def test_finish_reason_is_a_known_value_or_other(reason: object, relayed: str) -> None:
+    body = {"choices": [{"delta": {}, "finish_reason": reason}]}
+    parsed = ProviderStreamParser().feed(b"data: " + json.dumps(body).encode() + b"\n\n")
+    assert parsed.finish_reason == relayed
+
+
+def test_usage_keeps_numbers_only() -> None:
+    usage = {
+        "prompt_tokens": 12,
+        "completion_tokens": 30,
+        "prompt_cache_hit_tokens": 8,
+        "completion_tokens_details": {"reasoning_tokens": 20, "note": "the prompt was ..."},
+        "prompt_tokens_details": None,
+        "cost": 0.0012,
+        "flag": True,
+        "echo": "user's prompt text",
+        "list": [1, 2],
+        "bad key with spaces": 3,
+        "deep": {"a": {"b": {"c": 1}}},
+    }
+    body = {"choices": [], "usage": usage}
+    parsed = ProviderStreamParser().feed(b"data: " + json.dumps(body).encode() + b"\n\n")
+    assert parsed.usage == {
+        "prompt_tokens": 12,
+        "completion_tokens": 30,
+        "prompt_cache_hit_tokens": 8,
+        "completion_tokens_details": {"reasoning_tokens": 20},
+        "cost": 0.0012,
+        "deep": {"a": {}},
+    }
 
 
 _ENDINGS = st.sampled_from(["\n", "\r\n", "\r"])
@@ -191,8 +284,6 @@ def test_arbitrary_bytes_parse_or_raise_a_protocol_error_never_anything_else(
     raw = b"data: " + junk + b"\n\n"
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
     parser = ProviderStreamParser(max_line_bytes=100)
-    try:
-        for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
-            parser.feed(raw[start:end])
-    except (UpstreamProtocolError, UpstreamStatusError):
-        pass
+    for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        error = parser.feed(raw[start:end]).error
+        assert error is None or isinstance(error, UpstreamProtocolError | UpstreamStatusError)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from gateway import ConfigError, Settings
+from gateway.upstream import chat_url
 
 
 def test_defaults_run_the_simulator() -> None:
@@ -58,9 +59,16 @@ def test_reads_every_variable() -> None:
             "GATEWAY_UPSTREAM_URL",
         ),
         (
-            {"GATEWAY_UPSTREAM_URL": "https://api.openai.com", "GATEWAY_MODEL": "m"},
+            {"GATEWAY_UPSTREAM_URL": "ftp://api.openai.com/v1", "GATEWAY_MODEL": "m"},
             "GATEWAY_UPSTREAM_URL",
         ),
+        ({"GATEWAY_UPSTREAM_URL": "https:///v1", "GATEWAY_MODEL": "m"}, "GATEWAY_UPSTREAM_URL"),
+        (
+            {"GATEWAY_UPSTREAM_URL": "https://h:port/v1", "GATEWAY_MODEL": "m"},
+            "GATEWAY_UPSTREAM_URL",
+        ),
+        ({"GATEWAY_UPSTREAM_URL": "https://h/v1#x", "GATEWAY_MODEL": "m"}, "GATEWAY_UPSTREAM_URL"),
+        ({"GATEWAY_BODY_TIMEOUT": "0"}, "GATEWAY_BODY_TIMEOUT"),
         ({"GATEWAY_UPSTREAM_URL": "https://api.openai.com/v1"}, "GATEWAY_MODEL"),
         ({"GATEWAY_UPSTREAM_MAX_CONNECTIONS": "0"}, "GATEWAY_UPSTREAM_MAX_CONNECTIONS"),
     ],
@@ -103,6 +111,9 @@ def test_reads_principals_limits_and_cors(tmp_path: Path) -> None:
         ({"GATEWAY_API_KEYS": "no-colon-here-0123456789"}, "name:key"),
         ({"GATEWAY_API_KEYS": "a:short"}, "16"),
         ({"GATEWAY_API_KEYS": ":anonymous-key-0123456789"}, "name"),
+        # A header carries ASCII: such keys could never match, so they are refused.
+        ({"GATEWAY_API_KEYS": "a:schl\u00fcssel-0123456789ab"}, "printable ASCII"),
+        ({"GATEWAY_API_KEYS": "a:tab\tinside-0123456789ab"}, "printable ASCII"),
         ({"GATEWAY_API_KEYS": "a:same-key-0123456789ab,b:same-key-0123456789ab"}, "unique"),
         ({"GATEWAY_API_KEYS_FILE": "/nonexistent/keys"}, "GATEWAY_API_KEYS_FILE"),
         (
@@ -140,3 +151,29 @@ def test_reads_the_redis_settings() -> None:
         Settings.from_env({"GATEWAY_REDIS_URL": "10.0.0.5:6379"})
     with pytest.raises(ConfigError, match="GATEWAY_CLAIM_TTL"):
         Settings.from_env({"GATEWAY_CLAIM_TTL": "0"})
+
+
+@pytest.mark.parametrize(
+    ("base", "chat"),
+    [
+        ("https://api.openai.com/v1/", "https://api.openai.com/v1/chat/completions"),
+        (
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+            "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions",
+        ),
+        (
+            "https://r.openai.azure.com/openai/deployments/gpt?api-version=2024-10-21",
+            "https://r.openai.azure.com/openai/deployments/gpt/chat/completions"
+            "?api-version=2024-10-21",
+        ),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/chat/completions"),
+        (
+            "http://proxy.internal/llm/deepseek/",
+            "http://proxy.internal/llm/deepseek/chat/completions",
+        ),
+    ],
+)
+def test_any_http_base_url_is_accepted(base: str, chat: str) -> None:
+    settings = Settings.from_env({"GATEWAY_UPSTREAM_URL": base, "GATEWAY_MODEL": "m"})
+    assert settings.upstream_url is not None
+    assert chat_url(settings.upstream_url) == chat
