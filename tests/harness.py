@@ -124,13 +124,17 @@ class Harness:
         upstream_url: str | None = None,
         graceful_timeout: float = 2.0,
         stop_streams_first: bool = True,
+        demo: bool = False,
         **settings: Any,
     ) -> None:
+        """``demo``: no upstream URL, so the gateway serves its own built-in simulator
+        (as ``make run`` does); ``sim`` is then unused."""
         self.simulator = Simulator(sim or SimulatorConfig(rate=200.0))
         self._upstream_url = upstream_url
         self._settings = settings
         self._graceful_timeout = graceful_timeout
         self._stop_streams_first = stop_streams_first
+        self._demo = demo
         self._tg: TaskGroup | None = None
         self._stop_sim = anyio.Event()
         self._stop_gateway = anyio.Event()
@@ -142,7 +146,7 @@ class Harness:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         quiet = {"accesslog": None, "errorlog": None}
-        if self._upstream_url is None:
+        if self._upstream_url is None and not self._demo:
             config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, **quiet)
             [(_, self.sim_port)] = await self._tg.start(
                 serve_until, self.simulator, config, self._stop_sim.wait
@@ -301,3 +305,34 @@ def sim_config(**changes: Any) -> SimulatorConfig:
 
 def quiet_logging() -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+
+class LogWatch(logging.Handler):
+    """Counts the ``gateway`` log lines that contain ``text``; ``await wait(n)`` until
+    there are ``n``. Lines are written on the test's own event loop, so the handler
+    can set an event directly."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.lines: list[logging.LogRecord] = []
+        self._changed = anyio.Event()
+
+    def __enter__(self) -> LogWatch:
+        logging.getLogger("gateway").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("gateway").removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.lines.append(record)
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait(self, count: int = 1) -> list[logging.LogRecord]:
+        with anyio.fail_after(WAIT):
+            while len(self.lines) < count:
+                await self._changed.wait()
+        return self.lines

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
 import anyio
 import pytest
 
-from .harness import Harness, end_lines, sim_config
+from .harness import Harness, LogWatch, end_lines, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -224,3 +225,99 @@ async def test_provider_sends_a_giant_chunk() -> None:
         data = await _error_event(h, "session_giant")
         assert data["code"] == "upstream_protocol"
         assert h.upstream_connections() == 0
+
+
+# Hostile input: each refused before any session exists, never a 500, nothing disturbed.
+
+
+@pytest.mark.parametrize("field", ["model", "messages[0].content"])
+async def test_text_with_a_lone_surrogate_is_400_and_leaves_no_session(field: str) -> None:
+    # JSON's "\udfff" escape decodes to a lone surrogate, which no UTF-8 encoder
+    # downstream could write. Before, each such request left a zombie session.
+    bad = '"\\udfff"'
+    body = (
+        f'{{"messages": [{{"role": "user", "content": "hi"}}], "model": {bad}}}'
+        if field == "model"
+        else f'{{"messages": [{{"role": "user", "content": {bad}}}]}}'
+    )
+    sid = "session_surrogate01"
+    async with Harness(sim_config(tokens=3, rate=0), max_sessions=2) as h:
+        for _ in range(5):
+            response = await h.client.post(
+                "/api/chat/stream",
+                headers={"X-Session-Id": sid, "content-type": "application/json"},
+                content=body,
+            )
+            _error(response, 400, "invalid_body")
+            assert field in response.json()["error"]["message"]
+        assert len(h.registry) == 0
+        assert len(h.simulator.records) == 0
+        # The id and the process-wide limit are untouched: a real stream works.
+        async with h.stream(sid) as s:
+            events = await s.rest()
+        assert events[-1].event == "done"
+        assert (await h.cancel(sid)).status_code == 404
+
+
+async def test_a_model_name_over_the_bound_is_400() -> None:
+    async with Harness() as h:
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_long_model"},
+            json={**MESSAGES, "model": "m" * 257},
+        )
+        _error(response, 400, "invalid_body")
+        assert "model" in response.json()["error"]["message"]
+        assert len(h.simulator.records) == 0
+
+
+async def test_deeply_nested_json_is_400_not_a_recursion_error() -> None:
+    async with Harness() as h:
+        body = b'{"messages": [{"role": "user", "content": "x"}], "ignored": ' + b"[" * 100_000
+        response = await h.client.post(
+            "/api/chat/stream",
+            headers={"X-Session-Id": "session_nested01", "content-type": "application/json"},
+            content=body,
+        )
+        _error(response, 400, "invalid_json")
+        assert "nested" in response.json()["error"]["message"]
+
+
+async def test_a_client_leaving_mid_body_is_one_info_line() -> None:
+    async with Harness() as h:
+        with LogWatch("client went away while sending its request body") as watch:
+            for _ in range(20):
+                stream = await anyio.connect_tcp("127.0.0.1", h.port)
+                async with stream:
+                    await stream.send(
+                        b"POST /api/chat/stream HTTP/1.1\r\nhost: x\r\n"
+                        b"content-type: application/json\r\nx-session-id: session_leaving01\r\n"
+                        b'content-length: 1000\r\n\r\n{"messages"'
+                    )
+            lines = await watch.wait(20)
+        assert len(h.registry) == 0
+        assert len(h.simulator.records) == 0
+    # One INFO line per connection, no traceback (and, checked after every test, no ERROR).
+    assert len(lines) == 20
+    assert all(r.levelno == logging.INFO and not r.exc_info for r in lines)
+
+
+async def test_demo_panel_shows_a_principal_its_own_sessions_only() -> None:
+    keys = (("alice", "alice-key-0123456789abcdef"), ("bob", "bob-key-0123456789abcdef00"))
+    alice = {"Authorization": f"Bearer {keys[0][1]}"}
+    bob = {"Authorization": f"Bearer {keys[1][1]}"}
+    sid = "session_demo_0001"
+    async with Harness(demo=True, api_keys=keys, simulator_tokens=10_000) as h:
+        async with h.stream(sid, headers=alice) as s:
+            await s.tokens_at_least(1)
+            # Bob asks about alice's live stream: 404 at once (before, the answer
+            # was alice's record, after a wait that told the id was live).
+            with anyio.fail_after(0.5):
+                other = await h.client.get(f"/api/demo/provider/{sid}", headers=bob)
+            _error(other, 404, "not_found")
+            assert (await h.cancel(sid, headers=alice)).status_code == 200
+            await s.rest()
+        own = await h.client.get(f"/api/demo/provider/{sid}", headers=alice)
+        assert own.status_code == 200
+        assert own.json()["outcome"] == "closed_by_client"
+        assert 0 < own.json()["generated"] < own.json()["planned"]

@@ -188,3 +188,63 @@ async def test_without_authentication_only_the_process_limit_applies() -> None:
         for sid, stream in (("session_1_anon0001", a), ("session_1_anon0002", b)):
             assert (await h.cancel(sid)).status_code == 200
             await stream.rest()
+
+
+async def _answer_and_close(port: int, request: bytes) -> bytes:
+    """Send ``request``, then read until the server closes the connection."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        await stream.send(request)
+        answer = b""
+        with anyio.fail_after(WAIT):
+            while True:
+                try:
+                    answer += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return answer
+
+
+async def test_a_body_that_does_not_arrive_is_408_and_the_connection_closed() -> None:
+    head = (
+        b"POST /api/chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-session-id: session_1_slowbody\r\ncontent-length: 1000\r\n\r\n"
+    )
+    async with (
+        Harness(sim_config(tokens=10_000, rate=50), body_timeout=0.5) as h,
+        h.stream("session_1_bystander") as bystander,
+    ):
+        await bystander.tokens_at_least(1)
+        # 50 clients that promise 1,000 bytes and send 6: each is answered 408 and
+        # its connection closed (before, they stayed open for as long as they liked).
+        answers: list[bytes] = []
+
+        async def slow() -> None:
+            answers.append(await _answer_and_close(h.port, head + b'{"mes'))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(slow)
+        assert len(answers) == 50
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert b'"code":"body_timeout"' in answer
+        assert len(h.registry) == 1
+        # The stream beside them never noticed.
+        await bystander.tokens_at_least(len(bystander.tokens) + 2)
+        assert (await h.cancel("session_1_bystander")).status_code == 200
+        await bystander.rest()
+
+
+async def test_content_length_with_transfer_encoding_is_400_and_closed() -> None:
+    body = b'{"messages":[{"role":"user","content":"hi"}]}'
+    request = (
+        b"POST /api/chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-session-id: session_1_smuggle0\r\ncontent-length: %d\r\n"
+        b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), len(body), body)
+    )
+    async with Harness() as h:
+        # Read to EOF: the connection must be closed, not kept for a next request.
+        answer = await _answer_and_close(h.port, request)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert b'"code":"ambiguous_framing"' in answer
+        assert len(h.simulator.records) == 0
