@@ -168,3 +168,29 @@ async def test_keys_never_reach_the_logs_or_the_access_log(anyio_backend: Any) -
     text = "\n".join(gateway.lines)
     for secret in (ALICE, "wrong-key-0123456789abcdef", "sk-provider-secret-0123456789"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("settings", "header", "values"),
+    [
+        (
+            {"principal_header": "x-user", "trusted_proxies": ("127.0.0.0/8",)},
+            b"x-user",
+            (b"carol", b"mallory"),
+        ),
+        ({"api_keys": KEYS}, b"authorization", (b"Bearer " + ALICE.encode(), b"Bearer nope")),
+    ],
+)
+async def test_a_principal_header_sent_twice_is_400(
+    settings: dict[str, Any], header: bytes, values: tuple[bytes, bytes]
+) -> None:
+    # Which copy counts differs between proxies and servers: before, the first won,
+    # so a proxy that appended its own could be overridden by the client's.
+    async with Harness(**settings) as h:
+        headers = [(b"x-session-id", b"session_1_twice000"), *((header, v) for v in values)]
+        for path in ("/api/chat/stream", "/api/chat/cancel/session_1_twice000"):
+            response = await h.client.post(path, headers=headers, json=MESSAGES)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "ambiguous_header"
+            assert header.decode() in response.json()["error"]["message"].lower()
+        assert len(h.simulator.records) == 0

@@ -173,6 +173,38 @@ async def test_plain_hypercorn_cli_streams_cancels_and_stops(
     assert not re.search(r" ERROR gateway", output.text), output.text
 
 
+async def test_plain_hypercorn_without_a_config_still_writes_the_sse_lines(
+    anyio_backend: Any, free_tcp_port: int
+) -> None:
+    """No --config, so nobody configures logging: before, Python's last-resort handler
+    showed WARNING and up only, and every [SSE] line was lost."""
+    command = [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "-k",
+        worker_class(anyio_backend),
+        "-b",
+        f"127.0.0.1:{free_tcp_port}",
+        "gateway.app:app",
+    ]
+    async with _running(command, free_tcp_port) as (process, output):
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}", timeout=WAIT) as client,
+            await _stream(client, "session_cli_noconfig") as response,
+        ):
+            reader = EventReader(response)
+            await reader.tokens_at_least(1)
+            assert (await client.post("/api/chat/cancel/session_cli_noconfig")).status_code == 200
+            await reader.rest()
+        await output.wait_for(r"session_cli_noconfig aborted by client/cancel")
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(WAIT):
+            await process.wait()
+    assert output.text.count("[SSE] session_cli_noconfig started") == 1
+    assert output.text.count("[SSE] session_cli_noconfig aborted by client/cancel") == 1
+
+
 async def test_bad_setting_fails_loudly_at_start() -> None:
     env = {**os.environ, "GATEWAY_IDLE_TIMEOUT": "soon"}
     result = await anyio.run_process(

@@ -63,3 +63,27 @@ async def test_unknown_path_is_404_json() -> None:
         response = await h.client.get(f"http://127.0.0.1:{h.sim_port}/v1/nothing")
         assert response.status_code == 404
         assert "error" in response.json()
+
+
+async def test_what_it_keeps_is_bounded() -> None:
+    # It runs as long as a demo does: whole request bodies are not kept forever.
+    async with Harness(sim_config(tokens=1, rate=0)) as h:
+        url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
+        big = {**BODY, "messages": [{"role": "user", "content": "x" * 100_000}]}
+        for _ in range(40):
+            response = await h.client.post(url, json=big, headers={"authorization": "Bearer k"})
+            assert response.status_code == 200
+        assert len(h.simulator.requests) == 16
+        assert len(h.simulator.authorizations) == 16
+        assert len(h.simulator.records) == 40
+
+
+async def test_it_answers_any_base_and_the_gateway_posts_under_it() -> None:
+    # Gemini's OpenAI-compatible base, a proxy's path: not only .../v1.
+    async with Harness(sim_config(tokens=2, rate=0)) as sim:
+        for base in ("/v1beta/openai", "/llm/deepseek", ""):
+            upstream = f"http://127.0.0.1:{sim.sim_port}{base}"
+            async with Harness(upstream_url=upstream) as h, h.stream("session_1_anybase0") as s:
+                events = await s.rest()
+            assert events[-1].event == "done"
+            assert sim.simulator.records[-1].path == f"{base}/chat/completions"

@@ -184,3 +184,14 @@ class _listener_that_never_accepts:
     def __exit__(self, *exc: object) -> None:
         self._filler.close()
         self._sock.close()
+
+
+async def test_line_separators_in_a_delta_reach_a_line_splitting_client_intact() -> None:
+    # The harness reads with httpx's aiter_lines, which splits at U+2028/U+2029 as
+    # Python's str.splitlines does: raw in a data: line, they cut the event in two.
+    text = "a\u2028b\u2029c"
+    async with Harness(sim_config(tokens=3, rate=0, token_text=text)) as h:
+        async with h.stream("session_1_separators") as s:
+            events = await s.rest()
+        assert events[-1].event == "done"
+        assert s.tokens == [text] * 3

@@ -144,3 +144,59 @@ def test_the_gateway_uses_it_unless_a_proxy_is_configured(
     assert not isinstance(create_client(settings)._transport, H11Transport)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
     assert isinstance(create_client(settings)._transport, H11Transport)
+
+
+async def _read_request(stream: SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:
+    """One request (head and Content-Length body) from ``stream``; the rest of what was
+    read after it. ``None`` if the client closed first."""
+    while b"\r\n\r\n" not in buffer:
+        try:
+            buffer += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return None
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(rest) < length:
+        rest += await stream.receive()
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+async def test_a_request_that_was_written_is_never_sent_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The provider answers the first request on a connection, then reads the second
+    # and closes without answering. Before, the gateway took the close for a stale
+    # keep-alive connection and sent the chat request again: billed twice.
+    requests: list[bytes] = []
+    stream_body = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def provider(stream: SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            for answered in (True, False):
+                got = await _read_request(stream, buffer)
+                if got is None:
+                    return
+                request, buffer = got
+                requests.append(request)
+                if not answered:
+                    return  # closes the connection, as a crashing provider would
+                await stream.send(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(stream_body), stream_body)
+                )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, provider)
+        async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1") as h:
+            async with h.stream("session_1_first000") as s:
+                assert (await s.rest())[-1].event == "done"
+            async with h.stream("session_1_second00") as s:
+                events = await s.rest()
+            assert events[-1].event == "error"
+            assert events[-1].data["code"] == "upstream_unavailable"
+            await h.ended("session_1_second00")
+        tg.cancel_scope.cancel()
+    assert len(requests) == 2
