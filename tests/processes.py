@@ -30,8 +30,9 @@ class Gateway:
     """`gateway serve` in its own process; its output (logs and access log) collected
     line by line."""
 
-    def __init__(self, worker: str, **settings: str) -> None:
-        """``settings``: GATEWAY_* variables; demo mode unless GATEWAY_UPSTREAM_URL."""
+    def __init__(self, worker: str, module: str = "gateway", **settings: str) -> None:
+        """``settings``: GATEWAY_* variables; demo mode unless GATEWAY_UPSTREAM_URL.
+        ``module``: what ``python -m`` runs with ``serve`` (a fault-injecting wrapper)."""
         self.worker = worker
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,7 +41,7 @@ class Gateway:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "-k", worker, "-b", self.url[7:]],
+            [sys.executable, "-m", module, "serve", "-k", worker, "-b", self.url[7:]],
             cwd=ROOT,
             env=env,
             # One stream: the logs (stderr) and hypercorn's access log (stdout).

@@ -3,6 +3,7 @@ share one Redis and one simulator; plus hypercorn `workers = 2` behind one port.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -89,14 +90,16 @@ class Cluster:
         self.redis = RedisServer()
         self.gateways: list[Gateway] = []
 
-    async def gateway(self, joined: bool = True) -> Gateway:
+    async def gateway(
+        self, joined: bool = True, module: str = "gateway", **settings: str
+    ) -> Gateway:
         gateway = await anyio.to_thread.run_sync(
             lambda: Gateway(
                 self.worker,
+                module,
                 GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{self.provider_port}/v1",
                 GATEWAY_MODEL="m",
-                GATEWAY_REDIS_URL=self.redis.url,
-                GATEWAY_CLAIM_TTL="1",
+                **{"GATEWAY_REDIS_URL": self.redis.url, "GATEWAY_CLAIM_TTL": "1", **settings},
             )
         )
         self.gateways.append(gateway)
@@ -311,3 +314,134 @@ async def test_hypercorn_workers_2_behind_one_port_cancel_all(anyio_backend: Any
             if process.returncode is None:
                 process.kill()
             await process.aclose()
+
+
+_MALFORMED = [
+    "not json at all",
+    "[1]",
+    '{"hello": 1}',
+    '{"v": 1, "id": "ab"}',
+    '{"v": 1, "id": 5, "reply_to": [], "principal": 1, "session_id": {}}',
+    '{"v": 1, "id": "ab", "reply_to": "x y", "principal": "p", "session_id": "short"}',
+    '{"v": 99, "id": "ab", "reply_to": "x", "principal": "anonymous", '
+    '"session_id": "session_1_versions"}',
+    '{"v": true, "id": "ab", "ok": true}',
+    '{"v": 1, "id": "ab", "ok": "yes"}',
+    "[" * 100_000,
+    '{"v": 1, "pad": "' + "x" * 1_000_000 + '"}',
+]
+
+
+async def test_malformed_messages_are_ignored_and_cancels_still_cross_instances(
+    anyio_backend: Any,
+) -> None:
+    """Every message from Redis is untrusted: before, one `{"hello":1}` left an asyncio
+    instance answering 503 to everything, and took a Trio instance down."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        a, b = await c.gateway(), await c.gateway()
+        redis = coredis.Redis.from_url(c.redis.url, decode_responses=True)
+        async with redis:
+            for gateway in (a, b):
+                health = (await client.get(f"{gateway.url}/healthz")).json()
+                instance = health["instance"]
+                # Nothing about the host in what anonymous callers see.
+                assert socket.gethostname() not in instance
+                assert str(gateway.process.pid) not in instance
+                for channel in (f"gw:cancel:{instance}", f"gw:reply:{instance}"):
+                    for message in _MALFORMED:
+                        assert await redis.publish(channel, message) == 1
+        sid = "session_1_aftermath"
+        async with _stream(client, a.url, sid) as lines:
+            record = c.provider.records[-1]
+            response = await client.post(f"{b.url}/api/chat/cancel/{sid}")
+            answered = time.monotonic()
+            assert response.status_code == 200
+            assert record.ended_at is not None
+            assert record.ended_at <= answered
+            assert '"reason":"cancel"' in await _rest(lines)
+        for gateway in (a, b):
+            assert (await client.get(f"{gateway.url}/healthz")).json()["status"] == "ok"
+            assert gateway.process.poll() is None
+            # Rate-limited: one warning for the whole burst.
+            warnings = [line for line in gateway.lines if "malformed message" in line]
+            assert len(warnings) == 1, warnings
+            assert "WARNING" in warnings[0]
+
+
+async def test_a_cancel_while_a_claim_is_lost_is_answered_at_once(anyio_backend: Any) -> None:
+    """The claim is the one await between registering a session and streaming it.
+    Before, a 409 there never marked the session ended: a cancel that arrived meanwhile
+    waited GATEWAY_CANCEL_WAIT and answered 504."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        a = await c.gateway()
+        b = await c.gateway(GATEWAY_CLAIM_TTL="8", GATEWAY_CANCEL_WAIT="8")
+        sid = "session_1_claimrace"
+        async with _stream(client, a.url, sid):
+            provider_streams = len(c.provider.records)
+            assert c.redis.process is not None
+            c.redis.process.send_signal(signal.SIGSTOP)  # b's claim waits on Redis
+            try:
+                async with anyio.create_task_group() as tg:
+                    results: dict[str, httpx.Response] = {}
+
+                    async def post(name: str, path: str, **kwargs: Any) -> None:
+                        results[name] = await client.post(f"{b.url}{path}", **kwargs)
+
+                    tg.start_soon(
+                        functools.partial(
+                            post,
+                            "stream",
+                            "/api/chat/stream",
+                            headers={"X-Session-Id": sid},
+                            json=BODY,
+                        )
+                    )
+                    with anyio.fail_after(WAIT):
+                        # Another process's state, seen only through its answers.
+                        while (await client.get(f"{b.url}/healthz")).json()["sessions"] != 1:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                    tg.start_soon(post, "cancel", f"/api/chat/cancel/{sid}")
+                    await anyio.to_thread.run_sync(
+                        b.wait_for, rf"Cancel request received for {sid}"
+                    )
+                    c.redis.process.send_signal(signal.SIGCONT)
+                    started = time.monotonic()
+            finally:
+                c.redis.process.send_signal(signal.SIGCONT)
+            assert time.monotonic() - started < 4
+            assert results["stream"].status_code == 409
+            assert results["cancel"].status_code == 200
+            assert (await client.get(f"{b.url}/healthz")).json()["sessions"] == 0
+            # b never opened a provider stream for the refused request.
+            assert len(c.provider.records) == provider_streams
+
+
+async def test_a_failing_background_task_stops_the_instance_with_a_non_zero_exit(
+    anyio_backend: Any,
+) -> None:
+    """A bug in a background task must not leave a zombie that answers 503: it is
+    logged, every stream is stopped as at shutdown, and the process exits non-zero."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        faulty = await c.gateway(module="tests.faulty_gateway")
+        c.gateways.remove(faulty)  # its traceback is expected
+        try:
+            sid = "session_1_bugged000"
+            async with _stream(client, faulty.url, sid) as lines:
+                record = c.provider.records[-1]
+                instance = (await client.get(f"{faulty.url}/healthz")).json()["instance"]
+                redis = coredis.Redis.from_url(c.redis.url, decode_responses=True)
+                async with redis:
+                    await redis.publish(f"gw:cancel:{instance}", "anything")
+                rest = await _rest(lines)
+            assert '"reason":"shutdown"' in rest
+            with anyio.fail_after(WAIT):
+                await c.provider.wait_until(lambda: record.outcome != "streaming")
+            assert record.outcome == "closed_by_client"
+            code = await anyio.to_thread.run_sync(lambda: faulty.process.wait(WAIT))
+            assert code == 70
+        finally:
+            await anyio.to_thread.run_sync(faulty.stop)
+        output = "\n".join(faulty.lines)
+        assert "background task 'cluster' failed: this instance stops" in output
+        assert "RuntimeError: planted bug in the message handler" in output
+        assert f"[SSE] {sid} stopped reason=shutdown" in output
