@@ -38,7 +38,7 @@ from .openapi import openapi
 from .registry import Registry
 from .responses import error_response
 from .server import load_config, serve
-from .session import SESSION_ID_RE, Session
+from .session import MAX_MODEL_CHARS, SESSION_ID_RE, Session
 from .settings import Settings
 from .simulator import Simulator, SimulatorConfig
 from .stream import ChatStream
@@ -54,8 +54,6 @@ _DEMO_WAIT = 1.0
 # stops all its workers when one exits non-zero, so a supervisor restarts the lot.
 EXIT_BACKGROUND_FAILURE = 70
 _ROLES = ("system", "user", "assistant")
-# Real model names are short; a longer one is a mistake or an attack on the logs.
-MAX_MODEL_CHARS = 256
 
 
 class _Lifespan:
@@ -121,6 +119,10 @@ class _Lifespan:
         except Exception:
             if not status.done:
                 raise
+            if self._stopping:
+                # The app is shutting down anyway; the failure is still worth seeing.
+                logger.exception("background task %r failed while stopping", name)
+                return
             logger.exception("background task %r failed: this instance stops", name)
         else:
             if self._stopping:

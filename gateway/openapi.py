@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .session import MAX_MODEL_CHARS
 from .settings import Settings
 
 __all__ = ["openapi"]
@@ -41,6 +42,7 @@ def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str,
     return response
 
 
+_AMBIGUOUS = _error("a principal header sent twice, or two framings of the body")
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "required": True}}
 
 
@@ -91,7 +93,11 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                             "maxItems": settings.max_messages,
                                             "items": message,
                                         },
-                                        "model": {"type": "string", "minLength": 1},
+                                        "model": {
+                                            "type": "string",
+                                            "minLength": 1,
+                                            "maxLength": MAX_MODEL_CHARS,
+                                        },
                                         "temperature": {
                                             "type": "number",
                                             "minimum": 0,
@@ -110,8 +116,12 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
                             "content": {"text/event-stream": {"schema": _EVENT}},
                         },
-                        "400": _error("a missing or malformed session id, or a bad body"),
+                        "400": _error(
+                            "a missing or malformed session id, a bad body, or an "
+                            "ambiguous request (a header sent twice, two framings)"
+                        ),
                         **unauthorized,
+                        "408": _error("the body did not arrive within GATEWAY_BODY_TIMEOUT"),
                         "409": _error("a live stream already has this session id"),
                         "413": _error("the body is larger than GATEWAY_MAX_BODY_BYTES"),
                         "415": _error("the body is not JSON"),
@@ -131,6 +141,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "security": security,
                     "parameters": [_SESSION_ID_IN_PATH],
                     "responses": {
+                        "400": _AMBIGUOUS,
                         "200": {
                             "description": "stopped",
                             "content": {
@@ -200,6 +211,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             },
                         },
                         **unauthorized,
+                        "400": _AMBIGUOUS,
                         "404": _error("not in demo mode, or no stream for that id"),
                     },
                 }

@@ -16,12 +16,23 @@ import anyio
 
 from .errors import UpstreamError
 
-__all__ = ["SESSION_ID_RE", "Completed", "Failed", "Outcome", "Session", "StopReason", "Stopped"]
+__all__ = [
+    "MAX_MODEL_CHARS",
+    "SESSION_ID_RE",
+    "Completed",
+    "Failed",
+    "Outcome",
+    "Session",
+    "StopReason",
+    "Stopped",
+]
 
 logger = logging.getLogger(__name__)
 
 # What a client may name its session: safe in a log line, a header and a Redis key.
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
+# Real model names are short; a longer one is a mistake or an attack on the logs.
+MAX_MODEL_CHARS = 256
 
 StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
 
