@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .api import create_app
 from .errors import (
+    APIError,
     BadRequest,
+    CancelTimeout,
+    CancelUnavailable,
     ConfigError,
     GatewayError,
-    HTTPError,
     PayloadTooLarge,
     RequestTimeout,
     ServerBusy,
@@ -30,12 +32,14 @@ from .settings import Settings
 from .simulator import Simulator, SimulatorConfig, StreamRecord
 
 __all__ = [
+    "APIError",
     "BadRequest",
+    "CancelTimeout",
+    "CancelUnavailable",
     "Completed",
     "ConfigError",
     "Failed",
     "GatewayError",
-    "HTTPError",
     "Outcome",
     "PayloadTooLarge",
     "ProviderStreamParser",

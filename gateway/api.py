@@ -6,19 +6,13 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
-import os
-import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -30,166 +24,35 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from .auth import Authenticator
-from .cluster import CancelUnavailable, Cluster
-from .errors import BadRequest, HTTPError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .cluster import Cluster
+from .errors import (
+    APIError,
+    BadRequest,
+    CancelTimeout,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from .framing import RefuseAmbiguousFraming
-from .logs import ensure_handler, loggable
+from .lifespan import Lifespan
+from .logs import loggable
 from .openapi import openapi
 from .registry import Registry
-from .responses import error_response
-from .server import load_config, serve
-from .session import MAX_MODEL_CHARS, SESSION_ID_RE, Session
+from .responses import error_json, error_response
+from .session import MAX_MODEL_CHARS, SESSION_ID_RE
 from .settings import Settings
-from .simulator import Simulator, SimulatorConfig
+from .simulator import Simulator
 from .stream import ChatStream
-from .upstream import create_client
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
 _STATIC = Path(__file__).parent / "static"
+# The cancel endpoint's 404, the same for an unknown id and another principal's.
+_NOT_FOUND = JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
 _DEMO_WAIT = 1.0
-# The exit status of a process whose background task failed (EX_SOFTWARE). hypercorn
-# stops all its workers when one exits non-zero, so a supervisor restarts the lot.
-EXIT_BACKGROUND_FAILURE = 70
 _ROLES = ("system", "user", "assistant")
-
-
-class _Lifespan:
-    """The app's resources: the provider client and, in demo mode, the simulator.
-
-    A class rather than an ``@asynccontextmanager`` so that no task group is held
-    across a ``yield``.
-    """
-
-    def __init__(self, app: Starlette) -> None:
-        self._state = app.state
-        self._settings: Settings = app.state.settings
-        self._tg: TaskGroup | None = None
-        self._stop_simulator = anyio.Event()
-        self._cluster_scope = anyio.CancelScope()
-        self._stopping = False
-
-    async def __aenter__(self) -> None:
-        # Here, not at import: the server has set up its logging by now.
-        ensure_handler()
-        state = self._state
-        state.client = create_client(self._settings)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        if state.cluster is not None:
-            await self._tg.start(self._supervise, "cluster", self._run_cluster)
-        if self._settings.upstream_url is not None:
-            state.upstream_url = self._settings.upstream_url
-            return
-        simulator = Simulator(
-            SimulatorConfig(
-                tokens=self._settings.simulator_tokens, rate=self._settings.simulator_rate
-            )
-        )
-        addresses = await self._tg.start(
-            self._supervise,
-            "simulator",
-            functools.partial(_serve_simulator, simulator, self._stop_simulator.wait),
-        )
-        host, port = addresses[0]
-        state.simulator = simulator
-        state.upstream_url = f"http://{host}:{port}/v1"
-        logger.info(
-            "No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s",
-            state.upstream_url,
-        )
-
-    async def _supervise(
-        self,
-        name: str,
-        run: Callable[..., Awaitable[None]],
-        *,
-        task_status: anyio.abc.TaskStatus[Any],
-    ) -> None:
-        """Run a background task for the app's life. A failure before it has started
-        fails the start-up. After that, a failure or an early end would leave an
-        instance that looks alive and is not (no cross-instance cancels, no provider):
-        it is logged, every stream is stopped as at shutdown, and the process exits
-        non-zero, for its supervisor to restart."""
-        status = _StartedOnce(task_status)
-        try:
-            await run(task_status=status)
-        except Exception:
-            if not status.done:
-                raise
-            if self._stopping:
-                # The app is shutting down anyway; the failure is still worth seeing.
-                logger.exception("background task %r failed while stopping", name)
-                return
-            logger.exception("background task %r failed: this instance stops", name)
-        else:
-            if self._stopping:
-                return
-            logger.error("background task %r ended on its own: this instance stops", name)
-        await self._exit_on_failure()
-
-    async def _exit_on_failure(self) -> None:
-        with anyio.move_on_after(self._settings.cancel_wait):
-            await self._state.registry.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        # Not an exception: the server would log it and serve on without its lifespan.
-        os._exit(EXIT_BACKGROUND_FAILURE)
-
-    async def _run_cluster(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        state = self._state
-        cluster: Cluster = state.cluster
-
-        async def cancel_here(principal: str, session_id: str) -> bool:
-            logger.info("[SSE] Cancel request forwarded for %s", session_id)
-            session = state.registry.get(session_id, principal)
-            return bool(await _stop_here(session, state.settings.cancel_wait))
-
-        with self._cluster_scope:
-            await cluster.run(cancel_here, task_status=task_status)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stopping = True
-        try:
-            with anyio.move_on_after(5.0):
-                await self._state.registry.shutdown()
-            if self._tg is not None:
-                if self._state.cluster is not None:
-                    self._state.cluster.stop()
-                    # Leaving Redis normally is bounded; past that it is cancelled.
-                    self._cluster_scope.deadline = anyio.current_time() + 3.0
-                self._stop_simulator.set()
-                await self._tg.__aexit__(exc_type, exc, tb)
-        finally:
-            with anyio.move_on_after(5.0, shield=True):
-                await self._state.client.aclose()
-
-
-class _StartedOnce:
-    """A task status that remembers whether the task has reported its start."""
-
-    def __init__(self, inner: anyio.abc.TaskStatus[Any]) -> None:
-        self._inner = inner
-        self.done = False
-
-    def started(self, value: Any = None) -> None:
-        self.done = True
-        self._inner.started(value)
-
-
-async def _serve_simulator(
-    simulator: Simulator, stop: Any, *, task_status: anyio.abc.TaskStatus[Any]
-) -> None:
-    config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None)
-    await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -218,12 +81,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Mount("/static", StaticFiles(directory=_STATIC), name="static"),
         ],
         exception_handlers={
-            HTTPError: _handle_gateway_error,
+            APIError: _handle_gateway_error,
             ClientDisconnect: _handle_client_disconnect,
             HTTPException: _handle_http_exception,
             Exception: _handle_internal_error,
         },
-        lifespan=_Lifespan,
+        lifespan=Lifespan,
     )
     app.state.settings = settings
     authenticated = bool(settings.api_keys or settings.principal_header)
@@ -289,39 +152,25 @@ async def _chat_cancel(request: Request) -> Response:
     logger.info("[SSE] Cancel request received for %s", loggable(session_id))
     if not SESSION_ID_RE.fullmatch(session_id):
         # No stream can have this id: the same answer as an unknown one.
-        return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
+        return _NOT_FOUND
     state = request.app.state
     # Another principal's session answers exactly like an unknown one.
-    session = state.registry.get(session_id, principal)
-    if session is None and state.cluster is not None:
-        try:
-            stopped = await state.cluster.forward_cancel(principal, session_id)
-        except CancelUnavailable:
-            return JSONResponse(
-                {
-                    "error": {
-                        "code": "cancel_unavailable",
-                        "message": "the stream may live on another instance, and Redis "
-                        "cannot be reached to ask it",
-                    }
-                },
-                status_code=503,
-            )
-        if stopped:
-            return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
-    ended = await _stop_here(session, state.settings.cancel_wait)
+    # Not here: ask the owner through Redis (CancelUnavailable, 503, if it cannot).
+    if (
+        state.registry.get(session_id, principal) is None
+        and state.cluster is not None
+        and await state.cluster.forward_cancel(principal, session_id)
+    ):
+        return _cancelled(session_id)
+    ended = await state.registry.stop(session_id, principal, state.settings.cancel_wait)
     if ended is None:
-        return JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
+        return _NOT_FOUND
     if not ended:
-        return JSONResponse(
-            {
-                "error": {
-                    "code": "cancel_timeout",
-                    "message": "the stream did not end within the wait bound",
-                }
-            },
-            status_code=504,
-        )
+        raise CancelTimeout("the stream did not end within the wait bound")
+    return _cancelled(session_id)
+
+
+def _cancelled(session_id: str) -> Response:
     return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
 
 
@@ -365,17 +214,6 @@ async def _openapi(request: Request) -> Response:
 
 async def _index(request: Request) -> Response:
     return FileResponse(_STATIC / "index.html")
-
-
-async def _stop_here(session: Session | None, wait: float) -> bool | None:
-    """Cancel a stream of this process and wait for its end (provider closed, terminal
-    event written): ``None`` if there was nothing to stop (no such stream, or it already
-    has an outcome), else whether it ended within ``wait``."""
-    if session is None or not session.cancel("cancel"):
-        return None
-    with anyio.move_on_after(wait):
-        await session.ended.wait()
-    return session.ended.is_set()
 
 
 async def _healthz(request: Request) -> Response:
@@ -518,7 +356,7 @@ async def _handle_client_disconnect(request: Request, exc: Exception) -> Respons
 
 
 async def _handle_gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPError)
+    assert isinstance(exc, APIError)
     return error_response(exc)
 
 
@@ -528,17 +366,11 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return JSONResponse(
-        {"error": {"code": code, "message": str(exc.detail)}},
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    return error_json(exc.status_code, code, str(exc.detail), exc.headers)
 
 
 async def _handle_internal_error(request: Request, exc: Exception) -> Response:
     logger.error(
         "internal error on %s %s", request.method, loggable(request.url.path), exc_info=exc
     )
-    return JSONResponse(
-        {"error": {"code": "internal_error", "message": "the gateway failed"}}, status_code=500
-    )
+    return error_json(500, "internal_error", "the gateway failed")

@@ -33,10 +33,11 @@ from typing import Any
 import anyio
 import coredis
 
+from .errors import CancelUnavailable
 from .logs import loggable
 from .session import SESSION_ID_RE
 
-__all__ = ["CancelUnavailable", "Cluster"]
+__all__ = ["Cluster"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,10 @@ _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 # At most one warning about ignored messages this often, with the count since.
 _WARN_INTERVAL = 10.0
 
+_UNAVAILABLE = "the stream may live on another instance, and Redis cannot be reached to ask it"
+
 # What a local cancel answers: True stopped, False not found here.
 LocalCancel = Callable[[str, str], Awaitable[bool]]
-
-
-class CancelUnavailable(Exception):
-    """The cancel needs another instance and Redis cannot be reached."""
 
 
 def new_instance_id() -> str:
@@ -272,7 +271,7 @@ class Cluster:
         ``False`` if no live instance owns the session."""
         client = self._client
         if client is None:
-            raise CancelUnavailable
+            raise CancelUnavailable(_UNAVAILABLE)
         request_id = secrets.token_hex(8)
         done = anyio.Event()
         result: list[bool] = []
@@ -294,11 +293,11 @@ class Cluster:
             with anyio.move_on_after(self._cancel_wait):
                 await done.wait()
             if not result:
-                raise CancelUnavailable
+                raise CancelUnavailable(_UNAVAILABLE)
             return result[0]
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._down(exc)
-            raise CancelUnavailable from exc
+            raise CancelUnavailable(_UNAVAILABLE) from exc
         finally:
             del self._waiting[request_id]
 

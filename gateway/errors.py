@@ -1,7 +1,9 @@
 """The gateway's exceptions: one small hierarchy.
 
 ``httpx`` errors are mapped to ``UpstreamError`` subclasses in ``upstream.py`` and
-nowhere else; HTTP-facing errors carry their status and a stable ``code``.
+nowhere else (and h11's and the socket's to httpx's in ``transport.py``). What the
+HTTP API answers with is an ``APIError``: its status and a stable ``code``, rendered
+once, by ``responses.error_response``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ class ConfigError(GatewayError):
     """A setting is missing or malformed; raised once, at start-up."""
 
 
-class HTTPError(GatewayError):
-    """A request the gateway refuses; rendered as ``{"error": {"code", "message"}}``."""
+class APIError(GatewayError):
+    """An answer of the HTTP API that is an error; rendered as
+    ``{"error": {"code", "message"}}`` with ``status_code``. (Named apart from
+    ``httpx.HTTPError``, which the same modules import.)"""
 
     status_code = 400
     code = "bad_request"
@@ -31,53 +35,67 @@ class HTTPError(GatewayError):
             self.code = code
 
 
-class BadRequest(HTTPError):
+class BadRequest(APIError):
     status_code = 400
     code = "bad_request"
 
 
-class Unauthorized(HTTPError):
+class Unauthorized(APIError):
     status_code = 401
     code = "unauthorized"
 
 
-class RequestTimeout(HTTPError):
+class RequestTimeout(APIError):
     status_code = 408
     code = "body_timeout"
 
 
-class PayloadTooLarge(HTTPError):
+class PayloadTooLarge(APIError):
     status_code = 413
     code = "body_too_large"
 
 
-class TooManySessions(HTTPError):
+class TooManySessions(APIError):
     """This principal has as many live streams as it may."""
 
     status_code = 429
     code = "too_many_sessions"
 
 
-class ServerBusy(HTTPError):
+class ServerBusy(APIError):
     """The process holds as many live streams as it may."""
 
     status_code = 503
     code = "server_busy"
 
 
-class UnsupportedMediaType(HTTPError):
+class UnsupportedMediaType(APIError):
     status_code = 415
     code = "unsupported_media_type"
 
 
-class SessionConflict(HTTPError):
+class SessionConflict(APIError):
     status_code = 409
     code = "session_conflict"
 
 
-class ShuttingDown(HTTPError):
+class ShuttingDown(APIError):
     status_code = 503
     code = "shutting_down"
+
+
+class CancelUnavailable(APIError):
+    """The cancel needs another instance, and Redis cannot be reached to ask it."""
+
+    status_code = 503
+    code = "cancel_unavailable"
+
+
+class CancelTimeout(APIError):
+    """The stream did not end within ``GATEWAY_CANCEL_WAIT``."""
+
+    status_code = 504
+    code = "cancel_timeout"
 
 
 class UpstreamError(GatewayError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import anyio
+
 from .errors import ServerBusy, SessionConflict, ShuttingDown, TooManySessions
 from .session import Session
 
@@ -75,6 +77,19 @@ class Registry:
                 self._per_principal[session.principal] = left
             else:
                 del self._per_principal[session.principal]
+
+    async def stop(self, session_id: str, principal: str, wait: float) -> bool | None:
+        """The cancel path for one stream of this process, from the cancel endpoint or
+        a cancel forwarded by another instance: ``Session.cancel`` (the one cancellation
+        path), then wait for the stream's end (provider closed, terminal event written).
+        ``None`` if there was nothing to stop (no such stream of this principal, or it
+        already has an outcome), else whether it ended within ``wait``."""
+        session = self.get(session_id, principal)
+        if session is None or not session.cancel("cancel"):
+            return None
+        with anyio.move_on_after(wait):
+            await session.ended.wait()
+        return session.ended.is_set()
 
     async def shutdown(self) -> None:
         """Refuse new streams, stop every live one with reason ``shutdown``, wait for them.

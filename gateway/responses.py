@@ -1,17 +1,19 @@
-"""JSON error responses: ``{"error": {"code", "message"}}`` with the error's status."""
+"""JSON error responses: ``{"error": {"code", "message"}}`` with the error's status,
+built here and nowhere else; and what a client that has gone away looks like."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import anyio
 import trio
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from .errors import HTTPError
+from .errors import APIError
 
-__all__ = ["CLIENT_GONE", "error_response"]
+__all__ = ["CLIENT_GONE", "error_json", "error_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +37,13 @@ class _ErrorResponse(JSONResponse):
             logger.info("client went away before its %d answer was written", self.status_code)
 
 
-def error_response(exc: HTTPError) -> JSONResponse:
+def error_json(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     return _ErrorResponse(
-        {"error": {"code": exc.code, "message": exc.message}},
-        status_code=exc.status_code,
-        headers=exc.headers,
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return error_json(exc.status_code, exc.code, exc.message, exc.headers)

@@ -23,7 +23,7 @@ import httpx2 as httpx
 from starlette.types import Receive, Scope, Send
 
 from .cluster import Cluster
-from .errors import HTTPError, SessionConflict, UpstreamError, UpstreamProtocolError
+from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
 from .events import PING, encode_event, encode_token
 from .logs import loggable
 from .outbox import Outbox
@@ -75,7 +75,7 @@ class ChatStream:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
         try:
             session = self._registry.open(self._session_id, self._payload["model"], self._principal)
-        except HTTPError as exc:
+        except APIError as exc:
             await error_response(exc)(scope, receive, send)
             return
         try:

@@ -1,0 +1,178 @@
+"""The app's lifespan: the provider client, the Redis link and (demo mode) the simulator.
+
+Each resource is opened in order and closed in reverse, whatever fails: a start step
+that raises closes everything opened before it. The task group that runs the
+background tasks is held across the ``yield`` of a context manager driven by one task
+(Starlette's lifespan), which is what ``AsyncContextManagerMixin`` is for.
+
+A background task that fails after start-up would leave an instance that looks alive
+and cannot do its work; it is logged, every stream is stopped as at shutdown, and the
+process exits non-zero for its supervisor to restart (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio import AsyncContextManagerMixin
+from anyio.abc import TaskStatus
+from starlette.applications import Starlette
+
+from .cluster import Cluster
+from .logs import ensure_handler
+from .server import load_config, serve
+from .simulator import Simulator, SimulatorConfig
+from .upstream import create_client
+
+__all__ = ["EXIT_BACKGROUND_FAILURE", "Lifespan"]
+
+logger = logging.getLogger(__name__)
+
+# The exit status of a process whose background task failed (EX_SOFTWARE). hypercorn
+# stops all its workers when one exits non-zero, so a supervisor restarts the lot.
+EXIT_BACKGROUND_FAILURE = 70
+# Bounds on the shutdown steps: the streams' stop, leaving Redis, closing the client.
+_STREAMS_STOP = 5.0
+_CLUSTER_LEAVE = 3.0
+_CLIENT_CLOSE = 5.0
+
+
+class Lifespan(AsyncContextManagerMixin):
+    """``Starlette(lifespan=Lifespan)``."""
+
+    def __init__(self, app: Starlette) -> None:
+        self._state = app.state
+        self._stopping = False
+
+    @contextlib.asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncIterator[None]:
+        # Here, not at import: the server has set up its logging by now.
+        ensure_handler()
+        state = self._state
+        state.client = create_client(state.settings)
+        failed: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                stop_simulator = anyio.Event()
+                cluster_scope = anyio.CancelScope()
+                try:
+                    try:
+                        if state.cluster is not None:
+                            await tg.start(
+                                self._supervise,
+                                "cluster",
+                                functools.partial(self._run_cluster, state.cluster, cluster_scope),
+                            )
+                        state.upstream_url = state.settings.upstream_url
+                        if state.upstream_url is None:
+                            await self._start_simulator(tg, stop_simulator)
+                    except Exception as exc:
+                        # Raised once what had started has stopped as at shutdown: an
+                        # exception leaving the task group would cancel it instead.
+                        failed = exc
+                    else:
+                        yield
+                finally:
+                    self._stopping = True
+                    with anyio.move_on_after(_STREAMS_STOP, shield=True):
+                        await state.registry.shutdown()
+                    if state.cluster is not None:
+                        state.cluster.stop()
+                        # Leaving Redis normally is bounded; past that it is cancelled.
+                        cluster_scope.deadline = anyio.current_time() + _CLUSTER_LEAVE
+                    stop_simulator.set()
+        finally:
+            with anyio.move_on_after(_CLIENT_CLOSE, shield=True):
+                await state.client.aclose()
+        if failed is not None:
+            raise failed
+
+    async def _start_simulator(self, tg: anyio.abc.TaskGroup, stop: anyio.Event) -> None:
+        settings = self._state.settings
+        simulator = Simulator(
+            SimulatorConfig(tokens=settings.simulator_tokens, rate=settings.simulator_rate)
+        )
+        addresses = await tg.start(
+            self._supervise, "simulator", functools.partial(serve_simulator, simulator, stop.wait)
+        )
+        host, port = addresses[0]
+        self._state.simulator = simulator
+        self._state.upstream_url = f"http://{host}:{port}/v1"
+        logger.info(
+            "No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s",
+            self._state.upstream_url,
+        )
+
+    async def _run_cluster(
+        self, cluster: Cluster, scope: anyio.CancelScope, *, task_status: TaskStatus[None]
+    ) -> None:
+        registry = self._state.registry
+        wait = self._state.settings.cancel_wait
+
+        async def cancel_here(principal: str, session_id: str) -> bool:
+            logger.info("[SSE] Cancel request forwarded for %s", session_id)
+            return bool(await registry.stop(session_id, principal, wait))
+
+        with scope:
+            await cluster.run(cancel_here, task_status=task_status)
+
+    async def _supervise(
+        self, name: str, run: Callable[..., Awaitable[None]], *, task_status: TaskStatus[Any]
+    ) -> None:
+        """Run a background task for the app's life. A failure before it has started
+        fails the start-up; after that, see the module's docstring."""
+        status = _StartedOnce(task_status)
+        try:
+            await run(task_status=status)
+        except Exception:
+            if not status.done:
+                raise
+            if self._stopping:
+                # The app is shutting down anyway; the failure is still worth seeing.
+                logger.exception("background task %r failed while stopping", name)
+                return
+            logger.exception("background task %r failed: this instance stops", name)
+        else:
+            if self._stopping:
+                return
+            logger.error("background task %r ended on its own: this instance stops", name)
+        await self._exit_on_failure()
+
+    async def _exit_on_failure(self) -> None:
+        with anyio.move_on_after(self._state.settings.cancel_wait):
+            await self._state.registry.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        # Not an exception: the server would log it and serve on without its lifespan.
+        os._exit(EXIT_BACKGROUND_FAILURE)
+
+
+class _StartedOnce:
+    """A task status that remembers whether the task has reported its start."""
+
+    def __init__(self, inner: TaskStatus[Any]) -> None:
+        self._inner = inner
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        self.done = True
+        self._inner.started(value)
+
+
+async def serve_simulator(
+    simulator: Simulator,
+    stop: Callable[[], Awaitable[Any]],
+    *,
+    task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The built-in simulator on a free loopback port until ``stop()`` returns."""
+    config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None)
+    await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)
