@@ -39,10 +39,6 @@ class Registry:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __contains__(self, session_id: str) -> bool:
-        """Whether the anonymous principal has ``session_id`` live (for tests and tools)."""
-        return (ANONYMOUS, session_id) in self._sessions
-
     def open(self, session_id: str, model: str, principal: str = ANONYMOUS) -> Session:
         """Claim ``session_id`` for a new stream of ``principal``."""
         if self.closing:

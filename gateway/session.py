@@ -79,7 +79,8 @@ class Session:
         self.outcome: Outcome | None = None
         self.started_at = anyio.current_time()
         # Token events queued for the client; all of them precede the terminal event.
-        self.tokens = 0
+        # After a hard cancel of the sender, the ones it handed over (tokens_sent).
+        self.tokens_queued = 0
         # Token events the sender's completed sends carried.
         self.tokens_sent = 0
         self.seq = 0
@@ -103,6 +104,12 @@ class Session:
         self.scope.cancel()
         return True
 
+    def client_left(self, reason: StopReason, detail: str | None = None) -> None:
+        """The client is gone (disconnected, or stopped reading): nothing more can reach
+        it, so no terminal event is written; stop the stream for ``reason``."""
+        self.client_gone = True
+        self.cancel(reason, detail)
+
     def settle(self, outcome: Outcome) -> bool:
         if self.outcome is not None:
             return False
@@ -121,7 +128,7 @@ class Session:
             data: dict[str, Any] = {"status": "stopped", "reason": outcome.reason}
             if outcome.detail is not None:
                 data["detail"] = outcome.detail
-            data["tokens_delivered"] = self.tokens
+            data["tokens_delivered"] = self.tokens_queued
             return "stopped", data
         assert outcome is not None
         data = {"status": "error", "code": outcome.code, "message": outcome.message}
@@ -134,7 +141,7 @@ class Session:
         outcome = self.outcome
         after = round((anyio.current_time() - self.started_at) * 1000)
         if isinstance(outcome, Completed):
-            logger.info("[SSE] %s completed in %dms tokens=%d", self.id, after, self.tokens)
+            logger.info("[SSE] %s completed in %dms tokens=%d", self.id, after, self.tokens_queued)
         elif isinstance(outcome, Stopped):
             detail = f" detail={outcome.detail}" if outcome.detail else ""
             if outcome.reason in ("cancel", "disconnect"):
@@ -143,7 +150,7 @@ class Session:
                     self.id,
                     outcome.reason,
                     detail,
-                    self.tokens,
+                    self.tokens_queued,
                     after,
                 )
             elif outcome.reason == "timeout":
@@ -151,7 +158,7 @@ class Session:
                     "[SSE] %s timed out reason=%s tokens=%d after=%dms",
                     self.id,
                     outcome.detail,
-                    self.tokens,
+                    self.tokens_queued,
                     after,
                 )
             else:
@@ -159,7 +166,7 @@ class Session:
                     "[SSE] %s stopped reason=%s tokens=%d after=%dms",
                     self.id,
                     outcome.reason,
-                    self.tokens,
+                    self.tokens_queued,
                     after,
                 )
         elif isinstance(outcome, Failed):
@@ -173,7 +180,7 @@ class Session:
                 self.id,
                 outcome.code,
                 status,
-                self.tokens,
+                self.tokens_queued,
                 after,
                 outcome.message,
             )

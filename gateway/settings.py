@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -10,7 +11,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -148,45 +149,44 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read ``GATEWAY_*`` variables; raise ``ConfigError`` naming the bad one."""
         env = os.environ if environ is None else environ
-        upstream_url = env.get("GATEWAY_UPSTREAM_URL") or None
-        model = env.get("GATEWAY_MODEL")
-        if upstream_url is not None and not model:
+        values: dict[str, Any] = {}
+        # Scalars by their declared type; the fields below are read as lists or
+        # normalized first.
+        for field in dataclasses.fields(cls):
+            kind = _SCALARS.get(str(field.type))
+            if kind is not None:
+                raw = env.get(_env_name(field.name), "").strip()
+                if raw:
+                    values[field.name] = _parse(field.name, raw, kind)
+        if values.get("upstream_url") is not None and "model" not in values:
             raise ConfigError("GATEWAY_MODEL is required when GATEWAY_UPSTREAM_URL is set")
-        defaults = cls()
+        if "log_level" in values:
+            values["log_level"] = values["log_level"].upper()
+        if "principal_header" in values:
+            values["principal_header"] = values["principal_header"].lower()
         return cls(
-            upstream_url=upstream_url,
-            upstream_api_key=env.get("GATEWAY_UPSTREAM_API_KEY") or None,
-            model=model or defaults.model,
-            connect_timeout=_read(env, "connect_timeout", float, defaults.connect_timeout),
-            first_token_timeout=_read(
-                env, "first_token_timeout", float, defaults.first_token_timeout
-            ),
-            idle_timeout=_read(env, "idle_timeout", float, defaults.idle_timeout),
-            max_duration=_read(env, "max_duration", float, defaults.max_duration),
-            ping_interval=_read(env, "ping_interval", float, defaults.ping_interval),
-            send_timeout=_read(env, "send_timeout", float, defaults.send_timeout),
-            body_timeout=_read(env, "body_timeout", float, defaults.body_timeout),
-            cancel_wait=_read(env, "cancel_wait", float, defaults.cancel_wait),
-            upstream_max_connections=_read(
-                env, "upstream_max_connections", int, defaults.upstream_max_connections
-            ),
-            log_level=env.get("GATEWAY_LOG_LEVEL", defaults.log_level).upper(),
-            simulator_tokens=_read(env, "simulator_tokens", int, defaults.simulator_tokens),
-            simulator_rate=_read(env, "simulator_rate", float, defaults.simulator_rate),
+            **values,
             api_keys=_api_keys(env),
-            principal_header=(env.get("GATEWAY_PRINCIPAL_HEADER") or "").strip().lower() or None,
             trusted_proxies=_list(env, "GATEWAY_TRUSTED_PROXIES"),
             cors_origins=tuple(o.rstrip("/") for o in _list(env, "GATEWAY_CORS_ORIGINS")),
-            max_body_bytes=_read(env, "max_body_bytes", int, defaults.max_body_bytes),
-            max_messages=_read(env, "max_messages", int, defaults.max_messages),
-            max_message_chars=_read(env, "max_message_chars", int, defaults.max_message_chars),
-            max_sessions_per_principal=_read(
-                env, "max_sessions_per_principal", int, defaults.max_sessions_per_principal
-            ),
-            max_sessions=_read(env, "max_sessions", int, defaults.max_sessions),
-            redis_url=env.get("GATEWAY_REDIS_URL") or None,
-            claim_ttl=_read(env, "claim_ttl", float, defaults.claim_ttl),
         )
+
+
+# How each scalar field's variable is read, by the field's declared type; a blank
+# variable means the default.
+_SCALARS: dict[str, Callable[[str], Any]] = {
+    "float": float,
+    "int": int,
+    "str": str,
+    "str | None": str,
+}
+
+
+def _parse(field: str, raw: str, kind: Callable[[str], _T]) -> _T:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{_env_name(field)} must be a {kind.__name__}, got {raw!r}") from None
 
 
 def _base_url(url: str) -> str:
@@ -207,16 +207,6 @@ def _base_url(url: str) -> str:
 
 def _env_name(field: str) -> str:
     return "GATEWAY_" + field.upper()
-
-
-def _read(env: Mapping[str, str], field: str, kind: Callable[[str], _T], default: _T) -> _T:
-    raw = env.get(_env_name(field))
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return kind(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{_env_name(field)} must be a {kind.__name__}, got {raw!r}") from None
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:

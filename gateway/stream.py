@@ -135,7 +135,7 @@ class ChatStream:
                     # The sender was cancelled with the request (a server's hard
                     # shutdown), dropping whatever it still had queued: write the
                     # terminal event ourselves, counting only what it handed over.
-                    session.tokens = session.tokens_sent
+                    session.tokens_queued = session.tokens_sent
                     if session.response_started:
                         with anyio.move_on_after(bound):
                             await send(
@@ -207,7 +207,7 @@ class ChatStream:
             session.first_delta_at = now
         session.last_delta_at = now
         body = b"".join(encode_token(session.next_seq(), delta) for delta in deltas)
-        session.tokens += len(deltas)
+        session.tokens_queued += len(deltas)
         await outbox.put(body, len(deltas))
 
     async def _watch(self, session: Session, outbox: Outbox) -> None:
@@ -235,8 +235,7 @@ class ChatStream:
             send_started = session.send_started_at
             if send_started is not None and now >= send_started + s.send_timeout:
                 # The client stopped reading: nothing more can reach it.
-                session.client_gone = True
-                session.cancel("timeout", "send")
+                session.client_left("timeout", "send")
                 return
             wake = min(total_at, token_at, now + s.idle_timeout)
             wake = min(
@@ -287,8 +286,7 @@ class ChatStream:
             if not session.client_gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except CLIENT_GONE:
-            session.client_gone = True
-            session.cancel("disconnect")
+            session.client_left("disconnect")
         finally:
             outbox.close_receiver()
             session.sender_done.set()
@@ -304,5 +302,4 @@ async def _listen_for_disconnect(session: Session, receive: Receive) -> None:
     # backend: under Trio, request.is_disconnected() never does (hypercorn #210).
     while (await receive())["type"] != "http.disconnect":
         pass
-    session.client_gone = True
-    session.cancel("disconnect")
+    session.client_left("disconnect")

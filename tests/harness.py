@@ -249,7 +249,7 @@ class Harness:
         """The contract after any end: cleanup ran, nothing is left registered or
         connected to the provider, and exactly one end line was logged, saying ``line``."""
         await self.ended(session_id)
-        assert session_id not in self.registry
+        assert self.registry.get(session_id) is None
         assert self.upstream_connections() == 0
         lines = end_lines(caplog.records, session_id)
         assert len(lines) == 1, lines

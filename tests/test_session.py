@@ -34,7 +34,7 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
     first = None
     for kind, reason in actions:
         if kind == "token":
-            session.tokens += 1
+            session.tokens_queued += 1
             continue
         if kind == "stop":
             outcome: Stopped | Completed | Failed = Stopped(reason)  # type: ignore[arg-type]
@@ -57,7 +57,7 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
     assert event == {Completed: "done", Stopped: "stopped", Failed: "error"}[type(expected)]
     if isinstance(expected, Stopped):
         assert data["reason"] == expected.reason
-        assert data["tokens_delivered"] == session.tokens
+        assert data["tokens_delivered"] == session.tokens_queued
 
     handler = _Lines()
     logger = logging.getLogger("gateway.session")

@@ -60,7 +60,7 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             assert record.ended_at is not None
             assert record.ended_at - t0 < 0.1
             assert record.sent < record.planned
-            assert sid not in h.registry
+            assert h.registry.get(sid) is None
             rest = await s.rest()
         stopped = rest[-1]
         assert stopped.event == "stopped"
