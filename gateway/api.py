@@ -42,6 +42,7 @@ from .responses import error_json, error_response
 from .session import MAX_MODEL_CHARS, SESSION_ID_RE
 from .settings import Settings
 from .simulator import Simulator
+from .state import GatewayState, state_of
 from .stream import ChatStream
 
 __all__ = ["create_app"]
@@ -88,20 +89,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=Lifespan,
     )
-    app.state.settings = settings
     authenticated = bool(settings.api_keys or settings.principal_header)
-    app.state.registry = Registry(
-        max_sessions=settings.max_sessions,
-        # Without authentication the one anonymous principal is every client: only
-        # the process-wide limit applies.
-        max_per_principal=settings.max_sessions_per_principal if authenticated else None,
-    )
-    app.state.auth = Authenticator(settings)
-    app.state.openapi = openapi(settings)
-    app.state.cluster = (
-        Cluster(settings.redis_url, claim_ttl=settings.claim_ttl, cancel_wait=settings.cancel_wait)
-        if settings.redis_url
-        else None
+    app.state.gateway = GatewayState(
+        settings=settings,
+        registry=Registry(
+            max_sessions=settings.max_sessions,
+            # Without authentication the one anonymous principal is every client: only
+            # the process-wide limit applies.
+            max_per_principal=settings.max_sessions_per_principal if authenticated else None,
+        ),
+        auth=Authenticator(settings),
+        openapi=openapi(settings),
+        cluster=(
+            Cluster(
+                settings.redis_url, claim_ttl=settings.claim_ttl, cancel_wait=settings.cancel_wait
+            )
+            if settings.redis_url
+            else None
+        ),
     )
     # A level, not a handler: where the lines go is the operator's logging config.
     logging.getLogger("gateway").setLevel(settings.log_level_number)
@@ -109,24 +114,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def _principal(request: Request) -> str:
-    auth: Authenticator = request.app.state.auth
-    return auth.principal(request.headers, request.client.host if request.client else None)
+    return state_of(request).auth.principal(
+        request.headers, request.client.host if request.client else None
+    )
 
 
 async def _chat_stream(request: Request) -> Response:
-    state = request.app.state
+    state = state_of(request)
     principal = _principal(request)
     session_id = _session_id(request.headers.get("x-session-id"))
     body = await _json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
     payload = _chat_payload(body, state.settings)
     return _StreamResponse(
         ChatStream(
+            state,
             principal=principal,
-            registry=state.registry,
-            cluster=state.cluster,
-            client=state.client,
-            settings=state.settings,
-            upstream_url=state.upstream_url,
             session_id=session_id,
             payload=payload,
             # Demo mode: the simulator records whose session it served, for the page's
@@ -153,7 +155,7 @@ async def _chat_cancel(request: Request) -> Response:
     if not SESSION_ID_RE.fullmatch(session_id):
         # No stream can have this id: the same answer as an unknown one.
         return _NOT_FOUND
-    state = request.app.state
+    state = state_of(request)
     # Another principal's session answers exactly like an unknown one.
     # Not here: ask the owner through Redis (CancelUnavailable, 503, if it cannot).
     if (
@@ -175,8 +177,7 @@ def _cancelled(session_id: str) -> Response:
 
 
 def _simulator(request: Request) -> Simulator | None:
-    simulator: Simulator | None = getattr(request.app.state, "simulator", None)
-    return simulator
+    return state_of(request).simulator
 
 
 async def _demo_provider(request: Request) -> Response:
@@ -209,7 +210,7 @@ def _demo_headers(principal: str, session_id: str) -> dict[str, str]:
 
 
 async def _openapi(request: Request) -> Response:
-    return JSONResponse(request.app.state.openapi)
+    return JSONResponse(state_of(request).openapi)
 
 
 async def _index(request: Request) -> Response:
@@ -217,7 +218,7 @@ async def _index(request: Request) -> Response:
 
 
 async def _healthz(request: Request) -> Response:
-    state = request.app.state
+    state = state_of(request)
     registry: Registry = state.registry
     status = "shutting_down" if registry.closing else "ok"
     body: dict[str, Any] = {"status": status, "sessions": len(registry)}

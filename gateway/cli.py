@@ -17,6 +17,7 @@ from .api import create_app
 from .errors import ConfigError
 from .server import WORKER_CLASSES, anyio_backend, load_config, serve
 from .settings import Settings
+from .state import state_of
 
 __all__ = ["main", "run", "stop_streams_first"]
 
@@ -85,7 +86,7 @@ def stop_streams_first(
     async def shutdown_trigger() -> None:
         await trigger()
         with anyio.move_on_after(timeout):
-            await app.state.registry.shutdown()
+            await state_of(app).registry.shutdown()
 
     return shutdown_trigger
 

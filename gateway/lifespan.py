@@ -29,6 +29,7 @@ from .cluster import Cluster
 from .logs import ensure_handler
 from .server import load_config, serve
 from .simulator import Simulator, SimulatorConfig
+from .state import state_of
 from .upstream import create_client
 
 __all__ = ["EXIT_BACKGROUND_FAILURE", "Lifespan"]
@@ -48,7 +49,7 @@ class Lifespan(AsyncContextManagerMixin):
     """``Starlette(lifespan=Lifespan)``."""
 
     def __init__(self, app: Starlette) -> None:
-        self._state = app.state
+        self._state = state_of(app)
         self._stopping = False
 
     @contextlib.asynccontextmanager
@@ -70,8 +71,9 @@ class Lifespan(AsyncContextManagerMixin):
                                 "cluster",
                                 functools.partial(self._run_cluster, state.cluster, cluster_scope),
                             )
-                        state.upstream_url = state.settings.upstream_url
-                        if state.upstream_url is None:
+                        if state.settings.upstream_url is not None:
+                            state.upstream_url = state.settings.upstream_url
+                        else:
                             await self._start_simulator(tg, stop_simulator)
                     except Exception as exc:
                         # Raised once what had started has stopped as at shutdown: an

@@ -19,19 +19,17 @@ import logging
 from typing import Any
 
 import anyio
-import httpx2 as httpx
 from starlette.types import Receive, Scope, Send
 
-from .cluster import Cluster
 from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
 from .events import PING, encode_event, encode_token
 from .logs import loggable
 from .outbox import Outbox
 from .parser import ProviderStreamParser
-from .registry import ANONYMOUS, Registry
+from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
 from .session import Completed, Failed, Outcome, Session
-from .settings import Settings
+from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
 
 __all__ = ["ChatStream"]
@@ -50,23 +48,15 @@ class ChatStream:
 
     def __init__(
         self,
+        gateway: GatewayState,
         *,
         principal: str,
-        registry: Registry,
-        cluster: Cluster | None,
-        client: httpx.AsyncClient,
-        settings: Settings,
-        upstream_url: str,
         session_id: str,
         payload: dict[str, Any],
         upstream_headers: dict[str, str] | None = None,
     ) -> None:
+        self._gateway = gateway
         self._principal = principal
-        self._registry = registry
-        self._cluster = cluster
-        self._client = client
-        self._settings = settings
-        self._upstream_url = upstream_url
         self._session_id = session_id
         self._payload = payload
         self._upstream_headers = upstream_headers
@@ -74,12 +64,14 @@ class ChatStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
         try:
-            session = self._registry.open(self._session_id, self._payload["model"], self._principal)
+            session = self._gateway.registry.open(
+                self._session_id, self._payload["model"], self._principal
+            )
         except APIError as exc:
             await error_response(exc)(scope, receive, send)
             return
         try:
-            if self._cluster is not None and not await self._cluster.claim(
+            if self._gateway.cluster is not None and not await self._gateway.cluster.claim(
                 session.principal, session.id
             ):
                 session.settle(Failed("session_conflict", "the id is live on another instance"))
@@ -97,7 +89,7 @@ class ChatStream:
             # Whatever raised or was cancelled on the way (a cluster claim included),
             # the id is free again and a cancel waiting for this stream is answered.
             # After a normal end, _finish has done both already.
-            self._registry.remove(session)
+            self._gateway.registry.remove(session)
             session.ended.set()
 
     async def _run(self, session: Session, outbox: Outbox, send: Send) -> None:
@@ -125,7 +117,7 @@ class ChatStream:
 
     async def _finish(self, session: Session, outbox: Outbox, send: Send) -> None:
         """Cleanup every trigger ends in; the upstream response is already closed."""
-        bound = self._settings.send_timeout
+        bound = self._gateway.settings.send_timeout
         try:
             if not session.client_gone:
                 try:
@@ -153,18 +145,21 @@ class ChatStream:
         if not session.client_gone:
             with anyio.move_on_after(bound):
                 await session.sender_done.wait()
-        self._registry.remove(session)
+        self._gateway.registry.remove(session)
         session.log_end()
         session.ended.set()
-        if self._cluster is not None:
-            await self._cluster.release(session.principal, session.id)
+        if self._gateway.cluster is not None:
+            await self._gateway.cluster.release(session.principal, session.id)
 
     async def _relay(self, session: Session, outbox: Outbox) -> Outcome:
         """Read the provider's stream into the queue until it ends."""
         upstream: UpstreamResponse | None = None
         try:
             upstream = await open_stream(
-                self._client, self._upstream_url, self._payload, self._upstream_headers
+                self._gateway.client,
+                self._gateway.upstream_url,
+                self._payload,
+                self._upstream_headers,
             )
             parser = ProviderStreamParser()
             finish_reason: str | None = None
@@ -218,7 +213,7 @@ class ChatStream:
         sleeping longer than those two timeouts means the first wake after either
         appears still lands before it, so each fires on time.
         """
-        s = self._settings
+        s = self._gateway.settings
         total_at = session.started_at + s.max_duration
         while True:
             now = anyio.current_time()

@@ -27,6 +27,7 @@ from gateway import Settings, Simulator, SimulatorConfig, StreamRecord, create_a
 from gateway.cli import stop_streams_first
 from gateway.registry import Registry
 from gateway.server import serve
+from gateway.state import state_of
 
 # Generous bound on any single wait in a test: a hang fails instead of stalling CI.
 WAIT = 10.0
@@ -197,8 +198,7 @@ class Harness:
 
     @property
     def registry(self) -> Registry:
-        registry: Registry = self.app.state.registry
-        return registry
+        return state_of(self.app).registry
 
     @asynccontextmanager
     async def stream(

@@ -11,10 +11,12 @@ from typing import Any
 import anyio
 import coredis
 import pytest
+from starlette.applications import Starlette
 
 from gateway import Settings, create_app
 from gateway.cluster import Cluster
 from gateway.lifespan import Lifespan
+from gateway.state import state_of
 
 from .processes import RedisServer
 
@@ -46,6 +48,14 @@ async def _subscribers(redis: RedisServer) -> int:
         return len(channels)
 
 
+async def _joined(app: Starlette) -> None:
+    cluster = state_of(app).cluster
+    assert cluster is not None
+    with anyio.fail_after(5):
+        while not cluster.available:  # noqa: ASYNC110 (Redis's side: no event to await)
+            await anyio.sleep(0.01)
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -54,13 +64,11 @@ def _listening(port: int) -> bool:
 async def test_a_full_start_and_stop_opens_and_closes_everything(redis: RedisServer) -> None:
     app = create_app(Settings(redis_url=redis.url))  # demo mode, with Redis
     async with Lifespan(app):
-        port = int(app.state.upstream_url.rsplit(":", 1)[1].split("/")[0])
+        port = int(state_of(app).upstream_url.rsplit(":", 1)[1].split("/")[0])
         assert _listening(port)
-        with anyio.fail_after(5):
-            while not app.state.cluster.available:  # noqa: ASYNC110 (no event to await)
-                await anyio.sleep(0.01)
+        await _joined(app)
         assert await _subscribers(redis) == 2
-    assert app.state.client.is_closed
+    assert state_of(app).client.is_closed
     assert not _listening(port)
     assert await _subscribers(redis) == 0
 
@@ -76,7 +84,7 @@ async def test_the_cluster_failing_to_start_closes_the_provider_client(
     with pytest.RaisesGroup(_PlantedFailure, allow_unwrapped=True, flatten_subgroups=True):
         async with Lifespan(app):
             pytest.fail("the start-up must fail")
-    assert app.state.client.is_closed
+    assert state_of(app).client.is_closed
 
 
 async def test_the_simulator_failing_to_start_closes_the_cluster_and_the_client(
@@ -86,15 +94,13 @@ async def test_the_simulator_failing_to_start_closes_the_cluster_and_the_client(
 
     async def fail(*args: Any, **kwargs: Any) -> None:
         # Once the cluster has joined, so that there is a subscription to leave.
-        with anyio.fail_after(5):
-            while not app.state.cluster.available:  # noqa: ASYNC110 (no event to await)
-                await anyio.sleep(0.01)
+        await _joined(app)
         raise _PlantedFailure("simulator start")
 
     monkeypatch.setattr("gateway.lifespan.serve_simulator", fail)
     with pytest.RaisesGroup(_PlantedFailure, allow_unwrapped=True, flatten_subgroups=True):
         async with Lifespan(app):
             pytest.fail("the start-up must fail")
-    assert app.state.client.is_closed
+    assert state_of(app).client.is_closed
     # The cluster had joined; it has left Redis again.
     assert await _subscribers(redis) == 0

@@ -1,0 +1,57 @@
+"""What the app holds for its life, typed: one object on ``app.state.gateway``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2 as httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+
+from .auth import Authenticator
+from .cluster import Cluster
+from .registry import Registry
+from .settings import Settings
+from .simulator import Simulator
+
+__all__ = ["GatewayState", "state_of"]
+
+
+@dataclass(eq=False)
+class GatewayState:
+    settings: Settings
+    registry: Registry
+    auth: Authenticator
+    openapi: dict[str, Any]
+    cluster: Cluster | None
+    # Set by the lifespan: the provider client, the provider's base URL (the built-in
+    # simulator's in demo mode) and, in demo mode, the simulator.
+    _client: httpx.AsyncClient | None = field(default=None, repr=False)
+    _upstream_url: str | None = None
+    simulator: Simulator | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "the lifespan has not started"
+        return self._client
+
+    @client.setter
+    def client(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    @property
+    def upstream_url(self) -> str:
+        assert self._upstream_url is not None, "the lifespan has not started"
+        return self._upstream_url
+
+    @upstream_url.setter
+    def upstream_url(self, url: str) -> None:
+        self._upstream_url = url
+
+
+def state_of(app: Starlette | Request) -> GatewayState:
+    if isinstance(app, Request):
+        app = app.app
+    state: GatewayState = app.state.gateway
+    return state
