@@ -1,14 +1,13 @@
-"""The HTTP API as a Starlette application: routes, request validation, errors, lifespan.
+"""The HTTP API as a Starlette application: its routes and error handlers.
 
 ``create_app(settings)`` builds one; ``gateway.app:app`` is one built from the environment.
+Request validation is in validation.py, the lifespan in lifespan.py, the cancellation
+path in session.py and registry.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,7 @@ from .auth import Authenticator
 from .cluster import Cluster
 from .errors import (
     APIError,
-    BadRequest,
     CancelTimeout,
-    PayloadTooLarge,
-    RequestTimeout,
-    UnsupportedMediaType,
 )
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
@@ -39,11 +34,11 @@ from .logs import loggable
 from .openapi import openapi
 from .registry import Registry
 from .responses import error_json, error_response
-from .session import MAX_MODEL_CHARS, SESSION_ID_RE
 from .settings import Settings
 from .simulator import Simulator
 from .state import GatewayState, state_of
 from .stream import ChatStream
+from .validation import SESSION_ID_RE, chat_payload, json_body, session_id_from
 
 __all__ = ["create_app"]
 
@@ -53,7 +48,6 @@ _STATIC = Path(__file__).parent / "static"
 # The cancel endpoint's 404, the same for an unknown id and another principal's.
 _NOT_FOUND = JSONResponse({"ok": False, "reason": "not_found"}, status_code=404)
 _DEMO_WAIT = 1.0
-_ROLES = ("system", "user", "assistant")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -122,9 +116,9 @@ def _principal(request: Request) -> str:
 async def _chat_stream(request: Request) -> Response:
     state = state_of(request)
     principal = _principal(request)
-    session_id = _session_id(request.headers.get("x-session-id"))
-    body = await _json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
-    payload = _chat_payload(body, state.settings)
+    session_id = session_id_from(request.headers.get("x-session-id"))
+    body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
+    payload = chat_payload(body, state.settings)
     return _StreamResponse(
         ChatStream(
             state,
@@ -226,119 +220,6 @@ async def _healthz(request: Request) -> Response:
         body["instance"] = state.cluster.instance_id
         body["cluster"] = "ok" if state.cluster.available else "unavailable"
     return JSONResponse(body, status_code=503 if registry.closing else 200)
-
-
-def _session_id(value: str | None) -> str:
-    if value is None:
-        raise BadRequest("the X-Session-Id header is required", code="missing_session_id")
-    if not SESSION_ID_RE.fullmatch(value):
-        raise BadRequest(
-            "X-Session-Id must be 8-128 characters of A-Z a-z 0-9 _ . : -",
-            code="invalid_session_id",
-        )
-    return value
-
-
-async def _json_body(request: Request, limit: int, within: float) -> Any:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise UnsupportedMediaType("the request body must be application/json")
-    too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large  # answered before reading a byte of it
-    body = bytearray()
-    with anyio.move_on_after(within) as scope:
-        async with contextlib.aclosing(request.stream()) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) > limit:
-                    raise too_large
-    if scope.cancelled_caught:
-        logger.info("request body not received within %gs: answered 408", within)
-        # The rest of the body may still come: the connection cannot be reused.
-        raise RequestTimeout(
-            f"the request body did not arrive within {within:g} seconds",
-            headers={"connection": "close"},
-        )
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
-
-
-def _chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
-    """Validate the client's body and build the provider request from known fields only."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_body")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list", code="invalid_body")
-    if len(messages) > settings.max_messages:
-        raise BadRequest(
-            f"messages must have at most {settings.max_messages} entries", code="invalid_body"
-        )
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"messages[{i}] must be an object", code="invalid_body")
-        if message.get("role") not in _ROLES:
-            raise BadRequest(
-                f"messages[{i}].role must be one of {', '.join(_ROLES)}", code="invalid_body"
-            )
-        if not isinstance(message.get("content"), str):
-            raise BadRequest(f"messages[{i}].content must be a string", code="invalid_body")
-        _check_text(message["content"], f"messages[{i}].content")
-        if len(message["content"]) > settings.max_message_chars:
-            raise BadRequest(
-                f"messages[{i}].content is longer than {settings.max_message_chars} characters",
-                code="invalid_body",
-            )
-        clean.append({"role": message["role"], "content": message["content"]})
-    model = body.get("model", settings.model)
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model must be a non-empty string", code="invalid_body")
-    if len(model) > MAX_MODEL_CHARS:
-        raise BadRequest(f"model is longer than {MAX_MODEL_CHARS} characters", code="invalid_body")
-    _check_text(model, "model")
-    payload: dict[str, Any] = {
-        "model": model,
-        "messages": clean,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if "temperature" in body:
-        temperature = body["temperature"]
-        if (
-            not isinstance(temperature, int | float)
-            or isinstance(temperature, bool)
-            or not math.isfinite(temperature)
-            or not 0 <= temperature <= 2
-        ):
-            raise BadRequest("temperature must be a number from 0 to 2", code="invalid_body")
-        payload["temperature"] = temperature
-    if "max_tokens" in body:
-        max_tokens = body["max_tokens"]
-        # JSON has one number type: 5.0 is the integer 5 (as JSON Schema says too).
-        if isinstance(max_tokens, float) and max_tokens.is_integer():
-            max_tokens = int(max_tokens)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise BadRequest("max_tokens must be a positive integer", code="invalid_body")
-        payload["max_tokens"] = max_tokens
-    return payload
-
-
-def _check_text(value: str, field: str) -> None:
-    """Refuse text that cannot be sent as UTF-8: JSON's ``\\udfff`` escapes decode to lone
-    surrogates, which no encoder after this point could write."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(
-            f"{field} is not valid Unicode text (it has a lone surrogate)", code="invalid_body"
-        ) from None
 
 
 class _NoAnswer(Response):

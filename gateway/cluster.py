@@ -35,7 +35,7 @@ import coredis
 
 from .errors import CancelUnavailable
 from .logs import loggable
-from .session import SESSION_ID_RE
+from .validation import SESSION_ID_RE
 
 __all__ = ["Cluster"]
 

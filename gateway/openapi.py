@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .session import MAX_MODEL_CHARS
 from .settings import Settings
+from .validation import MAX_MODEL_CHARS, ROLES, SESSION_ID_PATTERN, TEMPERATURE
 
 __all__ = ["openapi"]
 
@@ -29,7 +29,7 @@ _SESSION_ID_IN_PATH = {
     "required": True,
     "schema": {"type": "string"},
 }
-_SESSION_ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{8,128}$"}
+_SESSION_ID = {"type": "string", "pattern": SESSION_ID_PATTERN}
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
         "type": "object",
         "required": ["role", "content"],
         "properties": {
-            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "role": {"type": "string", "enum": list(ROLES)},
             "content": {"type": "string", "maxLength": settings.max_message_chars},
         },
     }
@@ -100,8 +100,8 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                         },
                                         "temperature": {
                                             "type": "number",
-                                            "minimum": 0,
-                                            "maximum": 2,
+                                            "minimum": TEMPERATURE[0],
+                                            "maximum": TEMPERATURE[1],
                                         },
                                         "max_tokens": {"type": "integer", "minimum": 1},
                                     },

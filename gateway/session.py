@@ -8,7 +8,6 @@ wins, whether a stop, a completion or a failure; later ones are ignored.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,8 +16,6 @@ import anyio
 from .errors import UpstreamError
 
 __all__ = [
-    "MAX_MODEL_CHARS",
-    "SESSION_ID_RE",
     "Completed",
     "Failed",
     "Outcome",
@@ -29,10 +26,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# What a client may name its session: safe in a log line, a header and a Redis key.
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
-# Real model names are short; a longer one is a mistake or an attack on the logs.
-MAX_MODEL_CHARS = 256
 
 StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
 
