@@ -34,6 +34,44 @@ _KEEPALIVE_EXPIRY = 5.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _Origin = tuple[str, str, int]
+# What the socket (and TLS) raise when the connection fails.
+_NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+class _Mapped:
+    """httpx's exceptions for what the socket, a deadline and h11 raise during one kind
+    of step: the one place they are mapped (httpx's ``map_httpcore_exceptions`` is the
+    model). Built once and entered per step, so a read pays two method calls."""
+
+    __slots__ = ("_network", "_request", "_timeout", "_what")
+
+    def __init__(
+        self,
+        request: httpx.Request,
+        what: str,
+        timeout: type[httpx.TimeoutException],
+        network: type[httpx.NetworkError],
+    ) -> None:
+        self._request = request
+        self._what = what
+        self._timeout = timeout
+        self._network = network
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, TimeoutError):
+            raise self._timeout(f"{self._what} timed out", request=self._request) from exc
+        if isinstance(exc, h11.RemoteProtocolError):
+            raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
+        if isinstance(exc, _NETWORK_ERRORS):
+            message = f"{self._what} failed: {exc!r}"
+            raise self._network(message, request=self._request) from exc
 
 
 class _Connection:
@@ -151,22 +189,18 @@ class H11Transport(httpx.AsyncBaseTransport):
         self, request: httpx.Request, origin: _Origin, within: float | None
     ) -> _Connection:
         scheme, host, port = origin
-        try:
-            with anyio.fail_after(within):
-                if scheme == "https":
-                    ssl_context = self._ssl_context or httpx.create_ssl_context()
-                    self._ssl_context = ssl_context
-                    stream: ByteStream = await anyio.connect_tcp(
-                        host, port, ssl_context=ssl_context, tls_hostname=host
-                    )
-                else:
-                    stream = await anyio.connect_tcp(host, port)
-        except TimeoutError as exc:
-            message = f"connecting to {host}:{port} timed out"
-            raise httpx.ConnectTimeout(message, request=request) from exc
-        except (OSError, ssl.SSLError) as exc:
-            message = f"cannot connect to {host}:{port}: {exc}"
-            raise httpx.ConnectError(message, request=request) from exc
+        errors = _Mapped(
+            request, f"connecting to {host}:{port}", httpx.ConnectTimeout, httpx.ConnectError
+        )
+        with errors, anyio.fail_after(within):
+            if scheme == "https":
+                ssl_context = self._ssl_context or httpx.create_ssl_context()
+                self._ssl_context = ssl_context
+                stream: ByteStream = await anyio.connect_tcp(
+                    host, port, ssl_context=ssl_context, tls_hostname=host
+                )
+            else:
+                stream = await anyio.connect_tcp(host, port)
         return _Connection(stream, origin)
 
     async def _exchange(
@@ -215,13 +249,9 @@ class H11Transport(httpx.AsyncBaseTransport):
         if body:
             data += conn.send(h11.Data(data=body))
         data += conn.send(h11.EndOfMessage())
-        try:
-            with anyio.fail_after(within):
-                await connection.stream.send(data)
-        except TimeoutError as exc:
-            raise httpx.WriteTimeout("sending the request timed out", request=request) from exc
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            raise httpx.WriteError(f"sending the request failed: {exc!r}", request=request) from exc
+        errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
+        with errors, anyio.fail_after(within):
+            await connection.stream.send(data)
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -238,6 +268,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._connection = connection
         self._request = request
         self._read_timeout = read_timeout
+        self._errors = _Mapped(request, "reading the response", httpx.ReadTimeout, httpx.ReadError)
         self._complete = False
         self._closed = False
 
@@ -254,24 +285,24 @@ class _ResponseStream(httpx.AsyncByteStream):
             return b""
         conn = self._connection.h11
         parts: list[bytes] = []
-        while True:
-            try:
+        # Entered once per call, not per event: this is the token path.
+        with self._errors:
+            while True:
                 event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
-            if type(event) is h11.Data:
-                parts.append(event.data)
-            elif event is h11.NEED_DATA:
-                if parts:
+                if type(event) is h11.Data:
+                    parts.append(event.data)
+                elif event is h11.NEED_DATA:
+                    if parts:
+                        return b"".join(parts)
+                    await self._read_into(conn)
+                elif type(event) is h11.EndOfMessage:
+                    self._complete = True
                     return b"".join(parts)
-                await self._read_into(conn)
-            elif type(event) is h11.EndOfMessage:
-                self._complete = True
-                return b"".join(parts)
-            else:
-                raise httpx.RemoteProtocolError(
-                    f"unexpected {type(event).__name__} in a response body", request=self._request
-                )
+                else:
+                    raise httpx.RemoteProtocolError(
+                        f"unexpected {type(event).__name__} in a response body",
+                        request=self._request,
+                    )
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await self.receive():
@@ -288,30 +319,20 @@ class _ResponseStream(httpx.AsyncByteStream):
     async def _next_event(self) -> Any:
         conn = self._connection.h11
         while True:
-            try:
+            with self._errors:
                 event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
             if event is not h11.NEED_DATA:
                 return event
             await self._read_into(conn)
 
     async def _read_into(self, conn: h11.Connection) -> None:
-        try:
-            if self._read_timeout is None:
-                data = await self._connection.stream.receive(_READ_SIZE)
-            else:
-                with anyio.fail_after(self._read_timeout):
+        with self._errors:
+            try:
+                if self._read_timeout is None:
                     data = await self._connection.stream.receive(_READ_SIZE)
-        except anyio.EndOfStream:
-            data = b""
-        except TimeoutError as exc:
-            message = "reading the response timed out"
-            raise httpx.ReadTimeout(message, request=self._request) from exc
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            message = f"reading the response failed: {exc!r}"
-            raise httpx.ReadError(message, request=self._request) from exc
-        try:
+                else:
+                    with anyio.fail_after(self._read_timeout):
+                        data = await self._connection.stream.receive(_READ_SIZE)
+            except anyio.EndOfStream:
+                data = b""
             conn.receive_data(data)
-        except h11.RemoteProtocolError as exc:
-            raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
