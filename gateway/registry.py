@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import anyio
-
 from .errors import ServerBusy, SessionConflict, ShuttingDown, TooManySessions
 from .session import Session
 
@@ -75,17 +73,10 @@ class Registry:
                 del self._per_principal[session.principal]
 
     async def stop(self, session_id: str, principal: str, wait: float) -> bool | None:
-        """The cancel path for one stream of this process, from the cancel endpoint or
-        a cancel forwarded by another instance: ``Session.cancel`` (the one cancellation
-        path), then wait for the stream's end (provider closed, terminal event written).
-        ``None`` if there was nothing to stop (no such stream of this principal, or it
-        already has an outcome), else whether it ended within ``wait``."""
+        """``Session.stop`` for this principal's stream of that id, if it has one here
+        (``None`` if not): the cancel endpoint's and a forwarded cancel's path."""
         session = self.get(session_id, principal)
-        if session is None or not session.cancel("cancel"):
-            return None
-        with anyio.move_on_after(wait):
-            await session.ended.wait()
-        return session.ended.is_set()
+        return None if session is None else await session.stop(wait)
 
     async def shutdown(self) -> None:
         """Refuse new streams, stop every live one with reason ``shutdown``, wait for them.

@@ -1,8 +1,12 @@
 """A Session: one stream's cancel scope, its outcome, and its single end-of-life line.
 
-``Session.cancel(reason)`` is the one cancellation path: the cancel endpoint, a
-client disconnect, every timeout and server shutdown call it. The first outcome
-wins, whether a stop, a completion or a failure; later ones are ignored.
+``Session.cancel(reason)`` is the one cancellation path; this module holds all of it.
+The cancel endpoint and forwarded cancels call ``stop`` (cancel, then wait for the
+stream's end), a client that has gone calls ``client_left``, every timeout and server
+shutdown call ``cancel``. The first outcome wins, whether a stop, a completion or a
+failure; later ones are ignored. What the stream does once cancelled (close the
+provider, write the terminal event, log one line, set ``ended``) is
+``ChatStream._finish`` in stream.py.
 """
 
 from __future__ import annotations
@@ -96,6 +100,16 @@ class Session:
             return False
         self.scope.cancel()
         return True
+
+    async def stop(self, wait: float) -> bool | None:
+        """Cancel (reason ``cancel``) and wait up to ``wait`` for the stream's end:
+        provider closed, terminal event written. ``None`` if it already had an outcome
+        (nothing to stop), else whether it ended in time."""
+        if not self.cancel("cancel"):
+            return None
+        with anyio.move_on_after(wait):
+            await self.ended.wait()
+        return self.ended.is_set()
 
     def client_left(self, reason: StopReason, detail: str | None = None) -> None:
         """The client is gone (disconnected, or stopped reading): nothing more can reach
