@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -20,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Authenticator
 from .cluster import Cluster
@@ -138,7 +137,7 @@ class _StreamResponse(Response):
     def __init__(self, stream: ASGIApp) -> None:
         self._stream = stream
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._stream(scope, receive, send)
 
 
@@ -215,7 +214,7 @@ async def _healthz(request: Request) -> Response:
     state = state_of(request)
     registry: Registry = state.registry
     status = "shutting_down" if registry.closing else "ok"
-    body: dict[str, Any] = {"status": status, "sessions": len(registry)}
+    body: dict[str, object] = {"status": status, "sessions": len(registry)}
     if state.cluster is not None:
         body["instance"] = state.cluster.instance_id
         body["cluster"] = "ok" if state.cluster.available else "unavailable"
@@ -228,7 +227,7 @@ class _NoAnswer(Response):
     def __init__(self) -> None:
         pass
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pass
 
 

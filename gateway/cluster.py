@@ -28,10 +28,12 @@ import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 import coredis
+from anyio.abc import TaskGroup
+from coredis.patterns.pubsub import PubSub
+from coredis.response.types import PubSubMessage
 
 from .errors import CancelUnavailable
 from .logs import loggable
@@ -82,7 +84,7 @@ class _Malformed(Exception):
     """A message from Redis that this instance does not accept."""
 
 
-def _text(data: dict[str, Any], name: str, pattern: re.Pattern[str] | None, limit: int) -> str:
+def _text(data: dict[str, object], name: str, pattern: re.Pattern[str] | None, limit: int) -> str:
     value = data.get(name)
     if not isinstance(value, str) or not value or len(value) > limit:
         raise _Malformed(f"{name} is missing or not a short string")
@@ -91,7 +93,7 @@ def _text(data: dict[str, Any], name: str, pattern: re.Pattern[str] | None, limi
     return value
 
 
-def _parse(raw: Any) -> dict[str, Any]:
+def _parse(raw: object) -> dict[str, object]:
     """A message's JSON object, of a version this instance knows."""
     if not isinstance(raw, str) or len(raw) > _MAX_MESSAGE_CHARS:
         raise _Malformed("not text, or too large")
@@ -178,7 +180,9 @@ class Cluster:
                 await self._stop.wait()
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    async def _consume(self, pubsub: Any, client: coredis.Redis[str], tg: Any) -> None:
+    async def _consume(
+        self, pubsub: PubSub[str], client: coredis.Redis[str], tg: TaskGroup
+    ) -> None:
         async for message in pubsub:
             tg.start_soon(self._on_message, client, message)
 
@@ -301,7 +305,7 @@ class Cluster:
         finally:
             del self._waiting[request_id]
 
-    async def _on_message(self, client: coredis.Redis[str], message: Any) -> None:
+    async def _on_message(self, client: coredis.Redis[str], message: PubSubMessage) -> None:
         try:
             data = _parse(message.get("data") if isinstance(message, dict) else None)
             if message.get("channel") == self._reply_channel():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
 
 from sse_starlette.event import ServerSentEvent
 
@@ -16,7 +16,7 @@ PING = ServerSentEvent(comment="ping", sep=_SEP).encode()
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def json_text(data: Any) -> str:
+def json_text(data: object) -> str:
     """Compact JSON that fits on one ``data:`` line for every client.
 
     JSON allows U+2028 and U+2029 raw, but Python's ``str.splitlines`` and httpx's
@@ -28,7 +28,7 @@ def json_text(data: Any) -> str:
     return text
 
 
-def encode_event(event: str, seq: int, data: dict[str, Any]) -> bytes:
+def encode_event(event: str, seq: int, data: Mapping[str, object]) -> bytes:
     """``id: <seq>``, ``event: <event>``, one ``data:`` line of compact JSON."""
     return ServerSentEvent(json_text(data), event=event, id=str(seq), sep=_SEP).encode()
 

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import anyio
 from anyio import AsyncContextManagerMixin
@@ -126,7 +125,7 @@ class Lifespan(AsyncContextManagerMixin):
             await cluster.run(cancel_here, task_status=task_status)
 
     async def _supervise(
-        self, name: str, run: Callable[..., Awaitable[None]], *, task_status: TaskStatus[Any]
+        self, name: str, run: Callable[..., Awaitable[None]], *, task_status: TaskStatus[object]
     ) -> None:
         """Run a background task for the app's life. A failure before it has started
         fails the start-up; after that, see the module's docstring."""
@@ -160,20 +159,20 @@ class Lifespan(AsyncContextManagerMixin):
 class _StartedOnce:
     """A task status that remembers whether the task has reported its start."""
 
-    def __init__(self, inner: TaskStatus[Any]) -> None:
+    def __init__(self, inner: TaskStatus[object]) -> None:
         self._inner = inner
         self.done = False
 
-    def started(self, value: Any = None) -> None:
+    def started(self, value: object = None) -> None:
         self.done = True
         self._inner.started(value)
 
 
 async def serve_simulator(
     simulator: Simulator,
-    stop: Callable[[], Awaitable[Any]],
+    stop: Callable[[], Awaitable[object]],
     *,
-    task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[object] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """The built-in simulator on a free loopback port until ``stop()`` returns."""
     config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 
@@ -68,7 +68,7 @@ class ParsedChunk:
 
     deltas: list[str] = field(default_factory=list)
     finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
+    usage: dict[str, object] | None = None
     done: bool = False
     error: UpstreamError | None = None
 
@@ -168,10 +168,10 @@ class ProviderStreamParser:
             out.usage = numbers_only(usage)
 
 
-def numbers_only(usage: dict[Any, Any], depth: int = 1) -> dict[str, Any]:
+def numbers_only(usage: Mapping[object, object], depth: int = 1) -> dict[str, object]:
     """The numbers of a usage object under identifier keys, nested objects of numbers
     included (DeepSeek's ``completion_tokens_details``); any text is dropped."""
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in list(usage.items())[:_USAGE_KEYS]:
         if not isinstance(key, str) or not _IDENTIFIER.fullmatch(key):
             continue
@@ -183,7 +183,7 @@ def numbers_only(usage: dict[Any, Any], depth: int = 1) -> dict[str, Any]:
     return out
 
 
-def provider_error_ids(error: Any) -> dict[str, str]:
+def provider_error_ids(error: object) -> dict[str, str]:
     """The ``type`` and ``code`` of a provider's error object that are short
     identifiers: safe for the operator's log, where they tell a wrong key from an
     unknown model. (A provider that is not OpenAI may put free text there.)"""
@@ -198,7 +198,7 @@ def provider_error_ids(error: Any) -> dict[str, str]:
     return found
 
 
-def _error(error: Any) -> UpstreamStatusError:
+def _error(error: object) -> UpstreamStatusError:
     """An in-stream error object. Its free text may echo the prompt or account details,
     and even an identifier-shaped ``type`` may be the prompt: the client is told only a
     known error type; the operator's log gets every identifier."""

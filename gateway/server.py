@@ -14,7 +14,6 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FunctionType
-from typing import Any
 
 import anyio
 import sniffio
@@ -29,20 +28,20 @@ __all__ = ["WORKER_CLASSES", "anyio_backend", "load_config", "serve"]
 WORKER_CLASSES = ("asyncio", "uvloop", "trio")
 
 
-def anyio_backend(worker_class: str) -> tuple[str, dict[str, Any]]:
+def anyio_backend(worker_class: str) -> tuple[str, dict[str, object]]:
     """``anyio.run``'s backend and options for a hypercorn worker class."""
     if worker_class == "trio":
         return "trio", {}
     return "asyncio", {"use_uvloop": True} if worker_class == "uvloop" else {}
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+def load_config(path: str | Path | None = None, **overrides: object) -> Config:
     """Read a hypercorn toml file, refusing keys hypercorn does not know.
 
     ``Config.from_toml`` accepts misspelt keys without a word; a misspelt
     ``graceful_timeout`` would silently change how shutdown behaves.
     """
-    data: dict[str, Any] = {}
+    data: dict[str, object] = {}
     if path is not None:
         try:
             with open(path, "rb") as fh:
@@ -78,7 +77,7 @@ async def serve(
     app: ASGIApp,
     config: Config,
     *,
-    shutdown_trigger: Callable[[], Awaitable[Any]],
+    shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns; report the bound addresses."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 
@@ -37,7 +37,7 @@ StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
 @dataclass(frozen=True, slots=True)
 class Completed:
     finish_reason: str | None
-    usage: dict[str, Any] | None
+    usage: dict[str, object] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ class Session:
         self.outcome = outcome
         return True
 
-    def terminal_event(self) -> tuple[str, dict[str, Any]]:
+    def terminal_event(self) -> tuple[str, dict[str, object]]:
         outcome = self.outcome
         if isinstance(outcome, Completed):
             return "done", {
@@ -132,7 +132,7 @@ class Session:
                 "usage": outcome.usage,
             }
         if isinstance(outcome, Stopped):
-            data: dict[str, Any] = {"status": "stopped", "reason": outcome.reason}
+            data: dict[str, object] = {"status": "stopped", "reason": outcome.reason}
             if outcome.detail is not None:
                 data["detail"] = outcome.detail
             data["tokens_delivered"] = self.tokens_queued

@@ -174,7 +174,7 @@ class Settings:
 
 # How each scalar field's variable is read, by the field's declared type; a blank
 # variable means the default.
-_SCALARS: dict[str, Callable[[str], Any]] = {
+_SCALARS: dict[str, Callable[[str], object]] = {
     "float": float,
     "int": int,
     "str": str,

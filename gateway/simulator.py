@@ -16,7 +16,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,7 @@ class StreamRecord:
     ended_at: float | None = None
     last_token_at: float | None = None
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, object]:
         return {
             "id": self.id,
             "session_id": self.session_id,
@@ -111,7 +111,7 @@ class Simulator:
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config or SimulatorConfig()
         self.records: deque[StreamRecord] = deque(maxlen=_RECORDS_KEPT)
-        self.requests: deque[dict[str, Any]] = deque(maxlen=_REQUESTS_KEPT)
+        self.requests: deque[dict[str, object]] = deque(maxlen=_REQUESTS_KEPT)
         # The Authorization header of each chat request (tests check the provider key).
         self.authorizations: deque[str] = deque(maxlen=_REQUESTS_KEPT)
         self._ids = itertools.count(1)
@@ -292,7 +292,7 @@ class Simulator:
         record.ended_at = time.monotonic()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _keepalives(self, write: Callable[[bytes], Any], seconds: float) -> None:
+    async def _keepalives(self, write: Callable[[bytes], Awaitable[None]], seconds: float) -> None:
         """Send ``: keep-alive`` comments for ``seconds``, as DeepSeek does while queued."""
         interval = self.config.keepalive_interval
         deadline = anyio.current_time() + seconds
@@ -318,7 +318,7 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(parts)
 
 
-async def _json(send: Send, status: int, payload: Any) -> None:
+async def _json(send: Send, status: int, payload: object) -> None:
     body = json.dumps(payload).encode()
     await send(
         {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -31,6 +30,7 @@ from .responses import CLIENT_GONE, error_response
 from .session import Completed, Failed, Outcome, Session
 from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
+from .validation import ProviderRequest
 
 __all__ = ["ChatStream"]
 
@@ -52,7 +52,7 @@ class ChatStream:
         *,
         principal: str,
         session_id: str,
-        payload: dict[str, Any],
+        payload: ProviderRequest,
         upstream_headers: dict[str, str] | None = None,
     ) -> None:
         self._gateway = gateway
@@ -163,7 +163,7 @@ class ChatStream:
             )
             parser = ProviderStreamParser()
             finish_reason: str | None = None
-            usage: dict[str, Any] | None = None
+            usage: dict[str, object] | None = None
             while not parser.done:
                 data = await upstream.read()
                 if not data:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import select
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from types import TracebackType
 
 import anyio
 import h11
@@ -61,7 +61,7 @@ class _Mapped:
         return None
 
     def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is None:
             return
@@ -316,7 +316,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         reusable = self._complete and conn.our_state is h11.DONE and conn.their_state is h11.DONE
         await self._transport._release(self._connection, reusable)
 
-    async def _next_event(self) -> Any:
+    async def _next_event(self) -> object:
         conn = self._connection.h11
         while True:
             with self._errors:

@@ -15,8 +15,7 @@ import functools
 import json
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import anyio
 import httpx2 as httpx
@@ -125,7 +124,7 @@ def chat_url(base_url: str) -> str:
 async def open_stream(
     client: httpx.AsyncClient,
     base_url: str,
-    payload: dict[str, Any],
+    payload: Mapping[str, object],
     headers: dict[str, str] | None = None,
 ) -> UpstreamResponse:
     """POST ``{base_url}/chat/completions`` and return once the headers are in."""

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import re
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import anyio
 from starlette.requests import Request
@@ -27,6 +27,7 @@ __all__ = [
     "SESSION_ID_PATTERN",
     "SESSION_ID_RE",
     "TEMPERATURE",
+    "ProviderRequest",
     "chat_payload",
     "json_body",
     "session_id_from",
@@ -44,6 +45,17 @@ TEMPERATURE = (0, 2)
 MAX_MODEL_CHARS = 256
 
 
+class ProviderRequest(TypedDict):
+    """The request the provider is sent: the client's known fields, checked."""
+
+    model: str
+    messages: list[dict[str, str]]
+    stream: bool
+    stream_options: dict[str, bool]
+    temperature: NotRequired[float]
+    max_tokens: NotRequired[int]
+
+
 def session_id_from(value: str | None) -> str:
     if value is None:
         raise BadRequest("the X-Session-Id header is required", code="missing_session_id")
@@ -56,7 +68,7 @@ def session_id_from(value: str | None) -> str:
     return value
 
 
-async def json_body(request: Request, limit: int, within: float) -> Any:
+async def json_body(request: Request, limit: int, within: float) -> object:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
@@ -86,7 +98,7 @@ async def json_body(request: Request, limit: int, within: float) -> Any:
         raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
 
 
-def chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
+def chat_payload(body: object, settings: Settings) -> ProviderRequest:
     """Validate the client's body and build the provider request from known fields only."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_body")
@@ -120,7 +132,7 @@ def chat_payload(body: Any, settings: Settings) -> dict[str, Any]:
     if len(model) > MAX_MODEL_CHARS:
         raise BadRequest(f"model is longer than {MAX_MODEL_CHARS} characters", code="invalid_body")
     _check_text(model, "model")
-    payload: dict[str, Any] = {
+    payload: ProviderRequest = {
         "model": model,
         "messages": clean,
         "stream": True,
