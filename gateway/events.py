@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from sse_starlette.event import ServerSentEvent
 
-__all__ = ["PING", "encode_event", "encode_token", "json_text"]
+__all__ = ["PING", "encode_event", "encode_reasoning", "encode_token", "json_text"]
 
 _SEP = "\n"
 
@@ -39,3 +39,8 @@ def encode_token(seq: int, delta: str) -> bytes:
     JSON never contains a raw CR or LF, so the data always fits on one line.
     """
     return b'id: %d\nevent: token\ndata: {"delta":%s}\n\n' % (seq, json_text(delta).encode())
+
+
+def encode_reasoning(seq: int, delta: str) -> bytes:
+    """The same bytes as ``encode_event("reasoning", seq, {"delta": delta})``."""
+    return b'id: %d\nevent: reasoning\ndata: {"delta":%s}\n\n' % (seq, json_text(delta).encode())

@@ -98,7 +98,11 @@ class Lifespan(AsyncContextManagerMixin):
     async def _start_simulator(self, tg: anyio.abc.TaskGroup, stop: anyio.Event) -> None:
         settings = self._state.settings
         simulator = Simulator(
-            SimulatorConfig(tokens=settings.simulator_tokens, rate=settings.simulator_rate)
+            SimulatorConfig(
+                tokens=settings.simulator_tokens,
+                rate=settings.simulator_rate,
+                reasoning_tokens=settings.simulator_reasoning_tokens,
+            )
         )
         addresses = await tg.start(
             self._supervise, "simulator", functools.partial(serve_simulator, simulator, stop.wait)

@@ -9,7 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from .settings import Settings
-from .validation import MAX_MODEL_CHARS, ROLES, SESSION_ID_PATTERN, TEMPERATURE
+from .validation import (
+    IMAGE_DETAILS,
+    MAX_MODEL_CHARS,
+    MAX_SHORT_CHARS,
+    MAX_STOP,
+    MAX_TOOLS,
+    PART_TYPES,
+    PENALTY,
+    RESPONSE_FORMATS,
+    ROLES,
+    SESSION_ID_PATTERN,
+    TEMPERATURE,
+    TOOL_CHOICES,
+    TOOL_NAME_PATTERN,
+    TOP_P,
+)
 
 __all__ = ["openapi"]
 
@@ -18,7 +33,7 @@ _EVENT = {
     "type": "object",
     "required": ["event", "data", "id"],
     "properties": {
-        "event": {"enum": ["start", "token", "done", "stopped", "error"]},
+        "event": {"enum": ["start", "reasoning", "token", "tool_call", "done", "stopped", "error"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
         "id": {"type": "string", "pattern": "^[0-9]+$"},
     },
@@ -30,6 +45,124 @@ _SESSION_ID_IN_PATH = {
     "schema": {"type": "string"},
 }
 _SESSION_ID = {"type": "string", "pattern": SESSION_ID_PATTERN}
+_STRING = {"type": "string"}
+_PARTS: dict[str, dict[str, Any]] = {
+    "text": {"required": ["text"], "properties": {"text": _STRING}},
+    "refusal": {"required": ["refusal"], "properties": {"refusal": _STRING}},
+    "image_url": {
+        "required": ["image_url"],
+        "properties": {
+            "image_url": {
+                "type": "object",
+                "required": ["url"],
+                "properties": {
+                    "url": {"type": "string", "minLength": 1},
+                    "detail": {"enum": list(IMAGE_DETAILS)},
+                },
+            }
+        },
+    },
+    "input_audio": {
+        "required": ["input_audio"],
+        "properties": {
+            "input_audio": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {"data": {"type": "string", "minLength": 1}, "format": _STRING},
+            }
+        },
+    },
+    "file": {
+        "required": ["file"],
+        "properties": {
+            "file": {
+                "type": "object",
+                "anyOf": [
+                    {"required": ["file_data"], "properties": {"file_data": {"minLength": 1}}},
+                    {"required": ["file_id"], "properties": {"file_id": {"minLength": 1}}},
+                ],
+                "properties": {"file_data": _STRING, "file_id": _STRING, "filename": _STRING},
+            }
+        },
+    },
+}
+_ASSISTANT_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "function"],
+    "properties": {
+        "id": _STRING,
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": _STRING, "arguments": _STRING},
+        },
+    },
+}
+_TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": TOOL_NAME_PATTERN},
+                "description": _STRING,
+                "parameters": {"type": "object"},
+                "strict": {"type": "boolean"},
+            },
+        },
+    },
+}
+
+
+def _number(bounds: tuple[float, float]) -> dict[str, Any]:
+    return {"type": "number", "minimum": bounds[0], "maximum": bounds[1]}
+
+
+def _message(role: str, max_chars: int) -> dict[str, Any]:
+    """One role's message. The text limit is per message (all its text parts together);
+    the schema can only bound each part."""
+    parts = {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["type", *_PARTS[kind]["required"]],
+                    "properties": {"type": {"const": kind}, **_PARTS[kind]["properties"]},
+                }
+                for kind in PART_TYPES[role]
+            ]
+        },
+    }
+    content: list[dict[str, Any]] = [{"type": "string", "maxLength": max_chars}, parts]
+    properties: dict[str, Any] = {
+        "role": {"const": role},
+        "name": {"type": "string", "minLength": 1},
+    }
+    required = ["role", "content"]
+    if role == "assistant":
+        content.append({"type": "null"})
+        properties["tool_calls"] = {"type": "array", "minItems": 1, "items": _ASSISTANT_TOOL_CALL}
+        properties["reasoning_content"] = _STRING
+    if role == "tool":
+        del properties["name"]
+        properties["tool_call_id"] = {"type": "string", "minLength": 1}
+        required.append("tool_call_id")
+    properties["content"] = {"anyOf": content}
+    schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties}
+    if role == "assistant":
+        # As in OpenAI's API: content may be null or left out beside tool_calls.
+        schema["required"] = ["role"]
+        schema["anyOf"] = [
+            {"required": ["tool_calls"]},
+            {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+        ]
+    return schema
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -46,18 +179,64 @@ _AMBIGUOUS = _error("a principal header sent twice, or two framings of the body"
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "required": True}}
 
 
+def _forwarded() -> dict[str, Any]:
+    """The top-level fields forwarded to the provider (validation.FORWARDED_FIELDS)."""
+    short = {"type": "string", "minLength": 1, "maxLength": MAX_SHORT_CHARS}
+    return {
+        "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": _TOOL},
+        "tool_choice": {
+            "anyOf": [
+                {"enum": list(TOOL_CHOICES)},
+                {
+                    "type": "object",
+                    "required": ["type", "function"],
+                    "properties": {
+                        "type": {"const": "function"},
+                        "function": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": _STRING},
+                        },
+                    },
+                },
+            ]
+        },
+        "parallel_tool_calls": {"type": "boolean"},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"enum": list(RESPONSE_FORMATS)}},
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {"json_schema": {"type": "object"}},
+            },
+        },
+        "temperature": _number(TEMPERATURE),
+        "top_p": _number(TOP_P),
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "stop": {
+            "anyOf": [
+                _STRING,
+                {"type": "array", "minItems": 1, "maxItems": MAX_STOP, "items": _STRING},
+            ]
+        },
+        "seed": {"type": "integer"},
+        "presence_penalty": _number(PENALTY),
+        "frequency_penalty": _number(PENALTY),
+        "logit_bias": {"type": "object", "additionalProperties": _number((-100, 100))},
+        "reasoning_effort": short,
+        "user": short,
+        "n": {"const": 1},
+    }
+
+
 def openapi(settings: Settings) -> dict[str, Any]:
     authenticated = bool(settings.api_keys)
     security: list[dict[str, list[str]]] = [{"bearer": []}] if authenticated else []
     unauthorized = {"401": _error("no principal: a missing or wrong key, or an untrusted peer")}
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"type": "string", "enum": list(ROLES)},
-            "content": {"type": "string", "maxLength": settings.max_message_chars},
-        },
-    }
+    message = {"oneOf": [_message(role, settings.max_message_chars) for role in ROLES]}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -98,12 +277,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                             "minLength": 1,
                                             "maxLength": MAX_MODEL_CHARS,
                                         },
-                                        "temperature": {
-                                            "type": "number",
-                                            "minimum": TEMPERATURE[0],
-                                            "maximum": TEMPERATURE[1],
-                                        },
-                                        "max_tokens": {"type": "integer", "minimum": 1},
+                                        **_forwarded(),
                                     },
                                 }
                             }

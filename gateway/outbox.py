@@ -12,11 +12,15 @@ from collections import deque
 
 import anyio
 
-__all__ = ["Outbox"]
+__all__ = ["Mark", "Outbox"]
+
+# A stream's running counts of token, reasoning and tool-call events once a chunk is
+# written: the sender takes the last one of what it wrote as the counts delivered.
+Mark = tuple[int, int, int]
 
 
 class Outbox:
-    """Up to ``size`` chunks of bytes waiting for the sender, with their token counts.
+    """Up to ``size`` chunks of bytes waiting for the sender, with their marks.
 
     Closed by the producer (``close()``: the sender writes what is left, then ends) or
     by the consumer (``close_receiver()``: further puts raise ``BrokenResourceError``).
@@ -24,13 +28,13 @@ class Outbox:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: deque[tuple[bytes, int]] = deque()
+        self._items: deque[tuple[bytes, Mark | None]] = deque()
         self._closed = False
         self._receiver_closed = False
         self._data_ready: anyio.Event | None = None
         self._room_ready: anyio.Event | None = None
 
-    def put_nowait(self, data: bytes, tokens: int = 0) -> None:
+    def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
         """Queue ``data``; raise ``anyio.WouldBlock`` if full."""
         if self._receiver_closed:
             raise anyio.BrokenResourceError
@@ -38,24 +42,24 @@ class Outbox:
             raise anyio.ClosedResourceError
         if len(self._items) >= self._size:
             raise anyio.WouldBlock
-        self._items.append((data, tokens))
+        self._items.append((data, mark))
         if self._data_ready is not None:
             self._data_ready.set()
             self._data_ready = None
 
-    async def put(self, data: bytes, tokens: int = 0) -> None:
+    async def put(self, data: bytes, mark: Mark | None = None) -> None:
         """Queue ``data``, waiting for room: the back-pressure the provider feels."""
         while True:
             try:
-                self.put_nowait(data, tokens)
+                self.put_nowait(data, mark)
                 return
             except anyio.WouldBlock:
                 if self._room_ready is None:
                     self._room_ready = anyio.Event()
                 await self._room_ready.wait()
 
-    async def take(self) -> tuple[bytes, int] | None:
-        """Everything queued, joined, with its token count; ``None`` once closed and empty."""
+    async def take(self) -> tuple[bytes, Mark | None] | None:
+        """Everything queued, joined, with its last mark; ``None`` once closed and empty."""
         while not self._items:
             if self._closed or self._receiver_closed:
                 return None
@@ -64,15 +68,15 @@ class Outbox:
             await self._data_ready.wait()
         items = self._items
         if len(items) == 1:
-            data, tokens = items.popleft()
+            data, mark = items.popleft()
         else:
             data = b"".join(d for d, _ in items)
-            tokens = sum(t for _, t in items)
+            mark = next((m for _, m in reversed(items) if m is not None), None)
             items.clear()
         if self._room_ready is not None:
             self._room_ready.set()
             self._room_ready = None
-        return data, tokens
+        return data, mark
 
     def close(self) -> None:
         """No more puts: ``take()`` returns what is left, then ``None``."""

@@ -1,12 +1,14 @@
 """Incremental parser for an OpenAI-compatible streaming response body.
 
-Bytes go in as they arrive, split anywhere; what comes out is the content deltas,
-the finish reason, the usage and the ``[DONE]`` marker. Keep-alive comments
-(DeepSeek's ``: keep-alive``) produce nothing, so they never count as progress.
+Bytes go in as they arrive, split anywhere; what comes out is the deltas in the
+provider's order (content as ``str``, ``Reasoning``, ``ToolCallDelta``), the finish
+reason, the usage and the ``[DONE]`` marker. Keep-alive comments (DeepSeek's
+``: keep-alive``) produce nothing, so they never count as progress.
 
-What a provider writes is untrusted: only content reaches the client as text. The
-finish reason is one of the known values (else ``other``), the usage only numbers
-under identifier keys, and an error object only a known error type.
+What a provider writes is untrusted: only the model's output (content, reasoning, tool
+call fragments) reaches the client as text. The finish reason is one of the known
+values (else ``other``), the usage only numbers under identifier keys, and an error
+object only a known error type.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from dataclasses import dataclass, field
 
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 
-__all__ = ["MAX_LINE_BYTES", "ParsedChunk", "ProviderStreamParser"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "Delta",
+    "ParsedChunk",
+    "ProviderStreamParser",
+    "Reasoning",
+    "ToolCallDelta",
+]
 
 MAX_LINE_BYTES = 1024 * 1024
 
@@ -59,14 +68,51 @@ KNOWN_ERRORS = frozenset(
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _USAGE_KEYS = 64
 _USAGE_DEPTH = 3
+# A tool call's id and name are short in every API; the index counts parallel calls.
+_MAX_TOOL_FIELD = 256
+_MAX_TOOL_INDEX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """``delta.reasoning_content`` (DeepSeek) or ``delta.reasoning`` (vLLM, OpenRouter,
+    Ollama): the model's thinking, before or between its answer."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """One element of ``delta.tool_calls``: the ``id`` and ``name`` come once, in the
+    first fragment of a call; ``arguments`` is the next piece of its JSON string."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+    def as_event(self) -> dict[str, object]:
+        data: dict[str, object] = {"index": self.index}
+        if self.id is not None:
+            data["id"] = self.id
+        if self.name is not None:
+            data["name"] = self.name
+        data["arguments"] = self.arguments
+        return data
+
+
+# Content is a plain ``str``: the hot path handles it without looking further.
+Delta = str | Reasoning | ToolCallDelta
 
 
 @dataclass(slots=True)
 class ParsedChunk:
     """What one ``feed()`` found: deltas in order, the end markers if seen, and the
-    error that ended the parse, if one did (the deltas before it are still here)."""
+    error that ended the parse, if one did (the deltas before it are still here).
+    ``plain`` says every delta is content."""
 
-    deltas: list[str] = field(default_factory=list)
+    deltas: list[Delta] = field(default_factory=list)
+    plain: bool = True
     finish_reason: str | None = None
     usage: dict[str, object] | None = None
     done: bool = False
@@ -154,18 +200,66 @@ class ProviderStreamParser:
         for choice in choices:
             if not isinstance(choice, dict):
                 raise UpstreamProtocolError("provider sent a choice that is not an object")
-            delta = choice.get("delta") or {}
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if content:
-                if not isinstance(content, str):
-                    raise UpstreamProtocolError("provider sent delta content that is not text")
-                out.deltas.append(content)
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                _delta(delta, out)
             reason = choice.get("finish_reason")
             if reason is not None:
                 out.finish_reason = reason if reason in FINISH_REASONS else "other"
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             out.usage = numbers_only(usage)
+
+
+def _delta(delta: dict[str, object], out: ParsedChunk) -> None:
+    # One delta rarely holds more than one kind; when it does, thinking comes first.
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if reasoning:
+        if not isinstance(reasoning, str):
+            raise UpstreamProtocolError("provider sent reasoning that is not text")
+        out.deltas.append(Reasoning(reasoning))
+        out.plain = False
+    content = delta.get("content")
+    if content:
+        if not isinstance(content, str):
+            raise UpstreamProtocolError("provider sent delta content that is not text")
+        out.deltas.append(content)
+    calls = delta.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list):
+            raise UpstreamProtocolError("provider sent tool_calls that is not a list")
+        for position, call in enumerate(calls):
+            out.deltas.append(_tool_call(call, position))
+        out.plain = False
+
+
+def _tool_call(call: object, position: int) -> ToolCallDelta:
+    if not isinstance(call, dict):
+        raise UpstreamProtocolError("provider sent a tool call that is not an object")
+    # Some providers leave out the index of a lone call: its place in the list is its index.
+    index = call.get("index", position)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < _MAX_TOOL_INDEX:
+        raise UpstreamProtocolError("provider sent a tool call index that is not a small integer")
+    function = call.get("function") or {}
+    if not isinstance(function, dict):
+        raise UpstreamProtocolError("provider sent a tool call function that is not an object")
+    arguments = function.get("arguments") or ""
+    if not isinstance(arguments, str):
+        raise UpstreamProtocolError("provider sent tool call arguments that are not text")
+    return ToolCallDelta(
+        index,
+        _short_text(call.get("id"), "id"),
+        _short_text(function.get("name"), "name"),
+        arguments,
+    )
+
+
+def _short_text(value: object, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > _MAX_TOOL_FIELD:
+        raise UpstreamProtocolError(f"provider sent a tool call {name} that is not short text")
+    return value
 
 
 def numbers_only(usage: Mapping[object, object], depth: int = 1) -> dict[str, object]:

@@ -18,18 +18,11 @@ from typing import Literal
 import anyio
 
 from .errors import UpstreamError
+from .outbox import Mark
 
-__all__ = [
-    "Completed",
-    "Failed",
-    "Outcome",
-    "Session",
-    "StopReason",
-    "Stopped",
-]
+__all__ = ["Completed", "Failed", "Outcome", "Session", "StopReason", "Stopped"]
 
 logger = logging.getLogger(__name__)
-
 
 StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
 
@@ -75,13 +68,19 @@ class Session:
         self.scope = anyio.CancelScope()
         self.outcome: Outcome | None = None
         self.started_at = anyio.current_time()
-        # Token events queued for the client; all of them precede the terminal event.
-        # After a hard cancel of the sender, the ones it handed over (tokens_sent).
+        # Token, reasoning and tool-call events queued for the client; all of them
+        # precede the terminal event. After a hard cancel of the sender, the ones it
+        # handed over (``sent``).
         self.tokens_queued = 0
-        # Token events the sender's completed sends carried.
-        self.tokens_sent = 0
+        self.reasoning_queued = 0
+        self.tool_calls_queued = 0
+        # The counts the sender's completed sends carried.
+        self.sent: Mark = (0, 0, 0)
         self.seq = 0
+        # The first delta of any kind ends the first-token timeout; each kind's first
+        # is reported ("content", "reasoning", "tool_call").
         self.first_delta_at: float | None = None
+        self.first_at: dict[str, float] = {}
         self.last_delta_at = self.started_at
         self.last_write_at = self.started_at
         self.send_started_at: float | None = None
@@ -89,6 +88,16 @@ class Session:
         self.response_started = False
         self.sender_done = anyio.Event()
         self.ended = anyio.Event()
+
+    def queued(self) -> Mark:
+        return (self.tokens_queued, self.reasoning_queued, self.tool_calls_queued)
+
+    def count_only_sent(self) -> None:
+        """The sender is gone with chunks still queued: only what it wrote counts."""
+        self.tokens_queued, self.reasoning_queued, self.tool_calls_queued = self.sent
+
+    def first_delta_ms(self) -> dict[str, int]:
+        return {kind: round((at - self.started_at) * 1000) for kind, at in self.first_at.items()}
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -130,12 +139,16 @@ class Session:
                 "status": "completed",
                 "finish_reason": outcome.finish_reason,
                 "usage": outcome.usage,
+                "first_delta_ms": self.first_delta_ms(),
             }
         if isinstance(outcome, Stopped):
             data: dict[str, object] = {"status": "stopped", "reason": outcome.reason}
             if outcome.detail is not None:
                 data["detail"] = outcome.detail
             data["tokens_delivered"] = self.tokens_queued
+            data["reasoning_delivered"] = self.reasoning_queued
+            data["tool_calls_delivered"] = self.tool_calls_queued
+            data["first_delta_ms"] = self.first_delta_ms()
             return "stopped", data
         assert outcome is not None
         data = {"status": "error", "code": outcome.code, "message": outcome.message}
@@ -148,32 +161,32 @@ class Session:
         outcome = self.outcome
         after = round((anyio.current_time() - self.started_at) * 1000)
         if isinstance(outcome, Completed):
-            logger.info("[SSE] %s completed in %dms tokens=%d", self.id, after, self.tokens_queued)
+            logger.info("[SSE] %s completed in %dms %s", self.id, after, self._counts())
         elif isinstance(outcome, Stopped):
             detail = f" detail={outcome.detail}" if outcome.detail else ""
             if outcome.reason in ("cancel", "disconnect"):
                 logger.info(
-                    "[SSE] %s aborted by client/cancel reason=%s%s tokens=%d after=%dms",
+                    "[SSE] %s aborted by client/cancel reason=%s%s %s after=%dms",
                     self.id,
                     outcome.reason,
                     detail,
-                    self.tokens_queued,
+                    self._counts(),
                     after,
                 )
             elif outcome.reason == "timeout":
                 logger.info(
-                    "[SSE] %s timed out reason=%s tokens=%d after=%dms",
+                    "[SSE] %s timed out reason=%s %s after=%dms",
                     self.id,
                     outcome.detail,
-                    self.tokens_queued,
+                    self._counts(),
                     after,
                 )
             else:
                 logger.info(
-                    "[SSE] %s stopped reason=%s tokens=%d after=%dms",
+                    "[SSE] %s stopped reason=%s %s after=%dms",
                     self.id,
                     outcome.reason,
-                    self.tokens_queued,
+                    self._counts(),
                     after,
                 )
         elif isinstance(outcome, Failed):
@@ -183,11 +196,21 @@ class Session:
             for name, value in (outcome.provider_error or {}).items():
                 status += f" provider_{name}={value}"
             logger.warning(
-                "[SSE] %s failed code=%s%s tokens=%d after=%dms: %s",
+                "[SSE] %s failed code=%s%s %s after=%dms: %s",
                 self.id,
                 outcome.code,
                 status,
-                self.tokens_queued,
+                self._counts(),
                 after,
                 outcome.message,
             )
+
+    def _counts(self) -> str:
+        text = f"tokens={self.tokens_queued}"
+        if self.reasoning_queued:
+            text += f" reasoning={self.reasoning_queued}"
+        if self.tool_calls_queued:
+            text += f" tool_calls={self.tool_calls_queued}"
+        for kind, ms in self.first_delta_ms().items():
+            text += f" first_{kind}_ms={ms}"
+        return text

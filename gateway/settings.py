@@ -45,6 +45,8 @@ class Settings:
     # Demo mode only: how long the built-in simulator's answers are, and how fast.
     simulator_tokens: int = 300
     simulator_rate: float = 40.0
+    # ... and how long a reasoner model (simulator-reasoner) thinks first, in deltas.
+    simulator_reasoning_tokens: int = 30
     # Who a request comes from (docs/security.md): bearer keys as (name, key) pairs,
     # or a header set by a trusted authenticating proxy; neither: one anonymous principal.
     api_keys: tuple[tuple[str, str], ...] = ()
@@ -136,6 +138,8 @@ class Settings:
             raise ConfigError("GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
         if self.simulator_tokens < 1:
             raise ConfigError("GATEWAY_SIMULATOR_TOKENS must be >= 1")
+        if self.simulator_reasoning_tokens < 0:
+            raise ConfigError("GATEWAY_SIMULATOR_REASONING_TOKENS must be >= 0")
         if not math.isfinite(self.simulator_rate) or self.simulator_rate <= 0:
             raise ConfigError(
                 f"GATEWAY_SIMULATOR_RATE must be a positive number, got {self.simulator_rate!r}"

@@ -8,6 +8,13 @@ ended: ``completed``, or ``closed_by_client`` at token k of n, with the time on
 
 It answers ``POST <any base>/chat/completions``, so any base URL can be tested. What
 it keeps is bounded: it runs for as long as a demo does.
+
+It speaks the wire formats of the real providers: a model whose name ends in
+``reasoner`` (``simulator-reasoner``) thinks first, DeepSeek-style
+(``delta.reasoning_content`` with ``content: null``, keep-alives between); a request
+with ``tools`` whose last message is not a tool result is answered with a call to its
+first tool, the arguments split across chunks as OpenAI does; the usage carries
+DeepSeek's extra fields; ``"stream": false`` gets a ``chat.completion`` object.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +66,12 @@ class SimulatorConfig:
     omit_done: bool = False
     headers_delay: float = 0.0
     token_text: str | None = None
+    # Reasoning deltas a reasoner model sends before its answer, and how many of them
+    # pass between two keep-alive comments (DeepSeek sends both while it thinks).
+    reasoning_tokens: int = 30
+    reasoning_keepalive_every: int = 5
+    # The characters of a tool call's arguments that one chunk carries.
+    tool_fragment_chars: int = 6
 
 
 @dataclass(slots=True)
@@ -73,8 +86,11 @@ class StreamRecord:
     session_id: str | None = None
     principal: str | None = None
     path: str = ""
+    # Deltas written, of every kind; the content, reasoning and tool arguments written.
     sent: int = 0
     text: str = ""
+    reasoning: str = ""
+    tool_arguments: str = ""
     outcome: str = "streaming"
     ended_at: float | None = None
     last_token_at: float | None = None
@@ -88,6 +104,8 @@ class StreamRecord:
             "planned": self.planned,
             "sent": self.sent,
             "text": self.text,
+            "reasoning": self.reasoning,
+            "tool_arguments": self.tool_arguments,
             "outcome": self.outcome,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
@@ -188,11 +206,8 @@ class Simulator:
                 send, cfg.status, {"error": {"message": "simulated failure", "type": "server"}}
             )
             return
-        planned = cfg.tokens
-        max_tokens = request.get("max_tokens")
-        if isinstance(max_tokens, int) and max_tokens < planned:
-            planned = max_tokens
-        record.planned = planned
+        planned = _Plan(request, cfg, record.id)
+        record.planned = len(planned)
         self.records.append(record)
         self._changed()
         try:
@@ -207,7 +222,10 @@ class Simulator:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                await self._stream(request, record, send)
+                if request.get("stream") is False:
+                    await self._complete(request, planned, record, send)
+                else:
+                    await self._stream(request, planned, record, send)
                 tg.cancel_scope.cancel()
         finally:
             if record.outcome == "streaming":
@@ -215,12 +233,14 @@ class Simulator:
                 record.ended_at = time.monotonic()
             self._changed()
 
-    async def _stream(self, request: dict[str, Any], record: StreamRecord, send: Send) -> None:
+    async def _stream(
+        self, request: dict[str, Any], planned: _Plan, record: StreamRecord, send: Send
+    ) -> None:
         cfg = self.config
         model = str(request.get("model") or "simulator")
         created = int(time.time())
 
-        def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+        def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
             payload = {
                 "id": record.id,
                 "object": "chat.completion.chunk",
@@ -248,7 +268,7 @@ class Simulator:
         await self._keepalives(write, cfg.queue_seconds)
         await write(chunk({"role": "assistant", "content": ""}))
         start = anyio.current_time()
-        for i in range(record.planned):
+        for i, item in enumerate(planned):
             if cfg.rate > 0:
                 await anyio.sleep_until(start + i / cfg.rate)
             else:
@@ -262,35 +282,58 @@ class Simulator:
                 return
             if i == cfg.malformed_after:
                 await write(b'data: {"choices": [{"delta": \n\n')
-            word = cfg.token_text if cfg.token_text is not None else _word(i)
-            await write(chunk({"content": word}))
-            record.sent += 1
-            record.text += word
-            record.last_token_at = time.monotonic()
+            if item.kind == "reasoning" and i and not i % max(cfg.reasoning_keepalive_every, 1):
+                await write(b": keep-alive\n\n")
+            await write(chunk(item.delta))
+            _record(record, item)
         if not cfg.omit_done:
-            finish = "length" if record.planned < cfg.tokens else "stop"
-            await write(chunk({}, finish))
+            await write(chunk({}, planned.finish_reason))
             options = request.get("stream_options") or {}
             if options.get("include_usage"):
-                prompt = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
-                usage = {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": record.sent,
-                    "total_tokens": prompt + record.sent,
-                }
                 payload = {
                     "id": record.id,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": usage,
+                    "usage": _usage(request, record),
                 }
                 await write(b"data: " + json.dumps(payload).encode() + b"\n\n")
             await write(b"data: [DONE]\n\n")
         record.outcome = "completed"
         record.ended_at = time.monotonic()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _complete(
+        self, request: dict[str, Any], planned: _Plan, record: StreamRecord, send: Send
+    ) -> None:
+        """``"stream": false``: the whole answer as one ``chat.completion`` object."""
+        for item in planned:
+            _record(record, item)
+        message: dict[str, object] = {"role": "assistant", "content": record.text or None}
+        if record.reasoning:
+            message["reasoning_content"] = record.reasoning
+        if planned.tool is not None:
+            function = {"name": planned.tool, "arguments": record.tool_arguments}
+            call = {"id": planned.call_id, "type": "function", "function": function}
+            message["tool_calls"] = [call]
+        answer = {
+            "id": record.id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(request.get("model") or "simulator"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": planned.finish_reason,
+                }
+            ],
+            "usage": _usage(request, record),
+        }
+        record.outcome = "completed"
+        record.ended_at = time.monotonic()
+        await _json(send, 200, answer)
 
     async def _keepalives(self, write: Callable[[bytes], Awaitable[None]], seconds: float) -> None:
         """Send ``: keep-alive`` comments for ``seconds``, as DeepSeek does while queued."""
@@ -304,6 +347,102 @@ class Simulator:
                 return
             await anyio.sleep(min(interval, deadline - anyio.current_time()))
             await write(b": keep-alive\n\n")
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """One delta the simulator will write: its kind and the ``delta`` object."""
+
+    kind: str  # "content", "reasoning" or "tool_call"
+    delta: dict[str, Any]
+    text: str
+
+
+class _Plan:
+    """The deltas of the answer to one request, made as they are written (a test's
+    endless answer is a long one)."""
+
+    def __init__(self, request: dict[str, Any], cfg: SimulatorConfig, answer_id: str) -> None:
+        self._cfg = cfg
+        self.call_id = "call_" + answer_id.removeprefix("chatcmpl-")
+        self.reasoning = (
+            cfg.reasoning_tokens if str(request.get("model") or "").endswith("reasoner") else 0
+        )
+        self.tool = _tool_to_call(request)
+        arguments = json.dumps({"query": " ".join(_WORDS[:5])})
+        size = max(cfg.tool_fragment_chars, 1)
+        self.fragments = [arguments[at : at + size] for at in range(0, len(arguments), size)]
+        self.tokens = cfg.tokens
+        for name in ("max_tokens", "max_completion_tokens"):
+            limit = request.get(name)
+            if isinstance(limit, int) and limit < self.tokens:
+                self.tokens = limit
+
+    def __len__(self) -> int:
+        answer = 1 + len(self.fragments) if self.tool is not None else self.tokens
+        return self.reasoning + answer
+
+    @property
+    def finish_reason(self) -> str:
+        if self.tool is not None:
+            return "tool_calls"
+        return "length" if self.tokens < self._cfg.tokens else "stop"
+
+    def __iter__(self) -> Iterator[_Planned]:
+        for i in range(self.reasoning):
+            text = _word(i)
+            yield _Planned("reasoning", {"content": None, "reasoning_content": text}, text)
+        if self.tool is not None:
+            function = {"name": self.tool, "arguments": ""}
+            first = {"index": 0, "id": self.call_id, "type": "function", "function": function}
+            yield _Planned("tool_call", {"content": None, "tool_calls": [first]}, "")
+            for piece in self.fragments:
+                fragment = {"index": 0, "function": {"arguments": piece}}
+                yield _Planned("tool_call", {"tool_calls": [fragment]}, piece)
+            return
+        for i in range(self.tokens):
+            word = self._cfg.token_text if self._cfg.token_text is not None else _word(i)
+            yield _Planned("content", {"content": word}, word)
+
+
+def _tool_to_call(request: dict[str, Any]) -> str | None:
+    """The first tool's name, unless the conversation already holds a tool's result."""
+    tools = request.get("tools")
+    messages = request.get("messages") or [{}]
+    if not isinstance(tools, list) or not tools or request.get("tool_choice") == "none":
+        return None
+    if isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
+        return None
+    try:
+        return str(tools[0]["function"]["name"])
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _record(record: StreamRecord, item: _Planned) -> None:
+    record.sent += 1
+    if item.kind == "content":
+        record.text += item.text
+        record.last_token_at = time.monotonic()
+    elif item.kind == "reasoning":
+        record.reasoning += item.text
+    else:
+        record.tool_arguments += item.text
+
+
+def _usage(request: dict[str, Any], record: StreamRecord) -> dict[str, object]:
+    """OpenAI's three counts and DeepSeek's extra fields (cache hits, reasoning tokens)."""
+    messages = request.get("messages") or []
+    prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+    reasoning = len(record.reasoning.split())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": record.sent,
+        "total_tokens": prompt + record.sent,
+        "prompt_cache_hit_tokens": 0,
+        "prompt_cache_miss_tokens": prompt,
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import cast
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
-from .events import PING, encode_event, encode_token
+from .events import PING, encode_event, encode_reasoning, encode_token
 from .logs import loggable
 from .outbox import Outbox
-from .parser import ProviderStreamParser
+from .parser import Delta, ProviderStreamParser, Reasoning
 from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
 from .session import Completed, Failed, Outcome, Session
@@ -127,7 +128,7 @@ class ChatStream:
                     # The sender was cancelled with the request (a server's hard
                     # shutdown), dropping whatever it still had queued: write the
                     # terminal event ourselves, counting only what it handed over.
-                    session.tokens_queued = session.tokens_sent
+                    session.count_only_sent()
                     if session.response_started:
                         with anyio.move_on_after(bound):
                             await send(
@@ -173,14 +174,14 @@ class ChatStream:
                 parsed = parser.feed(data)
                 if parsed.error is not None:
                     # Whatever came before the error is the client's first.
-                    await self._deliver(session, outbox, parsed.deltas)
+                    await self._deliver(session, outbox, parsed.deltas, parsed.plain)
                     raise parsed.error
                 if parsed.finish_reason is not None:
                     finish_reason = parsed.finish_reason
                 if parsed.usage is not None:
                     usage = parsed.usage
                 if parsed.deltas:
-                    await self._deliver(session, outbox, parsed.deltas)
+                    await self._deliver(session, outbox, parsed.deltas, parsed.plain)
             if parser.done:
                 # Read the body's end so the connection goes back to the pool.
                 with anyio.move_on_after(_DRAIN_TIMEOUT):
@@ -194,16 +195,24 @@ class ChatStream:
                 await upstream.aclose()
 
     @staticmethod
-    async def _deliver(session: Session, outbox: Outbox, deltas: list[str]) -> None:
+    async def _deliver(session: Session, outbox: Outbox, deltas: list[Delta], plain: bool) -> None:
+        """Queue the deltas as events, in the provider's order. Any kind is progress."""
         if not deltas:
             return
         now = anyio.current_time()
         if session.first_delta_at is None:
             session.first_delta_at = now
         session.last_delta_at = now
-        body = b"".join(encode_token(session.next_seq(), delta) for delta in deltas)
-        session.tokens_queued += len(deltas)
-        await outbox.put(body, len(deltas))
+        if plain:
+            # Content only: the hot path.
+            if "content" not in session.first_at:
+                session.first_at["content"] = now
+            contents = cast("list[str]", deltas)
+            body = b"".join(encode_token(session.next_seq(), text) for text in contents)
+            session.tokens_queued += len(contents)
+        else:
+            body = b"".join(_encode_delta(session, delta, now) for delta in deltas)
+        await outbox.put(body, session.queued())
 
     async def _watch(self, session: Session, outbox: Outbox) -> None:
         """Every timeout and the pings, on deadlines: one task, no timer per token.
@@ -267,7 +276,7 @@ class ChatStream:
             )
             session.response_started = True
             while (batch := await outbox.take()) is not None:
-                data, tokens = batch
+                data, mark = batch
                 if session.client_gone:
                     continue  # keep draining so the relay never blocks on a dead client
                 session.send_started_at = anyio.current_time()
@@ -275,7 +284,8 @@ class ChatStream:
                 # Counted once the send returns: hypercorn's Trio worker can be
                 # cancelled before its (shielded) write, never after it; its
                 # asyncio worker does not yield at all while the client reads.
-                session.tokens_sent += tokens
+                if mark is not None:
+                    session.sent = mark
                 session.send_started_at = None
                 session.last_write_at = anyio.current_time()
             if not session.client_gone:
@@ -285,6 +295,23 @@ class ChatStream:
         finally:
             outbox.close_receiver()
             session.sender_done.set()
+
+
+def _encode_delta(session: Session, delta: Delta, now: float) -> bytes:
+    if isinstance(delta, str):
+        kind = "content"
+        session.tokens_queued += 1
+        data = encode_token(session.next_seq(), delta)
+    elif isinstance(delta, Reasoning):
+        kind = "reasoning"
+        session.reasoning_queued += 1
+        data = encode_reasoning(session.next_seq(), delta.text)
+    else:
+        kind = "tool_call"
+        session.tool_calls_queued += 1
+        data = encode_event("tool_call", session.next_seq(), delta.as_event())
+    session.first_at.setdefault(kind, now)
+    return data
 
 
 def _terminal(session: Session) -> bytes:

@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import re
-from typing import NotRequired, TypedDict
+from collections.abc import Callable
+from typing import NoReturn, Required, TypedDict
 
 import anyio
 from starlette.requests import Request
@@ -21,12 +22,23 @@ from .errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMedi
 from .settings import Settings
 
 __all__ = [
+    "FORWARDED_FIELDS",
+    "IMAGE_DETAILS",
     "MAX_MODEL_CHARS",
+    "MAX_SHORT_CHARS",
+    "MAX_STOP",
+    "MAX_TOOLS",
+    "PART_TYPES",
+    "PENALTY",
+    "RESPONSE_FORMATS",
     "ROLES",
     "SESSION_ID_CHARS",
     "SESSION_ID_PATTERN",
     "SESSION_ID_RE",
     "TEMPERATURE",
+    "TOOL_CHOICES",
+    "TOOL_NAME_PATTERN",
+    "TOP_P",
     "ProviderRequest",
     "chat_payload",
     "json_body",
@@ -39,21 +51,58 @@ logger = logging.getLogger(__name__)
 SESSION_ID_CHARS = (8, 128)
 SESSION_ID_PATTERN = rf"^[A-Za-z0-9_.:-]{{{SESSION_ID_CHARS[0]},{SESSION_ID_CHARS[1]}}}$"
 SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# The content part types each role may send (OpenAI's Chat Completions API).
+PART_TYPES = {
+    "system": ("text",),
+    "developer": ("text",),
+    "user": ("text", "image_url", "input_audio", "file"),
+    "assistant": ("text", "refusal"),
+    "tool": ("text",),
+}
+# A non-text part's object: its string fields, and those of which it needs one.
+_PART_STRINGS = {
+    "image_url": ("url", "detail"),
+    "input_audio": ("data", "format"),
+    "file": ("file_data", "file_id", "filename"),
+}
+_PART_REQUIRED = {
+    "image_url": ("url",),
+    "input_audio": ("data",),
+    "file": ("file_data", "file_id"),
+}
+IMAGE_DETAILS = ("auto", "low", "high")
+# The message fields kept besides role and content, per role.
+_MESSAGE_FIELDS = {
+    "system": ("name",),
+    "developer": ("name",),
+    "user": ("name",),
+    # DeepSeek's thinking mode wants its reasoning_content back within a tool-call loop.
+    "assistant": ("name", "tool_calls", "reasoning_content"),
+    "tool": ("tool_call_id",),
+}
+TOOL_CHOICES = ("none", "auto", "required")
+TOOL_NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+TOOL_NAME_RE = re.compile(TOOL_NAME_PATTERN)
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+MAX_TOOLS = 128
+MAX_STOP = 4
+MAX_SHORT_CHARS = 256
 TEMPERATURE = (0, 2)
+TOP_P = (0, 1)
+PENALTY = (-2, 2)
 # Real model names are short; a longer one is a mistake or an attack on the logs.
 MAX_MODEL_CHARS = 256
 
 
-class ProviderRequest(TypedDict):
-    """The request the provider is sent: the client's known fields, checked."""
+class ProviderRequest(TypedDict, total=False):
+    """The request the provider is sent: the client's known fields, checked; besides
+    these four, any of ``FORWARDED_FIELDS``, as the client sent it."""
 
-    model: str
-    messages: list[dict[str, str]]
-    stream: bool
-    stream_options: dict[str, bool]
-    temperature: NotRequired[float]
-    max_tokens: NotRequired[int]
+    model: Required[str]
+    messages: Required[list[dict[str, object]]]
+    stream: Required[bool]
+    stream_options: Required[dict[str, bool]]
 
 
 def session_id_from(value: str | None) -> str:
@@ -99,7 +148,8 @@ async def json_body(request: Request, limit: int, within: float) -> object:
 
 
 def chat_payload(body: object, settings: Settings) -> ProviderRequest:
-    """Validate the client's body and build the provider request from known fields only."""
+    """Validate the client's body and build the provider request: the known fields, each
+    as the client sent it; unknown fields are left out."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_body")
     messages = body.get("messages")
@@ -109,23 +159,7 @@ def chat_payload(body: object, settings: Settings) -> ProviderRequest:
         raise BadRequest(
             f"messages must have at most {settings.max_messages} entries", code="invalid_body"
         )
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"messages[{i}] must be an object", code="invalid_body")
-        if message.get("role") not in ROLES:
-            raise BadRequest(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}", code="invalid_body"
-            )
-        if not isinstance(message.get("content"), str):
-            raise BadRequest(f"messages[{i}].content must be a string", code="invalid_body")
-        _check_text(message["content"], f"messages[{i}].content")
-        if len(message["content"]) > settings.max_message_chars:
-            raise BadRequest(
-                f"messages[{i}].content is longer than {settings.max_message_chars} characters",
-                code="invalid_body",
-            )
-        clean.append({"role": message["role"], "content": message["content"]})
+    clean = [_message(m, f"messages[{i}]", settings) for i, m in enumerate(messages)]
     model = body.get("model", settings.model)
     if not isinstance(model, str) or not model:
         raise BadRequest("model must be a non-empty string", code="invalid_body")
@@ -138,28 +172,235 @@ def chat_payload(body: object, settings: Settings) -> ProviderRequest:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if "temperature" in body:
-        temperature = body["temperature"]
-        if (
-            not isinstance(temperature, int | float)
-            or isinstance(temperature, bool)
-            or not math.isfinite(temperature)
-            or not TEMPERATURE[0] <= temperature <= TEMPERATURE[1]
-        ):
-            raise BadRequest(
-                f"temperature must be a number from {TEMPERATURE[0]} to {TEMPERATURE[1]}",
-                code="invalid_body",
-            )
-        payload["temperature"] = temperature
-    if "max_tokens" in body:
-        max_tokens = body["max_tokens"]
-        # JSON has one number type: 5.0 is the integer 5 (as JSON Schema says too).
-        if isinstance(max_tokens, float) and max_tokens.is_integer():
-            max_tokens = int(max_tokens)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise BadRequest("max_tokens must be a positive integer", code="invalid_body")
-        payload["max_tokens"] = max_tokens
+    for name, value in body.items():  # in the client's order
+        check = _FIELDS.get(name)
+        if check is not None:
+            check(value, name)
+            _check_strings(value, name)
+            payload[name] = value  # type: ignore[literal-required]
     return payload
+
+
+def _fail(message: str) -> NoReturn:
+    raise BadRequest(message, code="invalid_body")
+
+
+def _message(message: object, where: str, settings: Settings) -> dict[str, object]:
+    if not isinstance(message, dict):
+        _fail(f"{where} must be an object")
+    role = message.get("role")
+    if role not in ROLES:
+        _fail(f"{where}.role must be one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if isinstance(content, str):
+        _check_text(content, f"{where}.content")
+        chars = len(content)
+    elif isinstance(content, list) and content:
+        chars = sum(_part(part, role, f"{where}.content[{j}]") for j, part in enumerate(content))
+    elif content is None and role == "assistant" and message.get("tool_calls"):
+        chars = 0
+    else:
+        _fail(
+            f"{where}.content must be a string or a non-empty list of parts"
+            + (" (or null beside tool_calls)" if role == "assistant" else "")
+        )
+    if chars > settings.max_message_chars:
+        _fail(f"{where}.content is longer than {settings.max_message_chars} characters")
+    kept = _MESSAGE_FIELDS[role]
+    for name in kept:
+        if name in message:
+            value = message[name]
+            if name == "tool_calls":
+                _assistant_tool_calls(value, f"{where}.tool_calls")
+            elif not isinstance(value, str) or (name != "reasoning_content" and not value):
+                _fail(f"{where}.{name} must be a string")
+            _check_strings(value, f"{where}.{name}")
+    if role == "tool" and "tool_call_id" not in message:
+        _fail(f"{where}.tool_call_id is required on a tool message")
+    # The known fields, in the client's order: what it sent, less what is unknown.
+    return {k: v for k, v in message.items() if k in ("role", "content") or k in kept}
+
+
+def _part(part: object, role: str, where: str) -> int:
+    """Check one content part; its text's length counts towards the message's limit."""
+    if not isinstance(part, dict) or part.get("type") not in PART_TYPES[role]:
+        _fail(f"{where} must be an object whose type is one of {', '.join(PART_TYPES[role])}")
+    kind = part["type"]
+    value = part.get(kind)
+    if kind in ("text", "refusal"):
+        if not isinstance(value, str):
+            _fail(f"{where}.{kind} must be a string")
+        _check_text(value, f"{where}.{kind}")
+        return len(value)
+    if not isinstance(value, dict):
+        _fail(f"{where}.{kind} must be an object")
+    for name in _PART_STRINGS[kind]:
+        if name in value and not isinstance(value[name], str):
+            _fail(f"{where}.{kind}.{name} must be a string")
+    required = _PART_REQUIRED[kind]
+    if not any(isinstance(value.get(name), str) and value[name] for name in required):
+        _fail(f"{where}.{kind} needs a non-empty string {' or '.join(required)}")
+    if kind == "image_url" and value.get("detail", "auto") not in IMAGE_DETAILS:
+        _fail(f"{where}.image_url.detail must be one of {', '.join(IMAGE_DETAILS)}")
+    _check_strings(value, f"{where}.{kind}")
+    return 0
+
+
+def _assistant_tool_calls(value: object, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        _fail(f"{where} must be a non-empty list")
+    for k, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("id"), str)
+            or call.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+        ):
+            _fail(
+                f"{where}[{k}] must be "
+                '{"id", "type": "function", "function": {"name", "arguments"}} with strings'
+            )
+
+
+def _tools(value: object, name: str) -> None:
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        _fail(f"{name} must be a list of at most {MAX_TOOLS} tools")
+    for k, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not TOOL_NAME_RE.fullmatch(function["name"])
+            or not isinstance(function.get("description", ""), str)
+            or not isinstance(function.get("parameters", {}), dict)
+            or not isinstance(function.get("strict", False), bool)
+        ):
+            _fail(
+                f"{name}[{k}] must be "
+                '{"type": "function", "function": {"name", "description"?, "parameters"?}} '
+                f"with a name of {TOOL_NAME_PATTERN}"
+            )
+
+
+def _tool_choice(value: object, name: str) -> None:
+    if value in TOOL_CHOICES:
+        return
+    function = value.get("function") if isinstance(value, dict) else None
+    if (
+        not isinstance(value, dict)
+        or value.get("type") != "function"
+        or not isinstance(function, dict)
+        or not isinstance(function.get("name"), str)
+    ):
+        _fail(f'{name} must be one of {", ".join(TOOL_CHOICES)} or {{"type": "function", ...}}')
+
+
+def _response_format(value: object, name: str) -> None:
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        _fail(f"{name} must be an object whose type is one of {', '.join(RESPONSE_FORMATS)}")
+    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), dict):
+        _fail(f"{name}.json_schema must be an object")
+
+
+def _number(low: float, high: float) -> Callable[[object, str], None]:
+    def check(value: object, name: str) -> None:
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
+            _fail(f"{name} must be a number from {low:g} to {high:g}")
+
+    return check
+
+
+def _positive_integer(value: object, name: str) -> None:
+    # JSON has one number type: 5.0 is the integer 5 (as JSON Schema says too).
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(f"{name} must be a positive integer")
+
+
+def _integer(value: object, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(f"{name} must be an integer")
+
+
+def _boolean(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        _fail(f"{name} must be true or false")
+
+
+def _stop(value: object, name: str) -> None:
+    if isinstance(value, str):
+        return
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_STOP
+        or not all(isinstance(v, str) for v in value)
+    ):
+        _fail(f"{name} must be a string or a list of 1 to {MAX_STOP} strings")
+
+
+def _logit_bias(value: object, name: str) -> None:
+    check = _number(-100, 100)
+    if not isinstance(value, dict):
+        _fail(f"{name} must be an object of token ids to numbers")
+    for key, bias in value.items():
+        check(bias, f"{name}[{key!r}]" if len(str(key)) < 32 else name)
+
+
+def _short_string(value: object, name: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_SHORT_CHARS:
+        _fail(f"{name} must be a string of 1 to {MAX_SHORT_CHARS} characters")
+
+
+def _one(value: object, name: str) -> None:
+    if value != 1 or isinstance(value, bool):
+        _fail(f"{name} must be 1: the gateway streams one answer")
+
+
+def _check_strings(value: object, where: str) -> None:
+    """Every string inside ``value`` must be sendable as UTF-8 (see ``_check_text``)."""
+    if isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_strings(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item, where)
+
+
+# The top-level fields forwarded to the provider, each with its check. Anything else
+# in the body is ignored (docs/api.md).
+_FIELDS: dict[str, Callable[[object, str], None]] = {
+    "tools": _tools,
+    "tool_choice": _tool_choice,
+    "parallel_tool_calls": _boolean,
+    "response_format": _response_format,
+    "temperature": _number(*TEMPERATURE),
+    "top_p": _number(*TOP_P),
+    "max_tokens": _positive_integer,
+    "max_completion_tokens": _positive_integer,
+    "stop": _stop,
+    "seed": _integer,
+    "presence_penalty": _number(*PENALTY),
+    "frequency_penalty": _number(*PENALTY),
+    "logit_bias": _logit_bias,
+    "reasoning_effort": _short_string,
+    "user": _short_string,
+    "n": _one,
+}
+FORWARDED_FIELDS = tuple(_FIELDS)
 
 
 def _check_text(value: str, field: str) -> None:

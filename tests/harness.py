@@ -64,6 +64,14 @@ class EventReader:
     def tokens(self) -> list[str]:
         return [e.data["delta"] for e in self.events if e.event == "token"]
 
+    @property
+    def reasoning(self) -> list[str]:
+        return [e.data["delta"] for e in self.events if e.event == "reasoning"]
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [e.data for e in self.events if e.event == "tool_call"]
+
     async def next(self) -> SSEEvent | None:
         """The next event (comments are collected, not returned); None at the end."""
         fields: dict[str, str] = {}
@@ -297,6 +305,12 @@ def end_lines(records: list[logging.LogRecord], session_id: str) -> list[str]:
     prefix = f"[SSE] {session_id} "
     messages = (r.getMessage() for r in records)
     return [m for m in messages if m.startswith(prefix) and any(e in m for e in END_MARKERS)]
+
+
+def without_timings(data: dict[str, Any]) -> dict[str, Any]:
+    """An end event's data less ``first_delta_ms`` (timings, checked where they matter)."""
+    assert isinstance(data.get("first_delta_ms"), dict), data
+    return {k: v for k, v in data.items() if k != "first_delta_ms"}
 
 
 def sim_config(**changes: Any) -> SimulatorConfig:

@@ -5,7 +5,7 @@ import json
 import pytest
 from sse_starlette.event import JSONServerSentEvent
 
-from gateway.events import encode_event, encode_token
+from gateway.events import encode_event, encode_reasoning, encode_token
 
 DELTAS = [
     "Hello",
@@ -22,6 +22,7 @@ DELTAS = [
 @pytest.mark.parametrize("delta", DELTAS)
 def test_token_template_matches_the_event_encoding(delta: str) -> None:
     assert encode_token(42, delta) == encode_event("token", 42, {"delta": delta})
+    assert encode_reasoning(42, delta) == encode_event("reasoning", 42, {"delta": delta})
 
 
 @pytest.mark.parametrize("delta", [d for d in DELTAS if "\u2028" not in d])

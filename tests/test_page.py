@@ -320,6 +320,45 @@ def test_timeout_and_shutdown_stops_say_so(context: BrowserContext, gateway: Gat
         short.stop()
 
 
+def test_stop_while_the_model_thinks_keeps_the_thinking_and_closes_the_provider(
+    context: BrowserContext, gateway: Gateway
+) -> None:
+    reasoner = _gateway(
+        gateway.worker,
+        GATEWAY_MODEL="simulator-reasoner",
+        GATEWAY_SIMULATOR_REASONING_TOKENS="10000",
+    )
+    try:
+        chat = ChatPage(context.new_page(), reasoner)
+        chat.ask("Think hard.")
+        thinking = chat.answer().locator("details.thinking")
+        expect(thinking).to_have_attribute("open", "")
+        chat.page.wait_for_function(
+            """() => {
+                const r = document.querySelector('article.assistant .thinking .reasoning');
+                return r && r.textContent.split(' ').length >= 5;
+            }""",
+            timeout=WAIT * 1000,
+        )
+        session_id = chat.session_id()
+        clicked = time.monotonic()
+        chat.stop_button.click()
+        expect(chat.answer().locator(".status")).to_contain_text("AI response stopped by user.")
+        shown = thinking.locator(".reasoning").inner_text()
+        assert len(shown.split(" ")) >= 5
+        assert chat.answer_text() == ""
+
+        record = reasoner.stream_for(session_id)
+        assert record["outcome"] == "closed_by_client"
+        assert record["ended_at"] - clicked < 1.0
+        assert record["text"] == ""
+        assert record["reasoning"].startswith(shown)
+        reasoner.wait_for(rf"\[SSE\] {session_id} aborted by client/cancel")
+        assert chat.errors() == []
+    finally:
+        reasoner.stop()
+
+
 def test_a_duplicate_session_id_is_an_error_state_not_a_stop(chat: ChatPage) -> None:
     second: dict[str, Any] = chat.page.evaluate(
         """async () => {

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import ProviderStreamParser, UpstreamProtocolError, UpstreamStatusError
-from gateway.parser import ParsedChunk
+from gateway.parser import Delta, ParsedChunk, Reasoning, ToolCallDelta
 
 
 def _chunk(content: str | None = None, finish: str | None = None, usage: bool = False) -> bytes:
@@ -34,12 +35,17 @@ STREAM = (
 )
 
 
+def _texts(result: ParsedChunk) -> list[str]:
+    return [delta for delta in result.deltas if isinstance(delta, str)]
+
+
 def _parse(pieces: list[bytes]) -> ParsedChunk:
     parser = ProviderStreamParser()
     total = ParsedChunk()
     for piece in pieces:
         out = parser.feed(piece)
         total.deltas += out.deltas
+        total.plain = total.plain and out.plain
         total.finish_reason = out.finish_reason or total.finish_reason
         total.usage = out.usage or total.usage
         total.done = total.done or out.done
@@ -47,7 +53,8 @@ def _parse(pieces: list[bytes]) -> ParsedChunk:
 
 
 def _check(result: ParsedChunk) -> None:
-    assert "".join(result.deltas) == "Hello, w\u00f6rld \U0001f600"
+    assert result.plain
+    assert "".join(_texts(result)) == "Hello, w\u00f6rld \U0001f600"
     assert result.finish_reason == "stop"
     assert result.usage == {"completion_tokens": 3}
     assert result.done
@@ -264,7 +271,7 @@ def test_any_split_of_a_valid_stream_parses_the_same(
     anywhere = st.integers(0, len(raw))
     cuts = sorted(data.draw(st.lists(anywhere | st.sampled_from(after_cr), max_size=20)))
     parser = ProviderStreamParser()
-    got: list[str] = []
+    got: list[Delta] = []
     seen_finish, seen_usage = None, None
     for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
         parsed = parser.feed(raw[start:end])
@@ -287,3 +294,91 @@ def test_arbitrary_bytes_parse_or_raise_a_protocol_error_never_anything_else(
     for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
         error = parser.feed(raw[start:end]).error
         assert error is None or isinstance(error, UpstreamProtocolError | UpstreamStatusError)
+
+
+def _delta_event(delta: Mapping[str, object], finish: str | None = None) -> bytes:
+    body = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def test_reasoning_content_and_tool_calls_come_out_in_the_providers_order() -> None:
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
+    stream = (
+        _delta_event({"role": "assistant", "content": None, "reasoning_content": "Let me"})
+        + b": keep-alive\n\n"
+        + _delta_event({"content": None, "reasoning": " think."})  # vLLM, OpenRouter, Ollama
+        + _delta_event({"content": "Calling."})
+        + _delta_event({"content": None, "tool_calls": [call]})
+        + _delta_event({"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]})
+        + _delta_event({"tool_calls": [{"index": 0, "function": {"arguments": ' "x"}'}}]})
+        + _delta_event({}, "tool_calls")
+        + b"data: [DONE]\n\n"
+    )
+    for size in (1, 7, len(stream)):
+        result = _parse([stream[i : i + size] for i in range(0, len(stream), size)])
+        assert result.deltas == [
+            Reasoning("Let me"),
+            Reasoning(" think."),
+            "Calling.",
+            ToolCallDelta(0, "call_1", "f", ""),
+            ToolCallDelta(0, None, None, '{"q":'),
+            ToolCallDelta(0, None, None, ' "x"}'),
+        ]
+        assert not result.plain
+        assert result.finish_reason == "tool_calls"
+        fragments = [d.arguments for d in result.deltas if isinstance(d, ToolCallDelta)]
+        assert json.loads("".join(fragments)) == {"q": "x"}
+
+
+def test_one_delta_with_every_kind_gives_reasoning_then_content_then_calls() -> None:
+    delta = {
+        "tool_calls": [
+            {"index": 1, "function": {"arguments": "{}"}},
+            {"id": "c", "function": {"name": "g"}},  # no index: its place in the list
+        ],
+        "content": "b",
+        "reasoning_content": "a",
+    }
+    result = ProviderStreamParser().feed(_delta_event(delta))
+    assert result.error is None
+    assert result.deltas == [
+        Reasoning("a"),
+        "b",
+        ToolCallDelta(1, None, None, "{}"),
+        ToolCallDelta(1, "c", "g", ""),
+    ]
+    assert ToolCallDelta(1, "c", "g", "").as_event() == {
+        "index": 1,
+        "id": "c",
+        "name": "g",
+        "arguments": "",
+    }
+    assert ToolCallDelta(0, None, None, "x").as_event() == {"index": 0, "arguments": "x"}
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"reasoning_content": ["not", "text"]},
+        {"reasoning": {"text": "x"}},
+        {"tool_calls": {"index": 0}},
+        {"tool_calls": ["x"]},
+        {"tool_calls": [{"index": -1, "function": {"arguments": "x"}}]},
+        {"tool_calls": [{"index": True, "function": {"arguments": "x"}}]},
+        {"tool_calls": [{"index": 10**9, "function": {"arguments": "x"}}]},
+        {"tool_calls": [{"index": 0, "function": "f"}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": {"q": 1}}}]},
+        {"tool_calls": [{"index": 0, "id": 7, "function": {}}]},
+        {"tool_calls": [{"index": 0, "function": {"name": "n" * 300}}]},
+    ],
+)
+def test_malformed_reasoning_or_tool_calls_end_the_parse(delta: dict[str, object]) -> None:
+    parser = ProviderStreamParser()
+    result = parser.feed(_chunk("before") + _delta_event(delta) + _chunk("after"))
+    assert result.deltas == ["before"]
+    assert isinstance(result.error, UpstreamProtocolError)

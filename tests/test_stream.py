@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 
-from .harness import Harness, end_lines, sim_config
+from .harness import Harness, end_lines, sim_config, without_timings
 
 pytestmark = pytest.mark.anyio
 
@@ -64,11 +64,14 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             rest = await s.rest()
         stopped = rest[-1]
         assert stopped.event == "stopped"
-        assert stopped.data == {
+        assert without_timings(stopped.data) == {
             "status": "stopped",
             "reason": "cancel",
             "tokens_delivered": len(s.tokens),
+            "reasoning_delivered": 0,
+            "tool_calls_delivered": 0,
         }
+        assert set(stopped.data["first_delta_ms"]) == {"content"}
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
         lines = end_lines(caplog.records, sid)
         assert f"tokens={len(s.tokens)}" in lines[0]
@@ -134,7 +137,14 @@ async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> No
             assert record.ended_at - t0 < 0.1
             assert record.sent == 0
             rest = await s.rest()
-        assert rest[-1].data == {"status": "stopped", "reason": "cancel", "tokens_delivered": 0}
+        assert rest[-1].data == {
+            "status": "stopped",
+            "reason": "cancel",
+            "tokens_delivered": 0,
+            "reasoning_delivered": 0,
+            "tool_calls_delivered": 0,
+            "first_delta_ms": {},
+        }
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
 
 

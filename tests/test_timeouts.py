@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 
-from .harness import Harness, sim_config
+from .harness import Harness, sim_config, without_timings
 
 pytestmark = pytest.mark.anyio
 
@@ -38,11 +38,13 @@ async def test_idle_timeout_fires_despite_keepalives(caplog: pytest.LogCaptureFi
         late = record.ended_at - (record.last_token_at + 0.3)
         assert -0.02 < late < 0.1
         assert events[-1].event == "stopped"
-        assert events[-1].data == {
+        assert without_timings(events[-1].data) == {
             "status": "stopped",
             "reason": "timeout",
             "detail": "idle",
             "tokens_delivered": 5,
+            "reasoning_delivered": 0,
+            "tool_calls_delivered": 0,
         }
         await h.assert_ended_cleanly(caplog, sid, "timed out reason=idle")
 
@@ -66,6 +68,9 @@ async def test_first_token_timeout(caplog: pytest.LogCaptureFixture) -> None:
             "reason": "timeout",
             "detail": "first_token",
             "tokens_delivered": 0,
+            "reasoning_delivered": 0,
+            "tool_calls_delivered": 0,
+            "first_delta_ms": {},
         }
         await h.assert_ended_cleanly(caplog, sid, "timed out reason=first_token")
 

@@ -52,6 +52,30 @@ function addMessage(role, text) {
   return { el, body };
 }
 
+// The model's thinking, in a block of its own before the answer: open while it
+// streams, folded once the answer ends, and kept on Stop. Made at the first delta.
+function thinkingBlock(view) {
+  if (!view.thinking) {
+    const block = document.createElement("details");
+    block.className = "thinking";
+    block.open = true;
+    block.innerHTML = "<summary>Thinking</summary><div class=\"reasoning\"></div>";
+    view.el.insertBefore(block, view.body);
+    view.thinking = block;
+  }
+  return view.thinking.querySelector(".reasoning");
+}
+
+// Tool calls as the model writes them: one line per call, name(arguments).
+function showToolCalls(view, calls) {
+  if (!view.tools) {
+    view.tools = document.createElement("pre");
+    view.tools.className = "tool-calls";
+    view.el.insertBefore(view.tools, view.body.nextSibling);
+  }
+  view.tools.textContent = calls.map((c) => `${c.name ?? "tool"}(${c.arguments})`).join("\n");
+}
+
 function setStreaming(streaming) {
   stopButton.disabled = !streaming;
   sendButton.disabled = streaming;
@@ -76,11 +100,22 @@ async function send(text) {
   entries.push(entry);
   const view = addMessage("assistant", "");
   view.el.setAttribute("aria-busy", "true");
+  const calls = [];
   const chat = startChat({
     messages: history,
+    onReasoning: (delta) => {
+      thinkingBlock(view).textContent += delta;
+      view.el.scrollIntoView({ block: "end" });
+    },
     onToken: (delta) => {
       view.body.textContent += delta;
       view.el.scrollIntoView({ block: "end" });
+    },
+    onToolCall: (part) => {
+      const call = (calls[part.index] ??= { name: null, arguments: "" });
+      if (part.name != null) call.name = part.name;
+      call.arguments += part.arguments ?? "";
+      showToolCalls(view, calls.filter(Boolean));
     },
   });
   const details = document.createElement("details");
@@ -93,7 +128,12 @@ async function send(text) {
   const state = await chat.done;
   entry.content = state.text;
   entry.status = state.status;
+  entry.reasoning = state.reasoning;
   view.body.textContent = state.text;
+  if (state.reasoning) {
+    thinkingBlock(view).textContent = state.reasoning;
+    if (state.status === "completed") view.thinking.open = false;
+  }
   view.el.removeAttribute("aria-busy");
   view.el.classList.add(state.status);
   view.el.dataset.status = state.status;

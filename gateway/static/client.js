@@ -76,26 +76,36 @@ export class SSEParser {
  * The history to send with the next request: every user and system message, and
  * only the assistant answers that completed. A stopped or failed answer is left out,
  * so a half-written reply never becomes context.
- * Entries are `{role, content, status?}`; `status` matters for assistant entries.
+ * Entries are `{role, content, status?, reasoning?}`; `status` matters for assistant
+ * entries. An answer's reasoning is left out too, unless `{reasoning: true}` (DeepSeek
+ * wants it back as `reasoning_content` within a tool-call loop, and only there).
  */
-export function historyFor(entries) {
+export function historyFor(entries, { reasoning = false } = {}) {
   return entries
     .filter((m) => m.role !== "assistant" || m.status === "completed")
-    .map((m) => ({ role: m.role, content: m.content }));
+    .map((m) =>
+      reasoning && m.role === "assistant" && m.reasoning
+        ? { role: m.role, content: m.content, reasoning_content: m.reasoning }
+        : { role: m.role, content: m.content },
+    );
 }
 
 /**
  * Start one streamed answer.
  *
- * `startChat({messages, onToken, onEvent, baseUrl, model, headers, sessionId, fetch})`
- * (`headers`: extra ones for both calls, e.g. `Authorization`) returns
- * `{sessionId, stop(), done, state}` at once. `done` resolves (never rejects) with the
- * final state, one of:
+ * `startChat({messages, onToken, onReasoning, onToolCall, onEvent, baseUrl, model, body,
+ * headers, sessionId, fetch})` (`headers`: extra ones for both calls, e.g.
+ * `Authorization`; `body`: extra request fields, e.g. `tools`) returns
+ * `{sessionId, stop(), done, state}` at once. `onReasoning(delta)` gets the model's
+ * thinking, `onToolCall({index, id?, name?, arguments})` each tool-call fragment.
+ * `done` resolves (never rejects) with the final state, one of:
  *   {status: "completed", text, tokens, finishReason, usage}
  *   {status: "stopped", reason, detail?, text, tokens}   reason: "user" (stop() was
  *        called), "cancel" (cancelled elsewhere), "timeout" (detail: first_token, idle,
  *        total), "shutdown"
  *   {status: "error", code, message, text, tokens}
+ * and, on each, `reasoning` (the thinking's text) and `toolCalls` (`[{index, id, name,
+ * arguments}]`, the fragments of each call joined).
  * `state` is the current one; it is `{status: "streaming"}` until then. The partial
  * text is kept on every end. After the end, or once stop() is called, no callback is
  * called again: tokens of an old answer cannot reach a newer one.
@@ -103,9 +113,12 @@ export function historyFor(entries) {
 export function startChat({
   messages,
   onToken = () => {},
+  onReasoning = () => {},
+  onToolCall = () => {},
   onEvent = () => {},
   baseUrl = "",
   model,
+  body = {},
   headers = {},
   sessionId = newSessionId(),
   fetch: fetchImpl = globalThis.fetch.bind(globalThis),
@@ -113,13 +126,15 @@ export function startChat({
   const controller = new AbortController();
   let text = "";
   let tokens = 0;
+  let reasoning = "";
+  const toolCalls = [];
   let stopReason = null; // set by stop()
   let final = null;
   const chat = { sessionId, state: { status: "streaming" } };
 
   const end = (state) => {
     if (final === null) {
-      final = { ...state, text, tokens };
+      final = { ...state, text, tokens, reasoning, toolCalls: toolCalls.filter(Boolean) };
       chat.state = final;
     }
     return final;
@@ -136,6 +151,15 @@ export function startChat({
       text += data.delta;
       tokens += 1;
       onToken(data.delta, chat);
+    } else if (event.event === "reasoning") {
+      reasoning += data.delta;
+      onReasoning(data.delta, chat);
+    } else if (event.event === "tool_call") {
+      const call = (toolCalls[data.index] ??= { index: data.index, id: null, name: null, arguments: "" });
+      if (data.id != null) call.id = data.id;
+      if (data.name != null) call.name = data.name;
+      call.arguments += data.arguments ?? "";
+      onToolCall(data, chat);
     } else if (event.event === "done") {
       end({ status: "completed", finishReason: data.finish_reason ?? null, usage: data.usage ?? null });
     } else if (event.event === "stopped") {
@@ -159,7 +183,7 @@ export function startChat({
           Accept: "text/event-stream",
           "X-Session-Id": sessionId,
         },
-        body: JSON.stringify(model ? { messages, model } : { messages }),
+        body: JSON.stringify(model ? { ...body, messages, model } : { ...body, messages }),
         signal: controller.signal,
       });
       if (!response.ok) {

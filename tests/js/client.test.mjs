@@ -101,6 +101,19 @@ describe("historyFor", () => {
       { role: "user", content: "q3" },
     ]);
   });
+
+  it("leaves reasoning out unless asked", () => {
+    const entries = [
+      { role: "user", content: "q" },
+      { role: "assistant", content: "a", reasoning: "thought", status: "completed" },
+    ];
+    assert.deepEqual(historyFor(entries)[1], { role: "assistant", content: "a" });
+    assert.deepEqual(historyFor(entries, { reasoning: true })[1], {
+      role: "assistant",
+      content: "a",
+      reasoning_content: "thought",
+    });
+  });
 });
 
 // A fetch that serves a stream from chunks handed to `push`, honours the abort
@@ -125,6 +138,42 @@ function fakeServer() {
 const token = (n, delta) => `id: ${n}\nevent: token\ndata: ${JSON.stringify({ delta })}\n\n`;
 
 describe("startChat", () => {
+  it("collects reasoning and tool-call fragments, in the order they came", async () => {
+    const server = fakeServer();
+    const seen = [];
+    const chat = startChat({
+      messages: [{ role: "user", content: "hi" }],
+      body: { tools: [{ type: "function", function: { name: "f" } }] },
+      fetch: server.fetch,
+      onReasoning: (d) => seen.push(["reasoning", d]),
+      onToken: (d) => seen.push(["token", d]),
+      onToolCall: (c) => seen.push(["tool_call", c.arguments]),
+    });
+    const event = (n, name, data) => `id: ${n}\nevent: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+    server.push(event(1, "reasoning", { delta: "Let me " }));
+    server.push(event(2, "reasoning", { delta: "think." }));
+    server.push(token(3, "Calling."));
+    server.push(event(4, "tool_call", { index: 0, id: "call_1", name: "f", arguments: "" }));
+    server.push(event(5, "tool_call", { index: 0, arguments: '{"q":' }));
+    server.push(event(6, "tool_call", { index: 0, arguments: '"x"}' }));
+    server.push(event(7, "done", { status: "completed", finish_reason: "tool_calls", usage: null }));
+    const state = await chat.done;
+    assert.deepEqual(seen, [
+      ["reasoning", "Let me "],
+      ["reasoning", "think."],
+      ["token", "Calling."],
+      ["tool_call", ""],
+      ["tool_call", '{"q":'],
+      ["tool_call", '"x"}'],
+    ]);
+    assert.equal(state.reasoning, "Let me think.");
+    assert.equal(state.text, "Calling.");
+    assert.deepEqual(state.toolCalls, [{ index: 0, id: "call_1", name: "f", arguments: '{"q":"x"}' }]);
+    assert.equal(state.finishReason, "tool_calls");
+    const sent = JSON.parse(server.calls[0].init.body);
+    assert.deepEqual(sent.tools, [{ type: "function", function: { name: "f" } }]);
+  });
+
   it("streams tokens and completes", async () => {
     const server = fakeServer();
     const seen = [];
@@ -221,14 +270,22 @@ describe("startChat", () => {
       const chat = startChat({ messages: [], fetch: server.fetch });
       server.push(token(1, "x") + `id: 2\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
       const state = await chat.done;
-      assert.deepEqual(state, { ...expected, text: "x", tokens: 1 });
+      assert.deepEqual(state, { ...expected, text: "x", tokens: 1, reasoning: "", toolCalls: [] });
     }
   });
 
   it("turns an HTTP error answer into an error state with the gateway's code", async () => {
     const fetch = async () => new Response(JSON.stringify({ error: { code: "session_conflict", message: "busy" } }), { status: 409 });
     const state = await startChat({ messages: [], fetch }).done;
-    assert.deepEqual(state, { status: "error", code: "session_conflict", message: "busy", text: "", tokens: 0 });
+    assert.deepEqual(state, {
+      status: "error",
+      code: "session_conflict",
+      message: "busy",
+      text: "",
+      tokens: 0,
+      reasoning: "",
+      toolCalls: [],
+    });
   });
 
   it("a stream that ends without a terminal event is an error, not a completion", async () => {
