@@ -15,6 +15,9 @@ from .validation import (
     MAX_SHORT_CHARS,
     MAX_STOP,
     MAX_TOOLS,
+    MESSAGE_FIELDS,
+    PART_REQUIRED,
+    PART_STRINGS,
     PART_TYPES,
     PENALTY,
     RESPONSE_FORMATS,
@@ -46,46 +49,25 @@ _SESSION_ID_IN_PATH = {
 }
 _SESSION_ID = {"type": "string", "pattern": SESSION_ID_PATTERN}
 _STRING = {"type": "string"}
-_PARTS: dict[str, dict[str, Any]] = {
-    "text": {"required": ["text"], "properties": {"text": _STRING}},
-    "refusal": {"required": ["refusal"], "properties": {"refusal": _STRING}},
-    "image_url": {
-        "required": ["image_url"],
-        "properties": {
-            "image_url": {
-                "type": "object",
-                "required": ["url"],
-                "properties": {
-                    "url": {"type": "string", "minLength": 1},
-                    "detail": {"enum": list(IMAGE_DETAILS)},
-                },
-            }
-        },
-    },
-    "input_audio": {
-        "required": ["input_audio"],
-        "properties": {
-            "input_audio": {
-                "type": "object",
-                "required": ["data"],
-                "properties": {"data": {"type": "string", "minLength": 1}, "format": _STRING},
-            }
-        },
-    },
-    "file": {
-        "required": ["file"],
-        "properties": {
-            "file": {
-                "type": "object",
-                "anyOf": [
-                    {"required": ["file_data"], "properties": {"file_data": {"minLength": 1}}},
-                    {"required": ["file_id"], "properties": {"file_id": {"minLength": 1}}},
-                ],
-                "properties": {"file_data": _STRING, "file_id": _STRING, "filename": _STRING},
-            }
-        },
-    },
-}
+
+
+def _part(kind: str) -> dict[str, Any]:
+    """One content part, from validation's tables of its fields."""
+    if kind not in PART_STRINGS:  # text, refusal: a string under the type's name
+        return {"required": ["type", kind], "properties": {"type": {"const": kind}, kind: _STRING}}
+    inner: dict[str, Any] = {
+        "type": "object",
+        "properties": {name: _STRING for name in PART_STRINGS[kind]},
+        "anyOf": [
+            {"required": [name], "properties": {name: {"minLength": 1}}}
+            for name in PART_REQUIRED[kind]
+        ],
+    }
+    if kind == "image_url":
+        inner["properties"]["detail"] = {"enum": list(IMAGE_DETAILS)}
+    return {"required": ["type", kind], "properties": {"type": {"const": kind}, kind: inner}}
+
+
 _ASSISTANT_TOOL_CALL = {
     "type": "object",
     "required": ["id", "function"],
@@ -98,6 +80,12 @@ _ASSISTANT_TOOL_CALL = {
             "properties": {"name": _STRING, "arguments": _STRING},
         },
     },
+}
+_MESSAGE_FIELD_SCHEMAS: dict[str, Any] = {
+    "name": {"type": "string", "minLength": 1},
+    "tool_calls": {"type": "array", "minItems": 1, "items": _ASSISTANT_TOOL_CALL},
+    "reasoning_content": _STRING,
+    "tool_call_id": {"type": "string", "minLength": 1},
 }
 _TOOL = {
     "type": "object",
@@ -128,33 +116,17 @@ def _message(role: str, max_chars: int) -> dict[str, Any]:
     parts = {
         "type": "array",
         "minItems": 1,
-        "items": {
-            "oneOf": [
-                {
-                    "type": "object",
-                    "required": ["type", *_PARTS[kind]["required"]],
-                    "properties": {"type": {"const": kind}, **_PARTS[kind]["properties"]},
-                }
-                for kind in PART_TYPES[role]
-            ]
-        },
+        "items": {"oneOf": [{"type": "object", **_part(kind)} for kind in PART_TYPES[role]]},
     }
     content: list[dict[str, Any]] = [{"type": "string", "maxLength": max_chars}, parts]
-    properties: dict[str, Any] = {
-        "role": {"const": role},
-        "name": {"type": "string", "minLength": 1},
-    }
-    required = ["role", "content"]
     if role == "assistant":
         content.append({"type": "null"})
-        properties["tool_calls"] = {"type": "array", "minItems": 1, "items": _ASSISTANT_TOOL_CALL}
-        properties["reasoning_content"] = _STRING
-    if role == "tool":
-        del properties["name"]
-        properties["tool_call_id"] = {"type": "string", "minLength": 1}
-        required.append("tool_call_id")
-    properties["content"] = {"anyOf": content}
-    schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties}
+    properties = {
+        "role": {"const": role},
+        "content": {"anyOf": content},
+        **{name: _MESSAGE_FIELD_SCHEMAS[name] for name in MESSAGE_FIELDS[role]},
+    }
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
     if role == "assistant":
         # As in OpenAI's API: content may be null or left out beside tool_calls.
         schema["required"] = ["role"]
@@ -162,6 +134,8 @@ def _message(role: str, max_chars: int) -> dict[str, Any]:
             {"required": ["tool_calls"]},
             {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
         ]
+    else:
+        schema["required"] = ["role", "content", *(["tool_call_id"] if role == "tool" else [])]
     return schema
 
 

@@ -28,6 +28,9 @@ __all__ = [
     "MAX_SHORT_CHARS",
     "MAX_STOP",
     "MAX_TOOLS",
+    "MESSAGE_FIELDS",
+    "PART_REQUIRED",
+    "PART_STRINGS",
     "PART_TYPES",
     "PENALTY",
     "RESPONSE_FORMATS",
@@ -61,19 +64,19 @@ PART_TYPES = {
     "tool": ("text",),
 }
 # A non-text part's object: its string fields, and those of which it needs one.
-_PART_STRINGS = {
+PART_STRINGS = {
     "image_url": ("url", "detail"),
     "input_audio": ("data", "format"),
     "file": ("file_data", "file_id", "filename"),
 }
-_PART_REQUIRED = {
+PART_REQUIRED = {
     "image_url": ("url",),
     "input_audio": ("data",),
     "file": ("file_data", "file_id"),
 }
 IMAGE_DETAILS = ("auto", "low", "high")
 # The message fields kept besides role and content, per role.
-_MESSAGE_FIELDS = {
+MESSAGE_FIELDS = {
     "system": ("name",),
     "developer": ("name",),
     "user": ("name",),
@@ -206,7 +209,7 @@ def _message(message: object, where: str, settings: Settings) -> dict[str, objec
         )
     if chars > settings.max_message_chars:
         _fail(f"{where}.content is longer than {settings.max_message_chars} characters")
-    kept = _MESSAGE_FIELDS[role]
+    kept = MESSAGE_FIELDS[role]
     for name in kept:
         if name in message:
             value = message[name]
@@ -234,10 +237,10 @@ def _part(part: object, role: str, where: str) -> int:
         return len(value)
     if not isinstance(value, dict):
         _fail(f"{where}.{kind} must be an object")
-    for name in _PART_STRINGS[kind]:
+    for name in PART_STRINGS[kind]:
         if name in value and not isinstance(value[name], str):
             _fail(f"{where}.{kind}.{name} must be a string")
-    required = _PART_REQUIRED[kind]
+    required = PART_REQUIRED[kind]
     if not any(isinstance(value.get(name), str) and value[name] for name in required):
         _fail(f"{where}.{kind} needs a non-empty string {' or '.join(required)}")
     if kind == "image_url" and value.get("detail", "auto") not in IMAGE_DETAILS:
