@@ -1,0 +1,75 @@
+"""CPU per provider chunk of the gateway's own relay step, without sockets or a server.
+
+Each of 100,000 plain-content chunks (the bytes bench/provider.py sends) goes through
+``ProviderStreamParser.feed``, ``ChatStream._deliver`` (encode and queue) and
+``Outbox.take``: the per-token work that is ours, not hypercorn's or the kernel's. With
+no I/O and no other process involved it is far steadier than `make bench` on a shared
+machine, so it is how a change to the token path is checked (docs/benchmarks.md).
+
+``python -m bench.hotpath [--tree PATH] [--repeats N]``; ``--tree`` measures another
+checkout of the gateway, for an A/B run from one script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import sys
+import time
+
+import anyio
+
+N = 100_000
+_WORDS = [b" w%d" % i for i in range(97)]
+
+
+async def _once(chunks: list[bytes]) -> float:
+    from gateway.outbox import Outbox
+    from gateway.parser import ProviderStreamParser
+    from gateway.session import Session
+    from gateway.stream import ChatStream
+
+    session = Session("s", "m")
+    outbox = Outbox(16)
+    parser = ProviderStreamParser()
+    deliver = ChatStream._deliver
+    # Trees before the reasoning and tool-call deltas (issue 12) take no ``plain``.
+    takes_plain = "plain" in inspect.signature(deliver).parameters
+    start = time.process_time()
+    for chunk in chunks:
+        parsed = parser.feed(chunk)
+        if takes_plain:
+            await deliver(session, outbox, parsed.deltas, parsed.plain)
+        else:
+            await deliver(session, outbox, parsed.deltas)  # type: ignore[call-arg]
+        await outbox.take()
+    return (time.process_time() - start) / len(chunks) * 1e6
+
+
+async def _main(repeats: int) -> None:
+    chunks = [
+        b'data: {"id":"b","object":"chat.completion.chunk","choices":[{"index":0,'
+        b'"delta":{"content":"' + _WORDS[i % len(_WORDS)] + b'"},"finish_reason":null}]}\n\n'
+        for i in range(N)
+    ]
+    runs = [await _once(chunks) for _ in range(repeats)]
+    print(
+        f"relay step, CPU µs per chunk: min {min(runs):.3f} "
+        f"median {statistics.median(runs):.3f} ({repeats} runs of {N} chunks)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", help="a checkout of the gateway to measure instead")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    if args.tree:
+        sys.path.insert(0, args.tree)
+        sys.modules.pop("gateway", None)
+    anyio.run(_main, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
