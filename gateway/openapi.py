@@ -87,23 +87,28 @@ _MESSAGE_FIELD_SCHEMAS: dict[str, Any] = {
     "reasoning_content": _STRING,
     "tool_call_id": {"type": "string", "minLength": 1},
 }
-_TOOL = {
-    "type": "object",
-    "required": ["type", "function"],
-    "properties": {
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "pattern": TOOL_NAME_PATTERN},
-                "description": _STRING,
-                "parameters": {"type": "object"},
-                "strict": {"type": "boolean"},
-            },
+
+
+def _function(properties: dict[str, Any]) -> dict[str, Any]:
+    """``{"type": "function", "function": {"name", ...}}``: a tool, or a tool choice."""
+    return {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": properties},
         },
-    },
-}
+    }
+
+
+_TOOL = _function(
+    {
+        "name": {"type": "string", "pattern": TOOL_NAME_PATTERN},
+        "description": _STRING,
+        "parameters": {"type": "object"},
+        "strict": {"type": "boolean"},
+    }
+)
 
 
 def _number(bounds: tuple[float, float]) -> dict[str, Any]:
@@ -158,23 +163,7 @@ def _forwarded() -> dict[str, Any]:
     short = {"type": "string", "minLength": 1, "maxLength": MAX_SHORT_CHARS}
     return {
         "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": _TOOL},
-        "tool_choice": {
-            "anyOf": [
-                {"enum": list(TOOL_CHOICES)},
-                {
-                    "type": "object",
-                    "required": ["type", "function"],
-                    "properties": {
-                        "type": {"const": "function"},
-                        "function": {
-                            "type": "object",
-                            "required": ["name"],
-                            "properties": {"name": _STRING},
-                        },
-                    },
-                },
-            ]
-        },
+        "tool_choice": {"anyOf": [{"enum": list(TOOL_CHOICES)}, _function({"name": _STRING})]},
         "parallel_tool_calls": {"type": "boolean"},
         "response_format": {
             "type": "object",

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from gateway import SimulatorConfig
+
 from .harness import Harness, end_lines, sim_config, without_timings
 
 pytestmark = pytest.mark.anyio
@@ -96,40 +98,6 @@ async def test_keepalives_alone_still_time_out_a_reasoner() -> None:
         assert s.reasoning == []
 
 
-@pytest.mark.parametrize("how", ["cancel", "disconnect"])
-async def test_stop_during_reasoning_closes_the_provider_first(
-    how: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    sid = f"session_reason_{how}"
-    async with Harness(sim_config(rate=200, reasoning_tokens=100_000)) as h:
-        async with h.stream(sid, model=REASONER) as s:
-            await s.until(lambda _: len(s.reasoning) >= 5)
-            record = await h.record()
-            t0 = time.monotonic()
-            if how == "cancel":
-                response = await h.cancel(sid)
-                assert response.status_code == 200
-                # The 200 comes only after the provider's connection is closed.
-                assert record.outcome == "closed_by_client"
-                rest = await s.rest()
-        await h.closed(record)
-        assert record.outcome == "closed_by_client"
-        assert record.ended_at is not None
-        assert record.ended_at - t0 < 0.1
-        assert record.text == ""
-        await h.assert_ended_cleanly(caplog, sid, f"aborted by client/cancel reason={how}")
-        if how == "cancel":
-            stopped = rest[-1]
-            assert without_timings(stopped.data) == {
-                "status": "stopped",
-                "reason": "cancel",
-                "tokens_delivered": 0,
-                "reasoning_delivered": len(s.reasoning),
-                "tool_calls_delivered": 0,
-            }
-            assert set(stopped.data["first_delta_ms"]) == {"reasoning"}
-
-
 async def test_tool_call_fragments_join_to_the_providers_arguments(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -155,35 +123,47 @@ async def test_tool_call_fragments_join_to_the_providers_arguments(
         assert f"tool_calls={len(calls)}" in end_lines(caplog.records, sid)[0]
 
 
+def _phase_config(phase: str) -> tuple[SimulatorConfig, dict[str, Any]]:
+    if phase == "reasoning":
+        return sim_config(rate=200, reasoning_tokens=100_000), {"model": REASONER}
+    return sim_config(rate=20, tool_fragment_chars=1), {"tools": TOOLS}
+
+
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
-async def test_stop_during_a_tool_call_closes_the_provider_first(
-    how: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("phase", ["reasoning", "tool_call"])
+async def test_stop_during_reasoning_or_a_tool_call_closes_the_provider_first(
+    phase: str, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sid = f"session_tools_{how}"
-    async with Harness(sim_config(rate=20, tool_fragment_chars=1)) as h:
-        async with h.stream(sid, tools=TOOLS) as s:
-            await s.until(lambda _: len(s.tool_calls) >= 3)
+    sid = f"session_{phase}_{how}"
+    config, fields = _phase_config(phase)
+    async with Harness(config) as h:
+        async with h.stream(sid, **fields) as s:
+            await s.until(lambda _: len(s.reasoning) + len(s.tool_calls) >= 3)
             record = await h.record()
             t0 = time.monotonic()
             if how == "cancel":
                 response = await h.cancel(sid)
                 assert response.status_code == 200
+                # The 200 comes only after the provider's connection is closed.
                 assert record.outcome == "closed_by_client"
                 rest = await s.rest()
         await h.closed(record)
         assert record.outcome == "closed_by_client"
         assert record.ended_at is not None
         assert record.ended_at - t0 < 0.1
+        assert record.text == ""
         assert record.sent < record.planned
         await h.assert_ended_cleanly(caplog, sid, f"aborted by client/cancel reason={how}")
         if how == "cancel":
-            assert without_timings(rest[-1].data) == {
+            stopped = rest[-1]
+            assert without_timings(stopped.data) == {
                 "status": "stopped",
                 "reason": "cancel",
                 "tokens_delivered": 0,
-                "reasoning_delivered": 0,
+                "reasoning_delivered": len(s.reasoning),
                 "tool_calls_delivered": len(s.tool_calls),
             }
+            assert set(stopped.data["first_delta_ms"]) == {phase}
 
 
 async def test_a_vision_and_tool_round_trip_reaches_the_provider_as_sent() -> None:
