@@ -6,8 +6,9 @@ Each of 100,000 plain-content chunks (the bytes bench/provider.py sends) goes th
 no I/O and no other process involved it is far steadier than `make bench` on a shared
 machine, so it is how a change to the token path is checked (docs/benchmarks.md).
 
-``python -m bench.hotpath [--tree PATH] [--repeats N]``; ``--tree`` measures another
-checkout of the gateway, for an A/B run from one script.
+``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai]``; ``--tree`` measures
+another checkout of the gateway, for an A/B run from one script; ``--openai`` encodes
+the chunks as ``/v1/chat/completions`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ N = 100_000
 _WORDS = [b" w%d" % i for i in range(97)]
 
 
-async def _once(chunks: list[bytes]) -> float:
+async def _once(chunks: list[bytes], openai: bool) -> float:
     from gateway.outbox import Outbox
     from gateway.parser import ProviderStreamParser
     from gateway.session import Session
@@ -34,26 +35,34 @@ async def _once(chunks: list[bytes]) -> float:
     outbox = Outbox(16)
     parser = ProviderStreamParser()
     deliver = ChatStream._deliver
-    # Trees before the reasoning and tool-call deltas (issue 12) take no ``plain``.
-    takes_plain = "plain" in inspect.signature(deliver).parameters
+    # Older trees: before issue 12 no ``plain``; before issue 13 no answer format.
+    params = inspect.signature(deliver).parameters
+    extra: tuple[object, ...] = ()
+    if "answer" in params:
+        from gateway.formats import ChatCompletionChunks, GatewayEvents
+
+        answer = ChatCompletionChunks(include_usage=False) if openai else GatewayEvents()
+        answer.start(session)
+        extra = (answer,)
+    takes_plain = "plain" in params
     start = time.process_time()
     for chunk in chunks:
         parsed = parser.feed(chunk)
         if takes_plain:
-            await deliver(session, outbox, parsed.deltas, parsed.plain)
+            await deliver(session, outbox, *extra, parsed.deltas, parsed.plain)
         else:
             await deliver(session, outbox, parsed.deltas)  # type: ignore[call-arg]
         await outbox.take()
     return (time.process_time() - start) / len(chunks) * 1e6
 
 
-async def _main(repeats: int) -> None:
+async def _main(repeats: int, openai: bool) -> None:
     chunks = [
         b'data: {"id":"b","object":"chat.completion.chunk","choices":[{"index":0,'
         b'"delta":{"content":"' + _WORDS[i % len(_WORDS)] + b'"},"finish_reason":null}]}\n\n'
         for i in range(N)
     ]
-    runs = [await _once(chunks) for _ in range(repeats)]
+    runs = [await _once(chunks, openai) for _ in range(repeats)]
     print(
         f"relay step, CPU µs per chunk: min {min(runs):.3f} "
         f"median {statistics.median(runs):.3f} ({repeats} runs of {N} chunks)"
@@ -64,11 +73,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", help="a checkout of the gateway to measure instead")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--openai", action="store_true", help="encode as /v1/chat/completions chunks"
+    )
     args = parser.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
         sys.modules.pop("gateway", None)
-    anyio.run(_main, args.repeats)
+    anyio.run(_main, args.repeats, args.openai)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .parser import ProviderStreamParser
 from .registry import Registry
 from .server import load_config, serve
@@ -33,13 +34,17 @@ from .simulator import Simulator, SimulatorConfig, StreamRecord
 
 __all__ = [
     "APIError",
+    "AnswerFormat",
     "BadRequest",
     "CancelTimeout",
     "CancelUnavailable",
+    "ChatCompletion",
+    "ChatCompletionChunks",
     "Completed",
     "ConfigError",
     "Failed",
     "GatewayError",
+    "GatewayEvents",
     "Outcome",
     "PayloadTooLarge",
     "ProviderStreamParser",

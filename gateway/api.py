@@ -27,6 +27,7 @@ from .errors import (
     APIError,
     CancelTimeout,
 )
+from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
 from .logs import loggable
@@ -37,7 +38,16 @@ from .settings import Settings
 from .simulator import Simulator
 from .state import GatewayState, state_of
 from .stream import ChatStream
-from .validation import SESSION_ID_RE, chat_payload, json_body, session_id_from
+from .upstream import list_models
+from .validation import (
+    SESSION_ID_RE,
+    ProviderRequest,
+    chat_payload,
+    json_body,
+    new_session_id,
+    session_id_from,
+    stream_options,
+)
 
 __all__ = ["create_app"]
 
@@ -68,6 +78,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/api/chat/stream", _chat_stream, methods=["POST"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
+            Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
+            Route("/v1/models", _models, methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/openapi.json", _openapi, methods=["GET"]),
             Route("/api/demo/provider/{session_id}", _demo_provider, methods=["GET"]),
@@ -118,17 +130,51 @@ async def _chat_stream(request: Request) -> Response:
     session_id = session_id_from(request.headers.get("x-session-id"))
     body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
     payload = chat_payload(body, state.settings)
+    return _stream(request, principal, session_id, payload, GatewayEvents())
+
+
+async def _chat_completions(request: Request) -> Response:
+    """OpenAI's Chat Completions endpoint, on the same sessions and cancellation path."""
+    state = state_of(request)
+    principal = _principal(request)
+    given = request.headers.get("x-session-id")
+    session_id = new_session_id() if given is None else session_id_from(given)
+    body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
+    payload = chat_payload(body, state.settings)
+    stream, include_usage = stream_options(body)
+    answer = ChatCompletionChunks(include_usage) if stream else ChatCompletion()
+    return _stream(request, principal, session_id, payload, answer)
+
+
+def _stream(
+    request: Request,
+    principal: str,
+    session_id: str,
+    payload: ProviderRequest,
+    answer: AnswerFormat,
+) -> Response:
     return _StreamResponse(
         ChatStream(
-            state,
+            state_of(request),
             principal=principal,
             session_id=session_id,
             payload=payload,
             # Demo mode: the simulator records whose session it served, for the page's
             # panel (which shows a principal its own sessions only).
             upstream_headers=_demo_headers(principal, session_id) if _simulator(request) else None,
+            answer=answer,
         )
     )
+
+
+async def _models(request: Request) -> Response:
+    """The configured model first, then the provider's own list when it answers one."""
+    state = state_of(request)
+    _principal(request)
+    ids = [state.settings.model]
+    ids += [i for i in await list_models(state.client, state.upstream_url) if i not in ids]
+    data = [{"id": i, "object": "model", "created": 0, "owned_by": "gateway"} for i in ids]
+    return JSONResponse({"object": "list", "data": data})
 
 
 class _StreamResponse(Response):

@@ -41,6 +41,12 @@ _EVENT = {
         "id": {"type": "string", "pattern": "^[0-9]+$"},
     },
 }
+# /v1/chat/completions: OpenAI's stream, data lines only: a chunk, an error, or [DONE].
+_CHUNK_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}},
+}
 _SESSION_ID_IN_PATH = {
     "name": "session_id",
     "in": "path",
@@ -109,6 +115,10 @@ _TOOL = _function(
         "strict": {"type": "boolean"},
     }
 )
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
 def _number(bounds: tuple[float, float]) -> dict[str, Any]:
@@ -200,6 +210,36 @@ def openapi(settings: Settings) -> dict[str, Any]:
     security: list[dict[str, list[str]]] = [{"bearer": []}] if authenticated else []
     unauthorized = {"401": _error("no principal: a missing or wrong key, or an untrusted peer")}
     message = {"oneOf": [_message(role, settings.max_message_chars) for role in ROLES]}
+    chat: dict[str, Any] = {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": settings.max_messages,
+                "items": message,
+            },
+            "model": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_CHARS},
+            **_forwarded(),
+        },
+    }
+    refusals: dict[str, Any] = {
+        "400": _error(
+            "a missing or malformed session id, a bad body, or an "
+            "ambiguous request (a header sent twice, two framings)"
+        ),
+        **unauthorized,
+        "408": _error("the body did not arrive within GATEWAY_BODY_TIMEOUT"),
+        "409": _error("a live stream already has this session id"),
+        "413": _error("the body is larger than GATEWAY_MAX_BODY_BYTES"),
+        "415": _error("the body is not JSON"),
+        "429": _error(
+            "GATEWAY_MAX_SESSIONS_PER_PRINCIPAL live streams already",
+            _RETRY_AFTER,
+        ),
+        "503": _error("shutting down, or GATEWAY_MAX_SESSIONS live streams already"),
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -221,31 +261,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "schema": _SESSION_ID,
                         }
                     ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["messages"],
-                                    "properties": {
-                                        "messages": {
-                                            "type": "array",
-                                            "minItems": 1,
-                                            "maxItems": settings.max_messages,
-                                            "items": message,
-                                        },
-                                        "model": {
-                                            "type": "string",
-                                            "minLength": 1,
-                                            "maxLength": MAX_MODEL_CHARS,
-                                        },
-                                        **_forwarded(),
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(chat),
                     "responses": {
                         "200": {
                             "description": "events: start, token..., then one of done, "
@@ -253,22 +269,85 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
                             "content": {"text/event-stream": {"schema": _EVENT}},
                         },
-                        "400": _error(
-                            "a missing or malformed session id, a bad body, or an "
-                            "ambiguous request (a header sent twice, two framings)"
-                        ),
+                        **refusals,
+                    },
+                }
+            },
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "OpenAI's Chat Completions, with the gateway's Stop",
+                    "security": security,
+                    "parameters": [
+                        {
+                            "name": "X-Session-Id",
+                            "in": "header",
+                            "required": False,
+                            "schema": _SESSION_ID,
+                        }
+                    ],
+                    "requestBody": _json_body(
+                        {
+                            **chat,
+                            "properties": {
+                                **chat["properties"],
+                                "stream": {"type": ["boolean", "null"]},
+                                "stream_options": {
+                                    "type": ["object", "null"],
+                                    "properties": {"include_usage": {"type": ["boolean", "null"]}},
+                                },
+                            },
+                        }
+                    ),
+                    "responses": {
+                        "200": {
+                            "description": "stream: true: chat.completion.chunk events, "
+                            "then [DONE]; else one chat.completion object",
+                            "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
+                            "content": {
+                                "text/event-stream": {"schema": _CHUNK_EVENT},
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["id", "object", "choices"],
+                                        "properties": {"object": {"const": "chat.completion"}},
+                                    }
+                                },
+                            },
+                        },
+                        **refusals,
+                        "502": _error("stream: false and the provider failed"),
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "GATEWAY_MODEL, then the provider's own list if it has one",
+                    "security": security,
+                    "responses": {
+                        "400": _AMBIGUOUS,
+                        "200": {
+                            "description": "the models",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["object", "data"],
+                                        "properties": {
+                                            "object": {"const": "list"},
+                                            "data": {
+                                                "type": "array",
+                                                "items": {
+                                                    "type": "object",
+                                                    "required": ["id"],
+                                                    "properties": {"id": {"type": "string"}},
+                                                },
+                                            },
+                                        },
+                                    }
+                                }
+                            },
+                        },
                         **unauthorized,
-                        "408": _error("the body did not arrive within GATEWAY_BODY_TIMEOUT"),
-                        "409": _error("a live stream already has this session id"),
-                        "413": _error("the body is larger than GATEWAY_MAX_BODY_BYTES"),
-                        "415": _error("the body is not JSON"),
-                        "429": _error(
-                            "GATEWAY_MAX_SESSIONS_PER_PRINCIPAL live streams already",
-                            _RETRY_AFTER,
-                        ),
-                        "503": _error(
-                            "shutting down, or GATEWAY_MAX_SESSIONS live streams already"
-                        ),
                     },
                 }
             },
@@ -393,10 +472,12 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "properties": {
                         "error": {
                             "type": "object",
-                            "required": ["code", "message"],
+                            "required": ["code", "message", "type", "param"],
                             "properties": {
                                 "code": {"type": "string"},
                                 "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": ["string", "null"]},
                             },
                         }
                     },

@@ -79,6 +79,8 @@ class Reasoning:
     Ollama): the model's thinking, before or between its answer."""
 
     text: str
+    # The provider's name for it, kept for clients of the OpenAI-compatible endpoint.
+    field: str = "reasoning_content"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +215,15 @@ class ProviderStreamParser:
 
 def _delta(delta: dict[str, object], out: ParsedChunk) -> None:
     # One delta rarely holds more than one kind; when it does, thinking comes first.
-    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    name = "reasoning_content"
+    reasoning = delta.get(name)
+    if not reasoning:
+        name = "reasoning"
+        reasoning = delta.get(name)
     if reasoning:
         if not isinstance(reasoning, str):
             raise UpstreamProtocolError("provider sent reasoning that is not text")
-        out.deltas.append(Reasoning(reasoning))
+        out.deltas.append(Reasoning(reasoning, name))
         out.plain = False
     content = delta.get("content")
     if content:

@@ -1,5 +1,10 @@
-"""JSON error responses: ``{"error": {"code", "message"}}`` with the error's status,
-built here and nowhere else; and what a client that has gone away looks like."""
+"""JSON error responses: ``{"error": {"code", "message", "type", "param"}}`` with the
+error's status, built here and nowhere else; and what a client that has gone away looks
+like.
+
+``type`` and ``param`` make the envelope OpenAI's too, so the OpenAI SDKs read the
+gateway's errors as their own (they pick the exception class from the status).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import APIError
 
-__all__ = ["CLIENT_GONE", "error_json", "error_response"]
+__all__ = ["CLIENT_GONE", "error_body", "error_json", "error_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +42,25 @@ class _ErrorResponse(JSONResponse):
             logger.info("client went away before its %d answer was written", self.status_code)
 
 
+# OpenAI's error types by status; any other 4xx is a request error, any 5xx a server's.
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, object]:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"code": code, "message": message, "type": kind, "param": None}}
+
+
 def error_json(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    return _ErrorResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+    return _ErrorResponse(error_body(status, code, message), status_code=status, headers=headers)
 
 
 def error_response(exc: APIError) -> JSONResponse:

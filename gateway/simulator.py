@@ -141,7 +141,8 @@ class Simulator:
         return sum(1 for r in self.records if r.outcome == "streaming")
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait until ``predicate()`` holds; it is checked when a stream starts or ends."""
+        """Wait until ``predicate()`` holds; it is checked when a stream starts, writes a
+        delta, or ends."""
         if predicate():
             return
         waiter = _Waiter(predicate)
@@ -286,6 +287,8 @@ class Simulator:
                 await write(b": keep-alive\n\n")
             await write(chunk(item.delta))
             _record(record, item)
+            if self._waiters:
+                self._changed()
         if not cfg.omit_done:
             await write(chunk({}, planned.finish_reason))
             options = request.get("stream_options") or {}

@@ -22,10 +22,11 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
-from .events import PING, encode_event, encode_reasoning, encode_token
+from .events import PING
+from .formats import AnswerFormat, GatewayEvents
 from .logs import loggable
 from .outbox import Outbox
-from .parser import Delta, ProviderStreamParser, Reasoning
+from .parser import Delta, ProviderStreamParser, ToolCallDelta
 from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
 from .session import Completed, Failed, Outcome, Session
@@ -45,7 +46,8 @@ _DRAIN_TIMEOUT = 1.0
 
 
 class ChatStream:
-    """The ASGI response for ``POST /api/chat/stream``."""
+    """The ASGI response for a chat stream: ``POST /api/chat/stream`` in the gateway's
+    events, ``POST /v1/chat/completions`` in OpenAI's format (formats.py)."""
 
     def __init__(
         self,
@@ -55,8 +57,10 @@ class ChatStream:
         session_id: str,
         payload: ProviderRequest,
         upstream_headers: dict[str, str] | None = None,
+        answer: AnswerFormat | None = None,
     ) -> None:
         self._gateway = gateway
+        self._answer = answer or GatewayEvents()
         self._principal = principal
         self._session_id = session_id
         self._payload = payload
@@ -100,8 +104,9 @@ class ChatStream:
         )
         logger.info("[SSE] %s started model=%s%s", session.id, loggable(session.model), principal)
         try:
-            start = {"session_id": session.id, "model": session.model}
-            outbox.put_nowait(encode_event("start", session.next_seq(), start))
+            start = self._answer.start(session)
+            if start:
+                outbox.put_nowait(start)
             with session.scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch, session, outbox)
@@ -123,7 +128,7 @@ class ChatStream:
             if not session.client_gone:
                 try:
                     with anyio.move_on_after(bound):
-                        await outbox.put(_terminal(session))
+                        await outbox.put(self._answer.terminal(session), session.queued())
                 except anyio.BrokenResourceError:
                     # The sender was cancelled with the request (a server's hard
                     # shutdown), dropping whatever it still had queued: write the
@@ -134,7 +139,7 @@ class ChatStream:
                             await send(
                                 {
                                     "type": "http.response.body",
-                                    "body": _terminal(session),
+                                    "body": self._answer.terminal(session),
                                     "more_body": True,
                                 }
                             )
@@ -174,14 +179,14 @@ class ChatStream:
                 parsed = parser.feed(data)
                 if parsed.error is not None:
                     # Whatever came before the error is the client's first.
-                    await self._deliver(session, outbox, parsed.deltas, parsed.plain)
+                    await self._deliver(session, outbox, self._answer, parsed.deltas, parsed.plain)
                     raise parsed.error
                 if parsed.finish_reason is not None:
                     finish_reason = parsed.finish_reason
                 if parsed.usage is not None:
                     usage = parsed.usage
                 if parsed.deltas:
-                    await self._deliver(session, outbox, parsed.deltas, parsed.plain)
+                    await self._deliver(session, outbox, self._answer, parsed.deltas, parsed.plain)
             if parser.done:
                 # Read the body's end so the connection goes back to the pool.
                 with anyio.move_on_after(_DRAIN_TIMEOUT):
@@ -195,7 +200,9 @@ class ChatStream:
                 await upstream.aclose()
 
     @staticmethod
-    async def _deliver(session: Session, outbox: Outbox, deltas: list[Delta], plain: bool) -> None:
+    async def _deliver(
+        session: Session, outbox: Outbox, answer: AnswerFormat, deltas: list[Delta], plain: bool
+    ) -> None:
         """Queue the deltas as events, in the provider's order. Any kind is progress."""
         if not deltas:
             return
@@ -208,11 +215,12 @@ class ChatStream:
             if "content" not in session.first_at:
                 session.first_at["content"] = now
             contents = cast("list[str]", deltas)
-            body = b"".join(encode_token(session.next_seq(), text) for text in contents)
+            body = answer.contents(session, contents)
             session.tokens_queued += len(contents)
         else:
-            body = b"".join(_encode_delta(session, delta, now) for delta in deltas)
-        await outbox.put(body, session.queued())
+            body = b"".join(_encode_delta(session, answer, delta, now) for delta in deltas)
+        if body:  # an answer assembled whole (ChatCompletion) writes nothing yet
+            await outbox.put(body, session.queued())
 
     async def _watch(self, session: Session, outbox: Outbox) -> None:
         """Every timeout and the pings, on deadlines: one task, no timer per token.
@@ -246,7 +254,7 @@ class ChatStream:
                 wake,
                 now + s.send_timeout if send_started is None else send_started + s.send_timeout,
             )
-            if s.ping_interval:
+            if s.ping_interval and self._answer.streaming:
                 ping_at = session.last_write_at + s.ping_interval
                 if now >= ping_at:
                     # A full queue holds data already; a ping would add nothing.
@@ -257,28 +265,35 @@ class ChatStream:
                 wake = min(wake, ping_at)
             await anyio.sleep_until(wake)
 
+    async def _start_response(self, session: Session, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self._answer.status(session),
+                "headers": [
+                    (b"content-type", self._answer.media_type),
+                    (b"cache-control", b"no-store"),
+                    (b"x-accel-buffering", b"no"),
+                    (b"x-session-id", session.id.encode()),
+                ],
+            }
+        )
+        session.response_started = True
+
     async def _send_events(self, session: Session, outbox: Outbox, send: Send) -> None:
         """Write queued chunks to the client: whatever is ready goes in one send."""
         try:
             if session.client_gone:
                 return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-store"),
-                        (b"x-accel-buffering", b"no"),
-                        (b"x-session-id", session.id.encode()),
-                    ],
-                }
-            )
-            session.response_started = True
+            if self._answer.streaming:
+                await self._start_response(session, send)
             while (batch := await outbox.take()) is not None:
                 data, mark = batch
                 if session.client_gone:
                     continue  # keep draining so the relay never blocks on a dead client
+                if not session.response_started:
+                    # An answer assembled whole: its outcome, now known, sets the status.
+                    await self._start_response(session, send)
                 session.send_started_at = anyio.current_time()
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 # Counted once the send returns: hypercorn's Trio worker can be
@@ -288,7 +303,7 @@ class ChatStream:
                     session.sent = mark
                 session.send_started_at = None
                 session.last_write_at = anyio.current_time()
-            if not session.client_gone:
+            if not session.client_gone and session.response_started:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except CLIENT_GONE:
             session.client_left("disconnect")
@@ -297,26 +312,21 @@ class ChatStream:
             session.sender_done.set()
 
 
-def _encode_delta(session: Session, delta: Delta, now: float) -> bytes:
+def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: float) -> bytes:
     if isinstance(delta, str):
         kind = "content"
         session.tokens_queued += 1
-        data = encode_token(session.next_seq(), delta)
-    elif isinstance(delta, Reasoning):
-        kind = "reasoning"
-        session.reasoning_queued += 1
-        data = encode_reasoning(session.next_seq(), delta.text)
-    else:
+        data = answer.contents(session, [delta])
+    elif isinstance(delta, ToolCallDelta):
         kind = "tool_call"
         session.tool_calls_queued += 1
-        data = encode_event("tool_call", session.next_seq(), delta.as_event())
+        data = answer.delta(session, delta)
+    else:
+        kind = "reasoning"
+        session.reasoning_queued += 1
+        data = answer.delta(session, delta)
     session.first_at.setdefault(kind, now)
     return data
-
-
-def _terminal(session: Session) -> bytes:
-    event, data = session.terminal_event()
-    return encode_event(event, session.next_seq(), data)
 
 
 async def _listen_for_disconnect(session: Session, receive: Receive) -> None:

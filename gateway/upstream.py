@@ -31,7 +31,7 @@ from .parser import provider_error_ids
 from .settings import Settings
 from .transport import BODY_EXTENSION, H11Transport
 
-__all__ = ["UpstreamResponse", "chat_url", "create_client", "open_stream"]
+__all__ = ["UpstreamResponse", "chat_url", "create_client", "list_models", "open_stream"]
 
 # Bounds for work done while cleaning up: closing a socket, reading an error body.
 _CLOSE_TIMEOUT = 2.0
@@ -119,6 +119,35 @@ def chat_url(base_url: str) -> str:
     """``<base>/chat/completions``, the base's query (Azure's ``api-version``) kept."""
     parts = urllib.parse.urlsplit(base_url)
     return urllib.parse.urlunsplit(parts._replace(path=parts.path + "/chat/completions"))
+
+
+# GET <base>/models: a listing, not a stream; it must not hold a request up for long.
+_MODELS_TIMEOUT = 5.0
+_MAX_MODELS = 1000
+_MAX_MODEL_ID = 256
+
+
+async def list_models(client: httpx.AsyncClient, base_url: str) -> list[str]:
+    """The model ids the provider lists at ``<base>/models``; none if it does not answer
+    one (many OpenAI-compatible providers have no such endpoint)."""
+    parts = urllib.parse.urlsplit(base_url)
+    url = urllib.parse.urlunsplit(parts._replace(path=parts.path + "/models"))
+    try:
+        with anyio.fail_after(_MODELS_TIMEOUT):
+            response = await client.get(url, headers={"accept": "application/json"})
+    except (httpx.HTTPError, TimeoutError):
+        return []
+    if response.status_code != 200:
+        return []
+    try:
+        data = json.loads(response.content).get("data")
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(data, list):
+        return []
+    # What the provider wrote is untrusted: short string ids only, and not too many.
+    ids = [m.get("id") for m in data[:_MAX_MODELS] if isinstance(m, dict)]
+    return [i for i in ids if isinstance(i, str) and 0 < len(i) <= _MAX_MODEL_ID]
 
 
 async def open_stream(

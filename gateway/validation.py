@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import secrets
 from collections.abc import Callable
 from typing import NoReturn, Required, TypedDict
 
@@ -45,7 +46,9 @@ __all__ = [
     "ProviderRequest",
     "chat_payload",
     "json_body",
+    "new_session_id",
     "session_id_from",
+    "stream_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -182,6 +185,30 @@ def chat_payload(body: object, settings: Settings) -> ProviderRequest:
             _check_strings(value, name)
             payload[name] = value  # type: ignore[literal-required]
     return payload
+
+
+def stream_options(body: object) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage`` of an OpenAI-style request (the
+    endpoint's own options, not forwarded: the provider is always streamed from)."""
+    assert isinstance(body, dict)  # chat_payload has checked
+    stream = body.get("stream", False)
+    if stream is not None:
+        _boolean(stream, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            _fail("stream_options must be an object")
+        include_usage = options.get("include_usage", False)
+        if include_usage is not None:
+            _boolean(include_usage, "stream_options.include_usage")
+    return bool(stream), bool(include_usage)
+
+
+def new_session_id() -> str:
+    """For an OpenAI-style request without ``X-Session-Id``: unguessable, so only the
+    client that has it (from the ``x-session-id`` response header) can cancel."""
+    return f"gw-{secrets.token_urlsafe(24)}"
 
 
 def _fail(message: str) -> NoReturn:

@@ -323,7 +323,7 @@ def test_reasoning_content_and_tool_calls_come_out_in_the_providers_order() -> N
         result = _parse([stream[i : i + size] for i in range(0, len(stream), size)])
         assert result.deltas == [
             Reasoning("Let me"),
-            Reasoning(" think."),
+            Reasoning(" think.", "reasoning"),
             "Calling.",
             ToolCallDelta(0, "call_1", "f", ""),
             ToolCallDelta(0, None, None, '{"q":'),

@@ -1,0 +1,75 @@
+"""The JavaScript SDKs on ``/v1/chat/completions``: the ``openai`` npm package and the
+Vercel AI SDK (``ai`` with ``@ai-sdk/openai-compatible``), under Node, each reading an
+answer whole and aborting one with an ``AbortController``. The packages are pinned in
+tests/sdk/package.json and installed (``npm ci``) on first use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from .harness import WAIT, Harness, sim_config
+
+pytestmark = pytest.mark.anyio
+
+_SDK_DIR = Path(__file__).parent / "sdk"
+
+
+@pytest.fixture(scope="session")
+def node_sdks() -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the JavaScript SDK tests (Node >= 18)")
+    if not (_SDK_DIR / "node_modules").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=_SDK_DIR,
+            check=True,
+            timeout=300,
+        )
+    return _SDK_DIR / "stream.mjs"
+
+
+async def _run(
+    script: Path, sdk: str, h: Harness, abort_after: int, session_id: str
+) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{h.port}/v1"
+    with anyio.fail_after(WAIT * 3):
+        done = await anyio.run_process(
+            ["node", str(script), sdk, url, str(abort_after), session_id], check=False
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.parametrize("sdk", ["openai", "vercel"])
+async def test_a_js_sdk_reads_a_whole_answer(node_sdks: Path, sdk: str) -> None:
+    async with Harness(sim_config(tokens=15, rate=0)) as h:
+        result = await _run(node_sdks, sdk, h, 0, f"session_js_whole_{sdk}")
+        record = await h.record()
+    assert result["text"] == record.text
+    assert len(record.text.split()) == 15
+    assert record.outcome == "completed"
+
+
+@pytest.mark.parametrize("sdk", ["openai", "vercel"])
+async def test_a_js_sdk_abort_closes_the_provider(
+    node_sdks: Path, sdk: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Harness(sim_config(tokens=100_000, rate=100)) as h:
+        sid = f"session_js_abort_{sdk}"
+        result = await _run(node_sdks, sdk, h, 5, sid)
+        assert result["aborted"] is True
+        record = await h.record()
+        await h.closed(record)
+        assert record.outcome == "closed_by_client"
+        assert record.sent < record.planned
+        assert record.text.startswith(result["text"])
+        await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=disconnect")
