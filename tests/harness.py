@@ -21,6 +21,8 @@ import anyio
 import httpx2 as httpx
 import pytest
 from anyio.abc import TaskGroup
+from openai import AsyncStream
+from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
 
 from gateway import Settings, Simulator, SimulatorConfig, StreamRecord, create_app, load_config
@@ -350,3 +352,19 @@ class LogWatch(logging.Handler):
             while len(self.lines) < count:
                 await self._changed.wait()
         return self.lines
+
+
+async def read_chunks(
+    stream: AsyncStream[ChatCompletionChunk], count: int | None = None
+) -> list[ChatCompletionChunk]:
+    """An openai SDK stream's chunks, up to ``count``, then the stream closed (as an
+    app's ``async with`` does). Read through ``__anext__``: ``async for`` leaves the
+    SDK's own async generator to the garbage collector, which Trio reports."""
+    chunks: list[ChatCompletionChunk] = []
+    async with stream:
+        while count is None or len(chunks) < count:
+            try:
+                chunks.append(await stream.__anext__())
+            except StopAsyncIteration:
+                break
+    return chunks

@@ -11,10 +11,9 @@ import anyio
 import httpx2 as httpx
 import openai
 import pytest
-from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk, ChatCompletionFunctionToolParam
 
-from .harness import WAIT, Harness, end_lines, sim_config
+from .harness import WAIT, Harness, end_lines, read_chunks, sim_config
 
 pytestmark = [
     pytest.mark.anyio,
@@ -36,21 +35,6 @@ def _sdk(h: Harness, key: str = "unused") -> openai.AsyncOpenAI:
     )
 
 
-async def _read(
-    stream: AsyncStream[ChatCompletionChunk], count: int | None = None
-) -> list[ChatCompletionChunk]:
-    """Chunks through ``__anext__`` (see test_simulator.py), up to ``count``; the
-    ``async with`` closes the stream, as an app's does."""
-    chunks: list[ChatCompletionChunk] = []
-    async with stream:
-        while count is None or len(chunks) < count:
-            try:
-                chunks.append(await stream.__anext__())
-            except StopAsyncIteration:
-                break
-    return chunks
-
-
 def _content(chunks: list[ChatCompletionChunk]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -63,7 +47,7 @@ async def test_a_streamed_answer_with_usage(caplog: pytest.LogCaptureFixture) ->
             stream=True,
             stream_options={"include_usage": True},
         )
-        chunks = await _read(stream)
+        chunks = await read_chunks(stream)
         record = await h.record()
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -88,7 +72,7 @@ async def test_a_streamed_answer_with_usage(caplog: pytest.LogCaptureFixture) ->
 async def test_without_include_usage_there_is_no_usage_chunk() -> None:
     async with Harness(sim_config(tokens=3, rate=0)) as h, _sdk(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-        chunks = await _read(stream)
+        chunks = await read_chunks(stream)
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -114,7 +98,7 @@ async def test_reasoning_is_kept_under_the_providers_field_name() -> None:
         stream = await sdk.chat.completions.create(
             model="simulator-reasoner", messages=MESSAGES, stream=True
         )
-        chunks = await _read(stream)
+        chunks = await read_chunks(stream)
         streamed = await h.record()
         answer = await sdk.chat.completions.create(model="simulator-reasoner", messages=MESSAGES)
         whole = await h.record()
@@ -133,7 +117,7 @@ async def test_tool_calls_accumulate_streamed_and_whole() -> None:
         stream = await sdk.chat.completions.create(
             model="m", messages=MESSAGES, tools=TOOLS, stream=True
         )
-        chunks = await _read(stream)
+        chunks = await read_chunks(stream)
         streamed = await h.record()
         answer = await sdk.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
         whole = await h.record()
@@ -160,7 +144,7 @@ async def test_closing_the_sdk_stream_closes_the_provider(
 ) -> None:
     async with Harness(sim_config(tokens=100_000, rate=200)) as h, _sdk(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-        chunks = await _read(stream, count=5)  # leaves the `async with`: stream.close()
+        chunks = await read_chunks(stream, count=5)  # leaves the `async with`: stream.close()
         record = await h.record()
         await h.closed(record)
         assert record.outcome == "closed_by_client"
@@ -176,7 +160,7 @@ async def test_fifty_concurrent_streams_closed_early_all_close_their_providers()
             stream = await sdk.chat.completions.create(
                 model="m", messages=MESSAGES, stream=True, extra_headers={"X-Session-Id": sid}
             )
-            await _read(stream, count=3)
+            await read_chunks(stream, count=3)
             # The provider sees its socket close before the session's cleanup ends.
             await h.ended(sid)
 
@@ -245,7 +229,7 @@ async def test_a_provider_failure_mid_stream_raises_apierror() -> None:
     async with Harness(sim_config(tokens=50, rate=0, reset_after=5)) as h, _sdk(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as caught:
-            await _read(stream)
+            await read_chunks(stream)
     assert not isinstance(caught.value, openai.APIStatusError)
     assert caught.value.code == "upstream_disconnected"
 

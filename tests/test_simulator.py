@@ -7,14 +7,13 @@ import json
 import anyio
 import openai
 import pytest
-from openai import AsyncStream
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionFunctionToolParam,
 )
 
-from .harness import WAIT, Harness, sim_config
+from .harness import WAIT, Harness, read_chunks, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -111,21 +110,6 @@ TOOLS: list[ChatCompletionFunctionToolParam] = [
 ]
 
 
-async def _read(
-    stream: AsyncStream[ChatCompletionChunk], count: int | None = None
-) -> list[ChatCompletionChunk]:
-    """Chunks through ``__anext__``: iterating ``async for`` leaves the SDK's own async
-    generator to the garbage collector, which Trio reports."""
-    chunks: list[ChatCompletionChunk] = []
-    async with stream:  # closes the response, as an app's `with` block does
-        while count is None or len(chunks) < count:
-            try:
-                chunks.append(await stream.__anext__())
-            except StopAsyncIteration:
-                break
-    return chunks
-
-
 # The SDK stops reading its SSE async generators at [DONE] and leaves them to the
 # garbage collector, which Trio reports (the same class of bug as httpx #3686). Not ours.
 _SDK_GENERATORS = pytest.mark.filterwarnings(
@@ -146,7 +130,7 @@ async def test_the_openai_sdk_reads_a_reasoner_stream() -> None:
             stream=True,
             stream_options={"include_usage": True},
         )
-        chunks = await _read(stream)
+        chunks = await read_chunks(stream)
         record = h.simulator.records[-1]
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
@@ -174,7 +158,7 @@ async def test_the_openai_sdk_reads_a_split_tool_call() -> None:
             tools=TOOLS,
             stream=True,
         )
-        chunks = await _read(stream)
+        chunks = await read_chunks(stream)
         record = h.simulator.records[-1]
     parts = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
     calls = [call for part in parts if part for call in part]
@@ -226,7 +210,7 @@ async def test_stream_close_in_the_sdk_is_an_early_end() -> None:
         stream = await sdk.chat.completions.create(
             model="sim", messages=[{"role": "user", "content": "go"}], stream=True
         )
-        chunks = await _read(stream, count=4)  # the role chunk, then 3 tokens
+        chunks = await read_chunks(stream, count=4)  # the role chunk, then 3 tokens
         record = await h.closed(h.simulator.records[-1])
     assert all(c.choices[0].delta.content for c in chunks[1:])
     assert record.outcome == "closed_by_client"
