@@ -134,30 +134,35 @@ class Simulator:
         self.authorizations: deque[str] = deque(maxlen=_REQUESTS_KEPT)
         self._ids = itertools.count(1)
         self._waiters: list[_Waiter] = []
+        # Waiters that also look at every delta: kept apart, so that the common
+        # predicates over all records are not evaluated per delta.
+        self._delta_waiters: list[_Waiter] = []
 
     @property
     def live(self) -> int:
         """Streams the simulator is still writing."""
         return sum(1 for r in self.records if r.outcome == "streaming")
 
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait until ``predicate()`` holds; it is checked when a stream starts, writes a
-        delta, or ends."""
+    async def wait_until(self, predicate: Callable[[], bool], *, each_delta: bool = False) -> None:
+        """Wait until ``predicate()`` holds; it is checked when a stream starts or ends,
+        and with ``each_delta`` also after every delta written."""
         if predicate():
             return
+        waiters = self._delta_waiters if each_delta else self._waiters
         waiter = _Waiter(predicate)
-        self._waiters.append(waiter)
+        waiters.append(waiter)
         try:
             await waiter.event.wait()
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            if waiter in waiters:
+                waiters.remove(waiter)
 
-    def _changed(self) -> None:
-        for waiter in list(self._waiters):
-            if waiter.predicate():
-                waiter.event.set()
-                self._waiters.remove(waiter)
+    def _changed(self, waiters: list[_Waiter] | None = None) -> None:
+        for group in (self._waiters, self._delta_waiters) if waiters is None else (waiters,):
+            for waiter in list(group):
+                if waiter.predicate():
+                    waiter.event.set()
+                    group.remove(waiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -287,8 +292,8 @@ class Simulator:
                 await write(b": keep-alive\n\n")
             await write(chunk(item.delta))
             _record(record, item)
-            if self._waiters:
-                self._changed()
+            if self._delta_waiters:
+                self._changed(self._delta_waiters)
         if not cfg.omit_done:
             await write(chunk({}, planned.finish_reason))
             options = request.get("stream_options") or {}

@@ -304,7 +304,7 @@ async def test_a_client_that_leaves_a_non_streamed_answer_stops_the_provider(
             tg.start_soon(ask)
             record = await h.record()
             with anyio.fail_after(WAIT):
-                await h.simulator.wait_until(lambda: record.sent >= 5)
+                await h.simulator.wait_until(lambda: record.sent >= 5, each_delta=True)
             tg.cancel_scope.cancel()  # closes the client's connection
         await h.closed(record)
         assert record.outcome == "closed_by_client"
@@ -330,7 +330,7 @@ async def test_a_cancelled_non_streamed_answer_is_what_was_generated() -> None:
         tg.start_soon(ask)
         record = await h.record()
         with anyio.fail_after(WAIT):
-            await h.simulator.wait_until(lambda: record.sent >= 5)
+            await h.simulator.wait_until(lambda: record.sent >= 5, each_delta=True)
         assert (await h.cancel(sid)).status_code == 200
     [answer] = answers
     choice = answer.choices[0]
