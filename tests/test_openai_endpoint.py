@@ -365,3 +365,69 @@ async def test_models_lists_the_configured_model_then_the_providers() -> None:
     async with Harness() as h, _sdk(h) as sdk:
         page = await sdk.models.list()
     assert [m.id for m in page.data] == ["sim-model", "simulator"]
+
+
+@pytest.mark.parametrize("how", ["timeout", "shutdown"])
+async def test_a_timeout_or_shutdown_ends_an_sdk_loop_as_cancelled(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sid = f"session_sdk_{how}"
+    if how == "timeout":
+        # The provider goes quiet after 5 deltas, keep-alives only: the idle timeout.
+        harness = Harness(
+            sim_config(tokens=100, stall_after=5, keepalive_interval=0.02), idle_timeout=0.3
+        )
+        line, expected = "timed out reason=idle", {"reason": "timeout", "detail": "idle"}
+    else:
+        harness = Harness(sim_config(tokens=100_000, rate=200))
+        line, expected = "stopped reason=shutdown", {"reason": "shutdown"}
+    async with harness as h, _sdk(h) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Session-Id": sid},
+        )
+        chunks: list[ChatCompletionChunk] = []
+        async with stream:
+            for _ in range(4):
+                chunks.append(await stream.__anext__())
+            record = await h.record()
+            if how == "shutdown":
+                await h.shutdown()
+            while True:  # no exception: the loop just ends
+                try:
+                    chunks.append(await stream.__anext__())
+                except StopAsyncIteration:
+                    break
+        await h.closed(record)
+        assert record.outcome == "closed_by_client"
+        await h.assert_ended_cleanly(caplog, sid, line)
+    last = chunks[-2]
+    finish: str | None = last.choices[0].finish_reason
+    assert finish == "cancelled"
+    tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    assert (last.model_extra or {})["gateway"] == {
+        **expected,
+        "tokens_delivered": tokens,
+        "reasoning_delivered": 0,
+        "tool_calls_delivered": 0,
+    }
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == tokens
+
+
+async def test_a_timeout_ends_a_non_streamed_answer_as_cancelled() -> None:
+    quiet_after_5 = sim_config(tokens=100, stall_after=5, keepalive_interval=0.02)
+    async with Harness(quiet_after_5, idle_timeout=0.3) as h, _sdk(h) as sdk:
+        answer = await sdk.chat.completions.create(model="m", messages=MESSAGES)
+        record = await h.record()
+        await h.closed(record)
+    choice = answer.choices[0]
+    finish: str | None = choice.finish_reason
+    assert finish == "cancelled"
+    assert choice.message.content == record.text
+    assert len(record.text.split()) == 5
+    assert (answer.model_extra or {})["gateway"]["detail"] == "idle"
+    assert record.outcome == "closed_by_client"
