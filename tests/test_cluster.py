@@ -18,12 +18,13 @@ from typing import Any
 import anyio
 import coredis
 import httpx2 as httpx
+import openai
 import pytest
 
 from gateway.server import load_config
 from gateway.simulator import Simulator, SimulatorConfig
 
-from .harness import serve_until, worker_class
+from .harness import read_chunks, serve_until, worker_class
 from .processes import ROOT, WAIT, Gateway, RedisServer, free_port
 
 pytestmark = [
@@ -34,7 +35,8 @@ pytestmark = [
     ),
 ]
 
-BODY = {"messages": [{"role": "user", "content": "x"}]}
+MESSAGES: list[Any] = [{"role": "user", "content": "x"}]
+BODY = {"messages": MESSAGES}
 
 
 class Cluster:
@@ -402,3 +404,40 @@ async def test_a_failing_background_task_stops_the_instance_with_a_non_zero_exit
         assert "background task 'cluster' failed: this instance stops" in output
         assert "RuntimeError: planted bug in the message handler" in output
         assert f"[SSE] {sid} stopped reason=shutdown" in output
+
+
+@pytest.mark.filterwarnings("ignore:Async generator 'openai._streaming.:ResourceWarning")
+async def test_an_sdk_stream_on_one_instance_is_cancelled_through_another(
+    anyio_backend: Any,
+) -> None:
+    """/v1/chat/completions claims its session id cluster-wide like the native endpoint."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        a, b = await c.gateway(), await c.gateway()
+        sid = "session_1_cluster_v1"
+        sdk_a = openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key="x", max_retries=0)
+        sdk_b = openai.AsyncOpenAI(base_url=f"{b.url}/v1", api_key="x", max_retries=0)
+        async with sdk_a, sdk_b:
+            stream = await sdk_a.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                stream=True,
+                extra_headers={"X-Session-Id": sid},
+            )
+            async with stream:
+                chunks = [await stream.__anext__(), await stream.__anext__()]
+                record = c.provider.records[-1]
+                with pytest.raises(openai.ConflictError):
+                    await sdk_b.chat.completions.create(
+                        model="m", messages=MESSAGES, extra_headers={"X-Session-Id": sid}
+                    )
+                response = await client.post(f"{b.url}/api/chat/cancel/{sid}")
+                answered = time.monotonic()
+                assert response.status_code == 200
+                assert record.outcome == "closed_by_client"
+                assert record.ended_at is not None
+                assert record.ended_at <= answered
+                chunks += await read_chunks(stream)
+        finish: str | None = chunks[-1].choices[0].finish_reason
+        assert finish == "cancelled"
+        assert (chunks[-1].model_extra or {})["gateway"]["reason"] == "cancel"
+        a.wait_for(rf"\[SSE\] {sid} aborted by client/cancel reason=cancel")
