@@ -9,14 +9,19 @@ from typing import Any, cast
 
 _ENDS = (b"event: done", b"event: stopped", b"event: error")
 _TOKEN = b"event: token"
-_TAIL = len(_TOKEN) - 1
+# /v1/chat/completions (OpenAI's chunks): a content chunk, and the stream's last lines.
+_OPENAI_ENDS = (b"data: [DONE]", b'data: {"error"')
+_OPENAI_TOKEN = b'"delta":{"content":'
 
 
 class SSEStream(asyncio.Protocol):
     """One streaming request; notes the first token and the end, nothing else."""
 
-    def __init__(self) -> None:
+    def __init__(self, openai: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        self._marker = _OPENAI_TOKEN if openai else _TOKEN
+        self._ends: tuple[bytes, ...] = _OPENAI_ENDS if openai else _ENDS
+        self._keep = len(self._marker) - 1
         self.first_token: asyncio.Future[float] = loop.create_future()
         self.ended: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -30,12 +35,12 @@ class SSEStream(asyncio.Protocol):
         # The tail is shorter than the marker, so a marker split across two reads is
         # counted once, in the read that completes it.
         window = self._tail + data
-        self._tail = window[-_TAIL:]
-        found = window.count(_TOKEN)
+        self._tail = window[-self._keep :]
+        found = window.count(self._marker)
         self.tokens += found
         if found and not self.first_token.done():
             self.first_token.set_result(time.monotonic())
-        if not self.ended.done() and any(end in window for end in _ENDS):
+        if not self.ended.done() and any(end in window for end in self._ends):
             self.ended.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -50,17 +55,22 @@ class SSEStream(asyncio.Protocol):
         self.transport.close()
 
 
-async def open_stream(port: int, sid: str, mode: str, n: int = 0) -> SSEStream:
+async def open_stream(
+    port: int, sid: str, mode: str, n: int = 0, openai: bool = False
+) -> SSEStream:
+    """A stream on ``/api/chat/stream``, or with ``openai`` on ``/v1/chat/completions``."""
+    fields: dict[str, object] = {"stream": True} if openai else {}
     body = json.dumps(
-        {"messages": [{"role": "user", "content": f"bench:{sid}:{mode}:{n}"}]}
+        {"messages": [{"role": "user", "content": f"bench:{sid}:{mode}:{n}"}], **fields}
     ).encode()
+    path = "/v1/chat/completions" if openai else "/api/chat/stream"
     request = (
-        f"POST /api/chat/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"X-Session-Id: {sid}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     loop = asyncio.get_running_loop()
-    transport, stream = await loop.create_connection(SSEStream, "127.0.0.1", port)
+    transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
     stream.transport = transport
     transport.write(request)
     return stream

@@ -105,6 +105,15 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 f"({f['cpu_fraction']:.0%} CPU, {f['tokens_per_s']} tok/s) | "
                 f"gateway / floor {_ratio(g['us_per_token'] if g else None, f['us_per_token'])} |"
             )
+        openai = runs.get((worker, "gateway-openai"))
+        for n, o in (openai or {}).get("cpu", {}).items():
+            g = gate["cpu"].get(n)
+            lines.append(
+                f"| gateway's /v1/chat/completions (OpenAI's chunks), CPU µs per token, "
+                f"{n} streams | | {o['us_per_token']} ({o['cpu_fraction']:.0%} CPU, "
+                f"{o['tokens_per_s']} tok/s) | "
+                f"/v1 / native {_ratio(o['us_per_token'], g['us_per_token'] if g else None)} |"
+            )
         late = gate.get("idle_timeout_late")
         if late:
             lines.append(

@@ -199,11 +199,13 @@ class Bench:
         await asyncio.gather(*(lane(samples // lanes) for _ in range(lanes)))
         return out
 
-    async def open_many(self, port: int, count: int, mode: str, ramp: float) -> list[SSEStream]:
+    async def open_many(
+        self, port: int, count: int, mode: str, ramp: float, openai: bool = False
+    ) -> list[SSEStream]:
         """Open `count` streams spread over `ramp` seconds, so tokens don't arrive in lockstep."""
         streams = []
         for i in range(count):
-            streams.append(await open_stream(port, self.sid(mode), mode, 0))
+            streams.append(await open_stream(port, self.sid(mode), mode, 0, openai))
             await asyncio.sleep(ramp / count if i % 10 == 9 else 0)
         await asyncio.wait_for(asyncio.gather(*(s.first_token for s in streams)), 30)
         return streams
@@ -273,6 +275,17 @@ async def measure_floor(bench: Bench, worker: str, load: int, window: float) -> 
         cpu = await bench.cpu_per_token(process.pid, streams, window)
         await bench.closing(streams)
     return {"impl": "floor", "worker": worker, "cpu": {str(load): cpu}}
+
+
+async def measure_openai(bench: Bench, worker: str, load: int, window: float) -> dict[str, Any]:
+    """CPU per token of the gateway's /v1/chat/completions (OpenAI's chunks), in its own
+    process, as the native endpoint's is measured."""
+    async with _server("gateway", worker, bench.provider_port) as (port, process):
+        streams = await bench.open_many(port, load, "pace", ramp=1.0, openai=True)
+        await asyncio.sleep(2.0)
+        cpu = await bench.cpu_per_token(process.pid, streams, window)
+        await bench.closing(streams)
+    return {"impl": "gateway-openai", "worker": worker, "cpu": {str(load): cpu}}
 
 
 async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict[str, float]:
@@ -405,6 +418,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"-- floor on {worker}", flush=True)
                 runs.append(await measure_floor(bench, worker, args.floor, args.window))
                 print(json.dumps(runs[-1]), flush=True)
+            if args.openai:
+                print(f"-- gateway /v1/chat/completions on {worker}", flush=True)
+                runs.append(await measure_openai(bench, worker, args.openai, args.window))
+                print(json.dumps(runs[-1]), flush=True)
             if args.cluster:
                 print(f"-- cross-instance cancel on {worker}", flush=True)
                 gateway_run = next(r for r in reversed(runs) if r["impl"] == "gateway")
@@ -450,6 +467,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--floor", type=int, default=200, help="streams for the floor's CPU figure; 0: skip"
+    )
+    parser.add_argument(
+        "--openai",
+        type=int,
+        default=200,
+        help="streams for the CPU figure of /v1/chat/completions; 0: skip",
     )
     parser.add_argument(
         "--no-cluster",
