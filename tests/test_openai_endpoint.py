@@ -431,3 +431,23 @@ async def test_a_timeout_ends_a_non_streamed_answer_as_cancelled() -> None:
     assert len(record.text.split()) == 5
     assert (answer.model_extra or {})["gateway"]["detail"] == "idle"
     assert record.outcome == "closed_by_client"
+
+
+async def test_the_sync_sdk_reads_a_whole_answer_and_a_whole_stream() -> None:
+    async with Harness(sim_config(tokens=7, rate=0)) as h:
+        url = f"http://127.0.0.1:{h.port}/v1"
+
+        def run() -> tuple[str | None, str]:
+            with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=WAIT) as sdk:
+                whole = sdk.chat.completions.create(model="m", messages=MESSAGES)
+                stream = sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+                with stream:
+                    streamed = _content(list(stream))
+            return whole.choices[0].message.content, streamed
+
+        whole, streamed = await anyio.to_thread.run_sync(run)
+        first, second = h.simulator.records[-2], h.simulator.records[-1]
+    assert whole == first.text
+    assert streamed == second.text
+    assert len(second.text.split()) == 7
+    assert (first.outcome, second.outcome) == ("completed", "completed")
