@@ -179,52 +179,6 @@ async def test_fifty_concurrent_streams_closed_early_all_close_their_providers()
         assert h.upstream_connections() == 0
 
 
-async def test_the_cancel_endpoint_ends_an_sdk_loop_without_an_exception(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    sid = "session_sdk_cancel1"
-    async with Harness(sim_config(tokens=100_000, rate=200)) as h, _sdk(h) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="m",
-            messages=MESSAGES,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_headers={"X-Session-Id": sid},
-        )
-        chunks: list[ChatCompletionChunk] = []
-        async with stream:
-            for _ in range(5):
-                chunks.append(await stream.__anext__())
-            record = await h.record()
-            response = await h.cancel(sid)
-            assert response.status_code == 200
-            assert record.outcome == "closed_by_client"
-            while True:
-                try:
-                    chunks.append(await stream.__anext__())
-                except StopAsyncIteration:
-                    break
-        await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
-    last, usage_chunk = chunks[-2], chunks[-1]
-    # Not one of OpenAI's finish reasons: the SDK passes it through untyped.
-    finish: str | None = last.choices[0].finish_reason
-    assert finish == "cancelled"
-    assert last.choices[0].delta.content is None
-    tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
-    report = (last.model_extra or {})["gateway"]
-    assert report == {
-        "reason": "cancel",
-        "tokens_delivered": tokens,
-        "reasoning_delivered": 0,
-        "tool_calls_delivered": 0,
-    }
-    assert _content(chunks) == record.text[: len(_content(chunks))]
-    assert usage_chunk.choices == []
-    assert usage_chunk.usage is not None
-    assert usage_chunk.usage.completion_tokens == tokens
-    assert (usage_chunk.usage.model_extra or {})["estimated"] is True
-
-
 async def test_a_provider_failure_mid_stream_raises_apierror() -> None:
     async with Harness(sim_config(tokens=50, rate=0, reset_after=5)) as h, _sdk(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
@@ -367,8 +321,8 @@ async def test_models_lists_the_configured_model_then_the_providers() -> None:
     assert [m.id for m in page.data] == ["sim-model", "simulator"]
 
 
-@pytest.mark.parametrize("how", ["timeout", "shutdown"])
-async def test_a_timeout_or_shutdown_ends_an_sdk_loop_as_cancelled(
+@pytest.mark.parametrize("how", ["cancel", "timeout", "shutdown"])
+async def test_a_stop_ends_an_sdk_loop_as_cancelled_without_an_exception(
     how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     sid = f"session_sdk_{how}"
@@ -380,7 +334,8 @@ async def test_a_timeout_or_shutdown_ends_an_sdk_loop_as_cancelled(
         line, expected = "timed out reason=idle", {"reason": "timeout", "detail": "idle"}
     else:
         harness = Harness(sim_config(tokens=100_000, rate=200))
-        line, expected = "stopped reason=shutdown", {"reason": "shutdown"}
+        line = "stopped reason=shutdown" if how == "shutdown" else "aborted by client/cancel"
+        expected = {"reason": how}
     async with harness as h, _sdk(h) as sdk:
         stream = await sdk.chat.completions.create(
             model="m",
@@ -394,7 +349,12 @@ async def test_a_timeout_or_shutdown_ends_an_sdk_loop_as_cancelled(
             for _ in range(4):
                 chunks.append(await stream.__anext__())
             record = await h.record()
-            if how == "shutdown":
+            if how == "cancel":
+                response = await h.cancel(sid)
+                assert response.status_code == 200
+                # The 200 comes only after the provider's connection is closed.
+                assert record.outcome == "closed_by_client"
+            elif how == "shutdown":
                 await h.shutdown()
             while True:  # no exception: the loop just ends
                 try:
@@ -404,9 +364,11 @@ async def test_a_timeout_or_shutdown_ends_an_sdk_loop_as_cancelled(
         await h.closed(record)
         assert record.outcome == "closed_by_client"
         await h.assert_ended_cleanly(caplog, sid, line)
-    last = chunks[-2]
+    last, usage_chunk = chunks[-2], chunks[-1]
+    # Not one of OpenAI's finish reasons: the SDK passes it through untyped.
     finish: str | None = last.choices[0].finish_reason
     assert finish == "cancelled"
+    assert last.choices[0].delta.content is None
     tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
     assert (last.model_extra or {})["gateway"] == {
         **expected,
@@ -414,8 +376,11 @@ async def test_a_timeout_or_shutdown_ends_an_sdk_loop_as_cancelled(
         "reasoning_delivered": 0,
         "tool_calls_delivered": 0,
     }
-    assert chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == tokens
+    assert record.text.startswith(_content(chunks))
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens == tokens
+    assert (usage_chunk.usage.model_extra or {})["estimated"] is True
 
 
 async def test_a_timeout_ends_a_non_streamed_answer_as_cancelled() -> None:
