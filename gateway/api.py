@@ -7,10 +7,12 @@ path in session.py and registry.py.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 
 import anyio
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -23,14 +25,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Authenticator
 from .cluster import Cluster
-from .errors import (
-    APIError,
-    CancelTimeout,
-)
+from .errors import APIError, CancelTimeout, CancelUnavailable, Unauthorized
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
 from .logs import loggable
+from .metrics import Metrics
 from .openapi import openapi
 from .registry import Registry
 from .responses import error_json, error_response
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
             Route("/v1/models", _models, methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
+            Route("/metrics", _metrics, methods=["GET"]),
             Route("/openapi.json", _openapi, methods=["GET"]),
             Route("/api/demo/provider/{session_id}", _demo_provider, methods=["GET"]),
             Route("/", _index, methods=["GET"]),
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_per_principal=settings.max_sessions_per_principal if authenticated else None,
         ),
         auth=Authenticator(settings),
+        metrics=Metrics(),
         openapi=openapi(settings),
         cluster=(
             Cluster(
@@ -191,23 +193,30 @@ async def _chat_cancel(request: Request) -> Response:
     principal = _principal(request)
     session_id = request.path_params["session_id"]
     logger.info("[SSE] Cancel request received for %s", loggable(session_id))
+    state = state_of(request)
     if not SESSION_ID_RE.fullmatch(session_id):
         # No stream can have this id: the same answer as an unknown one.
+        state.metrics.cancel_request("not_found")
         return _NOT_FOUND
-    state = state_of(request)
     # Another principal's session answers exactly like an unknown one.
     # Not here: ask the owner through Redis (CancelUnavailable, 503, if it cannot).
-    if (
-        state.registry.get(session_id, principal) is None
-        and state.cluster is not None
-        and await state.cluster.forward_cancel(principal, session_id)
-    ):
-        return _cancelled(session_id)
+    if state.registry.get(session_id, principal) is None and state.cluster is not None:
+        try:
+            forwarded = await state.cluster.forward_cancel(principal, session_id)
+        except CancelUnavailable:
+            state.metrics.cancel_request("unavailable")
+            raise
+        if forwarded:
+            state.metrics.cancel_request("forwarded")
+            return _cancelled(session_id)
     ended = await state.registry.stop(session_id, principal, state.settings.cancel_wait)
     if ended is None:
+        state.metrics.cancel_request("not_found")
         return _NOT_FOUND
     if not ended:
+        state.metrics.cancel_request("timeout")
         raise CancelTimeout("the stream did not end within the wait bound")
+    state.metrics.cancel_request("stopped")
     return _cancelled(session_id)
 
 
@@ -246,6 +255,25 @@ async def _demo_provider(request: Request) -> Response:
 def _demo_headers(principal: str, session_id: str) -> dict[str, str]:
     # Hex: a principal (an API key's name) may hold characters a header cannot.
     return {"x-session-id": session_id, "x-principal": principal.encode().hex()}
+
+
+async def _metrics(request: Request) -> Response:
+    """Prometheus's text format; behind its own bearer key when GATEWAY_METRICS_KEY is set
+    (a scraper is not a principal of the chat API)."""
+    state = state_of(request)
+    key = state.settings.metrics_key
+    if key is not None:
+        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), key.encode()
+        ):
+            raise Unauthorized(
+                "GET /metrics needs Authorization: Bearer <GATEWAY_METRICS_KEY>",
+                headers={"www-authenticate": 'Bearer realm="metrics"'},
+            )
+    if state.cluster is not None:
+        state.metrics.cluster_available.set(1 if state.cluster.available else 0)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _openapi(request: Request) -> Response:

@@ -441,6 +441,19 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (docs/observability.md)",
+                    "security": [{"bearer": []}] if settings.metrics_key else [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus's text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _error("GATEWAY_METRICS_KEY is set and was not presented"),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This description",

@@ -84,6 +84,10 @@ class Session:
         self.last_delta_at = self.started_at
         self.last_write_at = self.started_at
         self.send_started_at: float | None = None
+        # When the stop was triggered, and when the provider's connection was closed
+        # after it: the Stop latency (metrics.py).
+        self.stopped_at: float | None = None
+        self.provider_closed_at: float | None = None
         self.client_gone = False
         self.response_started = False
         self.sender_done = anyio.Event()
@@ -107,6 +111,7 @@ class Session:
         """Stop the stream for ``reason``; ``False`` if it already has an outcome."""
         if not self.settle(Stopped(reason, detail)):
             return False
+        self.stopped_at = anyio.current_time()
         self.scope.cancel()
         return True
 

@@ -62,6 +62,8 @@ class Settings:
     # Scale-out (docs/scaling.md): unset, the registry is this process's alone.
     redis_url: str | None = None
     claim_ttl: float = 10.0
+    # GET /metrics needs "Authorization: Bearer <this>" when set (docs/observability.md).
+    metrics_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -136,6 +138,8 @@ class Settings:
             ("redis://", "rediss://", "unix://")
         ):
             raise ConfigError("GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.metrics_key is not None and len(self.metrics_key) < 16:
+            raise ConfigError("GATEWAY_METRICS_KEY must be at least 16 characters")
         if self.simulator_tokens < 1:
             raise ConfigError("GATEWAY_SIMULATOR_TOKENS must be >= 1")
         if self.simulator_reasoning_tokens < 0:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from .auth import Authenticator
 from .cluster import Cluster
+from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
 from .simulator import Simulator
@@ -25,6 +26,7 @@ class GatewayState:
     auth: Authenticator
     openapi: dict[str, Any]
     cluster: Cluster | None
+    metrics: Metrics
     # Set by the lifespan: the provider client, the provider's base URL (the built-in
     # simulator's in demo mode) and, in demo mode, the simulator.
     _client: httpx.AsyncClient | None = field(default=None, repr=False)

@@ -103,6 +103,7 @@ class ChatStream:
             "" if session.principal == ANONYMOUS else f" principal={loggable(session.principal)}"
         )
         logger.info("[SSE] %s started model=%s%s", session.id, loggable(session.model), principal)
+        self._gateway.metrics.stream_started()
         try:
             start = self._answer.start(session)
             if start:
@@ -153,6 +154,7 @@ class ChatStream:
                 await session.sender_done.wait()
         self._gateway.registry.remove(session)
         session.log_end()
+        self._gateway.metrics.stream_ended(session, anyio.current_time())
         session.ended.set()
         if self._gateway.cluster is not None:
             await self._gateway.cluster.release(session.principal, session.id)
@@ -198,6 +200,7 @@ class ChatStream:
         finally:
             if upstream is not None:
                 await upstream.aclose()
+            session.provider_closed_at = anyio.current_time()
 
     @staticmethod
     async def _deliver(

@@ -201,7 +201,10 @@ async def soak(worker: str, streams: int, concurrency: int, seed: int) -> dict[s
                 worker,
                 GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{port}/v1",
                 GATEWAY_MODEL="soak",
-                GATEWAY_IDLE_TIMEOUT="0.3",
+                # Short for the stall fate, yet well above the gap between two tokens
+                # of the long provider on a loaded machine (0.3 s once timed out a
+                # stream the test was about to cancel).
+                GATEWAY_IDLE_TIMEOUT="1.0",
                 GATEWAY_MAX_SESSIONS="100000",
             )
         )

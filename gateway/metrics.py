@@ -1,0 +1,179 @@
+"""Prometheus metrics: one outcome per stream, the Stop latency, what reached the client.
+
+Every stream is counted where its one end line is written (``ChatStream._finish``), so
+the counters agree with the logs. Labels are bounded: no principal, session id or model
+text. Names and their OpenTelemetry GenAI equivalents: docs/observability.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .session import Completed, Failed, Session, Stopped
+
+__all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics", "outcome_label"]
+
+OUTCOMES = (
+    "completed",
+    "cancelled",
+    "disconnected",
+    "timeout_first_token",
+    "timeout_idle",
+    "timeout_total",
+    "timeout_send",
+    "shutdown",
+    "upstream_error",
+    "internal_error",
+)
+CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
+_KINDS = ("content", "reasoning", "tool_call")
+_TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
+# Stop latencies are milliseconds on loopback, seconds when something is wrong.
+_CLOSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FIRST_DELTA_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def outcome_label(session: Session) -> str:
+    outcome = session.outcome
+    if isinstance(outcome, Completed):
+        return "completed"
+    if isinstance(outcome, Stopped):
+        if outcome.reason == "cancel":
+            return "cancelled"
+        if outcome.reason == "disconnect":
+            return "disconnected"
+        if outcome.reason == "timeout":
+            return f"timeout_{outcome.detail}"
+        return "shutdown"
+    assert isinstance(outcome, Failed)
+    return "internal_error" if outcome.code == "internal_error" else "upstream_error"
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.started = Counter("gateway_streams_started", "Streams started.", registry=r)
+        self.ended = Counter(
+            "gateway_streams_ended", "Streams ended, by outcome.", ["outcome"], registry=r
+        )
+        self.live = Gauge("gateway_streams_live", "Streams running now.", registry=r)
+        self.deltas = Counter(
+            "gateway_deltas_delivered",
+            "Deltas the client was sent, by kind, counted when the stream ends.",
+            ["kind"],
+            registry=r,
+        )
+        self.first_delta = Histogram(
+            "gateway_time_to_first_delta_seconds",
+            "From the request to the first delta of any kind.",
+            buckets=_FIRST_DELTA_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_stream_duration_seconds",
+            "From the request to the stream's end, by outcome.",
+            ["outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.provider_close = Histogram(
+            "gateway_provider_close_seconds",
+            "From a stop's trigger to the provider's connection closed.",
+            ["trigger"],
+            buckets=_CLOSE_BUCKETS,
+            registry=r,
+        )
+        self.cancels = Counter(
+            "gateway_cancel_requests",
+            "Cancel requests, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.provider_tokens = Counter(
+            "gateway_provider_tokens",
+            "Tokens in the provider's usage reports, by type.",
+            ["type"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Provider failures, by code.", ["code"], registry=r
+        )
+        self.cluster_available = Gauge(
+            "gateway_cluster_available",
+            "1 while Redis is reachable (only with GATEWAY_REDIS_URL).",
+            registry=r,
+        )
+        # Every label value exists from the start: a rate over a series that appears
+        # mid-way misses its first increment.
+        for outcome in OUTCOMES:
+            self.ended.labels(outcome)
+            self.duration.labels(outcome)
+        for kind in _KINDS:
+            self.deltas.labels(kind)
+        for trigger in _TRIGGERS:
+            self.provider_close.labels(trigger)
+        for result in CANCEL_RESULTS:
+            self.cancels.labels(result)
+        for kind in ("prompt", "completion", "reasoning", "cached_prompt"):
+            self.provider_tokens.labels(kind)
+
+    def stream_started(self) -> None:
+        self.started.inc()
+        self.live.inc()
+
+    def stream_ended(self, session: Session, now: float) -> None:
+        outcome = outcome_label(session)
+        self.live.dec()
+        self.ended.labels(outcome).inc()
+        self.duration.labels(outcome).observe(now - session.started_at)
+        for kind, count in zip(_KINDS, session.queued(), strict=True):
+            if count:
+                self.deltas.labels(kind).inc(count)
+        if session.first_delta_at is not None:
+            self.first_delta.observe(session.first_delta_at - session.started_at)
+        stopped = session.outcome
+        if (
+            isinstance(stopped, Stopped)
+            and session.stopped_at is not None
+            and session.provider_closed_at is not None
+        ):
+            close = max(0.0, session.provider_closed_at - session.stopped_at)
+            self.provider_close.labels(stopped.reason).observe(close)
+        if isinstance(stopped, Completed) and stopped.usage is not None:
+            for kind, count in provider_tokens(stopped.usage).items():
+                self.provider_tokens.labels(kind).inc(count)
+        if isinstance(stopped, Failed) and stopped.code.startswith("upstream_"):
+            self.upstream_errors.labels(stopped.code).inc()
+
+    def cancel_request(self, result: str) -> None:
+        self.cancels.labels(result).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def provider_tokens(usage: dict[str, object]) -> dict[str, int]:
+    """The token counts of a provider's usage object: OpenAI's fields, and DeepSeek's
+    ``prompt_cache_hit_tokens`` for the cached prompt."""
+
+    def number(value: object) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        return None
+
+    def nested(name: str, key: str) -> int | None:
+        details = usage.get(name)
+        return number(details.get(key)) if isinstance(details, dict) else None
+
+    found = {
+        "prompt": number(usage.get("prompt_tokens")),
+        "completion": number(usage.get("completion_tokens")),
+        "reasoning": nested("completion_tokens_details", "reasoning_tokens"),
+        "cached_prompt": nested("prompt_tokens_details", "cached_tokens")
+        or number(usage.get("prompt_cache_hit_tokens")),
+    }
+    return {kind: count for kind, count in found.items() if count}

@@ -1,0 +1,158 @@
+"""GET /metrics after a known mix of streams, read with prometheus_client's own parser:
+every counter equals the mix, on asyncio, uvloop and Trio."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import anyio
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import ConfigError, Settings
+from gateway.state import state_of
+
+from .harness import WAIT, Harness, end_lines, sim_config
+
+pytestmark = pytest.mark.anyio
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+_TOKENS = re.compile(r" tokens=(\d+)")
+
+
+def _samples(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def _stream_to_end(h: Harness, sid: str) -> None:
+    async with h.stream(sid) as s:
+        await s.rest()
+
+
+async def test_every_counter_equals_a_known_mix(caplog: pytest.LogCaptureFixture) -> None:
+    # One gateway, its timeouts short enough for a stream to meet each of them.
+    async with Harness(
+        sim_config(tokens=3, rate=0), first_token_timeout=0.5, idle_timeout=0.5, max_duration=1.5
+    ) as h:
+        sim = h.simulator
+        await _stream_to_end(h, "session_m_completed")
+
+        sim.config = sim_config(tokens=100_000, rate=200)
+        async with h.stream("session_m_cancelled") as s:
+            await s.tokens_at_least(3)
+            assert (await h.cancel("session_m_cancelled")).status_code == 200
+            await s.rest()
+        assert (await h.cancel("session_m_nobody00")).status_code == 404
+        async with h.stream("session_m_disconnect") as s:
+            await s.tokens_at_least(3)
+        await h.ended("session_m_disconnect")
+
+        sim.config = sim_config(tokens=10, queue_seconds=5, keepalive_interval=0.05)
+        await _stream_to_end(h, "session_m_first_tok")
+        sim.config = sim_config(tokens=100, stall_after=2, keepalive_interval=0.05)
+        await _stream_to_end(h, "session_m_idle_tout")
+        sim.config = sim_config(tokens=100_000, rate=20)
+        await _stream_to_end(h, "session_m_total_tout")
+        sim.config = sim_config(status=500)
+        await _stream_to_end(h, "session_m_upstream5")
+
+        sids = [
+            "session_m_completed",
+            "session_m_cancelled",
+            "session_m_disconnect",
+            "session_m_first_tok",
+            "session_m_idle_tout",
+            "session_m_total_tout",
+            "session_m_upstream5",
+        ]
+        for sid in sids:
+            await h.ended(sid)
+        response = await h.client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=")
+        m = _samples(response.text)
+
+        # The shutdown stop: the server is gone after it, so its figures are read from
+        # the same exposition in the process.
+        sim.config = sim_config(tokens=100_000, rate=200)
+        async with h.stream("session_m_shutdown0") as s:
+            await s.tokens_at_least(2)
+            await h.shutdown()
+            await s.rest()
+        with anyio.fail_after(WAIT):
+            await h.served.wait()
+        after = _samples(state_of(h.app).metrics.exposition().decode())
+
+    ended = {
+        "completed": 1,
+        "cancelled": 1,
+        "disconnected": 1,
+        "timeout_first_token": 1,
+        "timeout_idle": 1,
+        "timeout_total": 1,
+        "timeout_send": 0,
+        "shutdown": 0,
+        "upstream_error": 1,
+        "internal_error": 0,
+    }
+    for outcome, count in ended.items():
+        assert _value(m, "gateway_streams_ended_total", outcome=outcome) == count, outcome
+        assert _value(m, "gateway_stream_duration_seconds_count", outcome=outcome) == count
+    assert _value(m, "gateway_streams_started_total") == len(sids)
+    assert _value(m, "gateway_streams_live") == 0
+    assert _value(after, "gateway_streams_ended_total", outcome="shutdown") == 1
+    assert _value(after, "gateway_streams_started_total") == len(sids) + 1
+    assert _value(after, "gateway_streams_live") == 0
+
+    # The deltas delivered are the ones each stream's end line counted.
+    lines = [line for sid in sids for line in end_lines(caplog.records, sid)]
+    assert len(lines) == len(sids)
+    logged = sum(int(hit.group(1)) for line in lines if (hit := _TOKENS.search(line)))
+    assert logged > 0
+    assert _value(m, "gateway_deltas_delivered_total", kind="content") == logged
+    assert _value(m, "gateway_deltas_delivered_total", kind="reasoning") == 0
+
+    triggers = Counter({"cancel": 1, "disconnect": 1, "timeout": 3, "shutdown": 0})
+    for trigger, count in triggers.items():
+        assert _value(m, "gateway_provider_close_seconds_count", trigger=trigger) == count
+    assert _value(after, "gateway_provider_close_seconds_count", trigger="shutdown") == 1
+    # The completed stream and each stop had deltas; the upstream 500 had none.
+    assert _value(m, "gateway_time_to_first_delta_seconds_count") == 5
+
+    assert _value(m, "gateway_cancel_requests_total", result="stopped") == 1
+    assert _value(m, "gateway_cancel_requests_total", result="not_found") == 1
+    assert _value(m, "gateway_cancel_requests_total", result="forwarded") == 0
+    assert _value(m, "gateway_upstream_errors_total", code="upstream_error") == 1
+    # The simulator's usage for the completed stream: 3 completion tokens.
+    assert _value(m, "gateway_provider_tokens_total", type="completion") == 3
+    assert _value(m, "gateway_provider_tokens_total", type="prompt") > 0
+    # Bounded labels: no session id, principal or model anywhere.
+    assert "session_m_" not in response.text
+    assert "sim-model" not in response.text
+
+
+async def test_the_metrics_key_guards_metrics_only() -> None:
+    key = "metrics-key-0123456789"
+    async with Harness(sim_config(tokens=2, rate=0), metrics_key=key) as h:
+        missing = await h.client.get("/metrics")
+        wrong = await h.client.get("/metrics", headers={"Authorization": "Bearer nope-nope"})
+        right = await h.client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+        await _stream_to_end(h, "session_key_stream")
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["code"] == "unauthorized"
+    assert right.status_code == 200
+    assert "gateway_streams_started_total" in right.text
+
+
+def test_a_short_metrics_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_METRICS_KEY"):
+        Settings.from_env({"GATEWAY_METRICS_KEY": "short"})
