@@ -92,6 +92,7 @@ class Lifespan(AsyncContextManagerMixin):
         finally:
             with anyio.move_on_after(_CLIENT_CLOSE, shield=True):
                 await state.client.aclose()
+            state.metrics.close()
         if failed is not None:
             raise failed
 

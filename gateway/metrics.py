@@ -3,11 +3,24 @@
 Every stream is counted where its one end line is written (``ChatStream._finish``), so
 the counters agree with the logs. Labels are bounded: no principal, session id or model
 text. Names and their OpenTelemetry GenAI equivalents: docs/observability.md.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus_client's own variable, read when it
+is imported), every hypercorn worker writes its figures there and a scrape of any
+worker reports the sum over all of them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from .session import Completed, Failed, Session, Stopped
 
@@ -25,6 +38,7 @@ OUTCOMES = (
     "upstream_error",
     "internal_error",
 )
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
 _KINDS = ("content", "reasoning", "tool_call")
 _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
@@ -60,7 +74,12 @@ class Metrics:
         self.ended = Counter(
             "gateway_streams_ended", "Streams ended, by outcome.", ["outcome"], registry=r
         )
-        self.live = Gauge("gateway_streams_live", "Streams running now.", registry=r)
+        self.live = Gauge(
+            "gateway_streams_live",
+            "Streams running now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.deltas = Counter(
             "gateway_deltas_delivered",
             "Deltas the client was sent, by kind, counted when the stream ends.",
@@ -106,6 +125,8 @@ class Metrics:
             "gateway_cluster_available",
             "1 while Redis is reachable (only with GATEWAY_REDIS_URL).",
             registry=r,
+            # Over several workers: 0 if any live one cannot reach Redis.
+            multiprocess_mode="livemin",
         )
         # Every label value exists from the start: a rate over a series that appears
         # mid-way misses its first increment.
@@ -153,7 +174,18 @@ class Metrics:
         self.cancels.labels(result).inc()
 
     def exposition(self) -> bytes:
+        if _MULTIPROCESS:
+            # Read from every worker's files, this one's included.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """At the worker's exit: its live gauges stop counting (the counters stay,
+        summed: totals do not drop when a worker restarts)."""
+        if _MULTIPROCESS:
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 def provider_tokens(usage: dict[str, object]) -> dict[str, int]:

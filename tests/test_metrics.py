@@ -3,17 +3,26 @@ every counter equals the mix, on asyncio, uvloop and Trio."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import anyio
+import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import ConfigError, Settings
+from gateway import ConfigError, Settings, Simulator, SimulatorConfig
+from gateway.server import load_config
 from gateway.state import state_of
 
-from .harness import WAIT, Harness, end_lines, sim_config
+from .harness import WAIT, Harness, end_lines, serve_until, sim_config, worker_class
+from .processes import ROOT, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +165,85 @@ async def test_the_metrics_key_guards_metrics_only() -> None:
 def test_a_short_metrics_key_is_refused() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_METRICS_KEY"):
         Settings.from_env({"GATEWAY_METRICS_KEY": "short"})
+
+
+async def test_two_workers_behind_one_port_report_the_sum(
+    anyio_backend: Any, tmp_path: Path
+) -> None:
+    """hypercorn --workers 2 with PROMETHEUS_MULTIPROC_DIR: 20 streams spread over the
+    workers, and every scrape, whichever worker answers it, reports all 20."""
+    provider = Simulator(SimulatorConfig(tokens=3, rate=0))
+    stop = anyio.Event()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    async with anyio.create_task_group() as tg:
+        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
+        [(_, provider_port)] = await tg.start(serve_until, provider, config, stop.wait)
+        env |= {
+            "GATEWAY_UPSTREAM_URL": f"http://127.0.0.1:{provider_port}/v1",
+            "GATEWAY_MODEL": "m",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        }
+        process = await anyio.open_process(
+            [
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--workers",
+                "2",
+                "-k",
+                worker_class(anyio_backend),
+                "-b",
+                f"127.0.0.1:{port}",
+                "--graceful-timeout",
+                "1",
+                "gateway.app:app",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _until_up(url)
+            for i in range(20):
+                # A fresh connection each, so the streams spread over both workers.
+                async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
+                    response = await fresh.post(
+                        "/api/chat/stream",
+                        headers={"X-Session-Id": f"session_workers_{i:02}"},
+                        json={"messages": [{"role": "user", "content": "x"}]},
+                    )
+                assert response.status_code == 200
+                assert "event: done" in response.text
+            # Each worker wrote its own files (named by its pid).
+            files = anyio.Path(tmp_path).glob("counter_*.db")
+            pids = {p.stem.rsplit("_", 1)[1] async for p in files}
+            assert len(pids) == 2
+            for _ in range(6):
+                async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
+                    m = _samples((await fresh.get("/metrics")).text)
+                assert _value(m, "gateway_streams_started_total") == 20
+                assert _value(m, "gateway_streams_ended_total", outcome="completed") == 20
+                assert _value(m, "gateway_streams_live") == 0
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(WAIT, shield=True):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
+            stop.set()
+
+
+async def _until_up(url: str) -> None:
+    with anyio.fail_after(30):
+        while True:
+            try:
+                async with httpx.AsyncClient(timeout=WAIT) as client:
+                    if (await client.get(f"{url}/healthz")).status_code == 200:
+                        return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.05)  # a starting process: nothing to await
