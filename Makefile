@@ -29,10 +29,11 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-# The browser tests drive Debian's chromium, the cluster tests Debian's redis-server
-# (each test starts its own on a free port); node runs the client's unit tests.
+# The browser tests drive Debian's chromium, the cluster tests Debian's redis-server, a
+# metrics test Debian's prometheus (each test starts its own on a free port); node runs
+# the client's unit tests.
 pytest: $(VENV)/.installed-dev
-	scripts/ensure-apt.sh chromium redis-server
+	scripts/ensure-apt.sh chromium redis-server prometheus
 	$(BIN)/pytest
 
 jstest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,3 +248,60 @@ async def _until_up(url: str) -> None:
             except httpx.TransportError:
                 pass
             await anyio.sleep(0.05)  # a starting process: nothing to await
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="Debian's prometheus is not installed (make test installs it)",
+)
+async def test_a_real_prometheus_scrapes_the_gateway(tmp_path: Path) -> None:
+    key = "metrics-key-0123456789"
+    async with Harness(sim_config(tokens=3, rate=0), metrics_key=key) as h:
+        prometheus_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: gateway\n"
+            f"    authorization: {{credentials: {key}}}\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{h.port}']}}]\n"
+        )
+        process = await anyio.open_process(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for i in range(5):
+                await _stream_to_end(h, f"session_prom_{i:02}")
+            query = "sum(gateway_streams_ended_total)"
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                # Prometheus scrapes on its own clock: its answer can only be polled.
+                with anyio.fail_after(30):
+                    while True:
+                        try:
+                            answer = await client.get(
+                                f"http://127.0.0.1:{prometheus_port}/api/v1/query",
+                                params={"query": query},
+                            )
+                            result = answer.json()["data"]["result"]
+                        except (httpx.TransportError, ValueError, KeyError):
+                            result = []
+                        if result and float(result[0]["value"][1]) == 5:
+                            break
+                        await anyio.sleep(0.2)
+                targets = await client.get(f"http://127.0.0.1:{prometheus_port}/api/v1/targets")
+            [target] = targets.json()["data"]["activeTargets"]
+            assert target["health"] == "up"
+        finally:
+            process.terminate()
+            with anyio.move_on_after(WAIT, shield=True):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
