@@ -29,7 +29,7 @@ from .errors import APIError, CancelTimeout, CancelUnavailable, Unauthorized
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
-from .logs import loggable
+from .logs import loggable, use_format
 from .metrics import Metrics
 from .openapi import openapi
 from .registry import Registry
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     # A level, not a handler: where the lines go is the operator's logging config.
     logging.getLogger("gateway").setLevel(settings.log_level_number)
+    use_format(settings.log_format)
     return app
 
 

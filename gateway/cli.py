@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from .api import create_app
 from .errors import ConfigError
+from .logs import Formatter
 from .server import WORKER_CLASSES, anyio_backend, load_config, serve
 from .settings import Settings
 from .state import state_of
@@ -58,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level_number,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(Formatter())
+    logging.basicConfig(level=settings.log_level_number, handlers=[handler])
     # httpx2 logs every provider request at INFO; the gateway's own lines say more.
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, settings.log_level_number))
     run(create_app(settings), config)

@@ -79,18 +79,6 @@ def _gateway_report(session: Session, stopped: Stopped) -> dict[str, object]:
     return report
 
 
-def _estimated_usage(session: Session) -> dict[str, object]:
-    # The provider's usage comes last, so a stopped answer never has it. The gateway
-    # knows the deltas it relayed, not the prompt's tokens.
-    delivered = session.tokens_queued + session.reasoning_queued + session.tool_calls_queued
-    return {
-        "prompt_tokens": None,
-        "completion_tokens": delivered,
-        "total_tokens": None,
-        "estimated": True,
-    }
-
-
 def _failure_status(failed: Failed) -> int:
     return 500 if failed.code == "internal_error" else 502
 
@@ -158,12 +146,11 @@ class ChatCompletionChunks(AnswerFormat):
         extra: dict[str, object] = {}
         if isinstance(outcome, Completed):
             out = self._chunk({}, outcome.finish_reason or "stop")
-            usage = outcome.usage
         else:
             assert isinstance(outcome, Stopped)
             extra["gateway"] = _gateway_report(session, outcome)
             out = self._chunk({}, CANCELLED, **extra)
-            usage = _estimated_usage(session)
+        usage, _ = session.usage()
         if self._include_usage:
             out += _data({**self._meta, "choices": [], "usage": usage, **extra})
         return out + b"data: [DONE]\n\n"
@@ -240,14 +227,13 @@ class ChatCompletion(AnswerFormat):
         }
         if isinstance(outcome, Completed):
             finish_reason = outcome.finish_reason or "stop"
-            usage = outcome.usage
         else:
             assert isinstance(outcome, Stopped)
             finish_reason = CANCELLED
-            usage = _estimated_usage(session)
             answer["gateway"] = _gateway_report(session, outcome)
+        answer_usage, _ = session.usage()
         answer["choices"] = [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
         ]
-        answer["usage"] = usage
+        answer["usage"] = answer_usage
         return json_text(answer).encode()

@@ -7,11 +7,13 @@ write a second line, forge a level or move the terminal's cursor: control charac
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import re
 import sys
 
-__all__ = ["EscapeControlCharacters", "ensure_handler", "loggable"]
+__all__ = ["EscapeControlCharacters", "Formatter", "ensure_handler", "loggable", "use_format"]
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Longest client-supplied value written in one of the gateway's own lines.
@@ -50,6 +52,44 @@ class EscapeControlCharacters(logging.Filter):
         return True
 
 
+_json = False
+
+
+def use_format(name: str) -> None:
+    """``text`` or ``json`` (``GATEWAY_LOG_FORMAT``), for every ``Formatter``; set by
+    ``create_app``, as formatters are made by whoever configures logging."""
+    global _json
+    _json = name == "json"
+
+
+class Formatter(logging.Formatter):
+    """Text (``%(asctime)s %(levelname)s %(name)s: %(message)s``) or, with
+    ``GATEWAY_LOG_FORMAT=json``, one JSON object per line: ``time``, ``level``,
+    ``logger``, ``message``, and the fields a gateway line carries (the end line's:
+    docs/observability.md). hypercorn.toml names it for its handlers."""
+
+    def __init__(self, fmt: str | None = _FORMAT, datefmt: str | None = None) -> None:
+        super().__init__(fmt, datefmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not _json:
+            return super().format(record)
+        at = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        data: dict[str, object] = {
+            "time": at.isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "gateway", None)
+        if isinstance(fields, dict):
+            data.update(fields)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        # ASCII: no raw line separator of any kind can reach the output.
+        return json.dumps(data, default=str)
+
+
 class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes a record only while no other handler would: decided at each record, as
     a server may configure logging after the app has started (hypercorn applies its
@@ -76,6 +116,6 @@ def ensure_handler() -> None:
     if any(isinstance(handler, _Fallback) for handler in logger.handlers):
         return
     handler = _Fallback(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(Formatter())
     handler.addFilter(EscapeControlCharacters())
     logger.addHandler(handler)

@@ -24,7 +24,7 @@ from prometheus_client import (
 
 from .session import Completed, Failed, Session, Stopped
 
-__all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics", "outcome_label"]
+__all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics"]
 
 OUTCOMES = (
     "completed",
@@ -46,22 +46,6 @@ _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
 _CLOSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FIRST_DELTA_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-
-
-def outcome_label(session: Session) -> str:
-    outcome = session.outcome
-    if isinstance(outcome, Completed):
-        return "completed"
-    if isinstance(outcome, Stopped):
-        if outcome.reason == "cancel":
-            return "cancelled"
-        if outcome.reason == "disconnect":
-            return "disconnected"
-        if outcome.reason == "timeout":
-            return f"timeout_{outcome.detail}"
-        return "shutdown"
-    assert isinstance(outcome, Failed)
-    return "internal_error" if outcome.code == "internal_error" else "upstream_error"
 
 
 class Metrics:
@@ -147,7 +131,7 @@ class Metrics:
         self.live.inc()
 
     def stream_ended(self, session: Session, now: float) -> None:
-        outcome = outcome_label(session)
+        outcome = session.outcome_label()
         self.live.dec()
         self.ended.labels(outcome).inc()
         self.duration.labels(outcome).observe(now - session.started_at)

@@ -161,12 +161,79 @@ class Session:
             data["upstream_status"] = outcome.upstream_status
         return "error", data
 
+    def outcome_label(self) -> str:
+        """The outcome as one word: the ``outcome`` of metrics and JSON logs."""
+        outcome = self.outcome
+        if isinstance(outcome, Completed):
+            return "completed"
+        if isinstance(outcome, Stopped):
+            if outcome.reason == "cancel":
+                return "cancelled"
+            if outcome.reason == "disconnect":
+                return "disconnected"
+            if outcome.reason == "timeout":
+                return f"timeout_{outcome.detail}"
+            return "shutdown"
+        assert isinstance(outcome, Failed)
+        return "internal_error" if outcome.code == "internal_error" else "upstream_error"
+
+    def usage(self) -> tuple[dict[str, object], str]:
+        """The provider's usage and ``"provider"`` when it reported one; else an estimate
+        and ``"estimated"``: the deltas delivered (content, reasoning and tool-call
+        fragments, each about one token) as completion tokens, the prompt unknown. A
+        stopped stream never gets the provider's usage, which comes last."""
+        outcome = self.outcome
+        if isinstance(outcome, Completed) and outcome.usage is not None:
+            return outcome.usage, "provider"
+        delivered = self.tokens_queued + self.reasoning_queued + self.tool_calls_queued
+        estimate: dict[str, object] = {
+            "prompt_tokens": None,
+            "completion_tokens": delivered,
+            "total_tokens": None,
+            "estimated": True,
+        }
+        return estimate, "estimated"
+
+    def end_record(self, now: float) -> dict[str, object]:
+        """The end line's fields, for the JSON log format (docs/observability.md)."""
+        outcome = self.outcome
+        usage, source = self.usage()
+        record: dict[str, object] = {
+            "session_id": self.id,
+            "principal": self.principal,
+            "model": self.model,
+            "outcome": self.outcome_label(),
+            "reason": outcome.reason if isinstance(outcome, Stopped) else None,
+            "tokens_delivered": self.tokens_queued,
+            "reasoning_delivered": self.reasoning_queued,
+            "tool_calls_delivered": self.tool_calls_queued,
+            "usage": usage,
+            "usage_source": source,
+            "duration_ms": round((now - self.started_at) * 1000),
+            "time_to_first_delta_ms": (
+                None
+                if self.first_delta_at is None
+                else round((self.first_delta_at - self.started_at) * 1000)
+            ),
+            "provider_close_ms": None,
+        }
+        if self.stopped_at is not None and self.provider_closed_at is not None:
+            close = max(0.0, self.provider_closed_at - self.stopped_at)
+            record["provider_close_ms"] = round(close * 1000, 3)
+        if isinstance(outcome, Failed):
+            record["code"] = outcome.code
+        return record
+
     def log_end(self) -> None:
         """Write the session's one end-of-life line (a stop is INFO, never ERROR)."""
         outcome = self.outcome
-        after = round((anyio.current_time() - self.started_at) * 1000)
+        now = anyio.current_time()
+        after = round((now - self.started_at) * 1000)
+        extra = {"gateway": self.end_record(now)}
         if isinstance(outcome, Completed):
-            logger.info("[SSE] %s completed in %dms %s", self.id, after, self._counts())
+            logger.info(
+                "[SSE] %s completed in %dms %s", self.id, after, self._counts(), extra=extra
+            )
         elif isinstance(outcome, Stopped):
             detail = f" detail={outcome.detail}" if outcome.detail else ""
             if outcome.reason in ("cancel", "disconnect"):
@@ -177,6 +244,7 @@ class Session:
                     detail,
                     self._counts(),
                     after,
+                    extra=extra,
                 )
             elif outcome.reason == "timeout":
                 logger.info(
@@ -185,6 +253,7 @@ class Session:
                     outcome.detail,
                     self._counts(),
                     after,
+                    extra=extra,
                 )
             else:
                 logger.info(
@@ -193,6 +262,7 @@ class Session:
                     outcome.reason,
                     self._counts(),
                     after,
+                    extra=extra,
                 )
         elif isinstance(outcome, Failed):
             status = (
@@ -208,6 +278,7 @@ class Session:
                 self._counts(),
                 after,
                 outcome.message,
+                extra=extra,
             )
 
     def _counts(self) -> str:

@@ -42,6 +42,8 @@ class Settings:
     cancel_wait: float = 10.0
     upstream_max_connections: int = 1000
     log_level: str = "INFO"
+    # "text" or "json": one JSON object per line (docs/observability.md).
+    log_format: str = "text"
     # Demo mode only: how long the built-in simulator's answers are, and how fast.
     simulator_tokens: int = 300
     simulator_rate: float = 40.0
@@ -89,6 +91,8 @@ class Settings:
             raise ConfigError(
                 f"GATEWAY_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"GATEWAY_LOG_FORMAT must be text or json, got {self.log_format!r}")
         if not self.model:
             raise ConfigError("GATEWAY_MODEL must not be empty")
         for name in (
@@ -170,6 +174,8 @@ class Settings:
             raise ConfigError("GATEWAY_MODEL is required when GATEWAY_UPSTREAM_URL is set")
         if "log_level" in values:
             values["log_level"] = values["log_level"].upper()
+        if "log_format" in values:
+            values["log_format"] = values["log_format"].lower()
         if "principal_header" in values:
             values["principal_header"] = values["principal_header"].lower()
         return cls(

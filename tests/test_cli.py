@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -56,9 +57,11 @@ class _Output:
 
 
 @asynccontextmanager
-async def _running(command: list[str], port: int) -> AsyncIterator[tuple[Process, _Output]]:
+async def _running(
+    command: list[str], port: int, **settings: str
+) -> AsyncIterator[tuple[Process, _Output]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONUNBUFFERED"] = "1"
+    env |= {"PYTHONUNBUFFERED": "1", **settings}
     process = await anyio.open_process(
         command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -225,3 +228,57 @@ async def test_gateway_serve_refuses_several_workers(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert b"workers = 2" in result.stderr
     assert b"GATEWAY_REDIS_URL" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["gateway serve", "hypercorn --config", "hypercorn"])
+async def test_json_logs_carry_the_end_record_however_the_gateway_runs(
+    how: str, anyio_backend: Any, free_tcp_port: int
+) -> None:
+    command = {
+        "gateway serve": [sys.executable, "-m", "gateway", "serve"],
+        "hypercorn --config": [sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml"],
+        "hypercorn": [sys.executable, "-m", "hypercorn"],
+    }[how]
+    command += ["-k", worker_class(anyio_backend), "-b", f"127.0.0.1:{free_tcp_port}"]
+    if how != "gateway serve":
+        command.append("gateway.app:app")
+    sid = "session_cli_json01"
+    async with _running(command, free_tcp_port, GATEWAY_LOG_FORMAT="json") as (process, output):
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_tcp_port}", timeout=WAIT) as client,
+            await _stream(client, sid) as response,
+        ):
+            reader = EventReader(response)
+            await reader.tokens_at_least(2)
+            assert (await client.post(f"/api/chat/cancel/{sid}")).status_code == 200
+            await reader.rest()
+        await output.wait_for(rf"{sid} aborted by client/cancel")
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(WAIT):
+            await process.wait()
+    records = [json.loads(line) for line in output.lines if line.startswith("{")]
+    mine = [r for r in records if r["logger"].startswith("gateway")]
+    # The gateway's lines are JSON objects, none is plain text.
+    assert not [line for line in output.lines if "[SSE]" in line and not line.startswith("{")]
+    assert f"[SSE] {sid} started model=simulator" in [r["message"] for r in mine]
+    [end] = [r for r in mine if "aborted by client/cancel" in r["message"]]
+    tokens = len(reader.tokens)
+    assert end["level"] == "INFO"
+    assert {k: end[k] for k in ("session_id", "principal", "outcome", "reason")} == {
+        "session_id": sid,
+        "principal": "anonymous",
+        "outcome": "cancelled",
+        "reason": "cancel",
+    }
+    assert end["model"] == "simulator"
+    assert (end["tokens_delivered"], end["reasoning_delivered"], end["tool_calls_delivered"]) == (
+        tokens,
+        0,
+        0,
+    )
+    assert end["usage_source"] == "estimated"
+    assert end["usage"]["completion_tokens"] == tokens
+    assert end["usage"]["estimated"] is True
+    assert isinstance(end["duration_ms"], int)
+    assert 0 <= end["time_to_first_delta_ms"] <= end["duration_ms"]
+    assert 0 <= end["provider_close_ms"] < 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -68,3 +69,31 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
         logger.removeHandler(handler)
     assert len(handler.lines) == 1
     assert "session_1_property" in handler.lines[0]
+
+
+async def test_the_end_record_says_where_its_usage_comes_from() -> None:
+    completed = Session("session_usage_1", "m", "alice")
+    completed.tokens_queued = 4
+    usage: dict[str, object] = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    completed.settle(Completed("stop", usage))
+    record = completed.end_record(anyio.current_time())
+    assert (record["usage"], record["usage_source"]) == (usage, "provider")
+    assert (record["outcome"], record["reason"], record["principal"]) == (
+        "completed",
+        None,
+        "alice",
+    )
+
+    stopped = Session("session_usage_2", "m")
+    stopped.tokens_queued, stopped.reasoning_queued, stopped.tool_calls_queued = 3, 5, 2
+    stopped.cancel("timeout", "idle")
+    record = stopped.end_record(anyio.current_time())
+    assert record["usage_source"] == "estimated"
+    assert record["usage"] == {
+        "prompt_tokens": None,
+        "completion_tokens": 10,
+        "total_tokens": None,
+        "estimated": True,
+    }
+    assert (record["outcome"], record["reason"]) == ("timeout_idle", "timeout")
+    assert record["time_to_first_delta_ms"] is None
