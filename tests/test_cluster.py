@@ -127,6 +127,12 @@ async def test_cancel_on_another_instance_closes_the_provider_before_the_200(
             rest = await _rest(lines)
         assert '"reason":"cancel"' in rest
         a.wait_for(rf"\[SSE\] {sid} aborted by client/cancel reason=cancel")
+        # The cancel was forwarded by b, the stream stopped and counted by a.
+        metrics_b = (await client.get(f"{b.url}/metrics")).text
+        metrics_a = (await client.get(f"{a.url}/metrics")).text
+        assert 'gateway_cancel_requests_total{result="forwarded"} 1.0' in metrics_b
+        assert 'gateway_streams_ended_total{outcome="cancelled"} 1.0' in metrics_a
+        assert "gateway_cluster_available 1.0" in metrics_a
         # Unknown ids: 404 from either instance.
         for gateway in (a, b):
             unknown = await client.post(f"{gateway.url}/api/chat/cancel/session_1_nobody00")
