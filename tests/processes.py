@@ -5,18 +5,59 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2 as httpx
+from anyio.abc import Process
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0
+
+
+@asynccontextmanager
+async def hypercorn_workers(
+    worker: str, port: int, env: dict[str, str], workers: int = 2
+) -> AsyncIterator[Process]:
+    """Plain ``hypercorn --workers N gateway.app:app`` on ``port``; SIGTERM at the end."""
+    process = await anyio.open_process(
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--workers",
+            str(workers),
+            "-k",
+            worker,
+            "-b",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "1",
+            "gateway.app:app",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(WAIT, shield=True):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()
 
 
 def free_port() -> int:

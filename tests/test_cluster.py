@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,7 +23,7 @@ from gateway.server import load_config
 from gateway.simulator import Simulator, SimulatorConfig
 
 from .harness import read_chunks, serve_until, worker_class
-from .processes import ROOT, WAIT, Gateway, RedisServer, free_port
+from .processes import WAIT, Gateway, RedisServer, free_port, hypercorn_workers
 
 pytestmark = [
     pytest.mark.anyio,
@@ -219,66 +217,36 @@ async def test_hypercorn_workers_2_behind_one_port_cancel_all(anyio_backend: Any
             "GATEWAY_MODEL": "m",
             "GATEWAY_REDIS_URL": c.redis.url,
         }
-        process = await anyio.open_process(
-            [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--workers",
-                "2",
-                "-k",
-                worker,
-                "-b",
-                f"127.0.0.1:{port}",
-                "--graceful-timeout",
-                "1",
-                "gateway.app:app",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         url = f"http://127.0.0.1:{port}"
-        try:
-            async with httpx.AsyncClient(timeout=WAIT) as client:
-                with anyio.fail_after(30):
-                    instances: set[str] = set()
-                    # Both workers up and joined (a new connection lands on either).
-                    while len(instances) < 2:
-                        try:
-                            async with httpx.AsyncClient(timeout=WAIT) as fresh:
-                                health = (await fresh.get(f"{url}/healthz")).json()
-                            if health.get("cluster") == "ok":
-                                instances.add(health["instance"])
-                        except httpx.TransportError:
-                            pass
-                        await anyio.sleep(0.05)  # starting processes; nothing to await
-                async with AsyncExitStack() as stack:
-                    sids = [f"session_1_workers{i:03d}" for i in range(50)]
-                    streams = [
-                        await stack.enter_async_context(_stream(client, url, sid)) for sid in sids
-                    ]
-                    assert c.provider.live == 50
-                    codes = []
-                    for sid in sids:
-                        # A fresh connection each, so cancels spread over both workers.
+        async with hypercorn_workers(worker, port, env), httpx.AsyncClient(timeout=WAIT) as client:
+            with anyio.fail_after(30):
+                instances: set[str] = set()
+                # Both workers up and joined (a new connection lands on either).
+                while len(instances) < 2:
+                    try:
                         async with httpx.AsyncClient(timeout=WAIT) as fresh:
-                            codes.append(
-                                (await fresh.post(f"{url}/api/chat/cancel/{sid}")).status_code
-                            )
-                    assert codes == [200] * 50
-                    for lines in streams:
-                        assert '"reason":"cancel"' in await _rest(lines)
-                assert c.provider.live == 0
-                assert all(r.outcome == "closed_by_client" for r in c.provider.records)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(WAIT, shield=True):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-            await process.aclose()
+                            health = (await fresh.get(f"{url}/healthz")).json()
+                        if health.get("cluster") == "ok":
+                            instances.add(health["instance"])
+                    except httpx.TransportError:
+                        pass
+                    await anyio.sleep(0.05)  # starting processes; nothing to await
+            async with AsyncExitStack() as stack:
+                sids = [f"session_1_workers{i:03d}" for i in range(50)]
+                streams = [
+                    await stack.enter_async_context(_stream(client, url, sid)) for sid in sids
+                ]
+                assert c.provider.live == 50
+                codes = []
+                for sid in sids:
+                    # A fresh connection each, so cancels spread over both workers.
+                    async with httpx.AsyncClient(timeout=WAIT) as fresh:
+                        codes.append((await fresh.post(f"{url}/api/chat/cancel/{sid}")).status_code)
+                assert codes == [200] * 50
+                for lines in streams:
+                    assert '"reason":"cancel"' in await _rest(lines)
+            assert c.provider.live == 0
+            assert all(r.outcome == "closed_by_client" for r in c.provider.records)
 
 
 _MALFORMED = [

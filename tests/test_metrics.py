@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from gateway.server import load_config
 from gateway.state import state_of
 
 from .harness import WAIT, Harness, end_lines, serve_until, sim_config, worker_class
-from .processes import ROOT, free_port
+from .processes import free_port, hypercorn_workers
 
 pytestmark = pytest.mark.anyio
 
@@ -185,56 +183,31 @@ async def test_two_workers_behind_one_port_report_the_sum(
             "GATEWAY_MODEL": "m",
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
         }
-        process = await anyio.open_process(
-            [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--workers",
-                "2",
-                "-k",
-                worker_class(anyio_backend),
-                "-b",
-                f"127.0.0.1:{port}",
-                "--graceful-timeout",
-                "1",
-                "gateway.app:app",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         url = f"http://127.0.0.1:{port}"
         try:
-            await _until_up(url)
-            for i in range(20):
-                # A fresh connection each, so the streams spread over both workers.
-                async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
-                    response = await fresh.post(
-                        "/api/chat/stream",
-                        headers={"X-Session-Id": f"session_workers_{i:02}"},
-                        json={"messages": [{"role": "user", "content": "x"}]},
-                    )
-                assert response.status_code == 200
-                assert "event: done" in response.text
-            # Each worker wrote its own files (named by its pid).
-            files = anyio.Path(tmp_path).glob("counter_*.db")
-            pids = {p.stem.rsplit("_", 1)[1] async for p in files}
-            assert len(pids) == 2
-            for _ in range(6):
-                async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
-                    m = _samples((await fresh.get("/metrics")).text)
-                assert _value(m, "gateway_streams_started_total") == 20
-                assert _value(m, "gateway_streams_ended_total", outcome="completed") == 20
-                assert _value(m, "gateway_streams_live") == 0
+            async with hypercorn_workers(worker_class(anyio_backend), port, env):
+                await _until_up(url)
+                for i in range(20):
+                    # A fresh connection each, so the streams spread over both workers.
+                    async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
+                        response = await fresh.post(
+                            "/api/chat/stream",
+                            headers={"X-Session-Id": f"session_workers_{i:02}"},
+                            json={"messages": [{"role": "user", "content": "x"}]},
+                        )
+                    assert response.status_code == 200
+                    assert "event: done" in response.text
+                # Each worker wrote its own files (named by its pid).
+                files = anyio.Path(tmp_path).glob("counter_*.db")
+                pids = {p.stem.rsplit("_", 1)[1] async for p in files}
+                assert len(pids) == 2
+                for _ in range(6):
+                    async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
+                        m = _samples((await fresh.get("/metrics")).text)
+                    assert _value(m, "gateway_streams_started_total") == 20
+                    assert _value(m, "gateway_streams_ended_total", outcome="completed") == 20
+                    assert _value(m, "gateway_streams_live") == 0
         finally:
-            process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(WAIT, shield=True):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-            await process.aclose()
             stop.set()
 
 
