@@ -126,7 +126,10 @@ async def test_1000_clients_disconnecting_at_once(caplog: pytest.LogCaptureFixtu
 
             async with anyio.create_task_group() as tg:
                 # Opened a hundred at a time (the listen backlog); closed all at once.
-                with anyio.fail_after(60):
+                # Under Trio, with the gateway, the simulator and 1000 clients on one
+                # loop, opening them took 27-68 s on a loaded 2-core machine (at 2a0d629
+                # as now): the bound catches a hang, not slowness.
+                with anyio.fail_after(150):
                     for i in range(streams):
                         tg.start_soon(one, i)
                         if i % 100 == 99:
