@@ -68,15 +68,11 @@ class GatewayEvents(AnswerFormat):
         return encode_event(event, session.next_seq(), data)
 
 
-def _gateway_report(session: Session, stopped: Stopped) -> dict[str, object]:
-    """Why the gateway ended an answer, and what of it reached the client."""
-    report: dict[str, object] = {"reason": stopped.reason}
-    if stopped.detail is not None:
-        report["detail"] = stopped.detail
-    report["tokens_delivered"] = session.tokens_queued
-    report["reasoning_delivered"] = session.reasoning_queued
-    report["tool_calls_delivered"] = session.tool_calls_queued
-    return report
+def _gateway_report(session: Session) -> dict[str, object]:
+    """Why the gateway ended an answer, and what of it reached the client: the
+    ``stopped`` event's data, less what OpenAI's format says otherwise."""
+    _, data = session.terminal_event()
+    return {k: v for k, v in data.items() if k not in ("status", "first_delta_ms")}
 
 
 def _failure_status(failed: Failed) -> int:
@@ -148,7 +144,7 @@ class ChatCompletionChunks(AnswerFormat):
             out = self._chunk({}, outcome.finish_reason or "stop")
         else:
             assert isinstance(outcome, Stopped)
-            extra["gateway"] = _gateway_report(session, outcome)
+            extra["gateway"] = _gateway_report(session)
             out = self._chunk({}, CANCELLED, **extra)
         usage, _ = session.usage()
         if self._include_usage:
@@ -230,7 +226,7 @@ class ChatCompletion(AnswerFormat):
         else:
             assert isinstance(outcome, Stopped)
             finish_reason = CANCELLED
-            answer["gateway"] = _gateway_report(session, outcome)
+            answer["gateway"] = _gateway_report(session)
         answer_usage, _ = session.usage()
         answer["choices"] = [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
