@@ -13,6 +13,18 @@ def _ratio(gateway: float | None, baseline: float | None) -> str:
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
+# Rows of the gateway's CPU per token next to other servers or other settings, each
+# measured in its own process (bench/run.py): (impl, what it is, its ratio's label).
+_VARIANTS = (
+    (
+        "floor",
+        "floor (bench/floor.py: hypercorn, one socket read and one send per token)",
+        "gateway / floor",
+    ),
+    ("gateway-openai", "gateway's /v1/chat/completions (OpenAI's chunks)", "/v1 / native"),
+    ("gateway-nometrics", "gateway with GATEWAY_METRICS=off", "off / on"),
+)
+
 
 def render(report: dict[str, Any], loads: list[int], page: str = "") -> str:
     """Replace the generated block in ``page``; what is outside it (the history of
@@ -96,24 +108,18 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 f"| capacity: streams at 20 tok/s with cancel p99 < 15 ms | {b['streams']} | "
                 f"{g['streams']} | |"
             )
-        floor = runs.get((worker, "floor"))
-        for n, f in (floor or {}).get("cpu", {}).items():
-            g = gate["cpu"].get(n)
-            lines.append(
-                f"| floor (bench/floor.py: hypercorn, one socket read and one send per token), "
-                f"CPU µs per token, {n} streams | | {f['us_per_token']} "
-                f"({f['cpu_fraction']:.0%} CPU, {f['tokens_per_s']} tok/s) | "
-                f"gateway / floor {_ratio(g['us_per_token'] if g else None, f['us_per_token'])} |"
-            )
-        openai = runs.get((worker, "gateway-openai"))
-        for n, o in (openai or {}).get("cpu", {}).items():
-            g = gate["cpu"].get(n)
-            lines.append(
-                f"| gateway's /v1/chat/completions (OpenAI's chunks), CPU µs per token, "
-                f"{n} streams | | {o['us_per_token']} ({o['cpu_fraction']:.0%} CPU, "
-                f"{o['tokens_per_s']} tok/s) | "
-                f"/v1 / native {_ratio(o['us_per_token'], g['us_per_token'] if g else None)} |"
-            )
+        for impl, what, label in _VARIANTS:
+            for n, v in runs.get((worker, impl), {}).get("cpu", {}).items():
+                g = gate["cpu"].get(n)
+                gate_us, their_us = (g["us_per_token"] if g else None), v["us_per_token"]
+                # Each ratio reads as its label says: the gateway over the floor, the
+                # variant over the plain gateway.
+                ratio = _ratio(gate_us, their_us) if impl == "floor" else _ratio(their_us, gate_us)
+                lines.append(
+                    f"| {what}, CPU µs per token, {n} streams | | {their_us} "
+                    f"({v['cpu_fraction']:.0%} CPU, {v['tokens_per_s']} tok/s) | "
+                    f"{label} {ratio} |"
+                )
         late = gate.get("idle_timeout_late")
         if late:
             lines.append(

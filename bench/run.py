@@ -277,15 +277,24 @@ async def measure_floor(bench: Bench, worker: str, load: int, window: float) -> 
     return {"impl": "floor", "worker": worker, "cpu": {str(load): cpu}}
 
 
-async def measure_openai(bench: Bench, worker: str, load: int, window: float) -> dict[str, Any]:
-    """CPU per token of the gateway's /v1/chat/completions (OpenAI's chunks), in its own
-    process, as the native endpoint's is measured."""
-    async with _server("gateway", worker, bench.provider_port) as (port, process):
-        streams = await bench.open_many(port, load, "pace", ramp=1.0, openai=True)
+async def measure_variant(
+    bench: Bench,
+    impl: str,
+    worker: str,
+    load: int,
+    window: float,
+    openai: bool = False,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """CPU per token of the gateway run another way, in its own process, as the main
+    row is measured: ``gateway-openai`` reads /v1/chat/completions (OpenAI's chunks),
+    ``gateway-nometrics`` runs with GATEWAY_METRICS=off."""
+    async with _server("gateway", worker, bench.provider_port, env) as (port, process):
+        streams = await bench.open_many(port, load, "pace", ramp=1.0, openai=openai)
         await asyncio.sleep(2.0)
         cpu = await bench.cpu_per_token(process.pid, streams, window)
         await bench.closing(streams)
-    return {"impl": "gateway-openai", "worker": worker, "cpu": {str(load): cpu}}
+    return {"impl": impl, "worker": worker, "cpu": {str(load): cpu}}
 
 
 async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict[str, float]:
@@ -420,7 +429,24 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(runs[-1]), flush=True)
             if args.openai:
                 print(f"-- gateway /v1/chat/completions on {worker}", flush=True)
-                runs.append(await measure_openai(bench, worker, args.openai, args.window))
+                runs.append(
+                    await measure_variant(
+                        bench, "gateway-openai", worker, args.openai, args.window, openai=True
+                    )
+                )
+                print(json.dumps(runs[-1]), flush=True)
+            if args.metrics_off:
+                print(f"-- gateway with GATEWAY_METRICS=off on {worker}", flush=True)
+                runs.append(
+                    await measure_variant(
+                        bench,
+                        "gateway-nometrics",
+                        worker,
+                        args.metrics_off,
+                        args.window,
+                        env={"GATEWAY_METRICS": "off"},
+                    )
+                )
                 print(json.dumps(runs[-1]), flush=True)
             if args.cluster:
                 print(f"-- cross-instance cancel on {worker}", flush=True)
@@ -473,6 +499,12 @@ def main() -> None:
         type=int,
         default=200,
         help="streams for the CPU figure of /v1/chat/completions; 0: skip",
+    )
+    parser.add_argument(
+        "--metrics-off",
+        type=int,
+        default=200,
+        help="streams for the CPU figure with GATEWAY_METRICS=off (the cost of metrics); 0: skip",
     )
     parser.add_argument(
         "--no-cluster",

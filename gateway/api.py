@@ -7,7 +7,6 @@ path in session.py and registry.py.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .auth import Authenticator
+from .auth import Authenticator, check_bearer
 from .cluster import Cluster
-from .errors import APIError, CancelTimeout, CancelUnavailable, Unauthorized
+from .errors import APIError, CancelTimeout, CancelUnavailable
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
@@ -38,7 +37,6 @@ from .settings import Settings
 from .simulator import Simulator
 from .state import GatewayState, state_of
 from .stream import ChatStream
-from .upstream import list_models
 from .validation import (
     SESSION_ID_RE,
     ProviderRequest,
@@ -105,7 +103,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_per_principal=settings.max_sessions_per_principal if authenticated else None,
         ),
         auth=Authenticator(settings),
-        metrics=Metrics(),
+        metrics=Metrics(enabled=settings.metrics),
         openapi=openapi(settings),
         cluster=(
             Cluster(
@@ -175,7 +173,7 @@ async def _models(request: Request) -> Response:
     state = state_of(request)
     _principal(request)
     ids = [state.settings.model]
-    ids += [i for i in await list_models(state.client, state.upstream_url) if i not in ids]
+    ids += [i for i in await state.models.ids(state.client, state.upstream_url) if i not in ids]
     data = [{"id": i, "object": "model", "created": 0, "owned_by": "gateway"} for i in ids]
     return JSONResponse({"object": "list", "data": data})
 
@@ -262,16 +260,16 @@ async def _metrics(request: Request) -> Response:
     """Prometheus's text format; behind its own bearer key when GATEWAY_METRICS_KEY is set
     (a scraper is not a principal of the chat API)."""
     state = state_of(request)
+    if not state.settings.metrics:
+        raise HTTPException(404, "metrics are off (GATEWAY_METRICS=off)")
     key = state.settings.metrics_key
     if key is not None:
-        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), key.encode()
-        ):
-            raise Unauthorized(
-                "GET /metrics needs Authorization: Bearer <GATEWAY_METRICS_KEY>",
-                headers={"www-authenticate": 'Bearer realm="metrics"'},
-            )
+        check_bearer(
+            request.headers,
+            key,
+            realm="metrics",
+            message="GET /metrics needs Authorization: Bearer <GATEWAY_METRICS_KEY>",
+        )
     if state.cluster is not None:
         state.metrics.cluster_available.set(1 if state.cluster.available else 0)
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

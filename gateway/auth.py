@@ -20,7 +20,7 @@ from .errors import BadRequest, Unauthorized
 from .registry import ANONYMOUS
 from .settings import Settings
 
-__all__ = ["Authenticator"]
+__all__ = ["Authenticator", "check_bearer"]
 
 _MAX_PRINCIPAL_CHARS = 256
 _CHALLENGE = {"www-authenticate": 'Bearer realm="gateway"'}
@@ -36,20 +36,19 @@ class Authenticator:
         """The principal of a request from the peer address ``client``; raise
         ``Unauthorized`` if it has none."""
         if self._keys:
-            return self._from_key(_one(headers, "authorization") or "")
+            return self._from_key(headers)
         if self._header:
             if client is None or not self._trusted(client):
                 raise Unauthorized("requests must come through the authenticating proxy")
             return self._from_proxy(_one(headers, self._header))
         return ANONYMOUS
 
-    def _from_key(self, authorization: str) -> str:
-        scheme, _, credential = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
+    def _from_key(self, headers: Headers) -> str:
+        given = _bearer(headers)
+        if given is None:
             raise Unauthorized(
                 "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
             )
-        given = credential.strip().encode()
         found = None
         # Every key is compared, each in constant time: no timing tells which matched.
         for name, key in self._keys:
@@ -71,6 +70,22 @@ class Authenticator:
         except ValueError:
             return False
         return any(address in network for network in self._proxies)
+
+
+def check_bearer(headers: Headers, key: str, realm: str, message: str) -> None:
+    """Raise ``Unauthorized`` unless the request presents ``Bearer <key>`` (compared in
+    constant time); for endpoints with a key of their own, such as /metrics."""
+    given = _bearer(headers)
+    if given is None or not hmac.compare_digest(given, key.encode()):
+        raise Unauthorized(message, headers={"www-authenticate": f'Bearer realm="{realm}"'})
+
+
+def _bearer(headers: Headers) -> bytes | None:
+    """The credential of ``Authorization: Bearer <credential>``, or None."""
+    scheme, _, credential = (_one(headers, "authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        return None
+    return credential.strip().encode()
 
 
 def _one(headers: Headers, name: str) -> str | None:

@@ -51,8 +51,13 @@ _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 60
 class Metrics:
     """The gateway's metrics, in a registry of their own (one per app)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        # Off (GATEWAY_METRICS=off), nothing is created or counted: in multiprocess
+        # mode not even the files.
+        self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
+        if not enabled:
+            return
         r = self.registry
         self.started = Counter("gateway_streams_started", "Streams started.", registry=r)
         self.ended = Counter(
@@ -127,10 +132,14 @@ class Metrics:
             self.provider_tokens.labels(kind)
 
     def stream_started(self) -> None:
+        if not self.enabled:
+            return
         self.started.inc()
         self.live.inc()
 
     def stream_ended(self, session: Session, now: float) -> None:
+        if not self.enabled:
+            return
         outcome = session.outcome_label()
         self.live.dec()
         self.ended.labels(outcome).inc()
@@ -155,6 +164,8 @@ class Metrics:
             self.upstream_errors.labels(stopped.code).inc()
 
     def cancel_request(self, result: str) -> None:
+        if not self.enabled:
+            return
         self.cancels.labels(result).inc()
 
     def exposition(self) -> bytes:

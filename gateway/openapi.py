@@ -450,7 +450,9 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "description": "Prometheus's text exposition format",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
+                        "400": _error("the Authorization header was sent more than once"),
                         "401": _error("GATEWAY_METRICS_KEY is set and was not presented"),
+                        "404": _error("GATEWAY_METRICS=off"),
                     },
                 }
             },

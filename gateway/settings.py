@@ -66,6 +66,8 @@ class Settings:
     claim_ttl: float = 10.0
     # GET /metrics needs "Authorization: Bearer <this>" when set (docs/observability.md).
     metrics_key: str | None = None
+    # Off: no counting, and GET /metrics is a 404 (for the bench's A/B, or no Prometheus).
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -186,9 +188,19 @@ class Settings:
         )
 
 
+def _switch(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(raw)
+
+
 # How each scalar field's variable is read, by the field's declared type; a blank
 # variable means the default.
 _SCALARS: dict[str, Callable[[str], object]] = {
+    "bool": _switch,
     "float": float,
     "int": int,
     "str": str,
@@ -200,7 +212,8 @@ def _parse(field: str, raw: str, kind: Callable[[str], _T]) -> _T:
     try:
         return kind(raw)
     except ValueError:
-        raise ConfigError(f"{_env_name(field)} must be a {kind.__name__}, got {raw!r}") from None
+        what = "on or off" if kind is _switch else f"a {kind.__name__}"
+        raise ConfigError(f"{_env_name(field)} must be {what}, got {raw!r}") from None
 
 
 def _base_url(url: str) -> str:

@@ -133,6 +133,8 @@ class Simulator:
         # The Authorization header of each chat request (tests check the provider key).
         self.authorizations: deque[str] = deque(maxlen=_REQUESTS_KEPT)
         self._ids = itertools.count(1)
+        # How often GET /v1/models was asked (the gateway caches the list).
+        self.models_listed = 0
         self._waiters: list[_Waiter] = []
         # Waiters that also look at every delta: kept apart, so that the common
         # predicates over all records are not evaluated per delta.
@@ -188,6 +190,7 @@ class Simulator:
         elif method == "GET" and path == "/v1/_streams":
             await _json(send, 200, {"streams": [r.as_json() for r in self.records]})
         elif method == "GET" and path == "/v1/models":
+            self.models_listed += 1
             await _json(send, 200, {"object": "list", "data": [{"id": "simulator"}]})
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})

@@ -15,6 +15,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
 from .simulator import Simulator
+from .upstream import ModelList
 
 __all__ = ["GatewayState", "state_of"]
 
@@ -27,6 +28,7 @@ class GatewayState:
     openapi: dict[str, Any]
     cluster: Cluster | None
     metrics: Metrics
+    models: ModelList = field(default_factory=ModelList)
     # Set by the lifespan: the provider client, the provider's base URL (the built-in
     # simulator's in demo mode) and, in demo mode, the simulator.
     _client: httpx.AsyncClient | None = field(default=None, repr=False)

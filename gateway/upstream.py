@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,7 +32,14 @@ from .parser import provider_error_ids
 from .settings import Settings
 from .transport import BODY_EXTENSION, H11Transport
 
-__all__ = ["UpstreamResponse", "chat_url", "create_client", "list_models", "open_stream"]
+__all__ = [
+    "ModelList",
+    "UpstreamResponse",
+    "chat_url",
+    "create_client",
+    "list_models",
+    "open_stream",
+]
 
 # Bounds for work done while cleaning up: closing a socket, reading an error body.
 _CLOSE_TIMEOUT = 2.0
@@ -125,6 +133,31 @@ def chat_url(base_url: str) -> str:
 _MODELS_TIMEOUT = 5.0
 _MAX_MODELS = 1000
 _MAX_MODEL_ID = 256
+# SDKs and chat UIs list the models often; a provider's list rarely changes.
+_MODELS_TTL = 60.0
+
+
+class ModelList:
+    """The provider's model ids, asked at most once per ``ttl`` seconds; callers that
+    arrive during a fetch share it. An empty answer (no such endpoint, a failure) is
+    kept as long: the provider is not asked again on every request."""
+
+    def __init__(self, ttl: float = _MODELS_TTL) -> None:
+        self._ttl = ttl
+        self._ids: list[str] = []
+        self._expires = -math.inf
+        self._lock: anyio.Lock | None = None
+
+    async def ids(self, client: httpx.AsyncClient, base_url: str) -> list[str]:
+        if anyio.current_time() < self._expires:
+            return self._ids
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if anyio.current_time() >= self._expires:
+                self._ids = await list_models(client, base_url)
+                self._expires = anyio.current_time() + self._ttl
+        return self._ids
 
 
 async def list_models(client: httpx.AsyncClient, base_url: str) -> list[str]:

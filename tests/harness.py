@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -228,6 +229,22 @@ class Harness:
             assert response.status_code == 200, response.status_code
             reader = EventReader(response)
             yield reader
+
+    @contextmanager
+    def stalled_reader(self, session_id: str) -> Iterator[socket.socket]:
+        """A client that asks for a stream, then reads nothing: with a small receive
+        buffer, the gateway's sends soon get stuck."""
+        body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+        request = (
+            f"POST /api/chat/stream HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"X-Session-Id: {session_id}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", self.port))
+            sock.sendall(request)
+            yield sock
 
     async def cancel(
         self, session_id: str, headers: dict[str, str] | None = None

@@ -49,7 +49,11 @@ async def _stream_to_end(h: Harness, sid: str) -> None:
 async def test_every_counter_equals_a_known_mix(caplog: pytest.LogCaptureFixture) -> None:
     # One gateway, its timeouts short enough for a stream to meet each of them.
     async with Harness(
-        sim_config(tokens=3, rate=0), first_token_timeout=0.5, idle_timeout=0.5, max_duration=1.5
+        sim_config(tokens=3, rate=0),
+        first_token_timeout=0.5,
+        idle_timeout=0.5,
+        max_duration=1.5,
+        send_timeout=0.5,
     ) as h:
         sim = h.simulator
         await _stream_to_end(h, "session_m_completed")
@@ -72,6 +76,13 @@ async def test_every_counter_equals_a_known_mix(caplog: pytest.LogCaptureFixture
         await _stream_to_end(h, "session_m_total_tout")
         sim.config = sim_config(status=500)
         await _stream_to_end(h, "session_m_upstream5")
+        sim.config = sim_config(tokens=5000, rate=0, token_text="x" * 8192)
+        before = len(sim.records)
+        with h.stalled_reader("session_m_send_tout"):
+            with anyio.fail_after(WAIT):
+                await sim.wait_until(lambda: len(sim.records) > before)
+            await h.closed(sim.records[before])
+            await h.ended("session_m_send_tout")
 
         sids = [
             "session_m_completed",
@@ -81,6 +92,7 @@ async def test_every_counter_equals_a_known_mix(caplog: pytest.LogCaptureFixture
             "session_m_idle_tout",
             "session_m_total_tout",
             "session_m_upstream5",
+            "session_m_send_tout",
         ]
         for sid in sids:
             await h.ended(sid)
@@ -107,7 +119,7 @@ async def test_every_counter_equals_a_known_mix(caplog: pytest.LogCaptureFixture
         "timeout_first_token": 1,
         "timeout_idle": 1,
         "timeout_total": 1,
-        "timeout_send": 0,
+        "timeout_send": 1,
         "shutdown": 0,
         "upstream_error": 1,
         "internal_error": 0,
@@ -129,12 +141,12 @@ async def test_every_counter_equals_a_known_mix(caplog: pytest.LogCaptureFixture
     assert _value(m, "gateway_deltas_delivered_total", kind="content") == logged
     assert _value(m, "gateway_deltas_delivered_total", kind="reasoning") == 0
 
-    triggers = Counter({"cancel": 1, "disconnect": 1, "timeout": 3, "shutdown": 0})
+    triggers = Counter({"cancel": 1, "disconnect": 1, "timeout": 4, "shutdown": 0})
     for trigger, count in triggers.items():
         assert _value(m, "gateway_provider_close_seconds_count", trigger=trigger) == count
     assert _value(after, "gateway_provider_close_seconds_count", trigger="shutdown") == 1
     # The completed stream and each stop had deltas; the upstream 500 had none.
-    assert _value(m, "gateway_time_to_first_delta_seconds_count") == 5
+    assert _value(m, "gateway_time_to_first_delta_seconds_count") == 6
 
     assert _value(m, "gateway_cancel_requests_total", result="stopped") == 1
     assert _value(m, "gateway_cancel_requests_total", result="not_found") == 1
@@ -278,3 +290,33 @@ async def test_a_real_prometheus_scrapes_the_gateway(tmp_path: Path) -> None:
             if process.returncode is None:
                 process.kill()
             await process.aclose()
+
+
+async def test_metrics_off_counts_nothing_and_metrics_is_404() -> None:
+    async with Harness(sim_config(tokens=2, rate=0), metrics=False) as h:
+        await _stream_to_end(h, "session_metrics_off")
+        response = await h.client.get("/metrics")
+        exposition = state_of(h.app).metrics.exposition()
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert "GATEWAY_METRICS=off" in response.json()["error"]["message"]
+    assert b"gateway_" not in exposition
+
+
+def test_the_metrics_switch_reads_on_and_off() -> None:
+    assert Settings.from_env({}).metrics is True
+    assert Settings.from_env({"GATEWAY_METRICS": "off"}).metrics is False
+    assert Settings.from_env({"GATEWAY_METRICS": "ON"}).metrics is True
+    with pytest.raises(ConfigError, match="GATEWAY_METRICS must be on or off"):
+        Settings.from_env({"GATEWAY_METRICS": "maybe"})
+
+
+async def test_a_doubled_authorization_header_on_metrics_is_refused() -> None:
+    key = "metrics-key-0123456789"
+    async with Harness(sim_config(tokens=2, rate=0), metrics_key=key) as h:
+        response = await h.client.get(
+            "/metrics",
+            headers=[("Authorization", f"Bearer {key}"), ("Authorization", "Bearer other")],
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "ambiguous_header"

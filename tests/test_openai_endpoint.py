@@ -321,6 +321,24 @@ async def test_models_lists_the_configured_model_then_the_providers() -> None:
     assert [m.id for m in page.data] == ["sim-model", "simulator"]
 
 
+async def test_the_providers_model_list_is_asked_once_for_many_listings() -> None:
+    """Clients list models often; the provider is asked once a minute, and callers
+    arriving together share one fetch."""
+    async with Harness() as h, _sdk(h) as sdk:
+        pages: list[list[str]] = []
+
+        async def listing() -> None:
+            pages.append([m.id for m in (await sdk.models.list()).data])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(listing)
+        await listing()
+        asked = h.simulator.models_listed
+    assert pages == [["sim-model", "simulator"]] * 6
+    assert asked == 1
+
+
 @pytest.mark.parametrize("how", ["cancel", "timeout", "shutdown"])
 async def test_a_stop_ends_an_sdk_loop_as_cancelled_without_an_exception(
     how: str, caplog: pytest.LogCaptureFixture

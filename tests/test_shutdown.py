@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import anyio
@@ -80,15 +79,6 @@ async def test_new_stream_while_shutting_down_is_503() -> None:
         h.registry.closing = False
 
 
-def _request(port: int, session_id: str) -> bytes:
-    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
-    return (
-        f"POST /api/chat/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"X-Session-Id: {session_id}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
 async def test_client_that_stops_reading_releases_the_provider(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -101,11 +91,7 @@ async def test_client_that_stops_reading_releases_the_provider(
     sid = "session_no_reader"
     big = "x" * 8192
     async with Harness(sim_config(tokens=5000, rate=0, token_text=big), send_timeout=0.5) as h:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", h.port))
-        try:
-            sock.sendall(_request(h.port, sid))
+        with h.stalled_reader(sid):
             record = await h.record()
             await h.closed(record)
             assert record.outcome == "closed_by_client"
@@ -115,8 +101,6 @@ async def test_client_that_stops_reading_releases_the_provider(
             # The provider stalls when the pipe fills; the send times out 0.5 s later.
             assert record.ended_at - record.last_token_at < 0.5 + 0.4
             await h.assert_ended_cleanly(caplog, sid, "timed out reason=send")
-        finally:
-            sock.close()
 
 
 async def test_a_client_that_reads_nothing_while_the_provider_is_quiet_ends_at_idle(
@@ -131,10 +115,7 @@ async def test_a_client_that_reads_nothing_while_the_provider_is_quiet_ends_at_i
         idle_timeout=0.4,
         ping_interval=0.1,
     ) as h:
-        sock = socket.socket()
-        sock.connect(("127.0.0.1", h.port))
-        try:
-            sock.sendall(_request(h.port, sid))
+        with h.stalled_reader(sid):
             record = await h.closed(await h.record())
             assert record.outcome == "closed_by_client"
             assert record.sent == 2
@@ -143,5 +124,3 @@ async def test_a_client_that_reads_nothing_while_the_provider_is_quiet_ends_at_i
             late = record.ended_at - (record.last_token_at + 0.4)
             assert -0.02 < late < 0.2
             await h.assert_ended_cleanly(caplog, sid, "timed out reason=idle")
-        finally:
-            sock.close()
