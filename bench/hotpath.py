@@ -6,9 +6,11 @@ Each of 100,000 plain-content chunks (the bytes bench/provider.py sends) goes th
 no I/O and no other process involved it is far steadier than `make bench` on a shared
 machine, so it is how a change to the token path is checked (docs/benchmarks.md).
 
-``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai]``; ``--tree`` measures
-another checkout of the gateway, for an A/B run from one script; ``--openai`` encodes
-the chunks as ``/v1/chat/completions`` does.
+``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai | --metrics]``;
+``--tree`` measures another checkout of the gateway, for an A/B run from one script;
+``--openai`` encodes the chunks as ``/v1/chat/completions`` does; ``--metrics`` measures
+instead what metrics.py adds per stream (it does no per-token work: it counts a stream
+when it starts and when it ends), for streams that end each way.
 """
 
 from __future__ import annotations
@@ -58,7 +60,47 @@ async def _once(chunks: list[bytes], openai: bool) -> float:
     return (time.process_time() - start) / len(chunks) * 1e6
 
 
-async def _main(repeats: int, openai: bool) -> None:
+async def _metrics_once(streams: int) -> float:
+    from gateway.metrics import Metrics
+    from gateway.session import Completed, Failed, Session, Stopped
+
+    metrics = Metrics()
+    # A quarter each: completed with the provider's usage, cancelled (the Stop latency
+    # observed), timed out, failed.
+    ends = [
+        Completed("stop", {"prompt_tokens": 12, "completion_tokens": 300}),
+        None,
+        Stopped("timeout", "idle"),
+        Failed("upstream_error", "x"),
+    ]
+    sessions = []
+    for i in range(streams):
+        session = Session("s", "m")
+        session.tokens_queued = 300
+        session.first_delta_at = session.started_at + 0.2
+        end = ends[i % 4]
+        if end is None:
+            session.cancel("cancel")
+            session.provider_closed_at = session.stopped_at
+        else:
+            session.settle(end)
+        sessions.append(session)
+    now = anyio.current_time()
+    start = time.process_time()
+    for session in sessions:
+        metrics.stream_started()
+        metrics.stream_ended(session, now)
+    return (time.process_time() - start) / streams * 1e6
+
+
+async def _main(repeats: int, openai: bool, metrics: bool) -> None:
+    if metrics:
+        runs = [await _metrics_once(N // 10) for _ in range(repeats)]
+        print(
+            f"metrics, CPU µs per stream: min {min(runs):.3f} "
+            f"median {statistics.median(runs):.3f} ({repeats} runs of {N // 10} streams)"
+        )
+        return
     chunks = [
         b'data: {"id":"b","object":"chat.completion.chunk","choices":[{"index":0,'
         b'"delta":{"content":"' + _WORDS[i % len(_WORDS)] + b'"},"finish_reason":null}]}\n\n'
@@ -78,11 +120,14 @@ def main() -> None:
     parser.add_argument(
         "--openai", action="store_true", help="encode as /v1/chat/completions chunks"
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="the metrics' CPU per stream instead"
+    )
     args = parser.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
         sys.modules.pop("gateway", None)
-    anyio.run(_main, args.repeats, args.openai)
+    anyio.run(_main, args.repeats, args.openai, args.metrics)
 
 
 if __name__ == "__main__":
