@@ -30,10 +30,10 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 # The browser tests drive Debian's chromium, the cluster tests Debian's redis-server, a
-# metrics test Debian's prometheus (each test starts its own on a free port); node runs
-# the client's unit tests.
+# metrics test Debian's prometheus, the deployment tests Debian's nginx (each test starts
+# its own on a free port); node runs the client's unit tests.
 pytest: $(VENV)/.installed-dev
-	scripts/ensure-apt.sh chromium redis-server prometheus
+	scripts/ensure-apt.sh chromium redis-server prometheus nginx
 	$(BIN)/pytest
 
 jstest:

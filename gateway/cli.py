@@ -14,6 +14,7 @@ from hypercorn.config import Config
 from starlette.applications import Starlette
 
 from .api import create_app
+from .contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
 from .errors import ConfigError
 from .logs import Formatter
 from .server import WORKER_CLASSES, anyio_backend, load_config, serve
@@ -37,7 +38,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve_cmd.add_argument("--worker-class", "-k", choices=WORKER_CLASSES, default=None)
     serve_cmd.add_argument("--bind", "-b", action="append", default=None, help="HOST:PORT")
+    contract_cmd = commands.add_parser(
+        "contract",
+        help="check a running deployment's cancel semantics (docs/deploy/README.md)",
+        description=(
+            "Serve the instrumented provider on --provider-host:--provider-port (the "
+            "deployment's GATEWAY_UPSTREAM_URL is http://HOST:PORT/v1) and run the cancel "
+            "contract against --gateway. Exits 0 only if every check passed."
+        ),
+    )
+    contract_cmd.add_argument("--gateway", required=True, help="the deployment's base URL")
+    contract_cmd.add_argument("--provider-port", type=int, required=True)
+    contract_cmd.add_argument("--provider-host", default="127.0.0.1")
+    contract_cmd.add_argument("--api-key", help="a key of the deployment's GATEWAY_API_KEYS")
+    contract_cmd.add_argument("--second-key", help="another principal's key")
+    contract_cmd.add_argument("--peer", help="another replica's or worker's base URL")
+    contract_cmd.add_argument("--samples", type=int, default=30)
+    contract_cmd.add_argument(
+        "--idle-timeout", type=float, help="the deployment's GATEWAY_IDLE_TIMEOUT, seconds"
+    )
+    contract_cmd.add_argument("--cacert", help="a CA bundle to trust for https:// URLs")
+    contract_cmd.add_argument(
+        "--check", action="append", default=[], choices=list(CHECKS), help="run only these"
+    )
+    contract_cmd.add_argument("--junit", help="write the results as JUnit XML to this file")
     args = parser.parse_args(argv)
+    if args.command == "contract":
+        return _contract(args)
 
     try:
         settings = Settings.from_env()
@@ -66,6 +93,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, settings.log_level_number))
     run(create_app(settings), config)
     return 0
+
+
+def _contract(args: argparse.Namespace) -> int:
+    if args.samples < 1:
+        print("gateway contract: --samples must be >= 1", file=sys.stderr)
+        return 2
+    options = ContractOptions(
+        gateway=args.gateway.rstrip("/"),
+        provider_port=args.provider_port,
+        provider_host=args.provider_host,
+        api_key=args.api_key,
+        second_key=args.second_key,
+        peer=args.peer.rstrip("/") if args.peer else None,
+        samples=args.samples,
+        idle_timeout=args.idle_timeout,
+        cacert=args.cacert,
+        only=tuple(args.check),
+    )
+    print(f"gateway contract: the provider on {args.provider_host}:{args.provider_port}")
+
+    def progress(result: CheckResult) -> None:
+        print(f"  {result.name}: {result.status}", flush=True)
+
+    results = anyio.run(run_contract, options, progress)
+    print(report(results))
+    if args.junit:
+        Path(args.junit).write_bytes(junit_xml(results))
+    return 0 if all(r.status != "fail" for r in results) else 1
 
 
 def run(app: Starlette, config: Config) -> None:

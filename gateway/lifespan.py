@@ -177,8 +177,9 @@ async def serve_simulator(
     simulator: Simulator,
     stop: Callable[[], Awaitable[object]],
     *,
+    bind: str = "127.0.0.1:0",
     task_status: TaskStatus[object] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The built-in simulator on a free loopback port until ``stop()`` returns."""
-    config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None, errorlog=None)
+    """The built-in simulator on ``bind`` (a free loopback port) until ``stop()`` returns."""
+    config = load_config(bind=[bind], graceful_timeout=1.0, accesslog=None, errorlog=None)
     await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)

@@ -68,6 +68,8 @@ class SimulatorConfig:
     token_text: str | None = None
     # Reasoning deltas a reasoner model sends before its answer, and how many of them
     # pass between two keep-alive comments (DeepSeek sends both while it thinks).
+    # ``reasoner``: think whatever the model (None: models named ``*reasoner`` only).
+    reasoner: bool | None = None
     reasoning_tokens: int = 30
     reasoning_keepalive_every: int = 5
     # The characters of a tool call's arguments that one chunk carries.
@@ -93,7 +95,11 @@ class StreamRecord:
     tool_arguments: str = ""
     outcome: str = "streaming"
     ended_at: float | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
+    # The text of the last user message (its first 1000 characters): how the contract
+    # kit finds the stream it opened, by a nonce in it.
+    prompt: str = ""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -209,6 +215,7 @@ class Simulator:
             await _json(send, 400, {"error": {"message": "invalid JSON", "type": "bad_request"}})
             return
         self.requests.append(request)
+        record.prompt = _last_user_text(request)
         cfg = self.config
         if cfg.status is not None:
             await _json(
@@ -376,9 +383,10 @@ class _Plan:
     def __init__(self, request: dict[str, Any], cfg: SimulatorConfig, answer_id: str) -> None:
         self._cfg = cfg
         self.call_id = "call_" + answer_id.removeprefix("chatcmpl-")
-        self.reasoning = (
-            cfg.reasoning_tokens if str(request.get("model") or "").endswith("reasoner") else 0
-        )
+        reasoner = cfg.reasoner
+        if reasoner is None:
+            reasoner = str(request.get("model") or "").endswith("reasoner")
+        self.reasoning = cfg.reasoning_tokens if reasoner else 0
         self.tool = _tool_to_call(request)
         arguments = json.dumps({"query": " ".join(_WORDS[:5])})
         size = max(cfg.tool_fragment_chars, 1)
@@ -430,11 +438,25 @@ def _tool_to_call(request: dict[str, Any]) -> str | None:
         return None
 
 
+def _last_user_text(request: Any) -> str:
+    messages = request.get("messages") if isinstance(request, dict) else None
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = [p.get("text") for p in content if isinstance(p, dict)]
+                content = " ".join(p for p in parts if isinstance(p, str))
+            return content[:1000] if isinstance(content, str) else ""
+    return ""
+
+
 def _record(record: StreamRecord, item: _Planned) -> None:
     record.sent += 1
     if item.kind == "content":
         record.text += item.text
         record.last_token_at = time.monotonic()
+        if record.first_token_at is None:
+            record.first_token_at = record.last_token_at
     elif item.kind == "reasoning":
         record.reasoning += item.text
     else:

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from gateway import Settings, Simulator, SimulatorConfig, StreamRecord, create_app, load_config
 from gateway.cli import stop_streams_first
@@ -137,16 +138,19 @@ class Harness:
         graceful_timeout: float = 2.0,
         stop_streams_first: bool = True,
         demo: bool = False,
+        wrap: Callable[[ASGIApp], ASGIApp] | None = None,
         **settings: Any,
     ) -> None:
         """``demo``: no upstream URL, so the gateway serves its own built-in simulator
-        (as ``make run`` does); ``sim`` is then unused."""
+        (as ``make run`` does); ``sim`` is then unused. ``wrap``: serve the app through
+        this ASGI middleware (a planted bug)."""
         self.simulator = Simulator(sim or SimulatorConfig(rate=200.0))
         self._upstream_url = upstream_url
         self._settings = settings
         self._graceful_timeout = graceful_timeout
         self._stop_streams_first = stop_streams_first
         self._demo = demo
+        self._wrap = wrap
         self._tg: TaskGroup | None = None
         self._stop_sim = anyio.Event()
         self._stop_gateway = anyio.Event()
@@ -181,7 +185,8 @@ class Harness:
         self, config: Any, trigger: Any, *, task_status: anyio.abc.TaskStatus[Any]
     ) -> None:
         try:
-            await serve(self.app, config, shutdown_trigger=trigger, task_status=task_status)
+            app = self.app if self._wrap is None else self._wrap(self.app)
+            await serve(app, config, shutdown_trigger=trigger, task_status=task_status)
         finally:
             self.served.set()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,3 +194,74 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(WAIT)
             self.process = None
+
+
+class Nginx:
+    """Debian's nginx in the foreground with a site of the test's (``{port}`` in it is
+    replaced by a free port), its files in ``directory``; as an async context manager."""
+
+    def __init__(self, directory: Path, site: str, scheme: str = "http") -> None:
+        self.port = free_port()
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self._dir = directory / f"nginx-{self.port}"
+        self._site = site.replace("{port}", str(self.port))
+        self._process: Process | None = None
+
+    @staticmethod
+    def missing() -> bool:
+        return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin") is None
+
+    async def __aenter__(self) -> Nginx:
+        d = self._dir
+        d.mkdir(parents=True)
+        (d / "site.conf").write_text(self._site)
+        (d / "nginx.conf").write_text(
+            f"""
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+worker_processes 1;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    include {d}/site.conf;
+}}
+"""
+        )
+        nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+        assert nginx is not None
+        self._process = await anyio.open_process(
+            [nginx, "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with anyio.fail_after(WAIT):
+            while True:
+                try:
+                    await (await anyio.connect_tcp("127.0.0.1", self.port)).aclose()
+                    return self
+                except OSError:
+                    assert self._process.returncode is None, self.errors()
+                    # Another process starting up; nothing to await.
+                    await anyio.sleep(0.02)
+
+    def errors(self) -> str:
+        path = self._dir / "error.log"
+        return path.read_text() if path.exists() else ""
+
+    def access_log(self) -> list[str]:
+        return (self._dir / "access.log").read_text().splitlines()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._process is None:
+            return
+        self._process.send_signal(signal.SIGQUIT)
+        with anyio.move_on_after(WAIT, shield=True):
+            await self._process.wait()
+        if self._process.returncode is None:
+            self._process.kill()
+        await self._process.aclose()

@@ -1,0 +1,243 @@
+"""``gateway contract``: it passes our gateway, and it fails deliberately broken ones,
+each for the right check."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import anyio
+import pytest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
+
+from .harness import Harness
+from .processes import ROOT, Nginx, free_port
+
+pytestmark = pytest.mark.anyio
+
+KEY_A, KEY_B = "contract-key-alice-0123", "contract-key-bob-456789"
+API_KEYS = (("alice", KEY_A), ("bob", KEY_B))
+# The kit's own waits, short: a broken gateway fails fast.
+PATIENCE = 3.0
+
+
+def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
+    return {r.name: r for r in results}
+
+
+def _gateway(provider_port: int, wrap: Any = None, **settings: Any) -> Harness:
+    return Harness(
+        upstream_url=f"http://127.0.0.1:{provider_port}/v1",
+        wrap=wrap,
+        api_keys=API_KEYS,
+        idle_timeout=1.0,
+        **settings,
+    )
+
+
+async def test_our_gateway_passes_every_check() -> None:
+    provider_port = free_port()
+    async with _gateway(provider_port) as h:
+        results = await run_contract(
+            ContractOptions(
+                gateway=f"http://127.0.0.1:{h.port}",
+                provider_port=provider_port,
+                api_key=KEY_A,
+                second_key=KEY_B,
+                samples=5,
+                idle_timeout=1.0,
+            )
+        )
+    by_name = _by_name(results)
+    assert set(by_name) == set(CHECKS)
+    failed = [r for r in results if r.status == "fail"]
+    assert not failed, report(results)
+    # Only the check that needs another replica was skipped.
+    assert [r.name for r in results if r.status == "skip"] == ["peer_cancel_closes_provider"]
+    assert "5 of 5 closed before the 200" in by_name["cancel_closes_provider"].detail
+    assert "p99" in by_name["disconnect_closes_provider"].detail
+
+
+def _cancel_answered_first(app: ASGIApp) -> ASGIApp:
+    """Broken: answers a cancel at once and only then stops the stream (the common
+    "fire and forget" bug)."""
+
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/chat/cancel/"):
+            await app(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"ok":true,"cancelled":true}'})
+
+        async def discard(message: Message) -> None:
+            pass
+
+        # The bug's own delay, as a background job would have it.
+        await anyio.sleep(0.3)
+        await app(scope, receive, discard)
+
+    return broken
+
+
+def _deaf_to_disconnects(app: ASGIApp) -> ASGIApp:
+    """Broken: never tells the app its client left, and drops what it sends after."""
+
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/api/chat/stream":
+            await app(scope, receive, send)
+            return
+
+        async def deaf() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                await anyio.sleep_forever()
+            return message
+
+        async def blind(message: Message) -> None:
+            with contextlib.suppress(Exception):
+                await send(message)
+
+        await app(scope, deaf, blind)
+
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("wrap", "fails", "passes"),
+    [
+        (_cancel_answered_first, "cancel_closes_provider", "disconnect_closes_provider"),
+        (_deaf_to_disconnects, "disconnect_closes_provider", "cancel_closes_provider"),
+    ],
+)
+async def test_a_broken_gateway_fails_the_right_check(wrap: Any, fails: str, passes: str) -> None:
+    provider_port = free_port()
+    async with _gateway(provider_port, wrap=wrap) as h:
+        results = await run_contract(
+            ContractOptions(
+                gateway=f"http://127.0.0.1:{h.port}",
+                provider_port=provider_port,
+                api_key=KEY_A,
+                samples=3,
+                only=(fails, passes),
+                patience=PATIENCE,
+            )
+        )
+    by_name = _by_name(results)
+    assert by_name[fails].status == "fail", report(results)
+    assert by_name[passes].status == "pass", report(results)
+    if fails == "cancel_closes_provider":
+        assert "the 200 came before the provider was closed" in by_name[fails].detail
+
+
+@pytest.mark.skipif(Nginx.missing(), reason="Debian's nginx is not installed (make test does)")
+async def test_a_buffering_proxy_fails_unbuffered(tmp_path: Path) -> None:
+    """nginx compressing the event stream with buffering on (and told to ignore the
+    gateway's X-Accel-Buffering): a common way to hold events back."""
+    provider_port = free_port()
+    async with _gateway(provider_port) as h:
+        site = f"""
+server {{
+    listen 127.0.0.1:{{port}};
+    location / {{
+        proxy_pass http://127.0.0.1:{h.port};
+        proxy_http_version 1.1;
+        proxy_buffering on;
+        proxy_ignore_headers X-Accel-Buffering;
+        gzip on;
+        gzip_types text/event-stream;
+        gzip_min_length 1;
+    }}
+}}
+"""
+        async with Nginx(tmp_path, site) as nginx:
+            results = await run_contract(
+                ContractOptions(
+                    gateway=nginx.url,
+                    provider_port=provider_port,
+                    api_key=KEY_A,
+                    samples=3,
+                    only=("unbuffered", "cancel_waiting_for_headers"),
+                    patience=PATIENCE,
+                )
+            )
+    by_name = _by_name(results)
+    assert by_name["unbuffered"].status == "fail", report(results)
+    assert "buffered" in by_name["unbuffered"].detail
+    # Cancels still work; the token events are what is held back.
+    assert by_name["cancel_waiting_for_headers"].status == "pass", report(results)
+
+
+async def test_the_command_prints_a_table_writes_junit_and_exits_by_the_result(
+    tmp_path: Path,
+) -> None:
+    provider_port = free_port()
+    junit = tmp_path / "contract.xml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    for wrap, expected in ((None, 0), (_cancel_answered_first, 1)):
+        async with _gateway(provider_port, wrap=wrap) as h:
+            done = await anyio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "contract",
+                    "--gateway",
+                    f"http://127.0.0.1:{h.port}",
+                    "--provider-port",
+                    str(provider_port),
+                    "--api-key",
+                    KEY_A,
+                    "--samples",
+                    "3",
+                    "--check",
+                    "cancel_closes_provider",
+                    "--check",
+                    "cancel_twice_and_unknown_404",
+                    "--junit",
+                    str(junit),
+                ],
+                cwd=ROOT,
+                env=env,
+                check=False,
+            )
+        out = done.stdout.decode()
+        assert done.returncode == expected, out + done.stderr.decode()
+        assert "cancel_closes_provider" in out
+        suite = ElementTree.parse(junit).getroot()
+        failed = {c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None}
+        assert suite.get("tests") == "2"
+        if expected == 0:
+            assert failed == set()
+        else:
+            # The planted bug answers every cancel 200, unknown ids too.
+            assert failed == {"cancel_closes_provider", "cancel_twice_and_unknown_404"}
+    assert "FAIL" in out
+
+
+def test_junit_xml_names_each_check() -> None:
+    results = [
+        CheckResult("a", "pass", "fine", 0.5),
+        CheckResult("b", "fail", "broken <here>", 1.0),
+        CheckResult("c", "skip", "needs --peer"),
+    ]
+    suite = ElementTree.fromstring(junit_xml(results))
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert list(cases) == ["a", "b", "c"]
+    failure = cases["b"].find("failure")
+    assert failure is not None
+    assert failure.get("message") == "broken <here>"
+    assert cases["c"].find("skipped") is not None
+    assert suite.get("failures") == "1"
+    assert suite.get("skipped") == "1"
