@@ -27,16 +27,17 @@ WAIT = 10.0
 
 @asynccontextmanager
 async def hypercorn_workers(
-    worker: str, port: int, env: dict[str, str], workers: int = 2
+    worker: str, port: int, env: dict[str, str], workers: int = 2, config: Path | None = None
 ) -> AsyncIterator[Process]:
-    """Plain ``hypercorn --workers N gateway.app:app`` on ``port``; SIGTERM at the end."""
+    """Plain ``hypercorn --workers N gateway.app:app`` on ``port``, or with ``config``
+    ``hypercorn --config FILE`` (its workers); SIGTERM at the end."""
+    options = ["--config", str(config)] if config else ["--workers", str(workers)]
     process = await anyio.open_process(
         [
             sys.executable,
             "-m",
             "hypercorn",
-            "--workers",
-            str(workers),
+            *options,
             "-k",
             worker,
             "-b",
@@ -59,6 +60,19 @@ async def hypercorn_workers(
         if process.returncode is None:
             process.kill()
         await process.aclose()
+
+
+async def until_up(url: str, verify: Any = True) -> None:
+    """Until ``GET url/healthz`` answers 200 (a process starting up)."""
+    with anyio.fail_after(30):
+        while True:
+            try:
+                async with httpx.AsyncClient(timeout=WAIT, verify=verify) as client:
+                    if (await client.get(f"{url}/healthz")).status_code == 200:
+                        return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.05)  # a starting process: nothing to await
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from gateway.server import load_config
 from gateway.state import state_of
 
 from .harness import WAIT, Harness, end_lines, serve_until, sim_config, worker_class
-from .processes import free_port, hypercorn_workers
+from .processes import free_port, hypercorn_workers, until_up
 
 pytestmark = pytest.mark.anyio
 
@@ -198,7 +198,7 @@ async def test_two_workers_behind_one_port_report_the_sum(
         url = f"http://127.0.0.1:{port}"
         try:
             async with hypercorn_workers(worker_class(anyio_backend), port, env):
-                await _until_up(url)
+                await until_up(url)
                 for i in range(20):
                     # A fresh connection each, so the streams spread over both workers.
                     async with httpx.AsyncClient(base_url=url, timeout=WAIT) as fresh:
@@ -221,18 +221,6 @@ async def test_two_workers_behind_one_port_report_the_sum(
                     assert _value(m, "gateway_streams_live") == 0
         finally:
             stop.set()
-
-
-async def _until_up(url: str) -> None:
-    with anyio.fail_after(30):
-        while True:
-            try:
-                async with httpx.AsyncClient(timeout=WAIT) as client:
-                    if (await client.get(f"{url}/healthz")).status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
-            await anyio.sleep(0.05)  # a starting process: nothing to await
 
 
 @pytest.mark.skipif(
