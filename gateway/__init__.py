@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .api import create_app
+from .contract import CheckResult, ContractOptions, run_contract
 from .errors import (
     APIError,
     BadRequest,
@@ -40,8 +41,10 @@ __all__ = [
     "CancelUnavailable",
     "ChatCompletion",
     "ChatCompletionChunks",
+    "CheckResult",
     "Completed",
     "ConfigError",
+    "ContractOptions",
     "Failed",
     "GatewayError",
     "GatewayEvents",
@@ -69,5 +72,6 @@ __all__ = [
     "UpstreamUnavailable",
     "create_app",
     "load_config",
+    "run_contract",
     "serve",
 ]
