@@ -44,6 +44,8 @@ _SAME_INSTANT = 0.02
 _PACE = 20.0
 _FIRST_EVENT_BOUND = 1.0
 _OWN_READ_SHARE = 0.9
+# The answer of the cancel and disconnect checks: it would never end by itself.
+_ENDLESS = SimulatorConfig(tokens=100_000, rate=50)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,13 @@ class _Kit:
         tg.start_soon(self._read, stream, payload, key)
         return stream
 
+    async def started(self, tg: TaskGroup, key: str | None = None) -> _Stream:
+        """A stream of the endless answer, once its first token event is in."""
+        self.sim.config = _ENDLESS
+        stream = await self.open(tg, key)
+        await stream.until(lambda s: s.count("token") >= 1, "a token event")
+        return stream
+
     async def _read(self, stream: _Stream, payload: dict[str, Any], key: str | None) -> None:
         headers = {"x-session-id": stream.session_id, **self._headers(key)}
         url = f"{self.options.gateway}/api/chat/stream"
@@ -302,24 +311,20 @@ def _ms(values: list[float]) -> str:
 
 
 async def _cancel_closes_provider(kit: _Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=100_000, rate=50)
     latencies = []
     for _ in range(kit.options.samples):
         async with _Readers() as tg:
-            stream = await kit.open(tg)
-            await stream.until(lambda s: s.count("token") >= 1, "a token event")
+            stream = await kit.started(tg)
             latencies.append(await kit.cancel_closes_first(stream))
             await kit.stopped_once(stream, "cancel")
     return f"{len(latencies)} of {kit.options.samples} closed before the 200; {_ms(latencies)}"
 
 
 async def _disconnect_closes_provider(kit: _Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=100_000, rate=50)
     latencies = []
     for _ in range(kit.options.samples):
         async with _Readers() as tg:
-            stream = await kit.open(tg)
-            await stream.until(lambda s: s.count("token") >= 1, "a token event")
+            stream = await kit.started(tg)
             left = time.monotonic()
             stream.left = True
             stream.scope.cancel()
@@ -383,10 +388,8 @@ async def _cancel_during_tool_call(kit: _Kit) -> str:
 
 
 async def _not_found(kit: _Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=100_000, rate=50)
     async with _Readers() as tg:
-        stream = await kit.open(tg)
-        await stream.until(lambda s: s.count("token") >= 1, "a token event")
+        stream = await kit.started(tg)
         await kit.cancel_closes_first(stream)
         await kit.stopped_once(stream, "cancel")
         again = await kit.cancel(stream)
@@ -399,10 +402,8 @@ async def _not_found(kit: _Kit) -> str:
 
 
 async def _duplicate_live_id(kit: _Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=100_000, rate=50)
     async with _Readers() as tg:
-        stream = await kit.open(tg)
-        await stream.until(lambda s: s.count("token") >= 1, "a token event")
+        stream = await kit.started(tg)
         # Streamed: a gateway that wrongly accepts it would answer without end.
         async with kit.client.stream(
             "POST",
@@ -441,10 +442,8 @@ async def _keepalives_do_not_hold(kit: _Kit) -> str:
 
 
 async def _other_principal_cannot_cancel(kit: _Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=100_000, rate=50)
     async with _Readers() as tg:
-        stream = await kit.open(tg)
-        await stream.until(lambda s: s.count("token") >= 1, "a token event")
+        stream = await kit.started(tg)
         response = await kit.cancel(stream, key=kit.options.second_key)
         seen = stream.count("token")
         await stream.until(lambda s: s.count("token") >= seen + 2, "tokens after the cancel")
@@ -460,12 +459,10 @@ async def _other_principal_cannot_cancel(kit: _Kit) -> str:
 
 
 async def _peer_cancel(kit: _Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=100_000, rate=50)
     latencies = []
     for _ in range(min(kit.options.samples, 10)):
         async with _Readers() as tg:
-            stream = await kit.open(tg)
-            await stream.until(lambda s: s.count("token") >= 1, "a token event")
+            stream = await kit.started(tg)
             latencies.append(await kit.cancel_closes_first(stream, base=kit.options.peer))
             await kit.stopped_once(stream, "cancel")
     return f"{len(latencies)} closed before the peer's 200; {_ms(latencies)}"
