@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Authenticator, check_bearer
 from .cluster import Cluster
-from .errors import APIError, CancelTimeout, CancelUnavailable
+from .errors import APIError, CancelTimeout, CancelUnavailable, NotResumable
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
@@ -33,15 +33,18 @@ from .metrics import Metrics
 from .openapi import openapi
 from .registry import Registry
 from .responses import error_json, error_response
+from .resume import EventLog, ResumeStore
+from .session import Session
 from .settings import Settings
 from .simulator import Simulator
 from .state import GatewayState, state_of
-from .stream import ChatStream
+from .stream import ChatStream, follow
 from .validation import (
     SESSION_ID_RE,
     ProviderRequest,
     chat_payload,
     json_body,
+    last_event_id_from,
     new_session_id,
     session_id_from,
     stream_options,
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=middleware,
         routes=[
             Route("/api/chat/stream", _chat_stream, methods=["POST"]),
+            Route("/api/chat/stream/{session_id}", _chat_resume, methods=["GET"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
             Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
             Route("/v1/models", _models, methods=["GET"]),
@@ -104,6 +108,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
         auth=Authenticator(settings),
         metrics=Metrics(enabled=settings.metrics),
+        resume=(
+            ResumeStore(settings.resume_window, max_ended=settings.max_sessions)
+            if settings.resume_window > 0
+            else None
+        ),
         openapi=openapi(settings),
         cluster=(
             Cluster(
@@ -132,6 +141,39 @@ async def _chat_stream(request: Request) -> Response:
     body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
     payload = chat_payload(body, state.settings)
     return _stream(request, principal, session_id, payload, GatewayEvents())
+
+
+async def _chat_resume(request: Request) -> Response:
+    """Pick a resumable stream up again after ``Last-Event-ID`` (docs/resume.md)."""
+    state = state_of(request)
+    principal = _principal(request)
+    session_id = request.path_params["session_id"]
+    after = last_event_id_from(request.headers.get("last-event-id"))
+    found = None
+    if state.resume is not None and SESSION_ID_RE.fullmatch(session_id):
+        found = state.resume.get(principal, session_id)
+    if found is None:
+        # Another principal's stream answers exactly like an unknown one.
+        raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
+    log, session = found
+    if not log.resumable_after(after):
+        raise NotResumable(
+            f"the events after id {after} are not held (they are {log.first_id}-{log.last_id})"
+        )
+    logger.info("[SSE] %s resumed after id %d", loggable(session_id), after)
+    return _ResumeResponse(state, session, log, after)
+
+
+class _ResumeResponse(Response):
+    def __init__(
+        self, state: GatewayState, session: Session | None, log: EventLog, after: int
+    ) -> None:
+        self._args = (state, session, log)
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state, session, log = self._args
+        await follow(state, session, log, receive, send, self._after)
 
 
 async def _chat_completions(request: Request) -> Response:

@@ -79,6 +79,14 @@ class SessionConflict(APIError):
     code = "session_conflict"
 
 
+class NotResumable(APIError):
+    """No stream of this principal with that id can be resumed here (unknown, expired,
+    its events gone, or resume is off)."""
+
+    status_code = 404
+    code = "not_resumable"
+
+
 class ShuttingDown(APIError):
     status_code = 503
     code = "shutting_down"

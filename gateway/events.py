@@ -7,11 +7,14 @@ from collections.abc import Mapping
 
 from sse_starlette.event import ServerSentEvent
 
-__all__ = ["PING", "encode_event", "encode_reasoning", "encode_token", "json_text"]
+__all__ = ["PING", "SUPERSEDED", "encode_event", "encode_reasoning", "encode_token", "json_text"]
 
 _SEP = "\n"
 
 PING = ServerSentEvent(comment="ping", sep=_SEP).encode()
+# To a client a newer one replaced on a resumable stream: no id, as it is not one of
+# the stream's events (docs/resume.md).
+SUPERSEDED = b'event: stopped\ndata: {"status":"stopped","reason":"superseded"}\n\n'
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 
 from .errors import UpstreamError
 from .outbox import Mark
 
-__all__ = ["Completed", "Failed", "Outcome", "Session", "StopReason", "Stopped"]
+__all__ = ["Completed", "Failed", "Follower", "Outcome", "Session", "StopReason", "Stopped"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,16 @@ class Failed:
 
 
 Outcome = Completed | Stopped | Failed
+
+
+class Follower(Protocol):
+    """A client reading a resumable stream (stream.py)."""
+
+    done: anyio.Event
+
+    def supersede(self) -> None: ...
+
+    def abandon(self) -> None: ...
 
 
 class Session:
@@ -92,6 +102,11 @@ class Session:
         self.response_started = False
         self.sender_done = anyio.Event()
         self.ended = anyio.Event()
+        # A resumable stream (docs/resume.md): the client following it, if any, and
+        # since when nobody has (parked).
+        self.resumable = False
+        self.attached: Follower | None = None
+        self.parked_at: float | None = None
 
     def queued(self) -> Mark:
         return (self.tokens_queued, self.reasoning_queued, self.tool_calls_queued)
@@ -130,6 +145,25 @@ class Session:
         it, so no terminal event is written; stop the stream for ``reason``."""
         self.client_gone = True
         self.cancel(reason, detail)
+
+    def attach(self, follower: Follower) -> None:
+        """A client follows the stream from now on; the one before, if any, is told it
+        was superseded."""
+        previous = self.attached
+        if previous is not None:
+            previous.supersede()
+        self.attached = follower
+        self.parked_at = None
+
+    def detach(self, follower: Follower, now: float) -> bool:
+        """``follower`` has left: if it was the one attached, the stream is parked
+        (True) until a resume or the window's end."""
+        if self.attached is not follower:
+            return False
+        self.attached = None
+        self.parked_at = now
+        self.send_started_at = None
+        return True
 
     def settle(self, outcome: Outcome) -> bool:
         if self.outcome is not None:

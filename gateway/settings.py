@@ -68,6 +68,11 @@ class Settings:
     metrics_key: str | None = None
     # Off: no counting, and GET /metrics is a 404 (for the bench's A/B, or no Prometheus).
     metrics: bool = True
+    # Resume after a dropped connection (docs/resume.md): 0 is off; else how long a
+    # stream whose client left keeps going, waiting for it, and how many bytes of its
+    # events are kept for a resume.
+    resume_window: float = 0.0
+    resume_buffer_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -146,6 +151,10 @@ class Settings:
             raise ConfigError("GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
         if self.metrics_key is not None and len(self.metrics_key) < 16:
             raise ConfigError("GATEWAY_METRICS_KEY must be at least 16 characters")
+        if not math.isfinite(self.resume_window) or self.resume_window < 0:
+            raise ConfigError(f"GATEWAY_RESUME_WINDOW must be >= 0, got {self.resume_window!r}")
+        if self.resume_buffer_bytes < 1024:
+            raise ConfigError("GATEWAY_RESUME_BUFFER_BYTES must be >= 1024")
         if self.simulator_tokens < 1:
             raise ConfigError("GATEWAY_SIMULATOR_TOKENS must be >= 1")
         if self.simulator_reasoning_tokens < 0:

@@ -13,6 +13,7 @@ from .auth import Authenticator
 from .cluster import Cluster
 from .metrics import Metrics
 from .registry import Registry
+from .resume import ResumeStore
 from .settings import Settings
 from .simulator import Simulator
 from .upstream import ModelList
@@ -29,6 +30,8 @@ class GatewayState:
     cluster: Cluster | None
     metrics: Metrics
     models: ModelList = field(default_factory=ModelList)
+    # With GATEWAY_RESUME_WINDOW > 0: the resumable streams (resume.py).
+    resume: ResumeStore | None = None
     # Set by the lifespan: the provider client, the provider's base URL (the built-in
     # simulator's in demo mode) and, in demo mode, the simulator.
     _client: httpx.AsyncClient | None = field(default=None, repr=False)

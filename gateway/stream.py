@@ -16,25 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import cast
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
-from .events import PING
+from .events import PING, SUPERSEDED
 from .formats import AnswerFormat, GatewayEvents
 from .logs import loggable
 from .outbox import Outbox
 from .parser import Delta, ProviderStreamParser, ToolCallDelta
 from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
-from .session import Completed, Failed, Outcome, Session
+from .resume import EventLog
+from .session import Completed, Failed, Outcome, Session, Stopped
 from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
 from .validation import ProviderRequest
 
-__all__ = ["ChatStream"]
+__all__ = ["ChatStream", "follow"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,21 @@ class ChatStream:
                 conflict = SessionConflict(f"a live stream already has session id {session.id!r}")
                 await error_response(conflict)(scope, receive, send)
                 return
+            store = self._gateway.resume
+            if store is not None and isinstance(self._answer, GatewayEvents):
+                # Resumable: the client follows the stream's log, and may come back.
+                session.resumable = True
+                log = EventLog(
+                    self._gateway.settings.resume_buffer_bytes,
+                    lambda: session.seq,
+                    lambda: session.client_left("disconnect"),
+                )
+                store.add(session.principal, session.id, log, session)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follow, self._gateway, session, log, receive, send, 0)
+                    await self._run(session, log, send)
+                    tg.cancel_scope.cancel()
+                return
             outbox = Outbox(_QUEUE_SIZE)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_listen_for_disconnect, session, receive)
@@ -97,7 +114,7 @@ class ChatStream:
             self._gateway.registry.remove(session)
             session.ended.set()
 
-    async def _run(self, session: Session, outbox: Outbox, send: Send) -> None:
+    async def _run(self, session: Session, outbox: Outbox | EventLog, send: Send) -> None:
         # From the "started" line on, every path ends in _finish and its end line.
         principal = (
             "" if session.principal == ANONYMOUS else f" principal={loggable(session.principal)}"
@@ -122,9 +139,15 @@ class ChatStream:
                 session.cancel("shutdown")
                 await self._finish(session, outbox, send)
 
-    async def _finish(self, session: Session, outbox: Outbox, send: Send) -> None:
+    async def _finish(self, session: Session, outbox: Outbox | EventLog, send: Send) -> None:
         """Cleanup every trigger ends in; the upstream response is already closed."""
         bound = self._gateway.settings.send_timeout
+        if isinstance(outbox, EventLog):
+            await self._finish_log(session, outbox)
+            self._end(session)
+            if self._gateway.cluster is not None:
+                await self._gateway.cluster.release(session.principal, session.id)
+            return
         try:
             if not session.client_gone:
                 try:
@@ -152,14 +175,41 @@ class ChatStream:
         if not session.client_gone:
             with anyio.move_on_after(bound):
                 await session.sender_done.wait()
+        self._end(session)
+        if self._gateway.cluster is not None:
+            await self._gateway.cluster.release(session.principal, session.id)
+
+    def _end(self, session: Session) -> None:
         self._gateway.registry.remove(session)
         session.log_end()
         self._gateway.metrics.stream_ended(session, anyio.current_time())
         session.ended.set()
-        if self._gateway.cluster is not None:
-            await self._gateway.cluster.release(session.principal, session.id)
 
-    async def _relay(self, session: Session, outbox: Outbox) -> Outcome:
+    async def _finish_log(self, session: Session, log: EventLog) -> None:
+        """A resumable stream's end: its terminal event goes into the log for whoever
+        follows it, now or by a resume within the window. A stream stopped because its
+        client was gone too long (or the buffer overflowed) has no one to tell."""
+        outcome = session.outcome
+        abandoned = isinstance(outcome, Stopped) and outcome.reason == "disconnect"
+        if abandoned:
+            session.count_only_sent()
+        else:
+            log.put_nowait(self._answer.terminal(session), session.queued())
+        log.close()
+        follower = session.attached
+        if follower is not None:
+            with anyio.move_on_after(self._gateway.settings.send_timeout):
+                await follower.done.wait()
+        store = self._gateway.resume
+        assert store is not None
+        if abandoned:
+            until = None
+        else:
+            start = session.parked_at if session.parked_at is not None else anyio.current_time()
+            until = start + store.window
+        store.ended(session.principal, session.id, log, until)
+
+    async def _relay(self, session: Session, outbox: Outbox | EventLog) -> Outcome:
         """Read the provider's stream into the queue until it ends."""
         upstream: UpstreamResponse | None = None
         try:
@@ -204,7 +254,11 @@ class ChatStream:
 
     @staticmethod
     async def _deliver(
-        session: Session, outbox: Outbox, answer: AnswerFormat, deltas: list[Delta], plain: bool
+        session: Session,
+        outbox: Outbox | EventLog,
+        answer: AnswerFormat,
+        deltas: list[Delta],
+        plain: bool,
     ) -> None:
         """Queue the deltas as events, in the provider's order. Any kind is progress."""
         if not deltas:
@@ -225,7 +279,7 @@ class ChatStream:
         if body:  # an answer assembled whole (ChatCompletion) writes nothing yet
             await outbox.put(body, session.queued())
 
-    async def _watch(self, session: Session, outbox: Outbox) -> None:
+    async def _watch(self, session: Session, outbox: Outbox | EventLog) -> None:
         """Every timeout and the pings, on deadlines: one task, no timer per token.
 
         Deadlines only move later as tokens arrive, except two that appear: the idle
@@ -249,10 +303,26 @@ class ChatStream:
                 return
             send_started = session.send_started_at
             if send_started is not None and now >= send_started + s.send_timeout:
-                # The client stopped reading: nothing more can reach it.
-                session.client_left("timeout", "send")
-                return
+                follower = session.attached
+                if follower is None:
+                    # The client stopped reading: nothing more can reach it.
+                    session.client_left("timeout", "send")
+                    return
+                # A resumable stream's client stopped reading: it is let go, and the
+                # stream parked for it to come back.
+                session.detach(follower, now)
+                follower.abandon()
+                send_started = None
             wake = min(total_at, token_at, now + s.idle_timeout)
+            if session.resumable:
+                if session.attached is None and session.parked_at is not None:
+                    park_until = session.parked_at + s.resume_window
+                    if now >= park_until:
+                        session.client_left("disconnect")
+                        return
+                    wake = min(wake, park_until)
+                # A park can start any time: its deadline is never slept past.
+                wake = min(wake, now + s.resume_window)
             wake = min(
                 wake,
                 now + s.send_timeout if send_started is None else send_started + s.send_timeout,
@@ -338,3 +408,111 @@ async def _listen_for_disconnect(session: Session, receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     session.client_left("disconnect")
+
+
+class _Follower:
+    """A client following a resumable stream's log: the first one, or a resume."""
+
+    def __init__(self) -> None:
+        self.superseded = False
+        self.done = anyio.Event()
+        # Cancelled when the follower is let go (a stuck send), and its wait for the
+        # next event, to see that it was superseded.
+        self.scope = anyio.CancelScope()
+        self.wait_scope: anyio.CancelScope | None = None
+
+    def supersede(self) -> None:
+        self.superseded = True
+        if self.wait_scope is not None:
+            self.wait_scope.cancel()
+
+    def abandon(self) -> None:
+        self.scope.cancel()
+
+
+async def follow(
+    gateway: GatewayState,
+    session: Session | None,
+    log: EventLog,
+    receive: Receive,
+    send: Send,
+    after: int,
+) -> None:
+    """Write ``log``'s events with ids above ``after`` to this client, then the new ones
+    as they come, to the terminal event. ``session`` is None if the stream has ended.
+    A newer client on the session supersedes this one; this one leaving parks the
+    stream until a resume or the window's end (docs/resume.md)."""
+    follower = _Follower()
+    if session is not None:
+        session.attach(follower)
+    try:
+        with follower.scope:
+            async with anyio.create_task_group() as tg:
+
+                async def listen() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(listen)
+                session_id = session.id if session is not None else ""
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", GatewayEvents.media_type),
+                            (b"cache-control", b"no-store"),
+                            (b"x-accel-buffering", b"no"),
+                            (b"x-session-id", session_id.encode()),
+                        ],
+                    }
+                )
+                await _follow(gateway, session, log, send, after, follower)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+    except CLIENT_GONE:
+        pass
+    finally:
+        follower.done.set()
+        parked = session is not None and session.detach(follower, anyio.current_time())
+        if parked and session is not None and session.outcome is None:
+            logger.info(
+                "[SSE] %s parked: the client left, resumable for %gs",
+                session.id,
+                gateway.settings.resume_window,
+            )
+
+
+async def _follow(
+    gateway: GatewayState,
+    session: Session | None,
+    log: EventLog,
+    send: Send,
+    after: int,
+    follower: _Follower,
+) -> None:
+    ping = gateway.settings.ping_interval or math.inf
+    cursor = after
+    while not follower.superseded:
+        got = log.since(cursor)
+        if got is not None:
+            data, cursor, mark = got
+            if session is not None:
+                session.send_started_at = anyio.current_time()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            log.written_id = max(log.written_id, cursor)
+            if session is not None:
+                if mark is not None:
+                    session.sent = mark
+                session.send_started_at = None
+            continue
+        if log.closed:
+            return
+        with anyio.move_on_after(ping) as waited:
+            follower.wait_scope = waited
+            await log.wait(cursor)
+        follower.wait_scope = None
+        if waited.cancelled_caught and not follower.superseded:
+            await send({"type": "http.response.body", "body": PING, "more_body": True})
+    await send({"type": "http.response.body", "body": SUPERSEDED, "more_body": True})

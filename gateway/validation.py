@@ -111,6 +111,20 @@ class ProviderRequest(TypedDict, total=False):
     stream_options: Required[dict[str, bool]]
 
 
+def last_event_id_from(value: str | None) -> int:
+    """A resume's ``Last-Event-ID``: the id of the last event the client has; none
+    means it has none (0)."""
+    if value is None or not value.strip():
+        return 0
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise BadRequest(
+            "Last-Event-ID must be the id of an event of this stream (a number)",
+            code="invalid_last_event_id",
+        )
+    return int(value)
+
+
 def session_id_from(value: str | None) -> str:
     if value is None:
         raise BadRequest("the X-Session-Id header is required", code="missing_session_id")

@@ -1,0 +1,178 @@
+"""Resume after a dropped connection (``GATEWAY_RESUME_WINDOW`` > 0; docs/resume.md).
+
+A resumable stream's events go into an ``EventLog`` instead of a plain outbox: every
+event with an id, in order, kept (up to ``GATEWAY_RESUME_BUFFER_BYTES``) so that a
+client coming back with ``Last-Event-ID: n`` gets each event after ``n`` exactly once.
+The client attached to the stream is a *follower* of the log; a newer one replaces it.
+The ``ResumeStore`` keeps the logs of this process's streams, live or ended within the
+window, by principal and session id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from .events import PING
+from .outbox import Mark
+from .session import Session
+
+__all__ = ["EventLog", "ResumeStore"]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    first: int
+    last: int
+    data: bytes
+    mark: Mark | None
+
+
+class EventLog:
+    """A stream's events for its followers; the producer side is ``Outbox``'s.
+
+    ``put`` never waits: a resumable stream keeps relaying while nobody reads (parked).
+    When the events held exceed ``limit`` bytes, those a client has written go first;
+    if that is not enough, the event is dropped and ``on_overflow`` called (it stops
+    the stream). Pings are not logged: each follower writes its own.
+    """
+
+    def __init__(
+        self, limit: int, current_id: Callable[[], int], on_overflow: Callable[[], None]
+    ) -> None:
+        self._limit = limit
+        self._current_id = current_id
+        self._on_overflow = on_overflow
+        self._chunks: deque[_Chunk] = deque()
+        self._bytes = 0
+        # Events before ``first_id`` are gone; ``last_id`` is the newest held.
+        self.first_id = 1
+        self.last_id = 0
+        # The newest id any follower has written to its client.
+        self.written_id = 0
+        self.closed = False
+        self._changed: anyio.Event | None = None
+
+    def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
+        if self.closed:
+            raise anyio.ClosedResourceError
+        if data == PING:
+            return
+        last = self._current_id()
+        if last <= self.last_id:
+            return  # no event with an id (nothing the protocol writes today)
+        size = len(data)
+        while self._bytes + size > self._limit and self._chunks:
+            oldest = self._chunks[0]
+            if oldest.last > self.written_id:
+                break
+            self._chunks.popleft()
+            self._bytes -= len(oldest.data)
+            self.first_id = oldest.last + 1
+        if self._bytes + size > self._limit:
+            self._on_overflow()
+            return
+        self._chunks.append(_Chunk(self.last_id + 1, last, data, mark))
+        self._bytes += size
+        self.last_id = last
+        self._notify()
+
+    async def put(self, data: bytes, mark: Mark | None = None) -> None:
+        self.put_nowait(data, mark)
+
+    def close(self) -> None:
+        """The terminal event is in: followers end after it."""
+        self.closed = True
+        self._notify()
+
+    def close_receiver(self) -> None:
+        """(Outbox's interface; a log outlives any one follower.)"""
+
+    def since(self, after: int) -> tuple[bytes, int, Mark | None] | None:
+        """The events with an id above ``after``, joined, with the last id and mark;
+        ``None`` when there are none yet. ``after`` must be ``>= first_id - 1``."""
+        if after >= self.last_id:
+            return None
+        parts: list[bytes] = []
+        mark: Mark | None = None
+        for chunk in self._chunks:
+            if chunk.last <= after:
+                continue
+            data = chunk.data
+            if chunk.first <= after:
+                # A chunk of several events, some of them already seen: every event
+                # ends with a blank line, and no event holds one.
+                data = b"\n\n".join(data.split(b"\n\n")[after - chunk.first + 1 :])
+            parts.append(data)
+            if chunk.mark is not None:
+                mark = chunk.mark
+        return b"".join(parts), self.last_id, mark
+
+    def resumable_after(self, after: int) -> bool:
+        return self.first_id - 1 <= after <= self.last_id
+
+    async def wait(self, after: int) -> None:
+        """Until an event with an id above ``after`` is in, or the log is closed."""
+        while after >= self.last_id and not self.closed:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+@dataclass(slots=True)
+class _Entry:
+    log: EventLog
+    # Set while the stream runs; None once it ended (its log kept until ``expires``).
+    session: Session | None
+    expires: float
+
+
+class ResumeStore:
+    """This process's resumable streams: live ones, and ended ones until their window
+    is over (at most ``max_ended`` of those, oldest dropped first)."""
+
+    def __init__(self, window: float, max_ended: int) -> None:
+        self.window = window
+        self._max_ended = max_ended
+        self._entries: dict[tuple[str, str], _Entry] = {}
+
+    def add(self, principal: str, session_id: str, log: EventLog, session: Session) -> None:
+        self._purge()
+        self._entries[(principal, session_id)] = _Entry(log, session, math.inf)
+
+    def ended(self, principal: str, session_id: str, log: EventLog, until: float | None) -> None:
+        """The stream is over: its log stays resumable ``until`` then (None: not at all)."""
+        key = (principal, session_id)
+        entry = self._entries.get(key)
+        if entry is not None and entry.log is log:
+            if until is None:
+                del self._entries[key]
+            else:
+                entry.session = None
+                entry.expires = until
+        self._purge()
+
+    def get(self, principal: str, session_id: str) -> tuple[EventLog, Session | None] | None:
+        entry = self._entries.get((principal, session_id))
+        if entry is None or entry.expires <= anyio.current_time():
+            return None
+        return entry.log, entry.session
+
+    def _purge(self) -> None:
+        now = anyio.current_time()
+        ended = [(key, e) for key, e in self._entries.items() if e.session is None]
+        for key, entry in ended:
+            if entry.expires <= now:
+                del self._entries[key]
+        ended = [(key, e) for key, e in ended if e.expires > now]
+        for key, _ in sorted(ended, key=lambda item: item[1].expires)[: -self._max_ended or None]:
+            del self._entries[key]
