@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["authorization", "content-type", "x-session-id"],
-                expose_headers=["x-session-id"],
+                expose_headers=["x-session-id", "x-resume-window"],
                 max_age=600,
             )
         )

@@ -351,6 +351,39 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/api/chat/stream/{session_id}": {
+                "get": {
+                    "summary": (
+                        "Resume a stream after a dropped connection: every event after "
+                        "Last-Event-ID, then the live ones (GATEWAY_RESUME_WINDOW; docs/resume.md)"
+                    ),
+                    "security": security,
+                    "parameters": [
+                        _SESSION_ID_IN_PATH,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": (
+                                "the events after Last-Event-ID, ids unchanged; a client "
+                                "superseded by a newer one gets stopped (reason superseded)"
+                            ),
+                            "content": {"text/event-stream": {"schema": _EVENT}},
+                        },
+                        "400": _error("Last-Event-ID is not a number"),
+                        **unauthorized,
+                        "404": _error(
+                            "not_resumable: no stream of this principal to resume with that "
+                            "id (unknown, expired, its events gone, or resume off)"
+                        ),
+                    },
+                }
+            },
             "/api/chat/cancel/{session_id}": {
                 "post": {
                     "summary": "Stop a live stream; answered once the provider is closed",

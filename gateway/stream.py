@@ -465,6 +465,7 @@ async def follow(
                             (b"cache-control", b"no-store"),
                             (b"x-accel-buffering", b"no"),
                             (b"x-session-id", session_id.encode()),
+                            (b"x-resume-window", b"%g" % gateway.settings.resume_window),
                         ],
                     }
                 )

@@ -27,7 +27,7 @@ from playwright.sync_api import (
 )
 from playwright.sync_api import Request as PWRequest
 
-from .processes import WAIT, Gateway, free_port
+from .processes import WAIT, Gateway, TcpProxy, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Long enough that a stopped answer has generated far fewer than planned; fast
@@ -89,7 +89,7 @@ def context(playwright: Playwright, tmp_path: Path) -> Iterator[BrowserContext]:
 class ChatPage:
     """The page, with what it logs to the console and the stream requests it makes."""
 
-    def __init__(self, page: Page, gateway: Gateway) -> None:
+    def __init__(self, page: Page, gateway: Gateway, url: str | None = None) -> None:
         self.page = page
         self.console: list[ConsoleMessage] = []
         self.stream_requests: list[PWRequest] = []
@@ -99,7 +99,7 @@ class ChatPage:
         page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
         page.on("request", lambda request: self._request(request))
         page.on("requestfailed", lambda request: self.failed.append(request))
-        page.goto(gateway.url)
+        page.goto(url or gateway.url)
         self.message = page.get_by_role("textbox", name="Message", exact=True)
         self.send_button = page.get_by_role("button", name="Send")
         self.stop_button = page.get_by_role("button", name="Stop")
@@ -402,3 +402,65 @@ def test_works_on_a_narrow_phone_screen(
             assert box["height"] >= 40  # a finger's target
     finally:
         browser.close()
+
+
+@pytest.mark.parametrize("worker", ["asyncio", "trio"])
+def test_an_answer_survives_going_offline_and_stop_works_after_a_resume(
+    context: BrowserContext, worker: str
+) -> None:
+    gw = Gateway(
+        worker,
+        GATEWAY_SIMULATOR_TOKENS="200",
+        GATEWAY_SIMULATOR_RATE=str(RATE),
+        GATEWAY_RESUME_WINDOW="30",
+    )
+    # The page talks to the gateway through a relay that "going offline" cuts.
+    network = TcpProxy(gw.port)
+    try:
+        chat = ChatPage(context.new_page(), gw, url=network.url)
+        reconnecting = chat.page.locator(".reconnecting")
+
+        def drop_and_return(session_id: str) -> None:
+            context.set_offline(True)
+            network.cut()
+            expect(reconnecting).to_be_visible()
+            gw.wait_for(rf"\[SSE\] {session_id} parked")
+            context.set_offline(False)
+            gw.wait_for(rf"\[SSE\] {session_id} resumed after id \d+")
+
+        # An answer that completes across a dropped connection, with no gap.
+        chat.ask("Tell me a story.")
+        chat.wait_for_tokens(5)
+        first = chat.session_id()
+        drop_and_return(first)
+        expect(chat.answer().locator(".status")).to_have_count(0)
+        chat.page.wait_for_function(
+            "() => document.querySelector('article.assistant')?.dataset.status === 'completed'",
+            timeout=WAIT * 1000,
+        )
+        record = gw.stream_for(first)
+        assert record["outcome"] == "completed"
+        assert chat.answer_text() == record["text"]
+        expect(reconnecting).to_have_count(0)
+
+        # Stop after a resume stops the provider.
+        chat.ask("Tell me another.")
+        chat.wait_for_tokens(5)
+        second = chat.session_id()
+        drop_and_return(second)
+        shown = len(chat.answer_text().split(" "))
+        chat.wait_for_tokens(shown + 3)
+        chat.stop_button.click()
+        expect(chat.answer().locator(".status")).to_contain_text("stopped by user")
+        record = gw.stream_for(second)
+        assert record["outcome"] == "closed_by_client"
+        assert record["sent"] < record["planned"]
+        assert record["text"].startswith(chat.answer_text())
+        # Chromium logs the cut connections and the failed retries itself; the page
+        # raised nothing and logged nothing else.
+        assert chat.page_errors == []
+        assert all(e.startswith("Failed to load resource: net::") for e in chat.errors())
+    finally:
+        network.close()
+        gw.stop()
+    assert not any("Traceback" in line for line in gw.lines), "\n".join(gw.lines)

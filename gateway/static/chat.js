@@ -91,6 +91,20 @@ async function showDemo(sessionId) {
   demo.hidden = false;
 }
 
+// While the client resumes a dropped stream (docs/resume.md); gone at the next delta.
+function showReconnecting(view, on) {
+  let note = view.el.querySelector(".reconnecting");
+  if (on && note === null) {
+    note = document.createElement("span");
+    note.className = "reconnecting";
+    note.setAttribute("role", "status");
+    note.textContent = "Reconnecting…";
+    view.el.append(note);
+  } else if (!on && note !== null) {
+    note.remove();
+  }
+}
+
 async function send(text) {
   if (current !== null) return;
   entries.push({ role: "user", content: text });
@@ -104,10 +118,13 @@ async function send(text) {
   const chat = startChat({
     messages: history,
     onReasoning: (delta) => {
+      showReconnecting(view, false);
       thinkingBlock(view).textContent += delta;
       view.el.scrollIntoView({ block: "end" });
     },
+    onReconnect: () => showReconnecting(view, true),
     onToken: (delta) => {
+      showReconnecting(view, false);
       view.body.textContent += delta;
       view.el.scrollIntoView({ block: "end" });
     },
@@ -126,6 +143,7 @@ async function send(text) {
   setStreaming(true);
 
   const state = await chat.done;
+  showReconnecting(view, false);
   entry.content = state.text;
   entry.status = state.status;
   entry.reasoning = state.reasoning;

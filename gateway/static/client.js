@@ -93,8 +93,8 @@ export function historyFor(entries, { reasoning = false } = {}) {
 /**
  * Start one streamed answer.
  *
- * `startChat({messages, onToken, onReasoning, onToolCall, onEvent, baseUrl, model, body,
- * headers, sessionId, fetch})` (`headers`: extra ones for both calls, e.g.
+ * `startChat({messages, onToken, onReasoning, onToolCall, onEvent, onReconnect, baseUrl,
+ * model, body, headers, sessionId, fetch, resume})` (`headers`: extra ones for every call, e.g.
  * `Authorization`; `body`: extra request fields, e.g. `tools`) returns
  * `{sessionId, stop(), done, state}` at once. `onReasoning(delta)` gets the model's
  * thinking, `onToolCall({index, id?, name?, arguments})` each tool-call fragment.
@@ -102,13 +102,20 @@ export function historyFor(entries, { reasoning = false } = {}) {
  *   {status: "completed", text, tokens, finishReason, usage}
  *   {status: "stopped", reason, detail?, text, tokens}   reason: "user" (stop() was
  *        called), "cancel" (cancelled elsewhere), "timeout" (detail: first_token, idle,
- *        total), "shutdown"
+ *        total), "shutdown", "superseded" (the answer was resumed elsewhere, e.g.
+ *        another tab)
  *   {status: "error", code, message, text, tokens}
  * and, on each, `reasoning` (the thinking's text) and `toolCalls` (`[{index, id, name,
  * arguments}]`, the fragments of each call joined).
  * `state` is the current one; it is `{status: "streaming"}` until then. The partial
  * text is kept on every end. After the end, or once stop() is called, no callback is
  * called again: tokens of an old answer cannot reach a newer one.
+ * When the gateway resumes streams (its `x-resume-window` header), a network error
+ * while streaming is retried: `onReconnect(attempt)` is called and `reconnecting` is
+ * true until events flow again; `GET /api/chat/stream/<id>` with `Last-Event-ID`
+ * continues exactly after the last event received. `resume: {retries, delayMs,
+ * maxDelayMs}` (defaults 6, 250, 4000; the delay doubles) or `false`. stop() works
+ * during a reconnect too.
  */
 export function startChat({
   messages,
@@ -122,15 +129,21 @@ export function startChat({
   headers = {},
   sessionId = newSessionId(),
   fetch: fetchImpl = globalThis.fetch.bind(globalThis),
+  onReconnect = () => {},
+  resume = {},
 }) {
   const controller = new AbortController();
+  // Resuming after a dropped connection, when the gateway offers it (docs/resume.md):
+  // bounded retries with doubling delays; `resume: false` turns it off.
+  const retry = resume === false ? null : { retries: 6, delayMs: 250, maxDelayMs: 4000, ...resume };
+  let lastEventId = "";
   let text = "";
   let tokens = 0;
   let reasoning = "";
   const toolCalls = [];
   let stopReason = null; // set by stop()
   let final = null;
-  const chat = { sessionId, state: { status: "streaming" } };
+  const chat = { sessionId, state: { status: "streaming" }, reconnecting: false };
 
   const end = (state) => {
     if (final === null) {
@@ -172,6 +185,46 @@ export function startChat({
     return final;
   };
 
+  // Reads one response's events; "final" once a terminal event came, "dropped" if the
+  // connection ended or failed before one.
+  const read = async (response) => {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const parser = new SSEParser();
+    parser.lastEventId = lastEventId;
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (stopReason !== null) return "stopped";
+        if (done) return "dropped";
+        for (const event of parser.feed(value)) {
+          if (stopReason !== null) return "stopped";
+          lastEventId = event.id;
+          onEvent(event, chat);
+          if (handle(event) !== null) {
+            await reader.cancel().catch(() => {});
+            return "final";
+          }
+        }
+      }
+    } catch (err) {
+      if (stopReason !== null || err?.name === "AbortError") throw err;
+      return "dropped";
+    }
+  };
+
+  const pause = (ms) =>
+    new Promise((resolve, reject) => {
+      const timer = setTimeout(resolve, ms);
+      controller.signal.addEventListener(
+        "abort",
+        () => {
+          clearTimeout(timer);
+          reject(new DOMException("aborted", "AbortError"));
+        },
+        { once: true },
+      );
+    });
+
   const run = async () => {
     let response;
     try {
@@ -194,21 +247,34 @@ export function startChat({
           message: body?.error?.message ?? `The server answered HTTP ${response.status}.`,
         });
       }
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      const parser = new SSEParser();
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (stopReason !== null) break;
-        if (done) break;
-        for (const event of parser.feed(value)) {
-          if (stopReason !== null) break;
-          onEvent(event, chat);
-          if (handle(event) !== null) {
-            await reader.cancel().catch(() => {});
-            return final;
-          }
+      // A resumable stream is picked up again after a network error: from the last
+      // event's id, on whichever replica the request lands.
+      const resumable = retry !== null && Number(response.headers.get("x-resume-window")) > 0;
+      let outcome = await read(response);
+      let attempt = 0;
+      while (outcome === "dropped" && resumable && stopReason === null && attempt < retry.retries) {
+        attempt += 1;
+        chat.reconnecting = true;
+        onReconnect(attempt, chat);
+        await pause(Math.min(retry.maxDelayMs, retry.delayMs * 2 ** (attempt - 1)));
+        let again;
+        try {
+          again = await fetchImpl(`${baseUrl}/api/chat/stream/${encodeURIComponent(sessionId)}`, {
+            headers: { ...headers, Accept: "text/event-stream", "Last-Event-ID": lastEventId },
+            signal: controller.signal,
+          });
+        } catch (err) {
+          if (stopReason !== null || err?.name === "AbortError") throw err;
+          continue; // still unreachable
         }
+        if (again.status === 404) break; // the gateway no longer holds it
+        if (!again.ok) continue;
+        chat.reconnecting = false;
+        attempt = 0;
+        outcome = await read(again);
       }
+      chat.reconnecting = false;
+      if (outcome === "final") return final;
       if (stopReason !== null) return end({ status: "stopped", reason: stopReason });
       return end({
         status: "error",

@@ -305,3 +305,89 @@ describe("startChat", () => {
     assert.equal(state.code, "network_error");
   });
 });
+
+// Each call gets the next of `bodies`: a list of chunks, then "error" (the network
+// fails) or the end of the body; every response offers resume.
+function resumingServer(bodies) {
+  const calls = [];
+  const encoder = new TextEncoder();
+  const fetch = async (url, init = {}) => {
+    calls.push({ url, init });
+    if (url.includes("/cancel/")) return new Response("{}", { status: 200 });
+    const parts = bodies.shift();
+    if (parts === "offline") throw new TypeError("Failed to fetch");
+    const body = new ReadableStream({
+      start(controller) {
+        for (const part of parts) {
+          // error() drops what is queued: it comes once the reader has taken the rest.
+          if (part === "error") setTimeout(() => controller.error(new TypeError("network error")), 20);
+          else controller.enqueue(encoder.encode(part));
+        }
+        if (!parts.includes("error")) controller.close();
+      },
+    });
+    const headers = { "content-type": "text/event-stream", "x-resume-window": "30" };
+    return new Response(body, { status: 200, headers });
+  };
+  return { fetch, calls };
+}
+
+describe("startChat resume", () => {
+  it("picks the answer up after a network error, from the last event's id", async () => {
+    const done = `id: 5\nevent: done\ndata: ${JSON.stringify({ status: "completed", finish_reason: "stop", usage: null })}\n\n`;
+    const server = resumingServer([
+      [token(1, "a"), token(2, "b"), "error"],
+      "offline",
+      [token(3, "c"), "error"],
+      [token(4, "d"), done],
+    ]);
+    const attempts = [];
+    const state = await startChat({
+      messages: [],
+      fetch: server.fetch,
+      resume: { delayMs: 1 },
+      onReconnect: (n) => attempts.push(n),
+    }).done;
+    assert.equal(state.status, "completed");
+    assert.equal(state.text, "abcd");
+    assert.deepEqual(attempts, [1, 2, 1]);
+    const resumes = server.calls.slice(1);
+    assert.ok(resumes.every((c) => /\/api\/chat\/stream\/session_/.test(c.url) && !c.init.method));
+    assert.deepEqual(resumes.map((c) => c.init.headers["Last-Event-ID"]), ["2", "2", "3"]);
+  });
+
+  it("stop() during a reconnect stops, and cancels on the gateway", async () => {
+    const server = resumingServer([[token(1, "a"), "error"], "offline", "offline", "offline"]);
+    let chat;
+    const stopped = new Promise((resolve) => {
+      chat = startChat({
+        messages: [],
+        fetch: server.fetch,
+        resume: { delayMs: 50 },
+        onReconnect: (n) => { if (n === 2) resolve(chat.stop()); },
+      });
+    });
+    await stopped;
+    const state = await chat.done;
+    assert.equal(state.status, "stopped");
+    assert.equal(state.reason, "user");
+    assert.equal(state.text, "a");
+    assert.ok(server.calls.some((c) => c.url.includes("/api/chat/cancel/")));
+  });
+
+  it("does not retry when the gateway does not offer resume", async () => {
+    const fetch = async () =>
+      new Response(
+        new ReadableStream({
+          start: (c) => {
+            c.enqueue(new TextEncoder().encode(token(1, "a")));
+            setTimeout(() => c.error(new TypeError("network error")), 20);
+          },
+        }),
+        { status: 200 },
+      );
+    const state = await startChat({ messages: [], fetch }).done;
+    assert.equal(state.status, "error");
+    assert.equal(state.code, "incomplete");
+  });
+});
