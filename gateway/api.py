@@ -7,6 +7,7 @@ path in session.py and registry.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -23,8 +24,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import Authenticator, check_bearer
-from .cluster import Cluster
-from .errors import APIError, CancelTimeout, CancelUnavailable, NotResumable
+from .cluster import Cluster, is_redis_failure
+from .errors import (
+    APIError,
+    CancelTimeout,
+    CancelUnavailable,
+    NotResumable,
+    ResumeUnavailable,
+)
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
@@ -36,9 +43,10 @@ from .responses import error_json, error_response
 from .resume import EventLog, ResumeStore
 from .session import Session
 from .settings import Settings
+from .shared_log import RemoteLog, events_key
 from .simulator import Simulator
 from .state import GatewayState, state_of
-from .stream import ChatStream, follow
+from .stream import ChatStream, follow, new_follower
 from .validation import (
     SESSION_ID_RE,
     ProviderRequest,
@@ -152,6 +160,8 @@ async def _chat_resume(request: Request) -> Response:
     found = None
     if state.resume is not None and SESSION_ID_RE.fullmatch(session_id):
         found = state.resume.get(principal, session_id)
+    if found is None and state.cluster is not None and state.resume is not None:
+        return await _resume_elsewhere(state, state.cluster, principal, session_id, after)
     if found is None:
         # Another principal's stream answers exactly like an unknown one.
         raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
@@ -162,6 +172,85 @@ async def _chat_resume(request: Request) -> Response:
         )
     logger.info("[SSE] %s resumed after id %d", loggable(session_id), after)
     return _ResumeResponse(state, session, log, after)
+
+
+async def _resume_elsewhere(
+    state: GatewayState, cluster: Cluster, principal: str, session_id: str, after: int
+) -> Response:
+    """A stream of another instance: its events from Redis, and its owner told that
+    this client follows it (or the client gets a 503 if Redis cannot be reached)."""
+    if cluster.client is None:
+        raise ResumeUnavailable("the stream may live on another instance; Redis is unreachable")
+    log = RemoteLog(cluster, events_key(principal, session_id))
+    try:
+        # Only a live stream's owner may still be appending what the client has seen.
+        live = await cluster.owner(principal, session_id) is not None
+        held = await log.load(after, _CATCH_UP if live else 0)
+    except Exception as exc:
+        if not is_redis_failure(exc):
+            raise
+        cluster.down(exc)
+        raise ResumeUnavailable("Redis failed while reading the stream") from exc
+    if not held or not log.resumable_after(after):
+        raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
+    follower_id = cluster.new_follower_id()
+    if not log.closed:
+        await cluster.tell_owner("attach", principal, session_id, follower_id)
+    logger.info(
+        "[SSE] %s resumed after id %d (its stream lives on another instance)",
+        loggable(session_id),
+        after,
+    )
+    return _RemoteResumeResponse(state, cluster, log, (principal, session_id, follower_id), after)
+
+
+# How long a resume on another instance waits for the owner's last events to reach Redis.
+_CATCH_UP = 1.0
+
+
+class _RemoteResumeResponse(Response):
+    def __init__(
+        self,
+        state: GatewayState,
+        cluster: Cluster,
+        log: RemoteLog,
+        about: tuple[str, str, str],
+        after: int,
+    ) -> None:
+        self._state, self._cluster, self._log = state, cluster, log
+        self._about = about
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal, session_id, follower_id = self._about
+        cluster = self._cluster
+        follower = new_follower()
+        cluster.followers[follower_id] = follower
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                await follow(
+                    self._state,
+                    None,
+                    self._log,
+                    receive,
+                    send,
+                    self._after,
+                    session_id=session_id,
+                    follower=follower,
+                )
+                tg.cancel_scope.cancel()
+        finally:
+            del cluster.followers[follower_id]
+            with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
+                await cluster.tell_owner("detach", principal, session_id, follower_id)
+
+    async def _heartbeat(self) -> None:
+        """The owner lets a follower go that it has not heard of for a claim TTL."""
+        while True:
+            await anyio.sleep(self._cluster.claim_ttl / 3)
+            with contextlib.suppress(ResumeUnavailable):
+                await self._cluster.tell_owner("attach", *self._about)
 
 
 class _ResumeResponse(Response):

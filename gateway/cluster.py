@@ -27,7 +27,8 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import anyio
 import coredis
@@ -35,11 +36,11 @@ from anyio.abc import TaskGroup
 from coredis.patterns.pubsub import PubSub
 from coredis.response.types import PubSubMessage
 
-from .errors import CancelUnavailable
+from .errors import CancelUnavailable, ResumeUnavailable
 from .logs import loggable
 from .validation import SESSION_ID_RE
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "is_redis_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,28 @@ _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _WARN_INTERVAL = 10.0
 
 _UNAVAILABLE = "the stream may live on another instance, and Redis cannot be reached to ask it"
+_RESUME_UNAVAILABLE = (
+    "the stream may live on another instance, and Redis cannot be reached to resume it"
+)
+_FOLLOWER_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}/[0-9a-f]{16}")
 
 # What a local cancel answers: True stopped, False not found here.
 LocalCancel = Callable[[str, str], Awaitable[bool]]
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """Redis unreachable or failing: coredis raises its errors and OSError, at times
+    inside an exception group (from its connection's task group); and a client whose
+    connection was just lost (``run`` leaves its context) raises a RuntimeError about
+    its pool, until ``run`` has replaced it."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_redis_failure(e) for e in exc.exceptions)
+    if isinstance(exc, RuntimeError):
+        return str(exc).startswith(_POOL_GONE)
+    return isinstance(exc, (coredis.exceptions.RedisError, OSError))
+
+
+_POOL_GONE = "Connection pool is not initialized or has exited"
 
 
 def new_instance_id() -> str:
@@ -127,6 +147,13 @@ class Cluster:
         self._stop = anyio.Event()
         self._ignored = 0
         self._warned_at: float | None = None
+        self._tg: TaskGroup | None = None
+        # Called with (type, principal, session id, follower id) for the messages
+        # about resumed streams (set by the lifespan).
+        self.on_follow: Callable[[str, str, str, str], None] | None = None
+        # The clients here following streams of other instances, by follower id.
+        self.followers: dict[str, Any] = {}
+        self.claim_ttl = claim_ttl
 
     def stop(self) -> None:
         """End ``run()`` by leaving the subscription normally. (Cancelling coredis's
@@ -151,6 +178,9 @@ class Cluster:
                 async with client:
                     await client.ping()
                     channels = [self._cancel_channel(self.instance_id), self._reply_channel()]
+                    if self.on_follow is not None:
+                        # Resume is on (docs/resume.md).
+                        channels.append(self._follow_channel())
                     # No retry policy: a lost connection comes back to this loop, which
                     # logs the outage once and renews the subscription.
                     async with (
@@ -160,6 +190,7 @@ class Cluster:
                         anyio.create_task_group() as tg,
                     ):
                         self._client = client
+                        self._tg = tg
                         await self._reclaim(client)
                         self._up()
                         delay = 0.05
@@ -175,6 +206,7 @@ class Cluster:
                 self._down(group.exceptions[0])
             finally:
                 self._client = None
+                self._tg = None
                 self.available = False
             with anyio.move_on_after(delay):
                 await self._stop.wait()
@@ -308,6 +340,9 @@ class Cluster:
     async def _on_message(self, client: coredis.Redis[str], message: PubSubMessage) -> None:
         try:
             data = _parse(message.get("data") if isinstance(message, dict) else None)
+            if message.get("channel") == self._follow_channel():
+                self._on_follow_message(data)
+                return
             if message.get("channel") == self._reply_channel():
                 request_id = _text(data, "id", _REQUEST_ID, 64)
                 ok = data.get("ok")
@@ -347,6 +382,104 @@ class Cluster:
         )
         self._ignored = 0
         self._warned_at = now
+
+    # -- resume across instances (shared_log.py) ---------------------------------
+
+    @property
+    def client(self) -> coredis.Redis[str] | None:
+        """The Redis client while Redis is reachable."""
+        return self._client
+
+    def down(self, exc: BaseException) -> None:
+        self._down(exc)
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the background while connected (else it is dropped:
+        Redis is away, and what it would say cannot be said)."""
+        if self._tg is not None:
+            self._tg.start_soon(fn, *args)
+
+    async def tell_owner(
+        self, kind: str, principal: str, session_id: str, follower_id: str
+    ) -> bool:
+        """Tell the stream's owner that a client here follows it (``attach``, repeated
+        as a heartbeat) or left (``detach``); False if no live instance owns it."""
+        client = self._client
+        if client is None:
+            raise ResumeUnavailable(_RESUME_UNAVAILABLE)
+        try:
+            owner = await client.get(_claim_key(principal, session_id))
+            if owner is None:
+                return False
+            message = {
+                "v": PROTOCOL_VERSION,
+                "type": kind,
+                "principal": principal,
+                "session_id": session_id,
+                "follower": follower_id,
+            }
+            return await client.publish(self._follow_channel(owner), json.dumps(message)) > 0
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
+            self._down(exc)
+            raise ResumeUnavailable(_RESUME_UNAVAILABLE) from exc
+
+    async def tell_follower(self, principal: str, session_id: str, follower_id: str) -> None:
+        """Tell the instance of a follower that a newer client took the stream over."""
+        client = self._client
+        instance = follower_id.partition("/")[0]
+        if client is None:
+            return
+        message = {
+            "v": PROTOCOL_VERSION,
+            "type": "supersede",
+            "principal": principal,
+            "session_id": session_id,
+            "follower": follower_id,
+        }
+        try:
+            await client.publish(self._follow_channel(instance), json.dumps(message))
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
+            self._down(exc)
+
+    async def owner(self, principal: str, session_id: str) -> str | None:
+        """The instance holding the stream's claim, if any (Redis must be reachable)."""
+        client = self._client
+        if client is None:
+            raise OSError("Redis is not reachable")
+        return await client.get(_claim_key(principal, session_id))
+
+    async def forget(self, key: str) -> None:
+        """Delete ``key`` if Redis is there (else it expires by itself)."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            with anyio.move_on_after(1.0, shield=True):
+                await client.delete([key])
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
+            self._down(exc)
+
+    def new_follower_id(self) -> str:
+        return f"{self.instance_id}/{secrets.token_hex(8)}"
+
+    def _on_follow_message(self, data: dict[str, object]) -> None:
+        kind = data.get("type")
+        if kind not in ("attach", "detach", "supersede"):
+            raise _Malformed("unknown type")
+        principal = _text(data, "principal", None, _MAX_PRINCIPAL_CHARS)
+        session_id = _text(data, "session_id", SESSION_ID_RE, 128)
+        follower_id = _text(data, "follower", _FOLLOWER_ID, 200)
+        if self.on_follow is not None:
+            self.on_follow(str(kind), principal, session_id, follower_id)
+
+    def _follow_channel(self, instance_id: str | None = None) -> str:
+        return f"gw:follow:{instance_id or self.instance_id}"
 
     def _cancel_channel(self, instance_id: str) -> str:
         return f"gw:cancel:{instance_id}"

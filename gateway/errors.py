@@ -87,6 +87,13 @@ class NotResumable(APIError):
     code = "not_resumable"
 
 
+class ResumeUnavailable(APIError):
+    """The stream may live on another instance, and Redis cannot be reached to resume it."""
+
+    status_code = 503
+    code = "resume_unavailable"
+
+
 class ShuttingDown(APIError):
     status_code = 503
     code = "shutting_down"

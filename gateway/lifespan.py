@@ -29,6 +29,7 @@ from .logs import ensure_handler
 from .server import load_config, serve
 from .simulator import Simulator, SimulatorConfig
 from .state import state_of
+from .stream import follow_messages
 from .upstream import create_client
 
 __all__ = ["EXIT_BACKGROUND_FAILURE", "Lifespan"]
@@ -126,6 +127,8 @@ class Lifespan(AsyncContextManagerMixin):
             logger.info("[SSE] Cancel request forwarded for %s", session_id)
             return bool(await registry.stop(session_id, principal, wait))
 
+        if self._state.resume is not None:
+            cluster.on_follow = follow_messages(self._state, cluster)
         with scope:
             await cluster.run(cancel_here, task_status=task_status)
 

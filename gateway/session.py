@@ -64,6 +64,10 @@ class Follower(Protocol):
 
     def abandon(self) -> None: ...
 
+    def expired(self, now: float) -> bool:
+        """A follower on another instance that stopped saying it is there."""
+        ...
+
 
 class Session:
     """State of one live stream, keyed in the registry by the client's session id.

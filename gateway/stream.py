@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from typing import cast
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from .cluster import Cluster
 from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
 from .events import PING, SUPERSEDED
 from .formats import AnswerFormat, GatewayEvents
@@ -32,11 +34,12 @@ from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
 from .resume import EventLog
 from .session import Completed, Failed, Outcome, Session, Stopped
+from .shared_log import RemoteLog, events_key, mirror
 from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
 from .validation import ProviderRequest
 
-__all__ = ["ChatStream", "follow"]
+__all__ = ["ChatStream", "follow", "follow_messages", "new_follower"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ logger = logging.getLogger(__name__)
 _QUEUE_SIZE = 64
 # After [DONE], how long to wait for the body's last bytes so the connection can be reused.
 _DRAIN_TIMEOUT = 1.0
+# At a resumable stream's end, how long its last events may take to reach Redis.
+_MIRROR_WAIT = 2.0
 
 
 class ChatStream:
@@ -67,6 +72,7 @@ class ChatStream:
         self._session_id = session_id
         self._payload = payload
         self._upstream_headers = upstream_headers
+        self._mirrored = anyio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
@@ -97,6 +103,11 @@ class ChatStream:
                 store.add(session.principal, session.id, log, session)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(follow, self._gateway, session, log, receive, send, 0)
+                    cluster = self._gateway.cluster
+                    if cluster is not None:
+                        # For a resume on another instance: the events, in Redis.
+                        key = events_key(session.principal, session.id)
+                        tg.start_soon(self._mirror, cluster, key, log)
                     await self._run(session, log, send)
                     tg.cancel_scope.cancel()
                 return
@@ -185,6 +196,12 @@ class ChatStream:
         self._gateway.metrics.stream_ended(session, anyio.current_time())
         session.ended.set()
 
+    async def _mirror(self, cluster: Cluster, key: str, log: EventLog) -> None:
+        try:
+            await mirror(cluster, key, log, self._gateway.settings.resume_window)
+        finally:
+            self._mirrored.set()
+
     async def _finish_log(self, session: Session, log: EventLog) -> None:
         """A resumable stream's end: its terminal event goes into the log for whoever
         follows it, now or by a resume within the window. A stream stopped because its
@@ -200,6 +217,13 @@ class ChatStream:
         if follower is not None:
             with anyio.move_on_after(self._gateway.settings.send_timeout):
                 await follower.done.wait()
+        cluster = self._gateway.cluster
+        if cluster is not None:
+            # A follower on another instance gets the terminal event through Redis.
+            with anyio.move_on_after(_MIRROR_WAIT):
+                await self._mirrored.wait()
+            if abandoned:
+                await cluster.forget(events_key(session.principal, session.id))
         store = self._gateway.resume
         assert store is not None
         if abandoned:
@@ -315,6 +339,10 @@ class ChatStream:
                 send_started = None
             wake = min(total_at, token_at, now + s.idle_timeout)
             if session.resumable:
+                gone = session.attached
+                if gone is not None and gone.expired(now):
+                    session.detach(gone, now)
+                    _log_parked(session, s.resume_window)
                 if session.attached is None and session.parked_at is not None:
                     park_until = session.parked_at + s.resume_window
                     if now >= park_until:
@@ -322,7 +350,7 @@ class ChatStream:
                         return
                     wake = min(wake, park_until)
                 # A park can start any time: its deadline is never slept past.
-                wake = min(wake, now + s.resume_window)
+                wake = min(wake, now + s.resume_window, now + s.claim_ttl)
             wake = min(
                 wake,
                 now + s.send_timeout if send_started is None else send_started + s.send_timeout,
@@ -429,20 +457,90 @@ class _Follower:
     def abandon(self) -> None:
         self.scope.cancel()
 
+    def expired(self, now: float) -> bool:
+        return False
+
+
+class _RemoteFollower:
+    """A client following this stream from another instance, where its resume landed:
+    it reads the stream's events from Redis (shared_log.py), and its instance says so
+    every third of the claim TTL."""
+
+    def __init__(
+        self, cluster: Cluster, principal: str, session_id: str, follower_id: str, now: float
+    ) -> None:
+        self._cluster = cluster
+        self._about = (principal, session_id, follower_id)
+        self.id = follower_id
+        self.seen = now
+        # Nothing here waits for its writes: the terminal event reaches it through Redis.
+        self.done = anyio.Event()
+        self.done.set()
+
+    def supersede(self) -> None:
+        self._cluster.spawn(self._cluster.tell_follower, *self._about)
+
+    def abandon(self) -> None:
+        pass
+
+    def expired(self, now: float) -> bool:
+        return now - self.seen > self._cluster.claim_ttl
+
+
+def new_follower() -> _Follower:
+    return _Follower()
+
+
+def follow_messages(
+    gateway: GatewayState, cluster: Cluster
+) -> Callable[[str, str, str, str], None]:
+    """What the cluster does with a message about a follower (cluster.on_follow)."""
+
+    def on_follow(kind: str, principal: str, session_id: str, follower_id: str) -> None:
+        now = anyio.current_time()
+        if kind == "supersede":
+            local = cluster.followers.get(follower_id)
+            if local is not None:
+                local.supersede()
+            return
+        session = gateway.registry.get(session_id, principal)
+        if session is None or not session.resumable or session.outcome is not None:
+            return
+        current = session.attached
+        if kind == "attach":
+            if isinstance(current, _RemoteFollower) and current.id == follower_id:
+                current.seen = now
+                return
+            session.attach(_RemoteFollower(cluster, principal, session_id, follower_id, now))
+            logger.info("[SSE] %s followed from instance %s", session.id, follower_id.split("/")[0])
+        elif isinstance(current, _RemoteFollower) and current.id == follower_id:
+            session.detach(current, now)
+            _log_parked(session, gateway.settings.resume_window)
+
+    return on_follow
+
+
+def _log_parked(session: Session, window: float) -> None:
+    logger.info("[SSE] %s parked: the client left, resumable for %gs", session.id, window)
+
 
 async def follow(
     gateway: GatewayState,
     session: Session | None,
-    log: EventLog,
+    log: EventLog | RemoteLog,
     receive: Receive,
     send: Send,
     after: int,
+    *,
+    session_id: str = "",
+    follower: _Follower | None = None,
 ) -> None:
     """Write ``log``'s events with ids above ``after`` to this client, then the new ones
     as they come, to the terminal event. ``session`` is None if the stream has ended.
     A newer client on the session supersedes this one; this one leaving parks the
     stream until a resume or the window's end (docs/resume.md)."""
-    follower = _Follower()
+    if follower is None:
+        follower = _Follower()
     if session is not None:
         session.attach(follower)
     try:
@@ -455,7 +553,8 @@ async def follow(
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(listen)
-                session_id = session.id if session is not None else ""
+                if session is not None:
+                    session_id = session.id
                 await send(
                     {
                         "type": "http.response.start",
@@ -478,17 +577,13 @@ async def follow(
         follower.done.set()
         parked = session is not None and session.detach(follower, anyio.current_time())
         if parked and session is not None and session.outcome is None:
-            logger.info(
-                "[SSE] %s parked: the client left, resumable for %gs",
-                session.id,
-                gateway.settings.resume_window,
-            )
+            _log_parked(session, gateway.settings.resume_window)
 
 
 async def _follow(
     gateway: GatewayState,
     session: Session | None,
-    log: EventLog,
+    log: EventLog | RemoteLog,
     send: Send,
     after: int,
     follower: _Follower,

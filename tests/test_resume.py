@@ -5,13 +5,20 @@ supersedes an older one; on asyncio, uvloop and Trio."""
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
+import httpx2 as httpx
 import pytest
 
-from .harness import EventReader, Harness, LogWatch, SSEEvent, end_lines, sim_config
+from gateway import SimulatorConfig
+
+from .harness import WAIT, EventReader, Harness, LogWatch, SSEEvent, end_lines, sim_config
+from .test_cluster import BODY, _cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -196,3 +203,104 @@ async def test_resume_is_refused_when_off_unknown_or_another_principals() -> Non
         assert response.json()["error"]["code"] == "not_resumable"
     assert bad.status_code == 400
     assert bad.json()["error"]["code"] == "invalid_last_event_id"
+
+
+# -- across instances: two `gateway serve` processes and one redis-server ---------------
+
+
+@asynccontextmanager
+async def _get(
+    client: httpx.AsyncClient, url: str, sid: str, after: int
+) -> AsyncIterator[EventReader]:
+    async with client.stream(
+        "GET", f"{url}/api/chat/stream/{sid}", headers={"Last-Event-ID": str(after)}
+    ) as response:
+        assert response.status_code == 200, (response.status_code, await response.aread())
+        yield EventReader(response)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+async def test_resumes_on_either_instance_lose_and_double_nothing(anyio_backend: Any) -> None:
+    rng = random.Random(11)
+    sid = "session_resume_cluster"
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        c.provider.config = SimulatorConfig(tokens=1500, rate=500)
+        a = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        b = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        seen: list[SSEEvent] = []
+        async with client.stream(
+            "POST", f"{a.url}/api/chat/stream", headers={"X-Session-Id": sid}, json=BODY
+        ) as response:
+            reader = EventReader(response)
+            await reader.until(lambda e: e.event == "token")
+            seen += reader.events
+        cycles = 0
+        while seen[-1].event not in ("done", "stopped", "error"):
+            cycles += 1
+            url = rng.choice([a.url, b.url])
+            async with _get(client, url, sid, _last_id(seen)) as s:
+                for _ in range(rng.randrange(0, 40) if cycles < 60 else 100_000):
+                    if await s.next() is None:
+                        break
+                seen += s.events
+            assert cycles < 200, "the answer never ended"
+        record = c.provider.records[-1]
+    ids = [int(e.id) for e in seen if e.id is not None]
+    assert ids == list(range(1, len(ids) + 1)), "an event lost or doubled"
+    assert seen[-1].event == "done"
+    assert "".join(e.data["delta"] for e in seen if e.event == "token") == record.text
+    assert cycles >= 60
+    assert any(f"{sid} resumed after id" in line and "another instance" in line for line in b.lines)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+async def test_across_instances_newer_wins_a_stop_works_and_redis_down_is_503(
+    anyio_backend: Any,
+) -> None:
+    sid = "session_resume_cluster2"
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        a = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        b = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        async with client.stream(
+            "POST", f"{a.url}/api/chat/stream", headers={"X-Session-Id": sid}, json=BODY
+        ) as response:
+            first = EventReader(response)
+            await first.tokens_at_least(2)
+        record = c.provider.records[-1]
+        async with _get(client, b.url, sid, _last_id(first.events)) as on_b:
+            await on_b.tokens_at_least(3)
+            # The owner knows a client follows on b: no park expiry meanwhile.
+            await anyio.to_thread.run_sync(a.wait_for, rf"\[SSE\] {sid} followed from instance")
+            async with _get(client, a.url, sid, _last_id(first.events + on_b.events)) as on_a:
+                await on_a.tokens_at_least(2)
+                ended = await on_b.rest()
+                assert ended[-1].data == {"status": "stopped", "reason": "superseded"}
+                # A stop sent to b reaches the owner: provider closed before the 200.
+                response = await client.post(f"{b.url}/api/chat/cancel/{sid}")
+                answered = time.monotonic()
+                assert response.status_code == 200
+                assert record.ended_at is not None
+                assert record.ended_at <= answered
+                rest = await on_a.rest()
+        assert rest[-1].event == "stopped"
+        assert rest[-1].data["reason"] == "cancel"
+
+        # Redis down: a resume of another instance's stream is a 503, the owner's works.
+        sid2 = "session_resume_cluster3"
+        async with client.stream(
+            "POST", f"{a.url}/api/chat/stream", headers={"X-Session-Id": sid2}, json=BODY
+        ) as response:
+            second = EventReader(response)
+            await second.tokens_at_least(2)
+        await anyio.to_thread.run_sync(c.redis.stop)
+        for gateway in (a, b):
+            await anyio.to_thread.run_sync(gateway.wait_for, r"\[cluster\] Redis unreachable")
+        elsewhere = await client.get(
+            f"{b.url}/api/chat/stream/{sid2}", headers={"Last-Event-ID": "1"}
+        )
+        assert elsewhere.status_code == 503
+        assert elsewhere.json()["error"]["code"] == "resume_unavailable"
+        async with _get(client, a.url, sid2, _last_id(second.events)) as here:
+            await here.tokens_at_least(2)
+        last = await client.post(f"{a.url}/api/chat/cancel/{sid2}")
+        assert last.status_code == 200, a.lines[-20:]

@@ -1,0 +1,194 @@
+"""A resumable stream's events in Redis, for a resume that lands on another instance
+(docs/resume.md).
+
+The owner appends its ``EventLog`` to a Redis Stream per session (``XADD``, capped,
+expiring a window after the last append), batching whatever came since the last
+append. Another instance replays the stream from the resume's ``Last-Event-ID`` and
+follows it with ``XREAD BLOCK`` from the last entry read: an entry cannot slip by
+between the replay and the follow, as a pub/sub message can. Every entry carries the
+first and last event id it holds, and the reader checks they follow on: an append
+that failed (Redis away) is retried by the owner, never skipped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+import anyio
+import coredis
+from coredis.response.types import StreamEntry
+
+from .cluster import is_redis_failure
+from .outbox import Mark
+
+__all__ = ["RemoteLog", "events_key", "mirror"]
+
+# XADD, trim, expire: one round trip per batch.
+_APPEND = """
+redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+           'first', ARGV[2], 'last', ARGV[3], 'data', ARGV[4], 'end', ARGV[5])
+return redis.call('pexpire', KEYS[1], ARGV[6])
+"""
+# Entries kept per stream; a batch is usually many events, so this is generous.
+_MAX_ENTRIES = 100_000
+# How long one XREAD blocks before the follower writes a ping.
+_BLOCK_MS = 5_000
+# Waiting for the owner's append of the events a resume asks for.
+_CATCH_UP_MS = 100
+# While Redis is away, how often the owner tries its append again.
+_RETRY = 0.25
+
+
+def events_key(principal: str, session_id: str) -> str:
+    return f"gw:events:{principal.encode().hex()}:{session_id}"
+
+
+class _Client(Protocol):
+    """What the mirror and the reader need of the cluster: its client while Redis is
+    reachable, and where to report an error."""
+
+    @property
+    def client(self) -> coredis.Redis[str] | None: ...
+
+    def down(self, exc: BaseException) -> None: ...
+
+
+async def mirror(cluster: _Client, key: str, log: _LogView, window: float) -> None:
+    """Append ``log``'s events to ``key`` as they come, until the log is closed and
+    all of it appended. While Redis is away the batch waits; it is never dropped."""
+    cursor = 0
+    ttl_ms = str(max(1, round(window * 1000)))
+    while True:
+        got = log.since(cursor)
+        ended = log.closed
+        if got is None and not ended:
+            await log.wait(cursor)
+            continue
+        data, last, _ = got if got is not None else (b"", cursor, None)
+        client = cluster.client
+        if client is None:
+            # Redis is away: the whole batch (and what joins it) is tried again.
+            await anyio.sleep(_RETRY)
+            continue
+        try:
+            await client.eval(
+                _APPEND,
+                keys=[key],
+                args=[
+                    str(_MAX_ENTRIES),
+                    str(cursor + 1),
+                    str(last),
+                    data.decode(),
+                    "1" if ended else "0",
+                    ttl_ms,
+                ],
+            )
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
+            cluster.down(exc)
+            await anyio.sleep(_RETRY)
+            continue
+        cursor = last
+        if ended:
+            return
+
+
+class _LogView(Protocol):
+    """The reading side of ``resume.EventLog``, which ``mirror`` uses."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def since(self, after: int) -> tuple[bytes, int, Mark | None] | None: ...
+
+    async def wait(self, after: int) -> None: ...
+
+
+class RemoteLog:
+    """Another instance's stream, read from Redis: the reading side of ``EventLog``."""
+
+    def __init__(self, cluster: _Client, key: str) -> None:
+        self._cluster = cluster
+        self._key = key
+        self._chunks: deque[tuple[int, int, bytes]] = deque()
+        self._entry = "0-0"
+        self.first_id = 1
+        self.last_id = 0
+        self.written_id = 0
+        self.closed = False
+        # Events were missing between two entries (cannot happen unless Redis lost
+        # data): the follower ends without a terminal event, the client resumes again.
+        self.broken = False
+
+    async def load(self, after: int, wait: float) -> bool:
+        """Read what the stream holds, waiting up to ``wait`` for its owner to have
+        appended event ``after`` (a client may resume here before the owner's last
+        append is in); False if there is no such stream."""
+        client = self._cluster.client
+        if client is None:
+            raise OSError("Redis is not reachable")
+        self._add(await client.xrange(self._key, "-", "+"))
+        with anyio.move_on_after(wait):
+            while self.last_id < after and not self.closed:
+                found = await client.xread({self._key: self._entry}, block=_CATCH_UP_MS)
+                for entries in (found or {}).values():
+                    self._add(entries)
+        return self._entry != "0-0"
+
+    def _add(self, entries: tuple[StreamEntry, ...]) -> None:
+        for entry in entries:
+            fields = entry.field_values
+            first, last = int(fields["first"]), int(fields["last"])
+            if self._entry == "0-0":
+                # The oldest entry kept: events before it were trimmed.
+                self.first_id, self.last_id = first, first - 1
+            if first != self.last_id + 1:
+                self.broken = self.closed = True
+                return
+            if last >= first:
+                self._chunks.append((first, last, str(fields["data"]).encode()))
+                self.last_id = last
+            self._entry = str(entry.identifier)
+            if fields.get("end") == "1":
+                self.closed = True
+
+    def resumable_after(self, after: int) -> bool:
+        return self.first_id - 1 <= after <= self.last_id
+
+    def since(self, after: int) -> tuple[bytes, int, Mark | None] | None:
+        if after >= self.last_id:
+            return None
+        parts = []
+        for first, last, data in self._chunks:
+            if last <= after:
+                continue
+            if first <= after:
+                data = b"\n\n".join(data.split(b"\n\n")[after - first + 1 :])
+            parts.append(data)
+        return b"".join(parts), self.last_id, None
+
+    async def wait(self, after: int) -> None:
+        """Until an event above ``after`` is in, or the stream ended, reading Redis.
+        Redis going away ends it too (``broken``): the client resumes again."""
+        while after >= self.last_id and not self.closed:
+            client = self._cluster.client
+            try:
+                if client is None:
+                    raise OSError("Redis is not reachable")
+                found = await client.xread({self._key: self._entry}, block=_BLOCK_MS)
+                if not found:
+                    if not await client.exists([self._key]):
+                        # Expired: the owner stopped appending a window ago.
+                        self.broken = self.closed = True
+                    continue
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
+                if client is not None:
+                    self._cluster.down(exc)
+                self.broken = self.closed = True
+                return
+            for entries in found.values():
+                self._add(entries)
