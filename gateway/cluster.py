@@ -407,18 +407,21 @@ class Cluster:
         client = self._client
         if client is None:
             raise ResumeUnavailable(_RESUME_UNAVAILABLE)
+        message = {
+            "v": PROTOCOL_VERSION,
+            "type": kind,
+            "principal": principal,
+            "session_id": session_id,
+            "follower": follower_id,
+        }
         try:
-            owner = await client.get(_claim_key(principal, session_id))
-            if owner is None:
-                return False
-            message = {
-                "v": PROTOCOL_VERSION,
-                "type": kind,
-                "principal": principal,
-                "session_id": session_id,
-                "follower": follower_id,
-            }
-            return await client.publish(self._follow_channel(owner), json.dumps(message)) > 0
+            # Shielded: a command cancelled half-way costs coredis its connection.
+            with anyio.fail_after(self._claim_ttl, shield=True):
+                owner = await client.get(_claim_key(principal, session_id))
+                if owner is None:
+                    return False
+                channel = self._follow_channel(owner)
+                return await client.publish(channel, json.dumps(message)) > 0
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
@@ -450,7 +453,8 @@ class Cluster:
         client = self._client
         if client is None:
             raise OSError("Redis is not reachable")
-        return await client.get(_claim_key(principal, session_id))
+        with anyio.fail_after(self._claim_ttl, shield=True):
+            return await client.get(_claim_key(principal, session_id))
 
     async def forget(self, key: str) -> None:
         """Delete ``key`` if Redis is there (else it expires by itself)."""

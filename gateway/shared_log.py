@@ -4,8 +4,8 @@
 The owner appends its ``EventLog`` to a Redis Stream per session (``XADD``, capped,
 expiring a window after the last append), batching whatever came since the last
 append. Another instance replays the stream from the resume's ``Last-Event-ID`` and
-follows it with ``XREAD BLOCK`` from the last entry read: an entry cannot slip by
-between the replay and the follow, as a pub/sub message can. Every entry carries the
+follows it with ``XREAD`` from the last entry read: an entry cannot slip by between
+the replay and the follow, as a pub/sub message can. Every entry carries the
 first and last event id it holds, and the reader checks they follow on: an append
 that failed (Redis away) is retried by the owner, never skipped.
 """
@@ -32,10 +32,13 @@ return redis.call('pexpire', KEYS[1], ARGV[6])
 """
 # Entries kept per stream; a batch is usually many events, so this is generous.
 _MAX_ENTRIES = 100_000
-# How long one XREAD blocks before the follower writes a ping.
-_BLOCK_MS = 5_000
-# Waiting for the owner's append of the events a resume asks for.
-_CATCH_UP_MS = 100
+# How often a follower here asks Redis for new entries. Not XREAD BLOCK: coredis gives
+# each blocking command a connection of its own, and one cancelled mid-block (the
+# client left) is not given back, so clients coming and going fill the pool (64) and
+# every Redis call of the instance then waits. A plain XREAD is multiplexed.
+_POLL = 0.05
+# The longest any one Redis call here may take.
+_CALL_BOUND = 2.0
 # While Redis is away, how often the owner tries its append again.
 _RETRY = 0.25
 
@@ -72,18 +75,20 @@ async def mirror(cluster: _Client, key: str, log: _LogView, window: float) -> No
             await anyio.sleep(_RETRY)
             continue
         try:
-            await client.eval(
-                _APPEND,
-                keys=[key],
-                args=[
-                    str(_MAX_ENTRIES),
-                    str(cursor + 1),
-                    str(last),
-                    data.decode(),
-                    "1" if ended else "0",
-                    ttl_ms,
-                ],
-            )
+            # Shielded: a Redis call cancelled half-way costs coredis its connection.
+            with anyio.fail_after(_CALL_BOUND, shield=True):
+                await client.eval(
+                    _APPEND,
+                    keys=[key],
+                    args=[
+                        str(_MAX_ENTRIES),
+                        str(cursor + 1),
+                        str(last),
+                        data.decode(),
+                        "1" if ended else "0",
+                        ttl_ms,
+                    ],
+                )
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
@@ -129,10 +134,13 @@ class RemoteLog:
         client = self._cluster.client
         if client is None:
             raise OSError("Redis is not reachable")
-        self._add(await client.xrange(self._key, "-", "+"))
+        with anyio.fail_after(_CALL_BOUND, shield=True):
+            self._add(await client.xrange(self._key, "-", "+"))
         with anyio.move_on_after(wait):
             while self.last_id < after and not self.closed:
-                found = await client.xread({self._key: self._entry}, block=_CATCH_UP_MS)
+                await anyio.sleep(_POLL)
+                with anyio.fail_after(_CALL_BOUND, shield=True):
+                    found = await client.xread({self._key: self._entry})
                 for entries in (found or {}).values():
                     self._add(entries)
         return self._entry != "0-0"
@@ -177,11 +185,17 @@ class RemoteLog:
             try:
                 if client is None:
                     raise OSError("Redis is not reachable")
-                found = await client.xread({self._key: self._entry}, block=_BLOCK_MS)
+                # Shielded (and bounded): a Redis call cancelled half-way costs coredis
+                # its connection, and the pool does not get it back.
+                with anyio.fail_after(_CALL_BOUND, shield=True):
+                    found = await client.xread({self._key: self._entry})
+                    expired = not found and not await client.exists([self._key])
                 if not found:
-                    if not await client.exists([self._key]):
+                    if expired:
                         # Expired: the owner stopped appending a window ago.
                         self.broken = self.closed = True
+                        return
+                    await anyio.sleep(_POLL)
                     continue
             except Exception as exc:
                 if not is_redis_failure(exc):
