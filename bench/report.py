@@ -23,6 +23,12 @@ _VARIANTS = (
     ),
     ("gateway-openai", "gateway's /v1/chat/completions (OpenAI's chunks)", "/v1 / native"),
     ("gateway-nometrics", "gateway with GATEWAY_METRICS=off", "off / on"),
+    ("gateway-resume", "gateway with GATEWAY_RESUME_WINDOW=30", "resume / off"),
+    (
+        "gateway-resume-redis",
+        "gateway with GATEWAY_RESUME_WINDOW=30 and GATEWAY_REDIS_URL (events to Redis)",
+        "resume+Redis / off",
+    ),
 )
 
 

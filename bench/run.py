@@ -290,6 +290,8 @@ async def measure_variant(
     row is measured: ``gateway-openai`` reads /v1/chat/completions (OpenAI's chunks),
     ``gateway-nometrics`` runs with GATEWAY_METRICS=off."""
     async with _server("gateway", worker, bench.provider_port, env) as (port, process):
+        if env and "GATEWAY_REDIS_URL" in env:
+            await _joined(port)
         streams = await bench.open_many(port, load, "pace", ramp=1.0, openai=openai)
         await asyncio.sleep(2.0)
         cpu = await bench.cpu_per_token(process.pid, streams, window)
@@ -297,8 +299,9 @@ async def measure_variant(
     return {"impl": impl, "worker": worker, "cpu": {str(load): cpu}}
 
 
-async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict[str, float]:
-    """Cancel sent to one gateway for a stream on another, both on one Redis."""
+@contextlib.asynccontextmanager
+async def _redis() -> AsyncIterator[str]:
+    """A redis-server of its own, without persistence; yields its URL."""
     redis_port = _free_port()
     redis = await asyncio.create_subprocess_exec(
         "redis-server",
@@ -312,8 +315,17 @@ async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict
         "no",
         stdout=subprocess.DEVNULL,
     )
-    env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
     try:
+        yield f"redis://127.0.0.1:{redis_port}/0"
+    finally:
+        redis.terminate()
+        await redis.wait()
+
+
+async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict[str, float]:
+    """Cancel sent to one gateway for a stream on another, both on one Redis."""
+    async with _redis() as url:
+        env = {"GATEWAY_REDIS_URL": url}
         async with (
             _server("gateway", worker, bench.provider_port, env) as (a, _),
             _server("gateway", worker, bench.provider_port, env) as (b, _),
@@ -322,9 +334,19 @@ async def cross_instance_cancel(bench: Bench, worker: str, samples: int) -> dict
                 await _joined(port)
             await bench.latency(a, "cancel", 8, cancel_port=b)  # warm-up
             return _summary_ms(await bench.latency(a, "cancel", samples, cancel_port=b))
-    finally:
-        redis.terminate()
-        await redis.wait()
+
+
+async def measure_resume(bench: Bench, worker: str, load: int, window: float) -> list[Any]:
+    """CPU per token with resume on (GATEWAY_RESUME_WINDOW=30): one instance, then
+    with its events appended to a Redis of its own."""
+    resume = {"GATEWAY_RESUME_WINDOW": "30"}
+    runs = [await measure_variant(bench, "gateway-resume", worker, load, window, env=resume)]
+    async with _redis() as url:
+        env = {**resume, "GATEWAY_REDIS_URL": url}
+        runs.append(
+            await measure_variant(bench, "gateway-resume-redis", worker, load, window, env=env)
+        )
+    return runs
 
 
 async def _joined(port: int) -> None:
@@ -448,6 +470,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
                 print(json.dumps(runs[-1]), flush=True)
+            if args.resume:
+                print(f"-- gateway with GATEWAY_RESUME_WINDOW=30 on {worker}", flush=True)
+                for run in await measure_resume(bench, worker, args.resume, args.window):
+                    runs.append(run)
+                    print(json.dumps(run), flush=True)
             if args.cluster:
                 print(f"-- cross-instance cancel on {worker}", flush=True)
                 gateway_run = next(r for r in reversed(runs) if r["impl"] == "gateway")
@@ -505,6 +532,13 @@ def main() -> None:
         type=int,
         default=200,
         help="streams for the CPU figure with GATEWAY_METRICS=off (the cost of metrics); 0: skip",
+    )
+    parser.add_argument(
+        "--resume",
+        type=int,
+        default=200,
+        help="streams for the CPU figures with resume on, alone and with Redis (needs "
+        "redis-server); 0: skip",
     )
     parser.add_argument(
         "--no-cluster",
