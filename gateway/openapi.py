@@ -381,6 +381,10 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "not_resumable: no stream of this principal to resume with that "
                             "id (unknown, expired, its events gone, or resume off)"
                         ),
+                        "503": _error(
+                            "resume_unavailable: the stream may live on another instance, "
+                            "and Redis cannot be reached"
+                        ),
                     },
                 }
             },
