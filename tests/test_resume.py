@@ -81,9 +81,14 @@ async def test_the_window_ending_closes_the_provider_on_time(
     async with Harness(sim_config(tokens=100_000, rate=50), resume_window=window) as h:
         async with h.stream(sid) as s:
             await s.tokens_at_least(3)
+            read = len(s.tokens)
             left = time.monotonic()
         record = await h.closed(await h.record())
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=disconnect")
+        # Counted: what was written to the client, not what the provider made meanwhile.
+        [line] = end_lines(caplog.records, sid)
+        logged = int(line.split(" tokens=")[1].split()[0])
+        assert read <= logged < record.sent
         assert record.ended_at is not None
         # The gateway sees the close a moment after the client makes it.
         late = record.ended_at - (left + window)
