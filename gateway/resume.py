@@ -84,6 +84,13 @@ class EventLog:
     async def put(self, data: bytes, mark: Mark | None = None) -> None:
         self.put_nowait(data, mark)
 
+    def put_terminal(self, data: bytes, mark: Mark | None) -> None:
+        """The terminal event, then close: it always goes in, over the limit if need
+        be, so whoever follows learns how the stream ended."""
+        self._limit += len(data)
+        self.put_nowait(data, mark)
+        self.close()
+
     def close(self) -> None:
         """The terminal event is in: followers end after it."""
         self.closed = True

@@ -210,9 +210,9 @@ class ChatStream:
         abandoned = isinstance(outcome, Stopped) and outcome.reason == "disconnect"
         if abandoned:
             session.count_only_sent()
+            log.close()
         else:
-            log.put_nowait(self._answer.terminal(session), session.queued())
-        log.close()
+            log.put_terminal(self._answer.terminal(session), session.queued())
         follower = session.attached
         if follower is not None:
             with anyio.move_on_after(self._gateway.settings.send_timeout):

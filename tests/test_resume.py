@@ -16,6 +16,7 @@ import httpx2 as httpx
 import pytest
 
 from gateway import SimulatorConfig
+from gateway.resume import EventLog
 
 from .harness import WAIT, EventReader, Harness, LogWatch, SSEEvent, end_lines, sim_config
 from .test_cluster import BODY, _cluster
@@ -309,3 +310,44 @@ async def test_across_instances_newer_wins_a_stop_works_and_redis_down_is_503(
             await here.tokens_at_least(2)
         last = await client.post(f"{a.url}/api/chat/cancel/{sid2}")
         assert last.status_code == 200, a.lines[-20:]
+
+
+# -- the log itself -------------------------------------------------------------------
+
+
+def _event(n: int) -> bytes:
+    return b'id: %d\nevent: token\ndata: {"delta":"w%d"}\n\n' % (n, n)
+
+
+def test_the_log_splits_a_chunk_trims_what_was_written_and_always_takes_the_terminal() -> None:
+    seq = [0]
+    overflowed: list[bool] = []
+    log = EventLog(3 * len(_event(1)), lambda: seq[0], lambda: overflowed.append(True))
+
+    def put(*ids: int) -> None:
+        seq[0] = ids[-1]
+        log.put_nowait(b"".join(_event(n) for n in ids), (ids[-1], 0, 0))
+
+    put(1, 2, 3)  # one chunk of three events
+    got = log.since(1)
+    assert got is not None
+    assert got[0] == _event(2) + _event(3)
+    assert got[1] == 3
+    # Full, and nothing written to a client yet: the next event overflows.
+    put(4)
+    assert overflowed == [True]
+    assert log.last_id == 3
+    # Once written, the oldest chunk may go to make room.
+    log.written_id = 3
+    put(4)
+    assert log.first_id == 4
+    assert not log.resumable_after(2)
+    assert log.resumable_after(3)
+    # The terminal event goes in over the limit, and closes the log.
+    seq[0] = 5
+    log.put_terminal(b"id: 5\nevent: done\ndata: {}\n\n", None)
+    assert log.closed
+    got = log.since(4)
+    assert got is not None
+    assert got[0].endswith(b"event: done\ndata: {}\n\n")
+    assert overflowed == [True]
