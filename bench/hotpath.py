@@ -1,8 +1,9 @@
 """CPU per provider chunk of the gateway's own relay step, without sockets or a server.
 
 Each of 100,000 plain-content chunks (the bytes bench/provider.py sends) goes through
-``ProviderStreamParser.feed``, ``ChatStream._deliver`` (encode and queue) and
-``Outbox.take``: the per-token work that is ours, not hypercorn's or the kernel's. With
+``ProviderStreamParser.feed`` and ``ChatStream._deliver`` (encode, and hand to the
+client's ``send``, here a no-op; in older trees queue, then ``Outbox.take``): the
+per-token work that is ours, not hypercorn's or the kernel's. With
 no I/O and no other process involved it is far steadier than `make bench` on a shared
 machine, so it is how a change to the token path is checked (docs/benchmarks.md).
 
@@ -29,34 +30,50 @@ _WORDS = [b" w%d" % i for i in range(97)]
 
 
 async def _once(chunks: list[bytes], openai: bool) -> float:
-    from gateway.outbox import Outbox
     from gateway.parser import ProviderStreamParser
     from gateway.session import Session
     from gateway.stream import ChatStream
 
     session = Session("s", "m")
-    outbox = Outbox(16)
+    sink: Any
+    take: Any = None
+    try:
+        from gateway.writer import ClientWriter
+    except ImportError:  # before the relay wrote to the client itself: the outbox
+        from gateway.outbox import Outbox  # type: ignore[import-not-found, unused-ignore]
+
+        sink = Outbox(16)
+        take = sink.take
     parser = ProviderStreamParser()
     # Any: the signature differs across the trees this measures (see below).
     deliver: Any = ChatStream._deliver
     # Older trees: before issue 12 no ``plain``; before issue 13 no answer format.
     params = inspect.signature(deliver).parameters
     extra: tuple[object, ...] = ()
+    answer: Any = None
     if "answer" in params:
         from gateway.formats import ChatCompletionChunks, GatewayEvents
 
         answer = ChatCompletionChunks(include_usage=False) if openai else GatewayEvents()
         answer.start(session)
         extra = (answer,)
+    if take is None:
+
+        async def send(message: Any) -> None:
+            pass
+
+        sink = ClientWriter(session, answer, send)
+        session.response_started = True
     takes_plain = "plain" in params
     start = time.process_time()
     for chunk in chunks:
         parsed = parser.feed(chunk)
         if takes_plain:
-            await deliver(session, outbox, *extra, parsed.deltas, parsed.plain)
+            await deliver(session, sink, *extra, parsed.deltas, parsed.plain)
         else:
-            await deliver(session, outbox, parsed.deltas)
-        await outbox.take()
+            await deliver(session, sink, parsed.deltas)
+        if take is not None:
+            await take()
     return (time.process_time() - start) / len(chunks) * 1e6
 
 

@@ -1,6 +1,6 @@
 """Resume after a dropped connection (``GATEWAY_RESUME_WINDOW`` > 0; docs/resume.md).
 
-A resumable stream's events go into an ``EventLog`` instead of a plain outbox: every
+A resumable stream's events go into an ``EventLog`` instead of straight to the client: every
 event with an id, in order, kept (up to ``GATEWAY_RESUME_BUFFER_BYTES``) so that a
 client coming back with ``Last-Event-ID: n`` gets each event after ``n`` exactly once.
 The client attached to the stream is a *follower* of the log; a newer one replaces it.
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import anyio
 
 from .events import PING
-from .outbox import Mark
-from .session import Session
+from .session import Mark, Session
 
 __all__ = ["EventLog", "ResumeStore"]
 
@@ -33,7 +32,7 @@ class _Chunk:
 
 
 class EventLog:
-    """A stream's events for its followers; the producer side is ``Outbox``'s.
+    """A stream's events for its followers; the relay writes into it as into a ``ClientWriter``.
 
     ``put`` never waits: a resumable stream keeps relaying while nobody reads (parked).
     When the events held exceed ``limit`` bytes, those a client has written go first;
@@ -95,9 +94,6 @@ class EventLog:
         """The terminal event is in: followers end after it."""
         self.closed = True
         self._notify()
-
-    def close_receiver(self) -> None:
-        """(Outbox's interface; a log outlives any one follower.)"""
 
     def since(self, after: int) -> tuple[bytes, int, Mark | None] | None:
         """The events with an id above ``after``, joined, with the last id and mark;

@@ -4,27 +4,33 @@
 The cancel endpoint and forwarded cancels call ``stop`` (cancel, then wait for the
 stream's end), a client that has gone calls ``client_left``, every timeout and server
 shutdown call ``cancel``. The first outcome wins, whether a stop, a completion or a
-failure; later ones are ignored. What the stream does once cancelled (close the
-provider, write the terminal event, log one line, set ``ended``) is
-``ChatStream._finish`` in stream.py.
+failure; later ones are ignored. A cancel closes the provider's connection itself,
+at once, wherever the relay is; what the stream does then (write the terminal event,
+log one line, set ``ended``) is ``ChatStream._finish`` in stream.py.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
 
 from .errors import UpstreamError
-from .outbox import Mark
 
-__all__ = ["Completed", "Failed", "Follower", "Outcome", "Session", "StopReason", "Stopped"]
+if TYPE_CHECKING:
+    from .upstream import UpstreamResponse
+
+__all__ = ["Completed", "Failed", "Follower", "Mark", "Outcome", "Session", "StopReason", "Stopped"]
 
 logger = logging.getLogger(__name__)
 
 StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
+
+# A stream's running counts of token, reasoning and tool-call events once a chunk is
+# written: the last one written is what the client was delivered.
+Mark = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +86,18 @@ class Session:
         self.model = model
         self.principal = principal
         self.scope = anyio.CancelScope()
+        # The provider's response while it is read: the cancel path closes it itself,
+        # so the provider sees EOF however busy the relay is (writing to a slow client).
+        self.upstream: UpstreamResponse | None = None
         self.outcome: Outcome | None = None
         self.started_at = anyio.current_time()
-        # Token, reasoning and tool-call events queued for the client; all of them
-        # precede the terminal event. After a hard cancel of the sender, the ones it
-        # handed over (``sent``).
+        # Token, reasoning and tool-call events encoded for the client; all of them
+        # precede the terminal event. After a hard cancel, the ones whose write
+        # completed (``sent``).
         self.tokens_queued = 0
         self.reasoning_queued = 0
         self.tool_calls_queued = 0
-        # The counts the sender's completed sends carried.
+        # The counts the completed writes to the client carried.
         self.sent: Mark = (0, 0, 0)
         self.seq = 0
         # The first delta of any kind ends the first-token timeout; each kind's first
@@ -96,7 +105,11 @@ class Session:
         self.first_delta_at: float | None = None
         self.first_at: dict[str, float] = {}
         self.last_delta_at = self.started_at
+        # The end of the relay's last write: the provider's silence is counted from
+        # the later of it and the last delta, since a relay blocked writing to a slow
+        # client is not waiting for the provider. Pings do not count (``last_ping_at``).
         self.last_write_at = self.started_at
+        self.last_ping_at = self.started_at
         self.send_started_at: float | None = None
         # When the stop was triggered, and when the provider's connection was closed
         # after it: the Stop latency (metrics.py).
@@ -104,7 +117,6 @@ class Session:
         self.provider_closed_at: float | None = None
         self.client_gone = False
         self.response_started = False
-        self.sender_done = anyio.Event()
         self.ended = anyio.Event()
         # A resumable stream (docs/resume.md): the client following it, if any, and
         # since when nobody has (parked).
@@ -116,7 +128,7 @@ class Session:
         return (self.tokens_queued, self.reasoning_queued, self.tool_calls_queued)
 
     def count_only_sent(self) -> None:
-        """The sender is gone with chunks still queued: only what it wrote counts."""
+        """The writes were cut short (or a follower left): only what went out counts."""
         self.tokens_queued, self.reasoning_queued, self.tool_calls_queued = self.sent
 
     def first_delta_ms(self) -> dict[str, int]:
@@ -131,8 +143,18 @@ class Session:
         if not self.settle(Stopped(reason, detail)):
             return False
         self.stopped_at = anyio.current_time()
-        self.scope.cancel()
+        self.close_provider()
         return True
+
+    def close_provider(self) -> None:
+        """Cancel the opening of the provider's response, or abort its connection once
+        open: the provider sees EOF now, whatever the relay is doing."""
+        self.scope.cancel()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.abort()
+            if self.provider_closed_at is None:
+                self.provider_closed_at = anyio.current_time()
 
     async def stop(self, wait: float) -> bool | None:
         """Cancel (reason ``cancel``) and wait up to ``wait`` for the stream's end:

@@ -20,7 +20,7 @@ import coredis
 from coredis.response.types import StreamEntry
 
 from .cluster import is_redis_failure
-from .outbox import Mark
+from .session import Mark
 
 __all__ = ["RemoteLog", "events_key", "mirror"]
 

@@ -3,13 +3,15 @@
 ::
 
     request task group ─┬─ disconnect listener (blocked on receive())
-                        ├─ sender: outbox → ASGI send, one send per batch
-                        └─ Session.scope ─┬─ relay: provider → parser → queue
-                                          └─ watchdog: timeouts, pings, stuck sends
+                        ├─ relay: provider → parser → client (writer.py)
+                        │         (in Session.scope while it opens the provider)
+                        └─ the request's task: watchdog (timeouts, pings, stuck
+                           sends), then the cleanup every path ends in
 
-The sender sits outside the session's scope: under Trio, hypercorn shields its
-socket writes, so a task blocked writing to a client that stopped reading cannot be
-cancelled, and must not hold the provider or the cleanup hostage.
+The relay writes to the client itself: one wake-up per token. A cancel, whatever its
+trigger, closes the provider's connection at once (``Session.cancel``), so a relay
+blocked writing to a client that stopped reading (under Trio, hypercorn shields its
+socket writes) holds neither the provider nor, beyond the send timeout, the cleanup.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import cast
 
 import anyio
+from anyio.abc import TaskGroup
 from starlette.types import Receive, Scope, Send
 
 from .cluster import Cluster
@@ -28,7 +31,6 @@ from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolEr
 from .events import PING, SUPERSEDED
 from .formats import AnswerFormat, GatewayEvents
 from .logs import loggable
-from .outbox import Outbox
 from .parser import Delta, ProviderStreamParser, ToolCallDelta
 from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
@@ -38,14 +40,12 @@ from .shared_log import RemoteLog, events_key, mirror
 from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
 from .validation import ProviderRequest
+from .writer import ClientWriter
 
 __all__ = ["ChatStream", "follow", "follow_messages", "new_follower"]
 
 logger = logging.getLogger(__name__)
 
-# Chunks waiting for the sender. When the client reads slower than the provider
-# writes, the relay waits here and the provider feels TCP back-pressure.
-_QUEUE_SIZE = 64
 # After [DONE], how long to wait for the body's last bytes so the connection can be reused.
 _DRAIN_TIMEOUT = 1.0
 # At a resumable stream's end, how long its last events may take to reach Redis.
@@ -108,15 +108,15 @@ class ChatStream:
                         # For a resume on another instance: the events, in Redis.
                         key = events_key(session.principal, session.id)
                         tg.start_soon(self._mirror, cluster, key, log)
-                    await self._run(session, log, send)
+                    await self._run(session, log, tg)
                     tg.cancel_scope.cancel()
                 return
-            outbox = Outbox(_QUEUE_SIZE)
+            writer = ClientWriter(session, self._answer, send)
             async with anyio.create_task_group() as tg:
+                writer.pings = tg
                 tg.start_soon(_listen_for_disconnect, session, receive)
-                tg.start_soon(self._send_events, session, outbox, send)
-                await self._run(session, outbox, send)
-                # Stops the listener, and on asyncio a sender stuck past its bound.
+                await self._run(session, writer, tg)
+                # Stops the listener, and on asyncio a relay stuck past its bound.
                 tg.cancel_scope.cancel()
         finally:
             # Whatever raised or was cancelled on the way (a cluster claim included),
@@ -125,67 +125,74 @@ class ChatStream:
             self._gateway.registry.remove(session)
             session.ended.set()
 
-    async def _run(self, session: Session, outbox: Outbox | EventLog, send: Send) -> None:
+    async def _run(self, session: Session, sink: ClientWriter | EventLog, tg: TaskGroup) -> None:
         # From the "started" line on, every path ends in _finish and its end line.
         principal = (
             "" if session.principal == ANONYMOUS else f" principal={loggable(session.principal)}"
         )
         logger.info("[SSE] %s started model=%s%s", session.id, loggable(session.model), principal)
         self._gateway.metrics.stream_started()
+        relayed = anyio.Event()
+        relaying = False
         try:
+            if isinstance(sink, ClientWriter):
+                await sink.start()
             start = self._answer.start(session)
             if start:
-                outbox.put_nowait(start)
-            with session.scope:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._watch, session, outbox)
-                    session.settle(await self._relay(session, outbox))
-                    tg.cancel_scope.cancel()
+                await sink.put(start)
+            tg.start_soon(self._relay_task, session, sink, relayed)
+            relaying = True
+            await self._watch(session, sink, relayed)
         except Exception:
             logger.exception("[SSE] %s internal error", session.id)
             session.settle(Failed("internal_error", "the gateway failed"))
         finally:
+            if not relaying:
+                relayed.set()  # nothing to wait for
             with anyio.CancelScope(shield=True):
-                # Cancelled from outside our scope: the server is going away.
-                session.cancel("shutdown")
-                await self._finish(session, outbox, send)
+                # Cancelled from outside: the server is going away.
+                if not session.cancel("shutdown"):
+                    # Ended otherwise; after an internal error the relay may still run.
+                    session.close_provider()
+                await self._finish(session, sink, relayed)
 
-    async def _finish(self, session: Session, outbox: Outbox | EventLog, send: Send) -> None:
-        """Cleanup every trigger ends in; the upstream response is already closed."""
+    async def _relay_task(
+        self, session: Session, sink: ClientWriter | EventLog, done: anyio.Event
+    ) -> None:
+        try:
+            outcome = await self._relay(session, sink)
+            if outcome is not None:
+                session.settle(outcome)
+        except Exception:
+            logger.exception("[SSE] %s internal error", session.id)
+            session.settle(Failed("internal_error", "the gateway failed"))
+        finally:
+            done.set()
+
+    async def _finish(
+        self, session: Session, sink: ClientWriter | EventLog, relayed: anyio.Event
+    ) -> None:
+        """Cleanup every trigger ends in; the provider's connection is closed already."""
         bound = self._gateway.settings.send_timeout
-        if isinstance(outbox, EventLog):
-            await self._finish_log(session, outbox)
+        if not relayed.is_set():
+            # Aborted, the relay ends at once, unless it is writing to a client that
+            # does not read: that write has the send timeout to end.
+            with anyio.move_on_after(bound):
+                await relayed.wait()
+        if isinstance(sink, EventLog):
+            await self._finish_log(session, sink)
             self._end(session)
             if self._gateway.cluster is not None:
                 await self._gateway.cluster.release(session.principal, session.id)
             return
-        try:
-            if not session.client_gone:
-                try:
-                    with anyio.move_on_after(bound):
-                        await outbox.put(self._answer.terminal(session), session.queued())
-                except anyio.BrokenResourceError:
-                    # The sender was cancelled with the request (a server's hard
-                    # shutdown), dropping whatever it still had queued: write the
-                    # terminal event ourselves, counting only what it handed over.
-                    session.count_only_sent()
-                    if session.response_started:
-                        with anyio.move_on_after(bound):
-                            await send(
-                                {
-                                    "type": "http.response.body",
-                                    "body": self._answer.terminal(session),
-                                    "more_body": True,
-                                }
-                            )
-                            await send(
-                                {"type": "http.response.body", "body": b"", "more_body": False}
-                            )
-        finally:
-            outbox.close()
-        if not session.client_gone:
+        if not relayed.is_set() or sink.interrupted:
+            # What the relay was writing may not have gone: count what did.
+            session.count_only_sent()
+        if relayed.is_set() and not session.client_gone:
             with anyio.move_on_after(bound):
-                await session.sender_done.wait()
+                await sink.put(self._answer.terminal(session), session.queued())
+                await sink.end()
+        sink.close()
         self._end(session)
         if self._gateway.cluster is not None:
             await self._gateway.cluster.release(session.principal, session.id)
@@ -233,21 +240,31 @@ class ChatStream:
             until = start + store.window
         store.ended(session.principal, session.id, log, until)
 
-    async def _relay(self, session: Session, outbox: Outbox | EventLog) -> Outcome:
-        """Read the provider's stream into the queue until it ends."""
+    async def _relay(self, session: Session, sink: ClientWriter | EventLog) -> Outcome | None:
+        """Read the provider's stream into ``sink`` until it ends; ``None`` if the stream
+        was stopped meanwhile (its outcome is settled, the provider closed by the stop)."""
         upstream: UpstreamResponse | None = None
         try:
-            upstream = await open_stream(
-                self._gateway.client,
-                self._gateway.upstream_url,
-                self._payload,
-                self._upstream_headers,
-            )
+            # Only the opening runs in the session's scope: once the response is open,
+            # a stop aborts it (Session.cancel) instead of cancelling this task, which
+            # may be writing to the client.
+            with session.scope:
+                upstream = await open_stream(
+                    self._gateway.client,
+                    self._gateway.upstream_url,
+                    self._payload,
+                    self._upstream_headers,
+                )
+                session.upstream = upstream
+            if upstream is None or session.outcome is not None:
+                return None
             parser = ProviderStreamParser()
             finish_reason: str | None = None
             usage: dict[str, object] | None = None
             while not parser.done:
                 data = await upstream.read()
+                if session.outcome is not None:
+                    return None
                 if not data:
                     if finish_reason is None:
                         raise UpstreamProtocolError("provider closed the stream before [DONE]")
@@ -255,14 +272,14 @@ class ChatStream:
                 parsed = parser.feed(data)
                 if parsed.error is not None:
                     # Whatever came before the error is the client's first.
-                    await self._deliver(session, outbox, self._answer, parsed.deltas, parsed.plain)
+                    await self._deliver(session, sink, self._answer, parsed.deltas, parsed.plain)
                     raise parsed.error
                 if parsed.finish_reason is not None:
                     finish_reason = parsed.finish_reason
                 if parsed.usage is not None:
                     usage = parsed.usage
                 if parsed.deltas:
-                    await self._deliver(session, outbox, self._answer, parsed.deltas, parsed.plain)
+                    await self._deliver(session, sink, self._answer, parsed.deltas, parsed.plain)
             if parser.done:
                 # Read the body's end so the connection goes back to the pool.
                 with anyio.move_on_after(_DRAIN_TIMEOUT):
@@ -270,16 +287,21 @@ class ChatStream:
                         pass
             return Completed(finish_reason, usage)
         except UpstreamError as exc:
+            if session.outcome is not None:
+                return None  # the stop's abort, seen by the read
             return Failed.from_error(exc)
         finally:
+            # Never aborted once closed: the connection may serve another request.
+            session.upstream = None
             if upstream is not None:
                 await upstream.aclose()
-            session.provider_closed_at = anyio.current_time()
+            if session.provider_closed_at is None:
+                session.provider_closed_at = anyio.current_time()
 
     @staticmethod
     async def _deliver(
         session: Session,
-        outbox: Outbox | EventLog,
+        sink: ClientWriter | EventLog,
         answer: AnswerFormat,
         deltas: list[Delta],
         plain: bool,
@@ -301,31 +323,42 @@ class ChatStream:
         else:
             body = b"".join(_encode_delta(session, answer, delta, now) for delta in deltas)
         if body:  # an answer assembled whole (ChatCompletion) writes nothing yet
-            await outbox.put(body, session.queued())
+            await sink.put(body, session.queued())
 
-    async def _watch(self, session: Session, outbox: Outbox | EventLog) -> None:
-        """Every timeout and the pings, on deadlines: one task, no timer per token.
+    async def _watch(
+        self, session: Session, sink: ClientWriter | EventLog, relayed: anyio.Event
+    ) -> None:
+        """Every timeout and the pings, on deadlines, until the relay is done: no timer
+        per token. A stop ends the relay at once; the send timeout bounds a relay stuck
+        writing to a client, stopped or not.
 
-        Deadlines only move later as tokens arrive, except two that appear: the idle
-        deadline after the first token, and a send's deadline once it starts. Never
-        sleeping longer than those two timeouts means the first wake after either
-        appears still lands before it, so each fires on time.
+        Deadlines only move later as tokens arrive, except two that appear: the
+        provider's (first token, then idle), set aside while the relay is blocked
+        writing and back when the write ends, and a send's deadline once it starts.
+        Never sleeping longer than those two timeouts means the first wake after
+        either appears still lands before it, so each fires on time.
         """
         s = self._gateway.settings
         total_at = session.started_at + s.max_duration
-        while True:
+        while not relayed.is_set():
             now = anyio.current_time()
             if now >= total_at:
                 session.cancel("timeout", "total")
                 return
-            if session.first_delta_at is None:
-                token_at, kind = session.started_at + s.first_token_timeout, "first_token"
+            send_started = session.send_started_at
+            if send_started is not None:
+                # The relay is writing, not waiting for the provider: the send
+                # timeout bounds this, and the provider's silence is not counted.
+                token_at, kind = math.inf, "idle"
             else:
-                token_at, kind = session.last_delta_at + s.idle_timeout, "idle"
+                waiting_since = max(session.last_delta_at, session.last_write_at)
+                if session.first_delta_at is None:
+                    token_at, kind = waiting_since + s.first_token_timeout, "first_token"
+                else:
+                    token_at, kind = waiting_since + s.idle_timeout, "idle"
             if now >= token_at:
                 session.cancel("timeout", kind)
                 return
-            send_started = session.send_started_at
             if send_started is not None and now >= send_started + s.send_timeout:
                 follower = session.attached
                 if follower is None:
@@ -356,61 +389,16 @@ class ChatStream:
                 now + s.send_timeout if send_started is None else send_started + s.send_timeout,
             )
             if s.ping_interval and self._answer.streaming:
-                ping_at = session.last_write_at + s.ping_interval
+                ping_at = max(session.last_write_at, session.last_ping_at) + s.ping_interval
                 if now >= ping_at:
-                    # A full queue holds data already; a ping would add nothing.
+                    # A write under way makes a ping needless.
                     with contextlib.suppress(anyio.WouldBlock):
-                        outbox.put_nowait(PING)
-                    session.last_write_at = now
+                        sink.put_nowait(PING)
+                    session.last_ping_at = now
                     ping_at = now + s.ping_interval
                 wake = min(wake, ping_at)
-            await anyio.sleep_until(wake)
-
-    async def _start_response(self, session: Session, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": self._answer.status(session),
-                "headers": [
-                    (b"content-type", self._answer.media_type),
-                    (b"cache-control", b"no-store"),
-                    (b"x-accel-buffering", b"no"),
-                    (b"x-session-id", session.id.encode()),
-                ],
-            }
-        )
-        session.response_started = True
-
-    async def _send_events(self, session: Session, outbox: Outbox, send: Send) -> None:
-        """Write queued chunks to the client: whatever is ready goes in one send."""
-        try:
-            if session.client_gone:
-                return
-            if self._answer.streaming:
-                await self._start_response(session, send)
-            while (batch := await outbox.take()) is not None:
-                data, mark = batch
-                if session.client_gone:
-                    continue  # keep draining so the relay never blocks on a dead client
-                if not session.response_started:
-                    # An answer assembled whole: its outcome, now known, sets the status.
-                    await self._start_response(session, send)
-                session.send_started_at = anyio.current_time()
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-                # Counted once the send returns: hypercorn's Trio worker can be
-                # cancelled before its (shielded) write, never after it; its
-                # asyncio worker does not yield at all while the client reads.
-                if mark is not None:
-                    session.sent = mark
-                session.send_started_at = None
-                session.last_write_at = anyio.current_time()
-            if not session.client_gone and session.response_started:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except CLIENT_GONE:
-            session.client_left("disconnect")
-        finally:
-            outbox.close_receiver()
-            session.sender_done.set()
+            with anyio.CancelScope(deadline=wake):
+                await relayed.wait()
 
 
 def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: float) -> bytes:

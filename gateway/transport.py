@@ -21,6 +21,7 @@ from types import TracebackType
 import anyio
 import h11
 import httpx2 as httpx
+import trio
 from anyio.abc import ByteStream, SocketAttribute
 
 __all__ = ["BODY_EXTENSION", "H11Transport"]
@@ -303,6 +304,32 @@ class _ResponseStream(httpx.AsyncByteStream):
                         f"unexpected {type(event).__name__} in a response body",
                         request=self._request,
                     )
+
+    def abort(self) -> bool:
+        """Close the connection now, from any task: the provider sees it closed at once,
+        and a ``receive()`` waiting on it returns or fails. ``aclose()`` still follows.
+        ``False`` if this stream cannot be aborted."""
+        if self._closed:
+            return True
+        stream = self._connection.stream
+        # Under TLS, the TCP stream beneath.
+        stream = getattr(stream, "transport_stream", stream)
+        # anyio's asyncio stream: its transport closes the socket (uvloop's sockets
+        # refuse shutdown()), and a transport, unlike a descriptor number, is never reused.
+        abort = getattr(getattr(stream, "_transport", None), "abort", None)
+        if callable(abort):
+            abort()
+            return True
+        sock = stream.extra(SocketAttribute.raw_socket, None)
+        if sock is None:
+            return False
+        # Trio: closed, not just shut down, so that the provider sees it even while it
+        # is blocked writing to us (a close with unread data resets the connection).
+        # Trio is told first, so a task blocked on the socket wakes; the socket object
+        # reads -1 once closed, so nothing can reach a descriptor reused since.
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        return True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await self.receive():

@@ -101,17 +101,42 @@ class UpstreamResponse:
         self._response = response
         body = response.extensions.get(BODY_EXTENSION)
         self._receive: Callable[[], Awaitable[bytes]]
+        self._abort: Callable[[], bool] | None = None
+        # Through httpx's own transport (a proxy), a read is cancelled by abort().
+        self._reading: anyio.CancelScope | None = None
         if body is not None:
             self._receive = body.receive
+            self._abort = body.abort
         else:
             self._receive = _reader(response.aiter_raw())
+        self.aborted = False
 
     async def read(self) -> bytes:
-        """The next bytes of the body; ``b""`` at its end."""
+        """The next bytes of the body; ``b""`` at its end, or once aborted."""
         try:
-            return await self._receive()
+            if self._abort is not None:
+                return await self._receive()
+            if self.aborted:
+                return b""
+            with anyio.CancelScope() as self._reading:
+                return await self._receive()
+            return b""
         except httpx.HTTPError as exc:
+            if self.aborted:
+                return b""
             raise _map_error(exc, connected=True) from exc
+        finally:
+            self._reading = None
+
+    def abort(self) -> None:
+        """Close the provider's connection now, from any task, wherever the reader is:
+        the provider sees EOF at once and a waiting ``read()`` returns ``b""``. The
+        reader still calls ``aclose()``."""
+        self.aborted = True
+        if self._abort is not None and self._abort():
+            return
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def aclose(self) -> None:
         """Close the response; before its end this closes the TCP connection.

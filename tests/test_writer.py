@@ -1,0 +1,133 @@
+"""The relay's writes to its client: order, what counts as delivered, pings, the end.
+
+The ASGI ``send`` here is a recorder: what a server does with the bytes is tested
+end to end in test_stream.py and test_timeouts.py, on real servers.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from starlette.types import Message
+
+from gateway.events import PING
+from gateway.formats import GatewayEvents
+from gateway.session import Session, Stopped
+from gateway.writer import ClientWriter
+
+pytestmark = pytest.mark.anyio
+
+
+class _Client:
+    """An ASGI ``send`` that records messages and can be made to block or fail."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.gate: anyio.Event | None = None
+        self.blocked = anyio.Event()
+        self.fail: BaseException | None = None
+
+    async def send(self, message: Message) -> None:
+        if self.fail is not None:
+            raise self.fail
+        if self.gate is not None:
+            self.blocked.set()
+            await self.gate.wait()
+        self.messages.append(message)
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.messages if m["type"] == "http.response.body"]
+
+
+def _writer() -> tuple[Session, _Client, ClientWriter]:
+    session = Session("s", "m")
+    client = _Client()
+    return session, client, ClientWriter(session, GatewayEvents(), client.send)
+
+
+async def test_chunks_go_in_order_after_the_start_and_count_once_written() -> None:
+    session, client, writer = _writer()
+    await writer.start()
+    assert client.messages[0]["type"] == "http.response.start"
+    assert (b"x-session-id", b"s") in client.messages[0]["headers"]
+    await writer.put(b"a", (1, 0, 0))
+    await writer.put(b"b")  # no mark: the count stays
+    assert session.sent == (1, 0, 0)
+    await writer.put(b"c", (2, 1, 0))
+    await writer.end()
+    assert client.bodies() == [b"a", b"b", b"c", b""]
+    assert client.messages[-1]["more_body"] is False
+    assert session.sent == (2, 1, 0)
+    assert session.send_started_at is None
+
+
+async def test_a_send_cut_short_counts_nothing() -> None:
+    session, client, writer = _writer()
+    await writer.start()
+    await writer.put(b"a", (1, 0, 0))
+    client.gate = anyio.Event()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.put, b"b", (2, 0, 0))
+            await client.blocked.wait()
+            assert session.send_started_at is not None
+            scope.cancel()
+    assert writer.interrupted
+    assert session.sent == (1, 0, 0)
+    assert session.send_started_at is None
+
+
+async def test_a_client_gone_mid_write_stops_the_stream() -> None:
+    session, client, writer = _writer()
+    await writer.start()
+    client.fail = anyio.BrokenResourceError()
+    await writer.put(b"a", (1, 0, 0))
+    assert session.client_gone
+    assert session.outcome == Stopped("disconnect", None)
+    assert session.sent == (0, 0, 0)
+    client.fail = None
+    await writer.put(b"b", (2, 0, 0))
+    await writer.end()
+    assert client.bodies() == []  # nothing more is written to a client that left
+
+
+async def test_a_ping_is_written_only_between_writes_and_never_beside_one() -> None:
+    session, client, writer = _writer()
+    await writer.start()
+    async with anyio.create_task_group() as tg:
+        writer.pings = tg
+        client.gate = anyio.Event()
+        tg.start_soon(writer.put, b"a", (1, 0, 0))
+        await client.blocked.wait()
+        with pytest.raises(anyio.WouldBlock):
+            writer.put_nowait(PING)  # a write under way: the ping is needless
+        client.gate.set()
+        await anyio.wait_all_tasks_blocked()
+        # Idle: the ping goes out from a task of its own, and a put waits for it.
+        client.gate = anyio.Event()
+        client.blocked = anyio.Event()
+        writer.put_nowait(PING)
+        await client.blocked.wait()
+        done = anyio.Event()
+
+        async def put_then_mark() -> None:
+            await writer.put(b"b", (2, 0, 0))
+            done.set()
+
+        tg.start_soon(put_then_mark)
+        await anyio.wait_all_tasks_blocked()
+        assert not done.is_set()
+        client.gate.set()
+    assert done.is_set()
+    assert client.bodies() == [b"a", PING, b"b"]
+    assert session.sent == (2, 0, 0)
+
+
+async def test_no_ping_once_closed() -> None:
+    _, client, writer = _writer()
+    async with anyio.create_task_group() as tg:
+        writer.pings = tg
+        writer.close()
+        with pytest.raises(anyio.WouldBlock):
+            writer.put_nowait(PING)
+    assert client.bodies() == []
