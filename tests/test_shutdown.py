@@ -103,6 +103,24 @@ async def test_client_that_stops_reading_releases_the_provider(
             await h.assert_ended_cleanly(caplog, sid, "timed out reason=send")
 
 
+async def test_a_stuck_send_is_not_taken_for_a_quiet_provider(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the relay is blocked writing to a client that stopped reading, it reads
+    nothing from the provider: that silence is the send timeout's, even when the idle
+    timeout is the shorter of the two."""
+    sid = "session_slow_reader"
+    big = "x" * 8192
+    async with Harness(
+        sim_config(tokens=5000, rate=0, token_text=big), idle_timeout=0.3, send_timeout=0.8
+    ) as h:
+        with h.stalled_reader(sid):
+            record = await h.closed(await h.record())
+            assert record.outcome == "closed_by_client"
+            assert 0 < record.sent < record.planned
+            await h.assert_ended_cleanly(caplog, sid, "timed out reason=send")
+
+
 async def test_a_client_that_reads_nothing_while_the_provider_is_quiet_ends_at_idle(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
