@@ -48,7 +48,7 @@ async def run(worker: str, streams: int, out: Path) -> dict[str, object]:
             worker,
             bench.provider_port,
             {"GC_PAUSES_OUT": str(out)},
-            gateway_main=("-c", _HOOK),
+            main=("-c", _HOOK),
         ) as (port, _):
             since = time.monotonic()
             opened = await bench.open_many(port, streams, "pace", ramp=1.0)
