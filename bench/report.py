@@ -113,7 +113,8 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
         b, g = base.get("capacity"), gate.get("capacity")
         if b and g:
             lines.append(
-                f"| capacity: streams at 20 tok/s with cancel p99 < 15 ms | {b['streams']} | "
+                f"| capacity: streams at {report['rate']:g} tok/s with cancel p99 < 15 ms | "
+                f"{b['streams']} | "
                 f"{g['streams']} | |"
             )
         for impl, what, label in _VARIANTS:

@@ -3,7 +3,8 @@
 The provider (bench/provider.py), the server under test and this load generator are
 three processes. The figures (see README of docs/benchmarks.md):
 
-- CPU microseconds of the server process per relayed token, N streams x 20 tokens/s,
+- CPU microseconds of the server process per relayed token, N streams x 20 tokens/s
+  (``--rate``),
   from /proc/<pid>/stat over a fixed window after warm-up;
 - cancel -> provider sees EOF, and client disconnect -> provider sees EOF, idle and
   under N=200; the clock is CLOCK_MONOTONIC in both processes;
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -187,15 +189,19 @@ class Bench:
                 for _ in range(count):
                     sid = self.sid(kind)
                     stream = await open_stream(port, sid, "pace", 0)
-                    await asyncio.wait_for(stream.first_token, 10)
-                    t0 = time.monotonic()
-                    if kind == "cancel":
-                        await gateway.request("POST", f"/api/chat/cancel/{sid}")
-                    else:
+                    try:
+                        await asyncio.wait_for(stream.first_token, 10)
+                        t0 = time.monotonic()
+                        if kind == "cancel":
+                            await gateway.request("POST", f"/api/chat/cancel/{sid}")
+                        else:
+                            stream.close()
+                        closed = await asyncio.wait_for(
+                            provider.request("GET", f"/_closed/{sid}"), 10
+                        )
+                        out.append(closed["closed_at"] - t0)
+                    finally:
                         stream.close()
-                    closed = await asyncio.wait_for(provider.request("GET", f"/_closed/{sid}"), 10)
-                    out.append(closed["closed_at"] - t0)
-                    stream.close()
             finally:
                 gateway.close()
                 provider.close()
@@ -379,9 +385,9 @@ async def _joined(port: int) -> None:
 
 
 async def capacity(
-    bench: Bench, impl: str, worker: str, steps: list[int], samples: int
+    bench: Bench, impl: str, worker: str, steps: list[int], samples: int, rate: float
 ) -> dict[str, Any]:
-    """The most streams held at 20 tokens/s with cancel p99 under 15 ms and the pace kept.
+    """The most streams held at ``rate`` tokens/s with cancel p99 under 15 ms and the pace kept.
 
     p99 of a few hundred samples is decided by one or two outliers, and the machine is
     shared: a step counts as failed only when a second try fails too.
@@ -399,13 +405,18 @@ async def capacity(
                     continue
                 await asyncio.sleep(1.0)
                 cpu = await bench.cpu_per_token(process.pid, streams, 2.0)
-                lat = _summary_ms(await bench.latency(port, "cancel", samples))
+                try:
+                    lat = _summary_ms(await bench.latency(port, "cancel", samples))
+                except TimeoutError:
+                    # A stream that never started, or a cancel that never closed the
+                    # provider (the baseline's, on a busy machine): the step fails.
+                    lat = {"p99": math.inf}
                 await bench.closing(streams)
-                ok = lat["p99"] < 15.0 and cpu["tokens_per_s"] >= 0.95 * RATE * n
+                ok = lat["p99"] < 15.0 and cpu["tokens_per_s"] >= 0.95 * rate * n
                 trail.append(
                     {
                         "streams": n,
-                        "cancel_p99": lat["p99"],
+                        "cancel_p99": lat["p99"] if math.isfinite(lat["p99"]) else None,
                         "tokens_per_s": cpu["tokens_per_s"],
                         "ok": ok,
                     }
@@ -444,7 +455,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "-m",
         "bench.provider",
         "--rate",
-        str(RATE),
+        str(args.rate),
         cwd=ROOT,
         stdout=subprocess.PIPE,
     )
@@ -463,7 +474,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
                 if args.capacity:
-                    runs[-1]["capacity"] = await capacity(bench, impl, worker, args.capacity, 100)
+                    runs[-1]["capacity"] = await capacity(
+                        bench, impl, worker, args.capacity, 100, args.rate
+                    )
                 print(json.dumps(runs[-1]), flush=True)
             if args.floor:
                 print(f"-- floor on {worker}", flush=True)
@@ -515,7 +528,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "command": "make bench  (" + " ".join(["python -m bench.run", *sys.argv[1:]]) + ")",
         "seconds": round(time.monotonic() - started),
-        "rate": RATE,
+        "rate": args.rate,
         "runs": runs,
     }
 
@@ -565,6 +578,12 @@ def main() -> None:
         dest="cluster",
         action="store_false",
         help="skip the cross-instance cancel (needs redis-server)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=RATE,
+        help="tokens per second per stream (issue 17 asks for 100 besides the usual 20)",
     )
     parser.add_argument("--out", default=str(ROOT / "docs"))
     args = parser.parse_args()
