@@ -272,6 +272,8 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._errors = _Mapped(request, "reading the response", httpx.ReadTimeout, httpx.ReadError)
         self._complete = False
         self._closed = False
+        # Aborted by a stop: never back to the pool, even if the body had ended.
+        self._aborted = False
 
     async def receive_head(self) -> h11.Response:
         while True:
@@ -311,6 +313,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         ``False`` if this stream cannot be aborted."""
         if self._closed:
             return True
+        self._aborted = True
         stream = self._connection.stream
         # Under TLS, the TCP stream beneath.
         stream = getattr(stream, "transport_stream", stream)
@@ -340,7 +343,12 @@ class _ResponseStream(httpx.AsyncByteStream):
             return
         self._closed = True
         conn = self._connection.h11
-        reusable = self._complete and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        reusable = (
+            self._complete
+            and not self._aborted
+            and conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+        )
         await self._transport._release(self._connection, reusable)
 
     async def _next_event(self) -> object:

@@ -52,6 +52,20 @@ async def test_a_body_read_to_its_end_returns_its_connection_for_reuse() -> None
         assert h.upstream_connections() == 1
 
 
+async def test_a_connection_aborted_after_the_body_ended_is_not_reused() -> None:
+    # A stop can land after the provider's last byte and before the relay closes the
+    # response: the connection it aborted must not go back to the pool.
+    async with Harness(sim_config(tokens=5, rate=0)) as h, _client() as client:
+        url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
+        async with client.stream("POST", url, json=BODY) as response:
+            await _read_all(response)
+            assert response.extensions[BODY_EXTENSION].abort()
+        async with client.stream("POST", url, json=BODY) as response:
+            assert response.status_code == 200
+            assert (await _read_all(response)).endswith(b"data: [DONE]\n\n")
+        assert [r.outcome for r in h.simulator.records] == ["completed"] * 2
+
+
 async def test_httpx_iteration_gives_the_same_bytes() -> None:
     async with Harness(sim_config(tokens=5, rate=0)) as h, _client() as client:
         url = f"http://127.0.0.1:{h.sim_port}/v1/chat/completions"
