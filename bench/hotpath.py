@@ -7,11 +7,13 @@ per-token work that is ours, not hypercorn's or the kernel's. With
 no I/O and no other process involved it is far steadier than `make bench` on a shared
 machine, so it is how a change to the token path is checked (docs/benchmarks.md).
 
-``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai | --metrics]``;
+``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai | --metrics | --transport]``;
 ``--tree`` measures another checkout of the gateway, for an A/B run from one script;
 ``--openai`` encodes the chunks as ``/v1/chat/completions`` does; ``--metrics`` measures
 instead what metrics.py adds per stream (it does no per-token work: it counts a stream
-when it starts and when it ends), for streams that end each way.
+when it starts and when it ends), for streams that end each way; ``--transport``
+measures instead the provider transport's ``receive()`` per chunk (gateway/transport.py:
+the HTTP/1.1 chunked body parsed), fed from memory as the socket would.
 """
 
 from __future__ import annotations
@@ -77,6 +79,60 @@ async def _once(chunks: list[bytes], openai: bool) -> float:
     return (time.process_time() - start) / len(chunks) * 1e6
 
 
+class _Replay:
+    """A byte stream that gives back prepared reads at once, as a socket with data
+    waiting would: the transport's own work, without the kernel's."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self._reads = iter(reads)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return next(self._reads)
+
+    async def send(self, item: bytes) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def extra(self, attribute: object, default: object = None) -> object:
+        return default
+
+
+async def _transport_once(chunks: list[bytes]) -> float:
+    import httpx2 as httpx
+
+    from gateway import transport
+
+    # Named H11Transport before step 7 (docs/benchmarks.md).
+    names = vars(transport)
+    cls = names.get("HTTP1Transport") or names["H11Transport"]
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    reads = [head] + [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks] + [b"0\r\n\r\n"]
+    pool = cls(max_connections=1, max_keepalive=1)
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    replay: Any = _Replay(reads)
+    connection = transport._Connection(replay, ("http", "127.0.0.1", 80))
+    stream: Any = transport._ResponseStream(pool, connection, request, None)
+    # The request was written: the old tree's h11 must know it, to read a response.
+    h11_state = getattr(connection, "h11", None)
+    if h11_state is not None:
+        import h11
+
+        h11_state.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+        h11_state.send(h11.EndOfMessage())
+    await stream.receive_head()
+    receive = stream.receive
+    start = time.process_time()
+    for _ in chunks:
+        await receive()
+    spent = time.process_time() - start
+    assert await receive() == b""
+    return spent / len(chunks) * 1e6
+
+
 async def _metrics_once(streams: int) -> float:
     from gateway.metrics import Metrics
     from gateway.session import Completed, Failed, Session, Stopped
@@ -110,7 +166,7 @@ async def _metrics_once(streams: int) -> float:
     return (time.process_time() - start) / streams * 1e6
 
 
-async def _main(repeats: int, openai: bool, metrics: bool) -> None:
+async def _main(repeats: int, openai: bool, metrics: bool, transport: bool) -> None:
     if metrics:
         runs = [await _metrics_once(N // 10) for _ in range(repeats)]
         print(
@@ -123,6 +179,13 @@ async def _main(repeats: int, openai: bool, metrics: bool) -> None:
         b'"delta":{"content":"' + _WORDS[i % len(_WORDS)] + b'"},"finish_reason":null}]}\n\n'
         for i in range(N)
     ]
+    if transport:
+        runs = [await _transport_once(chunks) for _ in range(repeats)]
+        print(
+            f"provider transport, CPU µs per chunk: min {min(runs):.3f} "
+            f"median {statistics.median(runs):.3f} ({repeats} runs of {N} chunks)"
+        )
+        return
     runs = [await _once(chunks, openai) for _ in range(repeats)]
     print(
         f"relay step, CPU µs per chunk: min {min(runs):.3f} "
@@ -140,11 +203,14 @@ def main() -> None:
     parser.add_argument(
         "--metrics", action="store_true", help="the metrics' CPU per stream instead"
     )
+    parser.add_argument(
+        "--transport", action="store_true", help="the provider transport's CPU per chunk instead"
+    )
     args = parser.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
         sys.modules.pop("gateway", None)
-    anyio.run(_main, args.repeats, args.openai, args.metrics)
+    anyio.run(_main, args.repeats, args.openai, args.metrics, args.transport)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,15 @@ log one line, set ``ended``) is ``ChatStream._finish`` in stream.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
+import sniffio
+import trio
 
 from .errors import UpstreamError
 
@@ -78,7 +82,8 @@ class Follower(Protocol):
 class Session:
     """State of one live stream, keyed in the registry by the client's session id.
 
-    Times are on ``anyio.current_time()``, the clock the watchdog sleeps on.
+    Times are on ``anyio.current_time()``, the clock the watchdog sleeps on, read
+    through ``clock``.
     """
 
     def __init__(self, session_id: str, model: str, principal: str = "anonymous") -> None:
@@ -90,7 +95,8 @@ class Session:
         # so the provider sees EOF however busy the relay is (writing to a slow client).
         self.upstream: UpstreamResponse | None = None
         self.outcome: Outcome | None = None
-        self.started_at = anyio.current_time()
+        self.clock = _current_clock()
+        self.started_at = self.clock()
         # Token, reasoning and tool-call events encoded for the client; all of them
         # precede the terminal event. After a hard cancel, the ones whose write
         # completed (``sent``).
@@ -350,3 +356,12 @@ class Session:
         for kind, ms in self.first_delta_ms().items():
             text += f" first_{kind}_ms={ms}"
         return text
+
+
+def _current_clock() -> Callable[[], float]:
+    """``anyio.current_time`` for the running event loop, as the loop's own function:
+    the same values without anyio asking which library runs at every call (1.4 µs,
+    ten times the read itself; the token path reads the time three times)."""
+    if sniffio.current_async_library() == "trio":
+        return trio.current_time
+    return asyncio.get_running_loop().time

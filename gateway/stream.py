@@ -309,7 +309,7 @@ class ChatStream:
         """Queue the deltas as events, in the provider's order. Any kind is progress."""
         if not deltas:
             return
-        now = anyio.current_time()
+        now = session.clock()
         if session.first_delta_at is None:
             session.first_delta_at = now
         session.last_delta_at = now

@@ -1,10 +1,10 @@
-"""A lean httpx transport for the provider: h11 driven directly over an anyio stream.
+"""A lean httpx transport for the provider: HTTP/1.1 over an anyio stream.
 
 httpx keeps its client API, request building and timeouts; only the bytes skip
-httpcore's layers. A token costs one socket read, one h11 parse and one handoff, where
-httpcore spent about as much again in per-read scopes and generator layers
-(docs/benchmarks.md). A read hands over every body byte already parsed, so deltas that
-arrive together leave together.
+httpcore's layers. h11 writes the request (it checks every header it sends);
+httptools (llhttp, in C) parses the response, as the token path's first step: a token
+costs one socket read and one parser call (docs/benchmarks.md, step 7). A read hands
+over every body byte already parsed, so deltas that arrive together leave together.
 
 HTTP/1.1 only, by design (see upstream.py). Closing a response before its end closes
 the socket at once, so the provider sees EOF. Connections whose response was read to
@@ -20,11 +20,12 @@ from types import TracebackType
 
 import anyio
 import h11
+import httptools
 import httpx2 as httpx
 import trio
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["BODY_EXTENSION", "H11Transport"]
+__all__ = ["BODY_EXTENSION", "HTTP1Transport"]
 
 # The response extension holding the body's ``receive()`` fast path.
 BODY_EXTENSION = "gateway.body"
@@ -33,14 +34,18 @@ _READ_SIZE = 64 * 1024
 # Idle connections older than this are closed rather than reused (httpx's default).
 _KEEPALIVE_EXPIRY = 5.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A response head longer than this is refused (h11's bound, which this transport had).
+_MAX_HEAD_BYTES = 16 * 1024
 
 _Origin = tuple[str, str, int]
 # What the socket (and TLS) raise when the connection fails.
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+# What the response parser raises on bytes that are not HTTP/1.1 (an upgrade included).
+_PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class _Mapped:
-    """httpx's exceptions for what the socket, a deadline and h11 raise during one kind
+    """httpx's exceptions for what the socket and a deadline raise during one kind
     of step: the one place they are mapped (httpx's ``map_httpcore_exceptions`` is the
     model). Built once and entered per step, so a read pays two method calls."""
 
@@ -68,20 +73,17 @@ class _Mapped:
             return
         if isinstance(exc, TimeoutError):
             raise self._timeout(f"{self._what} timed out", request=self._request) from exc
-        if isinstance(exc, h11.RemoteProtocolError):
-            raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
         if isinstance(exc, _NETWORK_ERRORS):
             message = f"{self._what} failed: {exc!r}"
             raise self._network(message, request=self._request) from exc
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "origin", "stream")
+    __slots__ = ("idle_since", "origin", "stream")
 
     def __init__(self, stream: ByteStream, origin: _Origin) -> None:
         self.stream = stream
         self.origin = origin
-        self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
 
     def looks_dead(self) -> bool:
@@ -95,7 +97,7 @@ class _Connection:
         return bool(poller.poll(0))
 
 
-class H11Transport(httpx.AsyncBaseTransport):
+class HTTP1Transport(httpx.AsyncBaseTransport):
     """An ``httpx`` transport for plain and TLS HTTP/1.1 with keep-alive.
 
     ``max_connections`` bounds the responses open at once (a request waits for a slot
@@ -119,6 +121,10 @@ class H11Transport(httpx.AsyncBaseTransport):
         url = request.url
         if url.scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
+        if request.method == "HEAD":
+            # Its response's length would be taken for a body to wait for; the gateway
+            # never asks for a head alone.
+            raise httpx.UnsupportedProtocol("HEAD is not supported", request=request)
         origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         body = await request.aread()
@@ -178,7 +184,6 @@ class H11Transport(httpx.AsyncBaseTransport):
     async def _release(self, connection: _Connection, reusable: bool) -> None:
         try:
             if reusable and not self._closed and len(self._idle) < self._max_keepalive:
-                connection.h11.start_next_cycle()
                 connection.idle_since = anyio.current_time()
                 self._idle.append(connection)
             else:
@@ -214,19 +219,19 @@ class H11Transport(httpx.AsyncBaseTransport):
         try:
             await self._send_request(connection, request, body, timeouts.get("write"))
             stream = _ResponseStream(self, connection, request, timeouts.get("read"))
-            event = await stream.receive_head()
+            head = await stream.receive_head()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(connection.stream)
             raise
         return httpx.Response(
-            status_code=event.status_code,
-            headers=event.headers,
+            status_code=head.status,
+            headers=head.headers,
             stream=stream,
             # httpx wraps the stream; the gateway finds the fast path here.
             extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": event.reason,
+                "http_version": head.version,
+                "reason_phrase": head.reason,
                 BODY_EXTENSION: stream,
             },
         )
@@ -238,7 +243,9 @@ class H11Transport(httpx.AsyncBaseTransport):
         body: bytes,
         within: float | None,
     ) -> None:
-        conn = connection.h11
+        # A connection's h11 only writes: it refuses a header that would break the
+        # request's framing (a CR or LF in a value).
+        conn = h11.Connection(h11.CLIENT)
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"]
         if not any(k.lower() == b"content-length" for k, _ in headers) and (
             body or request.method not in ("GET", "HEAD")
@@ -255,12 +262,93 @@ class H11Transport(httpx.AsyncBaseTransport):
             await connection.stream.send(data)
 
 
+class _Response:
+    """httptools' callbacks for one response: its head, then the body as parsed.
+
+    The parser and this object refer to each other; ``_ResponseStream.aclose`` breaks
+    the cycle, so a stream's end frees both without the garbage collector.
+    """
+
+    __slots__ = (
+        "complete",
+        "extra",
+        "head_done",
+        "head_size",
+        "headers",
+        "keep_alive",
+        "parser",
+        "parts",
+        "reason",
+        "status",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.version = b"HTTP/1.1"
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_done = False
+        self.parts: list[bytes] = []
+        self.complete = False
+        self.keep_alive = False
+        # Bytes after the response's end: nothing a request asked for.
+        self.extra = False
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason  # a span split across reads comes in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        status = self.parser.get_status_code()
+        if status < 200:
+            # 1xx: an interim response, without a body; the final one follows.
+            self.reason, self.headers = b"", []
+            return
+        if self.head_size > _MAX_HEAD_BYTES:
+            return  # refused by the reader, as a head that does not end would be
+        self.status = status
+        self.version = b"HTTP/" + self.parser.get_http_version().encode()
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_done and not self.complete:
+            assert self.parser is not None
+            self.keep_alive = self.parser.should_keep_alive()
+            self.complete = True
+
+    def ends_at_close(self) -> bool:
+        """The body has no length and no chunks: the server's close is its end."""
+        if self.status in (204, 304):
+            return False
+        length = False
+        for name, value in self.headers:
+            name = name.lower()
+            if name == b"transfer-encoding":
+                return not value.lower().rstrip().endswith(b"chunked")
+            length = length or name == b"content-length"
+        return not length
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     """The body of one response; ``receive()`` is the fast path the gateway reads."""
 
     def __init__(
         self,
-        transport: H11Transport,
+        transport: HTTP1Transport,
         connection: _Connection,
         request: httpx.Request,
         read_timeout: float | None,
@@ -270,42 +358,30 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._request = request
         self._read_timeout = read_timeout
         self._errors = _Mapped(request, "reading the response", httpx.ReadTimeout, httpx.ReadError)
-        self._complete = False
+        self._response = _Response()
+        self._head_bytes = 0
+        self._failed: httpx.RemoteProtocolError | None = None
         self._closed = False
         # Aborted by a stop: never back to the pool, even if the body had ended.
         self._aborted = False
 
-    async def receive_head(self) -> h11.Response:
-        while True:
-            event = await self._next_event()
-            if isinstance(event, h11.Response):
-                return event
-            # 1xx: skip to the final response.
+    async def receive_head(self) -> _Response:
+        response = self._response
+        while not response.head_done:
+            await self._read()
+        return response
 
     async def receive(self) -> bytes:
         """Every body byte parsed so far, reading once if none is; ``b""`` at the end."""
-        if self._complete:
-            return b""
-        conn = self._connection.h11
-        parts: list[bytes] = []
-        # Entered once per call, not per event: this is the token path.
-        with self._errors:
-            while True:
-                event = conn.next_event()
-                if type(event) is h11.Data:
-                    parts.append(event.data)
-                elif event is h11.NEED_DATA:
-                    if parts:
-                        return b"".join(parts)
-                    await self._read_into(conn)
-                elif type(event) is h11.EndOfMessage:
-                    self._complete = True
-                    return b"".join(parts)
-                else:
-                    raise httpx.RemoteProtocolError(
-                        f"unexpected {type(event).__name__} in a response body",
-                        request=self._request,
-                    )
+        response = self._response
+        while True:
+            parts = response.parts
+            if parts:
+                response.parts = []
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if response.complete:
+                return b""
+            await self._read()
 
     def abort(self) -> bool:
         """Close the connection now, from any task: the provider sees it closed at once,
@@ -342,25 +418,22 @@ class _ResponseStream(httpx.AsyncByteStream):
         if self._closed:
             return
         self._closed = True
-        conn = self._connection.h11
+        response = self._response
+        response.parser = None
         reusable = (
-            self._complete
-            and not self._aborted
-            and conn.our_state is h11.DONE
-            and conn.their_state is h11.DONE
+            response.complete and response.keep_alive and not response.extra and not self._aborted
         )
         await self._transport._release(self._connection, reusable)
 
-    async def _next_event(self) -> object:
-        conn = self._connection.h11
-        while True:
-            with self._errors:
-                event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            await self._read_into(conn)
-
-    async def _read_into(self, conn: h11.Connection) -> None:
+    async def _read(self) -> None:
+        """One read from the socket, parsed: the head's fields, or body bytes in
+        ``parts``."""
+        if self._failed is not None:
+            raise self._failed
+        response = self._response
+        parser = response.parser
+        if parser is None:
+            raise httpx.ReadError("the response is closed", request=self._request)
         with self._errors:
             try:
                 if self._read_timeout is None:
@@ -369,5 +442,42 @@ class _ResponseStream(httpx.AsyncByteStream):
                     with anyio.fail_after(self._read_timeout):
                         data = await self._connection.stream.receive(_READ_SIZE)
             except anyio.EndOfStream:
-                data = b""
-            conn.receive_data(data)
+                self._end_of_stream()
+                return
+        try:
+            parser.feed_data(data)
+        except _PARSE_ERRORS as exc:
+            if response.complete:
+                response.extra = True  # after the end: the body is whole, the connection spoilt
+                return
+            error = httpx.RemoteProtocolError(
+                f"the provider's response is not valid HTTP/1.1: {exc}", request=self._request
+            )
+            if not response.head_done:
+                raise error from exc
+            error.__cause__ = exc
+            # What was parsed before the error is read first, as a provider's
+            # in-stream error is (parser.py).
+            self._failed = error
+        if not response.head_done:
+            # A head that never ends, split across reads, or too long a head whole.
+            self._head_bytes += len(data)
+            if max(self._head_bytes, response.head_size) <= _MAX_HEAD_BYTES:
+                return
+            raise httpx.RemoteProtocolError(
+                f"the provider's response head is over {_MAX_HEAD_BYTES} bytes",
+                request=self._request,
+            )
+
+    def _end_of_stream(self) -> None:
+        response = self._response
+        if response.complete:
+            return
+        if response.head_done and response.ends_at_close():
+            response.complete = True
+            response.keep_alive = False
+            return
+        what = "the response's end" if response.head_done else "answering"
+        raise httpx.RemoteProtocolError(
+            f"the provider closed the connection before {what}", request=self._request
+        )

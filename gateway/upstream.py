@@ -30,7 +30,7 @@ from .errors import (
 )
 from .parser import provider_error_ids
 from .settings import Settings
-from .transport import BODY_EXTENSION, H11Transport
+from .transport import BODY_EXTENSION, HTTP1Transport
 
 __all__ = [
     "ModelList",
@@ -64,7 +64,7 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
         headers["authorization"] = f"Bearer {settings.upstream_api_key}"
     transport: httpx.AsyncBaseTransport | None = None
     if not _proxied(settings.upstream_url):
-        transport = H11Transport(
+        transport = HTTP1Transport(
             max_connections=settings.upstream_max_connections, max_keepalive=keepalive
         )
     # Behind an HTTP proxy (HTTPS_PROXY and friends), httpx's own transport, which

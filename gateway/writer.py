@@ -66,7 +66,7 @@ class ClientWriter:
             if not session.response_started:
                 # An answer assembled whole: its outcome, now known, sets the status.
                 await self._start_response()
-            session.send_started_at = anyio.current_time()
+            session.send_started_at = session.clock()
             await self._send({"type": "http.response.body", "body": data, "more_body": True})
         except CLIENT_GONE:
             session.client_left("disconnect")
@@ -81,7 +81,7 @@ class ClientWriter:
             self._release()
         if mark is not None:
             session.sent = mark
-        session.last_write_at = anyio.current_time()
+        session.last_write_at = session.clock()
 
     def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
         """A ping: written by a task of its own, unless a write is under way (which

@@ -7,10 +7,11 @@ import random
 from collections.abc import Mapping
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from gateway import ProviderStreamParser, UpstreamProtocolError, UpstreamStatusError
+from gateway import parser as parser_module
 from gateway.parser import Delta, ParsedChunk, Reasoning, ToolCallDelta
 
 
@@ -108,6 +109,9 @@ def test_nothing_after_done_counts() -> None:
         b'data: {"choices": [5]}\n\n',
         b'data: {"choices": [{"delta": {"content": 5}}]}\n\n',
         b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}\n\n',
+        # Nested deeper than Python's stack: refused, not an internal error.
+        b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n",
+        b"data: NaN garbage\n\n",
     ],
 )
 def test_malformed_input_is_a_protocol_error(data: bytes) -> None:
@@ -382,3 +386,43 @@ def test_malformed_reasoning_or_tool_calls_end_the_parse(delta: dict[str, object
     result = parser.feed(_chunk("before") + _delta_event(delta) + _chunk("after"))
     assert result.deltas == ["before"]
     assert isinstance(result.error, UpstreamProtocolError)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**64, max_value=2**80)
+    | st.floats()
+    | st.text()
+    | st.sampled_from(["\ud800", "\u2028", "\x00"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
+    max_leaves=12,
+)
+
+
+@given(value=_JSON_VALUES)
+def test_a_chunk_reads_as_json_reads_it(value: object) -> None:
+    # What the fast decoder refuses (NaN, huge exponents, lone surrogates) json still
+    # reads: every chunk gives what json.loads gives, to the type of each number.
+    text = json.dumps(value)
+    assert repr(parser_module._json(text)) == repr(json.loads(text))
+
+
+@given(stream=_provider_streams())
+def test_one_event_per_read_parses_as_one_read_of_all(
+    stream: tuple[bytes, list[str], str, dict[str, int]],
+) -> None:
+    raw, deltas, finish, usage = stream
+    assume(b"\r" not in raw)
+    # Each read one whole event: the parser's fast path.
+    parser = ProviderStreamParser()
+    got: list[Delta] = []
+    seen_finish, seen_usage = None, None
+    for piece in raw.split(b"\n\n")[:-1]:
+        parsed = parser.feed(piece + b"\n\n")
+        got += parsed.deltas
+        seen_finish = parsed.finish_reason or seen_finish
+        seen_usage = parsed.usage or seen_usage
+    assert (got, seen_finish, seen_usage) == (deltas, finish, usage)
+    assert parser.done

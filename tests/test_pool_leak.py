@@ -27,7 +27,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.transport import H11Transport
+from gateway.transport import HTTP1Transport
 
 from .harness import WAIT, Harness, sim_config
 
@@ -89,7 +89,7 @@ async def test_httpx2_leaks_no_slot_and_no_connection() -> None:
 
 
 async def test_the_gateway_transport_leaks_no_slot_and_no_connection() -> None:
-    await _check_library("httpx2", H11Transport(max_connections=POOL, max_keepalive=POOL))
+    await _check_library("httpx2", HTTP1Transport(max_connections=POOL, max_keepalive=POOL))
 
 
 @pytest.mark.xfail(

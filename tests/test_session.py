@@ -97,3 +97,11 @@ async def test_the_end_record_says_where_its_usage_comes_from() -> None:
     }
     assert (record["outcome"], record["reason"]) == ("timeout_idle", "timeout")
     assert record["time_to_first_delta_ms"] is None
+
+
+async def test_the_sessions_clock_is_anyios() -> None:
+    # The watchdog sleeps on anyio's clock (Trio's has an offset of its own): the times
+    # the token path takes with the session's cheaper clock must be on the same one.
+    before = anyio.current_time()
+    now = Session("session_clock_1", "m").clock()
+    assert before <= now <= anyio.current_time()

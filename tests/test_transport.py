@@ -13,7 +13,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from gateway import Settings
-from gateway.transport import BODY_EXTENSION, H11Transport
+from gateway.transport import BODY_EXTENSION, HTTP1Transport
 from gateway.upstream import create_client
 
 from .harness import WAIT, Harness, sim_config
@@ -24,7 +24,7 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": 
 
 
 def _client(max_connections: int = 10, pool: float = WAIT) -> httpx.AsyncClient:
-    transport = H11Transport(max_connections=max_connections, max_keepalive=max_connections)
+    transport = HTTP1Transport(max_connections=max_connections, max_keepalive=max_connections)
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(WAIT, pool=pool))
 
 
@@ -157,11 +157,11 @@ def test_the_gateway_uses_it_unless_a_proxy_is_configured(
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
     settings = Settings(upstream_url="https://api.example.com/v1", model="m")
-    assert isinstance(create_client(settings)._transport, H11Transport)
+    assert isinstance(create_client(settings)._transport, HTTP1Transport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
-    assert not isinstance(create_client(settings)._transport, H11Transport)
+    assert not isinstance(create_client(settings)._transport, HTTP1Transport)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
-    assert isinstance(create_client(settings)._transport, H11Transport)
+    assert isinstance(create_client(settings)._transport, HTTP1Transport)
 
 
 async def _read_request(stream: SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:
@@ -218,3 +218,121 @@ async def test_a_request_that_was_written_is_never_sent_twice(
             await h.ended("session_1_second00")
         tg.cancel_scope.cancel()
     assert len(requests) == 2
+
+
+@asynccontextmanager
+async def _scripted_server(
+    answers: list[tuple[bytes, bool]],
+) -> AsyncIterator[tuple[int, list[int]]]:
+    """Answers the n-th request with the n-th of ``answers``, written as given, closing
+    the connection after it if its flag says so; ``accepted`` counts connections."""
+    accepted: list[int] = []
+    queue = list(answers)
+
+    async def handle(stream: SocketStream) -> None:
+        accepted.append(1)
+        async with stream:
+            buffer = b""
+            while queue:
+                got = await _read_request(stream, buffer)
+                if got is None:
+                    return
+                buffer = got[1]
+                answer, close = queue.pop(0)
+                await stream.send(answer)
+                if close:
+                    return
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port), accepted
+        tg.cancel_scope.cancel()
+
+
+_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("answer", "close", "reused"),
+    [
+        # Chunk extensions and trailers are read past; the connection is kept.
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"1;ext=x\r\no\r\n1\r\nk\r\n0\r\nx-trailer: 1\r\n\r\n",
+            False,
+            True,
+        ),
+        # No length: the server's close ends the body, and the connection.
+        (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nok", True, False),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", False, False),
+        # An interim response is skipped: its headers are not the answer's.
+        (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + _OK, False, True),
+        # Bytes after the end that no request asked for: the connection is not reused.
+        (_OK + b"HTTP/1.1 200 OK\r\n", False, False),
+        (_OK + b"\x00garbage", False, False),
+    ],
+)
+async def test_the_response_decides_its_body_and_whether_its_connection_is_reused(
+    answer: bytes, close: bool, reused: bool
+) -> None:
+    script = [(answer, close), (_OK, False)]
+    async with _scripted_server(script) as (port, accepted), _client() as client:
+        url = f"http://127.0.0.1:{port}/"
+        first = await client.post(url, json=BODY)
+        assert (first.status_code, first.content) == (200, b"ok")
+        assert "link" not in first.headers
+        second = await client.post(url, json=BODY)
+        assert second.content == b"ok"
+        assert len(accepted) == (1 if reused else 2)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n", id="not-http"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 20_000 + b"\r\n\r\n", id="long-head"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"x-a: b\r\n" * 5000, id="endless-head"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nx-bad header: 1\r\n\r\n", id="bad-header"),
+        pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", id="upgrade"),
+        pytest.param(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n", id="closed-in-head"),
+        pytest.param(b"", id="closed-before-answering"),
+    ],
+)
+async def test_a_head_that_is_not_http_1_1_is_a_protocol_error(answer: bytes) -> None:
+    script = [(answer, True), (_OK, False)]
+    async with _scripted_server(script) as (port, accepted), _client() as client:
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(url, json=BODY)
+        # The next request gets a connection of its own, and its answer.
+        assert (await client.post(url, json=BODY)).content == b"ok"
+        assert len(accepted) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"zz\r\nok\r\n", id="bad-chunk-size"),
+        pytest.param(b"5\r\nok", id="closed-in-a-chunk"),
+        pytest.param(b"2\r\nok\r\n", id="closed-before-the-last-chunk"),
+    ],
+)
+async def test_a_body_that_breaks_off_is_a_protocol_error(body: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body
+    url = "http://127.0.0.1:{}/"
+    async with (
+        _scripted_server([(answer, True)]) as (port, _),
+        _client() as client,
+        client.stream("POST", url.format(port), json=BODY) as response,
+    ):
+        # The head, and the bytes before the fault, are read first.
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _read_all(response)
+
+
+async def test_head_requests_are_refused() -> None:
+    async with _client() as client:
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await client.head("http://127.0.0.1:9/")
