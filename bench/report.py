@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+_SATURATED = "saturated: not every stream started within 30 s"
+
+
+def _kib(v: dict[str, Any]) -> str:
+    return _SATURATED if v.get("saturated") else str(v["kib_per_stream"])
+
 
 def _cpu(v: dict[str, Any]) -> str:
     if v.get("saturated"):
-        return "saturated: not every stream started within 30 s"
+        return _SATURATED
     return f"{v['us_per_token']} ({v['cpu_fraction']:.0%} CPU, {v['tokens_per_s']} tok/s)"
 
 
@@ -100,10 +106,12 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
             )
         b, g = base.get("memory"), gate.get("memory")
         if b and g:
+            ratio = _ratio(g.get("kib_per_stream"), b.get("kib_per_stream"))
             lines.append(
-                f"| RSS per held stream, KiB ({g['streams']} streams) | {b['kib_per_stream']} | "
-                f"{g['kib_per_stream']} | {_ratio(g['kib_per_stream'], b['kib_per_stream'])} |"
+                f"| RSS per held stream, KiB ({g['streams']} streams) | {_kib(b)} | "
+                f"{_kib(g)} | {ratio} |"
             )
+        if b and g and not (b.get("saturated") or g.get("saturated")):
             lines.append(
                 f"| RSS before / open / after close, MiB | {b['rss_before_kib'] // 1024} / "
                 f"{b['rss_open_kib'] // 1024} / {b['rss_after_kib'] // 1024} | "

@@ -217,14 +217,22 @@ class Bench:
         for i in range(count):
             streams.append(await open_stream(port, self.sid(mode), mode, 0, openai))
             await asyncio.sleep(ramp / count if i % 10 == 9 else 0)
+        # A stream the server ended before its first token (a saturated server's own
+        # provider connection timing out) is a failed start too, not a crash of the run.
+        starts = asyncio.gather(*(s.first_token for s in streams), return_exceptions=True)
         try:
-            await asyncio.wait_for(asyncio.gather(*(s.first_token for s in streams)), 30)
+            results = await asyncio.wait_for(starts, 30)
         except TimeoutError:
-            for stream in streams:
-                stream.close()
-            await self.wait_provider_idle()
-            raise Saturated(f"{count} streams: not all started within 30 s") from None
-        return streams
+            problem = "not all started within 30 s"
+        else:
+            ended = sum(isinstance(r, BaseException) for r in results)
+            if not ended:
+                return streams
+            problem = f"{ended} ended before their first token"
+        for stream in streams:
+            stream.close()
+        await self.wait_provider_idle()
+        raise Saturated(f"{count} streams: {problem}")
 
     async def cpu_per_token(
         self, pid: int, streams: list[SSEStream], window: float
@@ -271,7 +279,11 @@ async def measure(
             await bench.closing(streams)
         if hold:
             rss0 = _rss_kib(pid)
-            streams = await bench.open_many(port, hold, "hold", ramp=2.0)
+            try:
+                streams = await bench.open_many(port, hold, "hold", ramp=2.0)
+            except Saturated:
+                result["memory"] = {"streams": hold, "saturated": True}
+                return result
             await asyncio.sleep(0.5)
             rss1 = _rss_kib(pid)
             await bench.closing(streams)

@@ -305,6 +305,8 @@ class _Response:
         self.reason += reason  # a span split across reads comes in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer: nothing the gateway reads
         self.headers.append((name, value))
         self.head_size += len(name) + len(value) + 4
 
@@ -359,7 +361,8 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._read_timeout = read_timeout
         self._errors = _Mapped(request, "reading the response", httpx.ReadTimeout, httpx.ReadError)
         self._response = _Response()
-        self._head_bytes = 0
+        # Bytes read since the last body byte (or the first read).
+        self._framing = 0
         self._failed: httpx.RemoteProtocolError | None = None
         self._closed = False
         # Aborted by a stop: never back to the pool, even if the body had ended.
@@ -459,14 +462,21 @@ class _ResponseStream(httpx.AsyncByteStream):
             # What was parsed before the error is read first, as a provider's
             # in-stream error is (parser.py).
             self._failed = error
-        if not response.head_done:
-            # A head that never ends, split across reads, or too long a head whole.
-            self._head_bytes += len(data)
-            if max(self._head_bytes, response.head_size) <= _MAX_HEAD_BYTES:
-                return
+        if response.head_size > _MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError(
                 f"the provider's response head is over {_MAX_HEAD_BYTES} bytes",
                 request=self._request,
+            )
+        if response.parts or response.complete:
+            self._framing = 0
+            return
+        # Bytes that are not body, read one after another: a head that never ends, or
+        # endless chunk framing or trailers (which the parser would keep in memory).
+        self._framing += len(data)
+        if self._framing > _MAX_HEAD_BYTES:
+            what = "response head" if not response.head_done else "body framing"
+            raise httpx.RemoteProtocolError(
+                f"the provider's {what} is over {_MAX_HEAD_BYTES} bytes", request=self._request
             )
 
     def _end_of_stream(self) -> None:

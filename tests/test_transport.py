@@ -3,6 +3,7 @@ connections, and what the gateway builds from its settings."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,3 +337,28 @@ async def test_head_requests_are_refused() -> None:
     async with _client() as client:
         with pytest.raises(httpx.UnsupportedProtocol):
             await client.head("http://127.0.0.1:9/")
+
+
+async def test_endless_trailers_are_a_protocol_error_not_a_growing_buffer() -> None:
+    # After the last chunk, a provider that sends trailer bytes forever: the parser
+    # would keep them all; the transport stops at 16 KiB without a body byte.
+    async def provider(stream: SocketStream) -> None:
+        async with stream:
+            if await _read_request(stream, b"") is None:
+                return
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: "
+            )
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                while True:
+                    await stream.send(b"a" * 4096)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg, _client() as client:
+        tg.start_soon(listener.serve, provider)
+        async with client.stream("POST", f"http://127.0.0.1:{port}/", json=BODY) as response:
+            with anyio.fail_after(WAIT), pytest.raises(httpx.RemoteProtocolError) as raised:
+                await _read_all(response)
+        assert "body framing is over 16384 bytes" in str(raised.value)
+        tg.cancel_scope.cancel()
