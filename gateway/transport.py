@@ -317,8 +317,6 @@ class _Response:
             # 1xx: an interim response, without a body; the final one follows.
             self.reason, self.headers = b"", []
             return
-        if self.head_size > _MAX_HEAD_BYTES:
-            return  # refused by the reader, as a head that does not end would be
         self.status = status
         self.version = b"HTTP/" + self.parser.get_http_version().encode()
         self.head_done = True
@@ -462,6 +460,7 @@ class _ResponseStream(httpx.AsyncByteStream):
             # What was parsed before the error is read first, as a provider's
             # in-stream error is (parser.py).
             self._failed = error
+        # Checked after the parse, whole heads and heads cut short alike.
         if response.head_size > _MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError(
                 f"the provider's response head is over {_MAX_HEAD_BYTES} bytes",
