@@ -1,6 +1,6 @@
 """Where a server's time goes: py-spy samples it while N streams run at 20 tokens/s.
 
-``python -m bench.profile gateway|baseline [-k uvloop] [-n 200] [-d 12]`` prints the
+``python -m bench.profile gateway|baseline|floor [-k uvloop] [-n 200] [-d 12]`` prints the
 functions with the largest inclusive and own share of the samples.
 """
 
@@ -83,7 +83,7 @@ async def main_async(args: argparse.Namespace, raw: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("impl", choices=["gateway", "baseline"])
+    parser.add_argument("impl", choices=["gateway", "baseline", "floor"])
     parser.add_argument("-k", "--worker", default="uvloop")
     parser.add_argument("-n", "--streams", type=int, default=200)
     parser.add_argument("-d", "--duration", type=int, default=12)
