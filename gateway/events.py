@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 from sse_starlette.event import ServerSentEvent
@@ -17,18 +18,26 @@ PING = ServerSentEvent(comment="ping", sep=_SEP).encode()
 SUPERSEDED = b'event: stopped\ndata: {"status":"stopped","reason":"superseded"}\n\n'
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# Left raw by ``_dumps``, escaped by ``json_text``: line separators, and lone surrogates.
+_UNSAFE = re.compile("[\u2028\u2029\ud800-\udfff]")
 
 
 def json_text(data: object) -> str:
-    """Compact JSON that fits on one ``data:`` line for every client.
+    """Compact JSON that fits on one ``data:`` line for every client, and encodes to UTF-8.
 
     JSON allows U+2028 and U+2029 raw, but Python's ``str.splitlines`` and httpx's
-    ``iter_lines`` split lines there: escaped, they are the same text once parsed.
+    ``iter_lines`` split lines there. A provider may send a lone surrogate (``"\\ud83d"``,
+    half an emoji split across two chunks), which no UTF-8 encoder writes. Escaped,
+    each is the same text once parsed: a client joining the halves gets the emoji.
     """
     text = _dumps(data)
-    if "\u2028" in text or "\u2029" in text:
-        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    if not text.isascii():
+        text = _UNSAFE.sub(_escape, text)
     return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def encode_event(event: str, seq: int, data: Mapping[str, object]) -> bytes:

@@ -42,3 +42,21 @@ def test_line_separators_are_escaped_in_every_event(text: str) -> None:
         assert lines[2].startswith("data: ")
         parsed = json.loads(lines[2][6:])
         assert text in (parsed.get("delta"), parsed.get("usage", {}).get("note"))
+
+
+# Built with chr(): ruff reads the escapes "\ud83d" and "\ude00" as the same text.
+@pytest.mark.parametrize(
+    "text", [chr(0xD83D), chr(0xDE00), f"a{chr(0xD800)}b{chr(0xDFFF)}", f"\U0001f600{chr(0xD83D)}"]
+)
+def test_a_lone_surrogate_is_escaped_so_every_event_encodes(text: str) -> None:
+    # JSON's "\ud83d" escape decodes to a lone surrogate (a provider may split an emoji
+    # across two chunks); no UTF-8 encoder writes one raw.
+    for encoded in (
+        encode_token(1, text),
+        encode_reasoning(1, text),
+        encode_event("tool_call", 2, {"arguments": text}),
+    ):
+        data = encoded.decode().splitlines()[2]
+        assert data.startswith("data: ")
+        parsed = json.loads(data[6:])
+        assert text in (parsed.get("delta"), parsed.get("arguments"))

@@ -92,6 +92,21 @@ async def test_a_non_streamed_answer_is_assembled_from_the_providers_stream() ->
     assert record.outcome == "completed"
 
 
+async def test_a_lone_surrogate_from_the_provider_reaches_the_sdk_as_sent() -> None:
+    # Half an emoji, escaped by the provider: streamed or assembled, the SDK reads the
+    # same text (joined halves would make the emoji).
+    async with Harness(sim_config(tokens=4, rate=0, token_text="\ud83d")) as h, _sdk(h) as sdk:
+        stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        chunks = await read_chunks(stream)
+        streamed = await h.record()
+        answer = await sdk.chat.completions.create(model="m", messages=MESSAGES)
+        whole = await h.record()
+    assert _content(chunks) == streamed.text
+    assert "\ud83d" in streamed.text
+    assert answer.choices[0].message.content == whole.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 async def test_reasoning_is_kept_under_the_providers_field_name() -> None:
     reasoner = sim_config(tokens=3, rate=0, reasoning_tokens=5)
     async with Harness(reasoner) as h, _sdk(h) as sdk:

@@ -196,6 +196,23 @@ class _listener_that_never_accepts:
         self._sock.close()
 
 
+@pytest.mark.parametrize("text", ["\ud83d", "\ude00 and text"])
+async def test_a_lone_surrogate_from_the_provider_reaches_the_client_as_sent(
+    text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Half an emoji, as a provider that splits one across chunks sends it ("\ud83d"):
+    # the client gets the same escape, and joins the halves itself.
+    async with Harness(sim_config(tokens=3, rate=0, token_text=text)) as h:
+        async with h.stream("session_1_surrogate") as s:
+            events = await s.rest()
+        assert events[-1].event == "done"
+        assert s.tokens == [text] * 3
+        await h.ended("session_1_surrogate")
+        lines = end_lines(caplog.records, "session_1_surrogate")
+        assert len(lines) == 1
+        assert "completed in" in lines[0]
+
+
 async def test_line_separators_in_a_delta_reach_a_line_splitting_client_intact() -> None:
     # The harness reads with httpx's aiter_lines, which splits at U+2028/U+2029 as
     # Python's str.splitlines does: raw in a data: line, they cut the event in two.
