@@ -220,7 +220,11 @@ class ProviderStreamParser:
                 _delta(delta, out)
             reason = choice.get("finish_reason")
             if reason is not None:
-                out.finish_reason = reason if reason in FINISH_REASONS else "other"
+                # Not always text: a set lookup of a list would raise TypeError.
+                if isinstance(reason, str) and reason in FINISH_REASONS:
+                    out.finish_reason = reason
+                else:
+                    out.finish_reason = "other"
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             out.usage = numbers_only(usage)

@@ -202,6 +202,9 @@ def test_deltas_before_an_over_long_line_are_delivered_first() -> None:
         ("ignore previous instructions", "other"),
         ("eos", "other"),
         (7, "other"),
+        # Unhashable: a set lookup of these raised TypeError, an internal_error.
+        (["stop"], "other"),
+        ({"reason": "stop"}, "other"),
     ],
 )
 def test_finish_reason_is_a_known_value_or_other(reason: object, relayed: str) -> None:
@@ -426,3 +429,58 @@ def test_one_event_per_read_parses_as_one_read_of_all(
         seen_usage = parsed.usage or seen_usage
     assert (got, seen_finish, seen_usage) == (deltas, finish, usage)
     assert parser.done
+
+
+def _shaped(fields: dict[str, st.SearchStrategy[object]]) -> st.SearchStrategy[object]:
+    """Objects with some of ``fields`` (each any JSON, or its expected shape), or anything."""
+    return st.fixed_dictionaries({}, optional=fields).map(dict) | _JSON_VALUES
+
+
+_TEXTS = st.none() | st.text(max_size=5) | _JSON_VALUES
+_FUNCTION = _shaped({"name": _TEXTS, "arguments": _TEXTS})
+_TOOL_CALL = _shaped(
+    {
+        "index": st.integers(-2, 2000) | _JSON_VALUES,
+        "id": _TEXTS,
+        "type": _TEXTS,
+        "function": _FUNCTION,
+    }
+)
+_DELTA = _shaped(
+    {
+        "role": _TEXTS,
+        "content": _TEXTS,
+        "reasoning_content": _TEXTS,
+        "reasoning": _TEXTS,
+        "tool_calls": st.lists(_TOOL_CALL, max_size=3) | _JSON_VALUES,
+    }
+)
+_CHOICE = _shaped(
+    {
+        "index": st.integers(0, 3) | _JSON_VALUES,
+        "delta": _DELTA,
+        "finish_reason": st.sampled_from(["stop", "length", "eos"]) | _JSON_VALUES,
+    }
+)
+_CHUNK = _shaped(
+    {
+        "id": _TEXTS,
+        "choices": st.lists(_CHOICE, max_size=3) | _JSON_VALUES,
+        "usage": st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=4) | _JSON_VALUES,
+        "error": _JSON_VALUES,
+    }
+)
+
+
+@given(chunk=_CHUNK)
+def test_any_chunk_is_deltas_or_a_protocol_error_never_an_exception(chunk: object) -> None:
+    # Whatever shape the provider's JSON takes, nothing but an UpstreamError may come
+    # of it: anything else escapes the relay as an internal_error.
+    parsed = ProviderStreamParser().feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    assert parsed.error is None or isinstance(
+        parsed.error, UpstreamProtocolError | UpstreamStatusError
+    )
+    assert all(isinstance(d, str | Reasoning | ToolCallDelta) for d in parsed.deltas)
+    assert parsed.finish_reason is None or parsed.finish_reason in parser_module.FINISH_REASONS | {
+        "other"
+    }
