@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -77,6 +78,32 @@ _MAX_TOOL_INDEX = 1024
 # does not allow and json reads (NaN, 1e400, lone surrogates): those go to json, so every
 # chunk reads as it did with json alone (tests/test_parser.py).
 _decode = msgspec.json.Decoder().decode
+
+
+# The chunk's shape, checked in C as msgspec decodes it: the fields the gateway reads,
+# their types, nothing else kept. A chunk of another shape is read untyped, where each
+# check is Python's and a wrong type is an error or ignored as it always was; both
+# read every chunk alike (tests/test_parser.py). Untracked by the collector: decoded
+# JSON holds no cycles.
+class _TypedDelta(msgspec.Struct, gc=False):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: Any = None
+
+
+class _TypedChoice(msgspec.Struct, gc=False):
+    delta: _TypedDelta | None = None
+    finish_reason: str | None = None
+
+
+class _TypedChunk(msgspec.Struct, gc=False):
+    choices: list[_TypedChoice] | None = None
+    usage: Any = None
+    error: Any = msgspec.UNSET
+
+
+_decode_typed = msgspec.json.Decoder(_TypedChunk).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,32 +229,61 @@ class ProviderStreamParser:
         if data == "[DONE]":
             self.done = out.done = True
             return
-        chunk = _json(data)
-        if not isinstance(chunk, dict):
-            raise UpstreamProtocolError("provider sent a chunk that is not a JSON object")
-        if "error" in chunk:
-            raise _error(chunk["error"])
-        choices = chunk.get("choices")
-        if choices is None:
-            choices = []
-        if not isinstance(choices, list):
-            raise UpstreamProtocolError("provider sent a chunk whose choices is not a list")
-        for choice in choices:
-            if not isinstance(choice, dict):
-                raise UpstreamProtocolError("provider sent a choice that is not an object")
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                _delta(delta, out)
-            reason = choice.get("finish_reason")
+        try:
+            chunk = _decode_typed(data)
+        except (ValueError, RecursionError):
+            # Another shape, or JSON only json reads.
+            _untyped_chunk(_json(data), out)
+            return
+        if chunk.error is not msgspec.UNSET:
+            raise _error(chunk.error)
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            if delta is not None:
+                reasoning, name = delta.reasoning_content, "reasoning_content"
+                if not reasoning:
+                    reasoning, name = delta.reasoning, "reasoning"
+                if reasoning:
+                    out.deltas.append(Reasoning(reasoning, name))
+                    out.plain = False
+                if delta.content:
+                    out.deltas.append(delta.content)
+                if delta.tool_calls:
+                    _tool_calls(delta.tool_calls, out)
+            reason = choice.finish_reason
             if reason is not None:
-                # Not always text: a set lookup of a list would raise TypeError.
-                if isinstance(reason, str) and reason in FINISH_REASONS:
-                    out.finish_reason = reason
-                else:
-                    out.finish_reason = "other"
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            out.usage = numbers_only(usage)
+                out.finish_reason = reason if reason in FINISH_REASONS else "other"
+        if isinstance(chunk.usage, dict):
+            out.usage = numbers_only(chunk.usage)
+
+
+def _untyped_chunk(chunk: object, out: ParsedChunk) -> None:
+    """A chunk as any JSON: what the typed decoding did not take."""
+    if not isinstance(chunk, dict):
+        raise UpstreamProtocolError("provider sent a chunk that is not a JSON object")
+    if "error" in chunk:
+        raise _error(chunk["error"])
+    choices = chunk.get("choices")
+    if choices is None:
+        choices = []
+    if not isinstance(choices, list):
+        raise UpstreamProtocolError("provider sent a chunk whose choices is not a list")
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise UpstreamProtocolError("provider sent a choice that is not an object")
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            _delta(delta, out)
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            # Not always text: a set lookup of a list would raise TypeError.
+            if isinstance(reason, str) and reason in FINISH_REASONS:
+                out.finish_reason = reason
+            else:
+                out.finish_reason = "other"
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        out.usage = numbers_only(usage)
 
 
 def _text(value: bytes) -> str:
@@ -268,11 +324,15 @@ def _delta(delta: dict[str, object], out: ParsedChunk) -> None:
         out.deltas.append(content)
     calls = delta.get("tool_calls")
     if calls:
-        if not isinstance(calls, list):
-            raise UpstreamProtocolError("provider sent tool_calls that is not a list")
-        for position, call in enumerate(calls):
-            out.deltas.append(_tool_call(call, position))
-        out.plain = False
+        _tool_calls(calls, out)
+
+
+def _tool_calls(calls: object, out: ParsedChunk) -> None:
+    if not isinstance(calls, list):
+        raise UpstreamProtocolError("provider sent tool_calls that is not a list")
+    for position, call in enumerate(calls):
+        out.deltas.append(_tool_call(call, position))
+    out.plain = False
 
 
 def _tool_call(call: object, position: int) -> ToolCallDelta:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from gateway import ProviderStreamParser, UpstreamProtocolError, UpstreamStatusError
+from gateway import ProviderStreamParser, UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from gateway import parser as parser_module
 from gateway.parser import Delta, ParsedChunk, Reasoning, ToolCallDelta
 
@@ -472,7 +472,66 @@ _CHUNK = _shaped(
 )
 
 
-@given(chunk=_CHUNK)
+def _outcome(parsed: ParsedChunk) -> tuple[object, ...]:
+    error = parsed.error
+    return (
+        parsed.deltas,
+        parsed.plain,
+        parsed.finish_reason,
+        parsed.usage,
+        None if error is None else (type(error), str(error), error.__dict__),
+    )
+
+
+# Chunks as providers write them, which the typed decoding takes whole.
+_TEXT = st.none() | st.text(min_size=1, max_size=5)
+_WELL_FORMED = st.fixed_dictionaries(
+    {
+        "choices": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "index": st.integers(0, 3),
+                    "delta": st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "role": _TEXT,
+                            "content": _TEXT,
+                            "reasoning_content": _TEXT,
+                            "reasoning": _TEXT,
+                            "tool_calls": st.none() | st.lists(_TOOL_CALL, max_size=2),
+                        },
+                    ),
+                },
+                optional={
+                    "finish_reason": st.none() | st.sampled_from(["stop", "length", "eos"]),
+                },
+            ),
+            min_size=1,
+            max_size=2,
+        )
+    },
+    optional={
+        "usage": st.none() | st.dictionaries(st.text(max_size=8), st.integers(), max_size=3),
+        "model": st.text(max_size=5),
+    },
+)
+
+
+@given(chunk=_CHUNK | _WELL_FORMED)
+def test_the_typed_decoding_reads_every_chunk_as_the_untyped_one(chunk: object) -> None:
+    # Chunks of the common shape are decoded into typed structs (checked in C), the
+    # rest as any JSON: the same deltas, reason, usage or error either way.
+    text = json.dumps(chunk)
+    typed = ProviderStreamParser().feed(b"data: " + text.encode() + b"\n\n")
+    untyped = ParsedChunk()
+    try:
+        parser_module._untyped_chunk(parser_module._json(text), untyped)
+    except UpstreamError as exc:
+        untyped.error = exc
+    assert _outcome(typed) == _outcome(untyped)
+
+
+@given(chunk=_CHUNK | _WELL_FORMED)
 def test_any_chunk_is_deltas_or_a_protocol_error_never_an_exception(chunk: object) -> None:
     # Whatever shape the provider's JSON takes, nothing but an UpstreamError may come
     # of it: anything else escapes the relay as an internal_error.
