@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .events import encode_event, encode_reasoning, encode_token, json_text
+from .events import encode_event, encode_reasoning, encode_token, json_string, json_text
 from .parser import Reasoning, ToolCallDelta
 from .responses import error_body
 from .session import Completed, Failed, Session, Stopped
@@ -56,6 +56,8 @@ class GatewayEvents(AnswerFormat):
         return encode_event("start", session.next_seq(), data)
 
     def contents(self, session: Session, texts: list[str]) -> bytes:
+        if len(texts) == 1:  # one token per provider chunk, as most read
+            return encode_token(session.next_seq(), texts[0])
         return b"".join(encode_token(session.next_seq(), text) for text in texts)
 
     def delta(self, session: Session, delta: Reasoning | ToolCallDelta) -> bytes:
@@ -125,7 +127,7 @@ class ChatCompletionChunks(AnswerFormat):
         head = self._head
         return b"".join(
             b'%s"delta":{"content":%s},"logprobs":null,"finish_reason":null}]}\n\n'
-            % (head, json_text(text).encode())
+            % (head, json_string(text))
             for text in texts
         )
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sse_starlette.event import JSONServerSentEvent
 
-from gateway.events import encode_event, encode_reasoning, encode_token
+from gateway.events import encode_event, encode_reasoning, encode_token, json_string, json_text
 
 DELTAS = [
     "Hello",
@@ -60,3 +62,16 @@ def test_a_lone_surrogate_is_escaped_so_every_event_encodes(text: str) -> None:
         assert data.startswith("data: ")
         parsed = json.loads(data[6:])
         assert text in (parsed.get("delta"), parsed.get("arguments"))
+
+
+@given(
+    text=st.text(st.characters(exclude_categories=()))
+    | st.text(st.characters(max_codepoint=127))
+    | st.lists(st.sampled_from([chr(0xD83D), chr(0xDE00), "a", "\u2028"])).map("".join)
+)
+def test_a_deltas_json_is_json_texts_whatever_the_text(text: str) -> None:
+    # The hot path writes ASCII text with msgspec: the same bytes as json_text.
+    assert json_string(text) == json_text(text).encode()
+    # A high and a low surrogate side by side (two deltas joined) parse as their pair.
+    joined = text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    assert json.loads(json_string(text)) == joined
