@@ -57,6 +57,7 @@ from .validation import (
     session_id_from,
     stream_options,
 )
+from .writer import SERVER_SEND
 
 __all__ = ["create_app"]
 
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 max_age=600,
             )
         )
-    app = Starlette(
+    app = _Gateway(
         middleware=middleware,
         routes=[
             Route("/api/chat/stream", _chat_stream, methods=["POST"]),
@@ -134,6 +135,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     logging.getLogger("gateway").setLevel(settings.log_level_number)
     use_format(settings.log_format)
     return app
+
+
+class _Gateway(Starlette):
+    """Starlette, with the server's own ``send`` in each request's scope (writer.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def _principal(request: Request) -> str:

@@ -40,7 +40,7 @@ from .shared_log import RemoteLog, events_key, mirror
 from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
 from .validation import ProviderRequest
-from .writer import ClientWriter
+from .writer import SERVER_SEND, ClientWriter
 
 __all__ = ["ChatStream", "follow", "follow_messages", "new_follower"]
 
@@ -111,7 +111,7 @@ class ChatStream:
                     await self._run(session, log, tg)
                     tg.cancel_scope.cancel()
                 return
-            writer = ClientWriter(session, self._answer, send)
+            writer = ClientWriter(session, self._answer, send, scope.get(SERVER_SEND))
             async with anyio.create_task_group() as tg:
                 writer.pings = tg
                 tg.start_soon(_listen_for_disconnect, session, receive)

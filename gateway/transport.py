@@ -40,6 +40,7 @@ _MAX_HEAD_BYTES = 16 * 1024
 _Origin = tuple[str, str, int]
 # What the socket (and TLS) raise when the connection fails.
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+_MAPPED_ERRORS = (TimeoutError, *_NETWORK_ERRORS)
 # What the response parser raises on bytes that are not HTTP/1.1 (an upgrade included).
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
@@ -47,7 +48,7 @@ _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 class _Mapped:
     """httpx's exceptions for what the socket and a deadline raise during one kind
     of step: the one place they are mapped (httpx's ``map_httpcore_exceptions`` is the
-    model). Built once and entered per step, so a read pays two method calls."""
+    model). Built once per step; a read, the hot path, calls ``mapped`` only when it fails."""
 
     __slots__ = ("_network", "_request", "_timeout", "_what")
 
@@ -69,13 +70,13 @@ class _Mapped:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is None:
-            return
+        if isinstance(exc, _MAPPED_ERRORS):
+            raise self.mapped(exc) from exc
+
+    def mapped(self, exc: BaseException) -> httpx.TransportError:
         if isinstance(exc, TimeoutError):
-            raise self._timeout(f"{self._what} timed out", request=self._request) from exc
-        if isinstance(exc, _NETWORK_ERRORS):
-            message = f"{self._what} failed: {exc!r}"
-            raise self._network(message, request=self._request) from exc
+            return self._timeout(f"{self._what} timed out", request=self._request)
+        return self._network(f"{self._what} failed: {exc!r}", request=self._request)
 
 
 class _Connection:
@@ -435,16 +436,17 @@ class _ResponseStream(httpx.AsyncByteStream):
         parser = response.parser
         if parser is None:
             raise httpx.ReadError("the response is closed", request=self._request)
-        with self._errors:
-            try:
-                if self._read_timeout is None:
+        try:
+            if self._read_timeout is None:
+                data = await self._connection.stream.receive(_READ_SIZE)
+            else:
+                with anyio.fail_after(self._read_timeout):
                     data = await self._connection.stream.receive(_READ_SIZE)
-                else:
-                    with anyio.fail_after(self._read_timeout):
-                        data = await self._connection.stream.receive(_READ_SIZE)
-            except anyio.EndOfStream:
-                self._end_of_stream()
-                return
+        except anyio.EndOfStream:
+            self._end_of_stream()
+            return
+        except _MAPPED_ERRORS as exc:
+            raise self._errors.mapped(exc) from exc
         try:
             parser.feed_data(data)
         except _PARSE_ERRORS as exc:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from starlette.types import Message
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
+from gateway import Settings, create_app
+from gateway.api import _Gateway
 from gateway.events import PING
 from gateway.formats import GatewayEvents
 from gateway.session import Session, Stopped
-from gateway.writer import ClientWriter
+from gateway.writer import SERVER_SEND, ClientWriter
 
 pytestmark = pytest.mark.anyio
 
@@ -131,3 +136,70 @@ async def test_no_ping_once_closed() -> None:
         with pytest.raises(anyio.WouldBlock):
             writer.put_nowait(PING)
     assert client.bodies() == []
+
+
+def _messages() -> list[Message]:
+    """A streamed response's messages, as the writer sends them."""
+    return [
+        {"type": "http.response.start", "status": 200, "headers": []},
+        {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True},
+        {"type": "http.response.body", "body": b"", "more_body": False},
+    ]
+
+
+class _Probe(Response):
+    def __init__(self) -> None:
+        pass
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope[SERVER_SEND] is not send  # the route's send is wrapped
+        for message in _messages():
+            await send(message)
+
+
+@pytest.mark.parametrize("cors", [(), ("https://app.example",)])
+async def test_the_middleware_passes_body_messages_through_unchanged(
+    cors: tuple[str, ...],
+) -> None:
+    # The writer sends a stream's body past Starlette's middleware (SERVER_SEND):
+    # right only while every layer passes body messages on as they are, and sees
+    # the response's start, which still goes through it.
+    gateway = create_app(
+        Settings(upstream_url="http://127.0.0.1:9/v1", model="m", cors_origins=cors)
+    )
+
+    async def endpoint(request: Request) -> Response:
+        return _Probe()
+
+    app = _Gateway(
+        middleware=gateway.user_middleware,
+        routes=[Route("/api/chat/stream", endpoint, methods=["POST"])],
+    )
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/chat/stream",
+        "raw_path": b"/api/chat/stream",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"origin", b"https://app.example"), (b"host", b"gateway")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    assert scope[SERVER_SEND] is send
+    assert sent[1:] == _messages()[1:]
+    assert sent[0]["status"] == 200
+    allowed = (b"access-control-allow-origin", b"https://app.example")
+    assert (allowed in sent[0]["headers"]) == bool(cors)

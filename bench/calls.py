@@ -1,0 +1,109 @@
+"""Python function calls per relayed token: a count, not a time, so noise cannot move it.
+
+``python -m bench.calls gateway|floor [-k uvloop] [-n 200] [-d 5] [--top 40]`` runs the
+server under cProfile, switched on for ``-d`` seconds (SIGUSR1, SIGUSR2) while N paced
+streams run at 20 tokens/s, and prints the calls per token and the functions called.
+
+On this machine the interpreter's time per token tracks the calls: ``perf`` put the
+gateway's extra CPU over the floor almost all in libpython (docs/benchmarks.md). A
+coroutine counts once per call and once per resumption, as cProfile counts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import uvloop
+
+from .run import ROOT, Bench, _server
+
+# Runs in the server's process: the profiler on and off by signal, the stats to a file.
+_HOOK = """
+import cProfile, importlib, os, signal, sys
+profile = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
+def stop(*_):
+    profile.disable()
+    profile.dump_stats(os.environ["CALLS_OUT"])
+signal.signal(signal.SIGUSR2, stop)
+args = sys.argv[1:]
+if os.environ["CALLS_SERVER"] == "gateway":
+    from gateway.cli import main
+    sys.exit(main(args))
+worker = args[args.index("-k") + 1]
+importlib.import_module("hypercorn.trio" if worker == "trio" else "hypercorn.asyncio")
+from bench import floor, serving
+sys.argv = ["floor", *args]
+serving.main(floor.create_app)
+"""
+
+_RATE = 20
+
+
+async def record(server: str, worker: str, streams: int, seconds: float, out: Path) -> None:
+    provider = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.provider", cwd=ROOT, stdout=subprocess.PIPE
+    )
+    assert provider.stdout is not None
+    bench = Bench(int((await provider.stdout.readline()).split()[1]))
+    env = {"CALLS_OUT": str(out), "CALLS_SERVER": server}
+    try:
+        async with _server(
+            server, worker, bench.provider_port, env_extra=env, main=("-c", _HOOK)
+        ) as (port, process):
+            running = await bench.open_many(port, streams, "pace", ramp=1.0)
+            await asyncio.sleep(2.0)
+            process.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(seconds)
+            process.send_signal(signal.SIGUSR2)
+            for _ in range(100):
+                if out.exists():
+                    break
+                await asyncio.sleep(0.1)
+            await bench.closing(running)
+    finally:
+        provider.terminate()
+        await provider.wait()
+
+
+def _where(path: str, line: int, name: str) -> str:
+    path = path.rsplit("site-packages/", 1)[-1].replace(str(ROOT) + "/", "")
+    return name if path == "~" else f"{path}:{line} {name}"
+
+
+def summarize(out: Path, tokens: float, top: int) -> str:
+    stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
+    rows = sorted(
+        ((calls / tokens, _where(*where)) for where, (_, calls, *_) in stats.items()),
+        reverse=True,
+    )
+    total = sum(per for per, _ in rows)
+    lines = [f"{total:.1f} Python calls per token ({tokens:.0f} tokens)", ""]
+    lines += [f"{per:6.2f}  {where}" for per, where in rows[:top]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("server", choices=["gateway", "floor"])
+    parser.add_argument("-k", "--worker", default="uvloop")
+    parser.add_argument("-n", "--streams", type=int, default=200)
+    parser.add_argument("-d", "--duration", type=float, default=5.0)
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "calls.prof"
+        uvloop.run(record(args.server, args.worker, args.streams, args.duration, out))
+        # Paced streams: the provider sends each its tokens on time, so the count is known.
+        print(summarize(out, args.streams * _RATE * args.duration, args.top))
+
+
+if __name__ == "__main__":
+    main()
