@@ -20,7 +20,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from typing import cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,7 +34,7 @@ from .parser import Delta, ProviderStreamParser, ToolCallDelta
 from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
 from .resume import EventLog
-from .session import Completed, Failed, Outcome, Session, Stopped
+from .session import Completed, Failed, Session, Stopped
 from .shared_log import RemoteLog, events_key, mirror
 from .state import GatewayState
 from .upstream import UpstreamResponse, open_stream
@@ -140,7 +139,7 @@ class ChatStream:
             start = self._answer.start(session)
             if start:
                 await sink.put(start)
-            tg.start_soon(self._relay_task, session, sink, relayed)
+            tg.start_soon(self._relay, session, sink, relayed)
             relaying = True
             await self._watch(session, sink, relayed)
         except Exception:
@@ -155,19 +154,6 @@ class ChatStream:
                     # Ended otherwise; after an internal error the relay may still run.
                     session.close_provider()
                 await self._finish(session, sink, relayed)
-
-    async def _relay_task(
-        self, session: Session, sink: ClientWriter | EventLog, done: anyio.Event
-    ) -> None:
-        try:
-            outcome = await self._relay(session, sink)
-            if outcome is not None:
-                session.settle(outcome)
-        except Exception:
-            logger.exception("[SSE] %s internal error", session.id)
-            session.settle(Failed("internal_error", "the gateway failed"))
-        finally:
-            done.set()
 
     async def _finish(
         self, session: Session, sink: ClientWriter | EventLog, relayed: anyio.Event
@@ -240,63 +226,74 @@ class ChatStream:
             until = start + store.window
         store.ended(session.principal, session.id, log, until)
 
-    async def _relay(self, session: Session, sink: ClientWriter | EventLog) -> Outcome | None:
-        """Read the provider's stream into ``sink`` until it ends; ``None`` if the stream
-        was stopped meanwhile (its outcome is settled, the provider closed by the stop)."""
+    async def _relay(
+        self, session: Session, sink: ClientWriter | EventLog, done: anyio.Event
+    ) -> None:
+        """The relay's task: read the provider's stream into ``sink`` until it ends, and
+        settle the outcome, unless a stop did first (the stop closed the provider). One
+        function, not a task calling a reader: a token resumes one frame fewer."""
         upstream: UpstreamResponse | None = None
         try:
-            # Only the opening runs in the session's scope: once the response is open,
-            # a stop aborts it (Session.cancel) instead of cancelling this task, which
-            # may be writing to the client.
-            with session.scope:
-                upstream = await open_stream(
-                    self._gateway.client,
-                    self._gateway.upstream_url,
-                    self._payload,
-                    self._upstream_headers,
-                )
-                session.upstream = upstream
-            if upstream is None or session.outcome is not None:
-                return None
-            parser = ProviderStreamParser()
-            finish_reason: str | None = None
-            usage: dict[str, object] | None = None
-            while not parser.done:
-                data = await upstream.read()
-                if session.outcome is not None:
-                    return None
-                if not data:
-                    if finish_reason is None:
-                        raise UpstreamProtocolError("provider closed the stream before [DONE]")
-                    break
-                parsed = parser.feed(data)
-                if parsed.error is not None:
-                    # Whatever came before the error is the client's first.
-                    await self._deliver(session, sink, self._answer, parsed.deltas, parsed.plain)
-                    raise parsed.error
-                if parsed.finish_reason is not None:
-                    finish_reason = parsed.finish_reason
-                if parsed.usage is not None:
-                    usage = parsed.usage
-                if parsed.deltas:
-                    await self._deliver(session, sink, self._answer, parsed.deltas, parsed.plain)
-            if parser.done:
-                # Read the body's end so the connection goes back to the pool.
-                with anyio.move_on_after(_DRAIN_TIMEOUT):
-                    while await upstream.read():
-                        pass
-            return Completed(finish_reason, usage)
-        except UpstreamError as exc:
-            if session.outcome is not None:
-                return None  # the stop's abort, seen by the read
-            return Failed.from_error(exc)
+            try:
+                # Only the opening runs in the session's scope: once the response is
+                # open, a stop aborts it (Session.cancel) instead of cancelling this
+                # task, which may be writing to the client.
+                with session.scope:
+                    upstream = await open_stream(
+                        self._gateway.client,
+                        self._gateway.upstream_url,
+                        self._payload,
+                        self._upstream_headers,
+                    )
+                    session.upstream = upstream
+                if upstream is None or session.outcome is not None:
+                    return
+                parser = ProviderStreamParser()
+                finish_reason: str | None = None
+                usage: dict[str, object] | None = None
+                while not parser.done:
+                    data = await upstream.read()
+                    if session.outcome is not None:
+                        return
+                    if not data:
+                        if finish_reason is None:
+                            raise UpstreamProtocolError("provider closed the stream before [DONE]")
+                        break
+                    parsed = parser.feed(data)
+                    if parsed.deltas:
+                        # Before an error in the same read: what came first is the
+                        # client's first.
+                        await self._deliver(
+                            session, sink, self._answer, parsed.deltas, parsed.plain
+                        )
+                    if parsed.error is not None:
+                        raise parsed.error
+                    if parsed.finish_reason is not None:
+                        finish_reason = parsed.finish_reason
+                    if parsed.usage is not None:
+                        usage = parsed.usage
+                if parser.done:
+                    # Read the body's end so the connection goes back to the pool.
+                    with anyio.move_on_after(_DRAIN_TIMEOUT):
+                        while await upstream.read():
+                            pass
+                session.settle(Completed(finish_reason, usage))
+            except UpstreamError as exc:
+                # After a stop, this is the stop's abort seen by the read: the outcome
+                # is settled already, and this one ignored.
+                session.settle(Failed.from_error(exc))
+            finally:
+                # Never aborted once closed: the connection may serve another request.
+                session.upstream = None
+                if upstream is not None:
+                    await upstream.aclose()
+                if session.provider_closed_at is None:
+                    session.provider_closed_at = anyio.current_time()
+        except Exception:
+            logger.exception("[SSE] %s internal error", session.id)
+            session.settle(Failed("internal_error", "the gateway failed"))
         finally:
-            # Never aborted once closed: the connection may serve another request.
-            session.upstream = None
-            if upstream is not None:
-                await upstream.aclose()
-            if session.provider_closed_at is None:
-                session.provider_closed_at = anyio.current_time()
+            done.set()
 
     @staticmethod
     async def _deliver(
@@ -317,7 +314,7 @@ class ChatStream:
             # Content only: the hot path.
             if "content" not in session.first_at:
                 session.first_at["content"] = now
-            contents = cast("list[str]", deltas)
+            contents: list[str] = deltas  # type: ignore[assignment]  # plain: all text
             body = answer.contents(session, contents)
             session.tokens_queued += len(contents)
         else:
