@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import anyio
 import uvloop
 
 from .run import ROOT, Bench, _server
@@ -64,7 +65,7 @@ async def record(server: str, worker: str, streams: int, seconds: float, out: Pa
             await asyncio.sleep(seconds)
             process.send_signal(signal.SIGUSR2)
             for _ in range(100):
-                if out.exists():
+                if await anyio.Path(out).exists():
                     break
                 await asyncio.sleep(0.1)
             await bench.closing(running)

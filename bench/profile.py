@@ -1,7 +1,10 @@
 """Where a server's time goes: py-spy samples it while N streams run at 20 tokens/s.
 
 ``python -m bench.profile gateway|baseline|floor [-k uvloop] [-n 200] [-d 12]`` prints the
-functions with the largest inclusive and own share of the samples.
+functions with the largest inclusive and own share of the samples. ``--tool perf``
+samples the whole process instead (C and kernel too; Linux ``perf``) and prints CPU
+time by library; ``--tool strace`` counts its system calls (``strace -c``, which slows
+the process: compare calls per token, not times).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import collections
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +61,10 @@ async def main_async(args: argparse.Namespace, raw: Path) -> None:
         async with _server(args.impl, args.worker, bench.provider_port) as (port, process):
             streams = await bench.open_many(port, args.streams, "pace", ramp=1.0)
             await asyncio.sleep(2.0)
+            if args.tool != "py-spy":
+                await _attach(args.tool, process.pid, args.duration, raw)
+                await bench.closing(streams)
+                return
             record = await asyncio.create_subprocess_exec(
                 spy,
                 "record",
@@ -81,6 +89,33 @@ async def main_async(args: argparse.Namespace, raw: Path) -> None:
         await provider.wait()
 
 
+async def _attach(tool: str, pid: int, seconds: float, out: Path) -> None:
+    if tool == "perf":
+        command = ["perf", "record", "-F", "2000", "-o", str(out), "-p", str(pid)]
+    else:
+        command = ["strace", "-c", "-f", "-o", str(out), "-p", str(pid)]
+    attached = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    await asyncio.sleep(seconds)
+    attached.send_signal(signal.SIGINT)
+    await attached.wait()
+
+
+def _perf_report(data: Path) -> str:
+    """CPU time by library (DSO), and the total, from ``perf report``."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--sort", "dso", "--stdio"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = [line for line in report.splitlines() if line.strip()]
+    total = next(line for line in lines if "Event count" in line)
+    shares = [line for line in lines if not line.startswith("#")]
+    return "\n".join([total.lstrip("# "), *shares[:12]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("impl", choices=["gateway", "baseline", "floor"])
@@ -88,11 +123,17 @@ def main() -> None:
     parser.add_argument("-n", "--streams", type=int, default=200)
     parser.add_argument("-d", "--duration", type=int, default=12)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--tool", choices=["py-spy", "perf", "strace"], default="py-spy")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "profile.txt"
         uvloop.run(main_async(args, raw))
-        print(summarize(raw, args.top))
+        if args.tool == "perf":
+            print(_perf_report(raw))
+        elif args.tool == "strace":
+            print(raw.read_text())
+        else:
+            print(summarize(raw, args.top))
 
 
 if __name__ == "__main__":

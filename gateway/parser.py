@@ -182,7 +182,11 @@ class ProviderStreamParser:
                 and b"\r" not in data
                 and len(data) <= self._max
             ):
-                self._event(_text(data[6:-2]), out)
+                try:
+                    text = data[6:-2].decode()
+                except UnicodeDecodeError:
+                    raise UpstreamProtocolError(_NOT_UTF8) from None
+                self._event(text, out)
             else:
                 self._feed(data, out)
         except UpstreamError as exc:
@@ -253,7 +257,7 @@ class ProviderStreamParser:
             reason = choice.finish_reason
             if reason is not None:
                 out.finish_reason = reason if reason in FINISH_REASONS else "other"
-        if isinstance(chunk.usage, dict):
+        if chunk.usage is not None and isinstance(chunk.usage, dict):
             out.usage = numbers_only(chunk.usage)
 
 
@@ -286,11 +290,14 @@ def _untyped_chunk(chunk: object, out: ParsedChunk) -> None:
         out.usage = numbers_only(usage)
 
 
+_NOT_UTF8 = "provider sent bytes that are not UTF-8"
+
+
 def _text(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise UpstreamProtocolError("provider sent bytes that are not UTF-8") from None
+        raise UpstreamProtocolError(_NOT_UTF8) from None
 
 
 def _json(data: str) -> object:
