@@ -17,7 +17,7 @@ test: $(VENV)/.installed-dev lint typecheck jstest pytest
 soak: $(VENV)/.installed-dev
 	$(BIN)/python -m tests.soak
 
-# Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (about 17 min).
+# Benchmarks, not tests: writes docs/benchmarks.md and docs/benchmarks.json (12 to 17 min).
 bench: $(VENV)/.installed-dev
 	scripts/ensure-apt.sh redis-server
 	$(BIN)/python -m bench.run
