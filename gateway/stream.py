@@ -71,7 +71,9 @@ class ChatStream:
         self._session_id = session_id
         self._payload = payload
         self._upstream_headers = upstream_headers
-        self._mirrored = anyio.Event()
+        # Set once a resumable stream's events are all in Redis (with a cluster only:
+        # made then, as nothing else waits for it).
+        self._mirrored: anyio.Event | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
@@ -106,7 +108,8 @@ class ChatStream:
                     if cluster is not None:
                         # For a resume on another instance: the events, in Redis.
                         key = events_key(session.principal, session.id)
-                        tg.start_soon(self._mirror, cluster, key, log)
+                        self._mirrored = anyio.Event()
+                        tg.start_soon(self._mirror, cluster, key, log, self._mirrored)
                     await self._run(session, log, tg)
                     tg.cancel_scope.cancel()
                 return
@@ -189,11 +192,11 @@ class ChatStream:
         self._gateway.metrics.stream_ended(session, anyio.current_time())
         session.ended.set()
 
-    async def _mirror(self, cluster: Cluster, key: str, log: EventLog) -> None:
+    async def _mirror(self, cluster: Cluster, key: str, log: EventLog, done: anyio.Event) -> None:
         try:
             await mirror(cluster, key, log, self._gateway.settings.resume_window)
         finally:
-            self._mirrored.set()
+            done.set()
 
     async def _finish_log(self, session: Session, log: EventLog) -> None:
         """A resumable stream's end: its terminal event goes into the log for whoever
@@ -212,9 +215,10 @@ class ChatStream:
                 await follower.done.wait()
         cluster = self._gateway.cluster
         if cluster is not None:
-            # A follower on another instance gets the terminal event through Redis.
-            with anyio.move_on_after(_MIRROR_WAIT):
-                await self._mirrored.wait()
+            if self._mirrored is not None:
+                # A follower on another instance gets the terminal event through Redis.
+                with anyio.move_on_after(_MIRROR_WAIT):
+                    await self._mirrored.wait()
             if abandoned:
                 await cluster.forget(events_key(session.principal, session.id))
         store = self._gateway.resume
