@@ -155,6 +155,23 @@ async def test_finish_reason_usage_and_error_types_carry_no_provider_text() -> N
     assert events[-1].data["message"] == "provider sent an error"
 
 
+@pytest.mark.parametrize("reason", [["stop"], {"reason": "stop"}])
+async def test_a_finish_reason_that_is_not_text_ends_the_stream_as_other(
+    reason: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not hashable: looked up among the known reasons, it raised TypeError, and every
+    # such stream ended internal_error with a traceback.
+    body = _chunk({"content": "Hi"}) + _chunk({}, reason) + b"data: [DONE]\n\n"
+    async with _gateway(Canned(200, SSE, body)) as h:
+        events = await _events(h, "session_1_reasonlist")
+    assert [e.event for e in events] == ["start", "token", "done"]
+    assert events[-1].data["finish_reason"] == "other"
+    lines = end_lines(caplog.records, "session_1_reasonlist")
+    assert len(lines) == 1
+    assert "completed in" in lines[0]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 @pytest.mark.parametrize(
     ("status", "error", "logged"),
     [
