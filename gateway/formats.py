@@ -57,8 +57,7 @@ class GatewayEvents(AnswerFormat):
 
     def contents(self, session: Session, texts: list[str]) -> bytes:
         if len(texts) == 1:  # one token per provider chunk, as most read
-            session.seq += 1
-            return encode_token(session.seq, texts[0])
+            return encode_token(session.next_seq(), texts[0])
         return b"".join(encode_token(session.next_seq(), text) for text in texts)
 
     def delta(self, session: Session, delta: Reasoning | ToolCallDelta) -> bytes:

@@ -182,11 +182,7 @@ class ProviderStreamParser:
                 and b"\r" not in data
                 and len(data) <= self._max
             ):
-                try:
-                    text = data[6:-2].decode()
-                except UnicodeDecodeError:
-                    raise UpstreamProtocolError(_NOT_UTF8) from None
-                self._event(text, out)
+                self._event(_text(data[6:-2]), out)
             else:
                 self._feed(data, out)
         except UpstreamError as exc:
@@ -244,6 +240,8 @@ class ProviderStreamParser:
         for choice in chunk.choices or ():
             delta = choice.delta
             if delta is not None:
+                # _delta's reading, on fields whose types msgspec has checked; inline,
+                # as this is the token path (tests/test_parser.py holds the two alike).
                 reasoning, name = delta.reasoning_content, "reasoning_content"
                 if not reasoning:
                     reasoning, name = delta.reasoning, "reasoning"
@@ -254,10 +252,9 @@ class ProviderStreamParser:
                     out.deltas.append(delta.content)
                 if delta.tool_calls:
                     _tool_calls(delta.tool_calls, out)
-            reason = choice.finish_reason
-            if reason is not None:
-                out.finish_reason = reason if reason in FINISH_REASONS else "other"
-        if chunk.usage is not None and isinstance(chunk.usage, dict):
+            if choice.finish_reason is not None:
+                out.finish_reason = _known_reason(choice.finish_reason)
+        if isinstance(chunk.usage, dict):
             out.usage = numbers_only(chunk.usage)
 
 
@@ -280,24 +277,24 @@ def _untyped_chunk(chunk: object, out: ParsedChunk) -> None:
             _delta(delta, out)
         reason = choice.get("finish_reason")
         if reason is not None:
-            # Not always text: a set lookup of a list would raise TypeError.
-            if isinstance(reason, str) and reason in FINISH_REASONS:
-                out.finish_reason = reason
-            else:
-                out.finish_reason = "other"
+            out.finish_reason = _known_reason(reason)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         out.usage = numbers_only(usage)
 
 
-_NOT_UTF8 = "provider sent bytes that are not UTF-8"
+def _known_reason(reason: object) -> str:
+    # Not always text: a set lookup of a list would raise TypeError.
+    if isinstance(reason, str) and reason in FINISH_REASONS:
+        return reason
+    return "other"
 
 
 def _text(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise UpstreamProtocolError(_NOT_UTF8) from None
+        raise UpstreamProtocolError("provider sent bytes that are not UTF-8") from None
 
 
 def _json(data: str) -> object:

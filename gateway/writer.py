@@ -29,7 +29,7 @@ __all__ = ["SERVER_SEND", "ClientWriter"]
 
 # The scope key of the server's own ``send`` (api.py puts it there). The body's chunks
 # go to it directly, past Starlette's middleware, whose wrappers of ``send`` only watch
-# for ``http.response.start`` (tests/test_app.py holds the middleware to that): three
+# for ``http.response.start`` (tests/test_writer.py holds the middleware to that): three
 # calls fewer per token. The response's start still goes through them.
 SERVER_SEND = "gateway.server_send"
 
