@@ -27,22 +27,15 @@ from .run import ROOT, Bench, _server
 
 # Runs in the server's process: the profiler on and off by signal, the stats to a file.
 _HOOK = """
-import cProfile, importlib, os, signal, sys
+import cProfile, os, signal
 profile = cProfile.Profile()
 signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
 def stop(*_):
     profile.disable()
     profile.dump_stats(os.environ["CALLS_OUT"])
 signal.signal(signal.SIGUSR2, stop)
-args = sys.argv[1:]
-if os.environ["CALLS_SERVER"] == "gateway":
-    from gateway.cli import main
-    sys.exit(main(args))
-worker = args[args.index("-k") + 1]
-importlib.import_module("hypercorn.trio" if worker == "trio" else "hypercorn.asyncio")
-from bench import floor, serving
-sys.argv = ["floor", *args]
-serving.main(floor.create_app)
+from bench.serving import run_hooked
+run_hooked(os.environ["CALLS_SERVER"])
 """
 
 _RATE = 20

@@ -24,7 +24,7 @@ from .run import ROOT, Bench, _free_port, _server
 
 # Runs in the server's process: on each request file, a census into its answer file.
 _HOOK = """
-import collections, gc, importlib, json, os, socket, sys, threading, time, types
+import collections, gc, json, os, socket, threading, time, types
 def census():
     counts = collections.Counter()
     for o in gc.get_objects():
@@ -47,17 +47,8 @@ def spy(listener):
             conn.sendall(json.dumps(counts).encode())
 listener = socket.create_server(("127.0.0.1", int(os.environ["HEAP_PORT"])))
 threading.Thread(target=spy, args=(listener,), daemon=True).start()
-args = sys.argv[1:]
-if os.environ["HEAP_SERVER"] == "gateway":
-    from gateway.cli import main
-    sys.exit(main(args))
-worker = args[args.index("-k") + 1]
-importlib.import_module("hypercorn.trio" if worker == "trio" else "hypercorn.asyncio")
-from bench import floor, serving
-gc.collect()
-gc.freeze()
-sys.argv = ["floor", *args]
-serving.main(floor.create_app)
+from bench.serving import run_hooked
+run_hooked(os.environ["HEAP_SERVER"])
 """
 
 _META = ("(full collection, µs)", "(frozen)")

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,3 +29,22 @@ def main(create_app: Callable[[str], Any]) -> None:
 
 async def _serve_forever(app: Any, config: Any) -> None:
     await serve(app, config, shutdown_trigger=anyio.sleep_forever)
+
+
+def run_hooked(server: str) -> None:
+    """The server bench.run's ``_server`` asked for, run by a hook that ``python -c``
+    started (bench/heap.py, bench/calls.py) with the same arguments: ``gateway serve``,
+    or the floor with its start-up heap frozen, as ``gateway serve`` freezes its own."""
+    args = sys.argv[1:]
+    if server == "gateway":
+        from gateway.cli import main as serve_gateway
+
+        sys.exit(serve_gateway(args))
+    worker = args[args.index("-k") + 1]
+    importlib.import_module("hypercorn.trio" if worker == "trio" else "hypercorn.asyncio")
+    from . import floor
+
+    gc.collect()
+    gc.freeze()
+    sys.argv = ["floor", *args]
+    main(floor.create_app)
