@@ -7,13 +7,17 @@ per-token work that is ours, not hypercorn's or the kernel's. With
 no I/O and no other process involved it is far steadier than `make bench` on a shared
 machine, so it is how a change to the token path is checked (docs/benchmarks.md).
 
-``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai | --metrics | --transport]``;
+``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai | --metrics | --transport
+| --resume-store]``;
 ``--tree`` measures another checkout of the gateway, for an A/B run from one script;
 ``--openai`` encodes the chunks as ``/v1/chat/completions`` does; ``--metrics`` measures
 instead what metrics.py adds per stream (it does no per-token work: it counts a stream
 when it starts and when it ends), for streams that end each way; ``--transport``
 measures instead the provider transport's ``receive()`` per chunk (gateway/transport.py:
-the HTTP/1.1 chunked body parsed), fed from memory as the socket would.
+the HTTP/1.1 chunked body parsed), fed from memory as the socket would;
+``--resume-store`` measures instead what the ``ResumeStore`` costs a stream (its start
+and its end) while it holds 10,000 ended streams within their window, the default
+``GATEWAY_MAX_SESSIONS``, and the longest single call: a stall of the event loop.
 """
 
 from __future__ import annotations
@@ -166,7 +170,43 @@ async def _metrics_once(streams: int) -> float:
     return (time.process_time() - start) / streams * 1e6
 
 
-async def _main(repeats: int, openai: bool, metrics: bool, transport: bool) -> None:
+def _resume_store_once(kept: int) -> tuple[float, float]:
+    from gateway.resume import EventLog, ResumeStore
+    from gateway.session import Session
+
+    store = ResumeStore(3600.0, max_ended=kept)
+    session = Session("s", "m")
+    log = EventLog(1 << 20, lambda: 0, lambda: None)
+    now = anyio.current_time()
+    for i in range(kept):
+        store.add("p", str(i), log, session)
+        store.ended("p", str(i), log, now + 3600.0 + i)
+    longest = 0.0
+    start = time.process_time()
+    for i in range(kept, 2 * kept):
+        began = time.perf_counter()
+        store.add("p", str(i), log, session)
+        longest = max(longest, time.perf_counter() - began)
+        began = time.perf_counter()
+        # Each ends later than the kept ones: the soonest of those is dropped.
+        store.ended("p", str(i), log, now + 3600.0 + i)
+        longest = max(longest, time.perf_counter() - began)
+    return (time.process_time() - start) / kept * 1e6, longest * 1000
+
+
+async def _main(
+    repeats: int, openai: bool, metrics: bool, transport: bool, resume_store: bool
+) -> None:
+    if resume_store:
+        kept = N // 10
+        pairs = [_resume_store_once(kept) for _ in range(repeats)]
+        per_stream = [p for p, _ in pairs]
+        print(
+            f"resume store, CPU µs per stream: min {min(per_stream):.3f} "
+            f"median {statistics.median(per_stream):.3f}; longest call "
+            f"{max(ms for _, ms in pairs):.3f} ms ({repeats} runs of {kept} streams)"
+        )
+        return
     if metrics:
         runs = [await _metrics_once(N // 10) for _ in range(repeats)]
         print(
@@ -206,11 +246,16 @@ def main() -> None:
     parser.add_argument(
         "--transport", action="store_true", help="the provider transport's CPU per chunk instead"
     )
+    parser.add_argument(
+        "--resume-store",
+        action="store_true",
+        help="the resume store's CPU per stream with 10,000 ended streams kept instead",
+    )
     args = parser.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
         sys.modules.pop("gateway", None)
-    anyio.run(_main, args.repeats, args.openai, args.metrics, args.transport)
+    anyio.run(_main, args.repeats, args.openai, args.metrics, args.transport, args.resume_store)
 
 
 if __name__ == "__main__":

