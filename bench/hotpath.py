@@ -8,16 +8,18 @@ no I/O and no other process involved it is far steadier than `make bench` on a s
 machine, so it is how a change to the token path is checked (docs/benchmarks.md).
 
 ``python -m bench.hotpath [--tree PATH] [--repeats N] [--openai | --metrics | --transport
-| --resume-store]``;
+| --resume]``;
 ``--tree`` measures another checkout of the gateway, for an A/B run from one script;
 ``--openai`` encodes the chunks as ``/v1/chat/completions`` does; ``--metrics`` measures
 instead what metrics.py adds per stream (it does no per-token work: it counts a stream
 when it starts and when it ends), for streams that end each way; ``--transport``
 measures instead the provider transport's ``receive()`` per chunk (gateway/transport.py:
 the HTTP/1.1 chunked body parsed), fed from memory as the socket would;
-``--resume-store`` measures instead what the ``ResumeStore`` costs a stream (its start
-and its end) while it holds 10,000 ended streams within their window, the default
-``GATEWAY_MAX_SESSIONS``, and the longest single call: a stall of the event loop.
+``--resume`` measures instead what resume adds: the ``ResumeStore``'s cost to a stream
+(its start and its end) while it holds 10,000 ended streams within their window, the
+default ``GATEWAY_MAX_SESSIONS``, with the longest single call (a stall of the event
+loop); and the ``EventLog``'s per token, one event per chunk, each read by a follower
+that keeps up (``since``), over a 5,000-token answer.
 """
 
 from __future__ import annotations
@@ -194,10 +196,24 @@ def _resume_store_once(kept: int) -> tuple[float, float]:
     return (time.process_time() - start) / kept * 1e6, longest * 1000
 
 
-async def _main(
-    repeats: int, openai: bool, metrics: bool, transport: bool, resume_store: bool
-) -> None:
-    if resume_store:
+def _resume_log_once(tokens: int) -> float:
+    from gateway.resume import EventLog
+
+    seq = [0]
+    log = EventLog(1 << 20, lambda: seq[0], lambda: None)
+    events = [b'id: %d\nevent: token\ndata: {"delta":"w"}\n\n' % n for n in range(1, tokens + 1)]
+    start = time.process_time()
+    for n, event in enumerate(events, 1):
+        seq[0] = n
+        log.put_nowait(event, (n, 0, 0))
+        got = log.since(n - 1)
+        assert got is not None
+        log.written_id = got[1]
+    return (time.process_time() - start) / tokens * 1e6
+
+
+async def _main(repeats: int, openai: bool, metrics: bool, transport: bool, resume: bool) -> None:
+    if resume:
         kept = N // 10
         pairs = [_resume_store_once(kept) for _ in range(repeats)]
         per_stream = [p for p, _ in pairs]
@@ -205,6 +221,12 @@ async def _main(
             f"resume store, CPU µs per stream: min {min(per_stream):.3f} "
             f"median {statistics.median(per_stream):.3f}; longest call "
             f"{max(ms for _, ms in pairs):.3f} ms ({repeats} runs of {kept} streams)"
+        )
+        tokens = N // 20
+        runs = [_resume_log_once(tokens) for _ in range(repeats)]
+        print(
+            f"resume log, CPU µs per token followed: min {min(runs):.3f} "
+            f"median {statistics.median(runs):.3f} ({repeats} runs of a {tokens}-token answer)"
         )
         return
     if metrics:
@@ -247,15 +269,15 @@ def main() -> None:
         "--transport", action="store_true", help="the provider transport's CPU per chunk instead"
     )
     parser.add_argument(
-        "--resume-store",
+        "--resume",
         action="store_true",
-        help="the resume store's CPU per stream with 10,000 ended streams kept instead",
+        help="what resume costs a stream and a followed token instead",
     )
     args = parser.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
         sys.modules.pop("gateway", None)
-    anyio.run(_main, args.repeats, args.openai, args.metrics, args.transport, args.resume_store)
+    anyio.run(_main, args.repeats, args.openai, args.metrics, args.transport, args.resume)
 
 
 if __name__ == "__main__":

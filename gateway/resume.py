@@ -101,19 +101,22 @@ class EventLog:
         ``None`` when there are none yet. ``after`` must be ``>= first_id - 1``."""
         if after >= self.last_id:
             return None
+        # From the newest back: a follower that keeps up asks for the last few chunks
+        # of a log that can hold thousands, at every token.
         parts: list[bytes] = []
         mark: Mark | None = None
-        for chunk in self._chunks:
+        for chunk in reversed(self._chunks):
             if chunk.last <= after:
-                continue
+                break
             data = chunk.data
             if chunk.first <= after:
                 # A chunk of several events, some of them already seen: every event
                 # ends with a blank line, and no event holds one.
                 data = b"\n\n".join(data.split(b"\n\n")[after - chunk.first + 1 :])
             parts.append(data)
-            if chunk.mark is not None:
+            if mark is None:
                 mark = chunk.mark
+        parts.reverse()
         return b"".join(parts), self.last_id, mark
 
     def resumable_after(self, after: int) -> bool:

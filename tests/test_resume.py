@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from gateway import SimulatorConfig
 from gateway.resume import EventLog, ResumeStore
-from gateway.session import Session
+from gateway.session import Mark, Session
 
 from .harness import WAIT, EventReader, Harness, LogWatch, SSEEvent, end_lines, sim_config
 from .test_cluster import BODY, _cluster
@@ -354,6 +354,42 @@ def test_the_log_splits_a_chunk_trims_what_was_written_and_always_takes_the_term
     assert got is not None
     assert got[0].endswith(b"event: done\ndata: {}\n\n")
     assert overflowed == [True]
+
+
+@given(
+    chunks=st.lists(st.tuples(st.integers(1, 3), st.booleans(), st.booleans()), max_size=30),
+    limit=st.integers(2, 12),
+)
+def test_the_log_gives_every_event_after_any_id_it_holds_with_the_newest_mark(
+    chunks: list[tuple[int, bool, bool]], limit: int
+) -> None:
+    """``since(after)`` for every ``after`` the log can still answer: the events after it,
+    in order, and the mark of the newest chunk among them that has one."""
+    seq = [0]
+    overflowed: list[bool] = []
+    log = EventLog(limit * len(_event(1)), lambda: seq[0], lambda: overflowed.append(True))
+    # The mark each event id arrived with (None: its chunk had none).
+    marks: dict[int, Mark | None] = {}
+    for events, marked, written in chunks:
+        ids = range(seq[0] + 1, seq[0] + events + 1)
+        seq[0] = ids[-1]
+        mark = (ids[-1], 0, 0) if marked else None
+        log.put_nowait(b"".join(_event(n) for n in ids), mark)
+        if overflowed:
+            break
+        marks.update(dict.fromkeys(ids, mark))
+        if written:
+            log.written_id = log.last_id
+        for after in range(log.first_id - 1, log.last_id + 1):
+            got = log.since(after)
+            if after == log.last_id:
+                assert got is None
+                continue
+            assert got is not None
+            newer = range(after + 1, log.last_id + 1)
+            assert got[0] == b"".join(_event(n) for n in newer)
+            assert got[1] == log.last_id
+            assert got[2] == next((marks[n] for n in reversed(newer) if marks[n]), None)
 
 
 # -- the store ------------------------------------------------------------------------
