@@ -21,7 +21,7 @@ import anyio
 from .events import PING
 from .session import Mark, Session
 
-__all__ = ["EventLog", "ResumeStore"]
+__all__ = ["ChunkLog", "EventLog", "ResumeStore"]
 
 
 @dataclass(slots=True)
@@ -32,69 +32,18 @@ class _Chunk:
     mark: Mark | None
 
 
-class EventLog:
-    """A stream's events for its followers; the relay writes into it as into a ``ClientWriter``.
+class ChunkLog:
+    """A stream's events by id, in chunks as they were written: what a follower reads,
+    from this process's ``EventLog`` or from Redis (``shared_log.RemoteLog``)."""
 
-    ``put`` never waits: a resumable stream keeps relaying while nobody reads (parked).
-    When the events held exceed ``limit`` bytes, those a client has written go first;
-    if that is not enough, the event is dropped and ``on_overflow`` called (it stops
-    the stream). Pings are not logged: each follower writes its own.
-    """
-
-    def __init__(
-        self, limit: int, current_id: Callable[[], int], on_overflow: Callable[[], None]
-    ) -> None:
-        self._limit = limit
-        self._current_id = current_id
-        self._on_overflow = on_overflow
+    def __init__(self) -> None:
         self._chunks: deque[_Chunk] = deque()
-        self._bytes = 0
         # Events before ``first_id`` are gone; ``last_id`` is the newest held.
         self.first_id = 1
         self.last_id = 0
         # The newest id any follower has written to its client.
         self.written_id = 0
         self.closed = False
-        self._changed: anyio.Event | None = None
-
-    def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
-        if self.closed:
-            raise anyio.ClosedResourceError
-        if data == PING:
-            return
-        last = self._current_id()
-        if last <= self.last_id:
-            return  # no event with an id (nothing the protocol writes today)
-        size = len(data)
-        while self._bytes + size > self._limit and self._chunks:
-            oldest = self._chunks[0]
-            if oldest.last > self.written_id:
-                break
-            self._chunks.popleft()
-            self._bytes -= len(oldest.data)
-            self.first_id = oldest.last + 1
-        if self._bytes + size > self._limit:
-            self._on_overflow()
-            return
-        self._chunks.append(_Chunk(self.last_id + 1, last, data, mark))
-        self._bytes += size
-        self.last_id = last
-        self._notify()
-
-    async def put(self, data: bytes, mark: Mark | None = None) -> None:
-        self.put_nowait(data, mark)
-
-    def put_terminal(self, data: bytes, mark: Mark | None) -> None:
-        """The terminal event, then close: it always goes in, over the limit if need
-        be, so whoever follows learns how the stream ended."""
-        self._limit += len(data)
-        self.put_nowait(data, mark)
-        self.close()
-
-    def close(self) -> None:
-        """The terminal event is in: followers end after it."""
-        self.closed = True
-        self._notify()
 
     def since(self, after: int) -> tuple[bytes, int, Mark | None] | None:
         """The events with an id above ``after``, joined, with the last id and mark;
@@ -121,6 +70,71 @@ class EventLog:
 
     def resumable_after(self, after: int) -> bool:
         return self.first_id - 1 <= after <= self.last_id
+
+    def _append(self, last: int, data: bytes, mark: Mark | None) -> None:
+        """The events after ``last_id`` up to ``last``."""
+        self._chunks.append(_Chunk(self.last_id + 1, last, data, mark))
+        self.last_id = last
+
+    def _drop_oldest(self) -> _Chunk:
+        oldest = self._chunks.popleft()
+        self.first_id = oldest.last + 1
+        return oldest
+
+
+class EventLog(ChunkLog):
+    """A stream's events for its followers; the relay writes into it as into a ``ClientWriter``.
+
+    ``put`` never waits: a resumable stream keeps relaying while nobody reads (parked).
+    When the events held exceed ``limit`` bytes, those a client has written go first;
+    if that is not enough, the event is dropped and ``on_overflow`` called (it stops
+    the stream). Pings are not logged: each follower writes its own.
+    """
+
+    def __init__(
+        self, limit: int, current_id: Callable[[], int], on_overflow: Callable[[], None]
+    ) -> None:
+        super().__init__()
+        self._limit = limit
+        self._current_id = current_id
+        self._on_overflow = on_overflow
+        self._bytes = 0
+        self._changed: anyio.Event | None = None
+
+    def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
+        if self.closed:
+            raise anyio.ClosedResourceError
+        if data == PING:
+            return
+        last = self._current_id()
+        if last <= self.last_id:
+            return  # no event with an id (nothing the protocol writes today)
+        size = len(data)
+        while self._bytes + size > self._limit and self._chunks:
+            if self._chunks[0].last > self.written_id:
+                break
+            self._bytes -= len(self._drop_oldest().data)
+        if self._bytes + size > self._limit:
+            self._on_overflow()
+            return
+        self._append(last, data, mark)
+        self._bytes += size
+        self._notify()
+
+    async def put(self, data: bytes, mark: Mark | None = None) -> None:
+        self.put_nowait(data, mark)
+
+    def put_terminal(self, data: bytes, mark: Mark | None) -> None:
+        """The terminal event, then close: it always goes in, over the limit if need
+        be, so whoever follows learns how the stream ended."""
+        self._limit += len(data)
+        self.put_nowait(data, mark)
+        self.close()
+
+    def close(self) -> None:
+        """The terminal event is in: followers end after it."""
+        self.closed = True
+        self._notify()
 
     async def wait(self, after: int) -> None:
         """Until an event with an id above ``after`` is in, or the log is closed."""

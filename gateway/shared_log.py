@@ -12,7 +12,6 @@ that failed (Redis away) is retried by the owner, never skipped.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 import anyio
@@ -20,7 +19,7 @@ import coredis
 from coredis.response.types import StreamEntry
 
 from .cluster import is_redis_failure
-from .session import Mark
+from .resume import ChunkLog, EventLog
 
 __all__ = ["RemoteLog", "events_key", "mirror"]
 
@@ -57,7 +56,7 @@ class _Client(Protocol):
     def down(self, exc: BaseException) -> None: ...
 
 
-async def mirror(cluster: _Client, key: str, log: _LogView, window: float) -> None:
+async def mirror(cluster: _Client, key: str, log: EventLog, window: float) -> None:
     """Append ``log``'s events to ``key`` as they come, until the log is closed and
     all of it appended. While Redis is away the batch waits; it is never dropped."""
     cursor = 0
@@ -100,29 +99,15 @@ async def mirror(cluster: _Client, key: str, log: _LogView, window: float) -> No
             return
 
 
-class _LogView(Protocol):
-    """The reading side of ``resume.EventLog``, which ``mirror`` uses."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    def since(self, after: int) -> tuple[bytes, int, Mark | None] | None: ...
-
-    async def wait(self, after: int) -> None: ...
-
-
-class RemoteLog:
-    """Another instance's stream, read from Redis: the reading side of ``EventLog``."""
+class RemoteLog(ChunkLog):
+    """Another instance's stream, read from Redis: the reading side of ``EventLog``.
+    What its follower has written is let go: a resume starts a log of its own."""
 
     def __init__(self, cluster: _Client, key: str) -> None:
+        super().__init__()
         self._cluster = cluster
         self._key = key
-        self._chunks: deque[tuple[int, int, bytes]] = deque()
         self._entry = "0-0"
-        self.first_id = 1
-        self.last_id = 0
-        self.written_id = 0
-        self.closed = False
         # Events were missing between two entries (cannot happen unless Redis lost
         # data): the follower ends without a terminal event, the client resumes again.
         self.broken = False
@@ -156,26 +141,12 @@ class RemoteLog:
                 self.broken = self.closed = True
                 return
             if last >= first:
-                self._chunks.append((first, last, str(fields["data"]).encode()))
-                self.last_id = last
+                self._append(last, str(fields["data"]).encode(), None)
             self._entry = str(entry.identifier)
             if fields.get("end") == "1":
                 self.closed = True
-
-    def resumable_after(self, after: int) -> bool:
-        return self.first_id - 1 <= after <= self.last_id
-
-    def since(self, after: int) -> tuple[bytes, int, Mark | None] | None:
-        if after >= self.last_id:
-            return None
-        parts = []
-        for first, last, data in self._chunks:
-            if last <= after:
-                continue
-            if first <= after:
-                data = b"\n\n".join(data.split(b"\n\n")[after - first + 1 :])
-            parts.append(data)
-        return b"".join(parts), self.last_id, None
+        while self._chunks and self._chunks[0].last <= self.written_id:
+            self._drop_oldest()
 
     async def wait(self, after: int) -> None:
         """Until an event above ``after`` is in, or the stream ended, reading Redis.

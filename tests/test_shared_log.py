@@ -1,0 +1,87 @@
+"""A resumable stream's events through a real redis-server: the owner's mirror appends
+its log, a follower on another instance reads it (gateway/shared_log.py)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import anyio
+import coredis
+import pytest
+
+from gateway.resume import EventLog
+from gateway.shared_log import RemoteLog, events_key, mirror
+
+from .processes import WAIT, RedisServer
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None,
+        reason="Debian's redis-server is not installed (make test does)",
+    ),
+]
+
+
+class _Reachable:
+    """The cluster as the mirror and the reader see it, Redis up throughout."""
+
+    def __init__(self, client: coredis.Redis[str]) -> None:
+        self.client = client
+
+    def down(self, exc: BaseException) -> None:
+        raise AssertionError(f"Redis reported down: {exc!r}")
+
+
+def _event(n: int) -> bytes:
+    return b'id: %d\nevent: token\ndata: {"delta":"w%d"}\n\n' % (n, n)
+
+
+async def test_a_follower_elsewhere_gets_each_event_once_and_holds_only_what_it_has_not_written(
+    anyio_backend: Any,
+) -> None:
+    redis = RedisServer()
+    await anyio.to_thread.run_sync(redis.start)
+    try:
+        client = coredis.Redis.from_url(redis.url, decode_responses=True)
+        async with client:
+            cluster = _Reachable(client)
+            seq = [0]
+            log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
+            key = events_key("p", "s")
+            written: list[bytes] = []
+            with anyio.fail_after(WAIT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(mirror, cluster, key, log, 60.0)
+                    remote = RemoteLog(cluster, key)
+                    cursor = 0
+                    for _ in range(20):
+                        # Five chunks of one event each, as the relay writes tokens.
+                        for _ in range(5):
+                            seq[0] += 1
+                            log.put_nowait(_event(seq[0]))
+                        if cursor == 0:
+                            # Once the mirror's first append is in, as a resume would.
+                            assert await remote.load(1, WAIT)
+                        while cursor < seq[0]:
+                            got = remote.since(cursor)
+                            if got is None:
+                                await remote.wait(cursor)
+                                # What the follower has written is no longer held.
+                                assert remote.first_id - 1 >= remote.written_id
+                                continue
+                            data, cursor, _ = got
+                            written.append(data)
+                            remote.written_id = cursor
+                    seq[0] += 1
+                    log.put_terminal(_event(seq[0]), None)
+                    await remote.wait(cursor)
+                    got = remote.since(cursor)
+                    assert got is not None
+                    written.append(got[0])
+                    assert remote.closed
+            assert b"".join(written) == b"".join(_event(n) for n in range(1, 102))
+            assert not remote.broken
+    finally:
+        await anyio.to_thread.run_sync(redis.stop)
