@@ -1,7 +1,8 @@
 """Python function calls per relayed token: a count, not a time, so noise cannot move it.
 
-``python -m bench.calls gateway|floor [-k uvloop] [-n 200] [-d 5] [--top 40]`` runs the
-server under cProfile, switched on for ``-d`` seconds (SIGUSR1, SIGUSR2) while N paced
+``python -m bench.calls gateway|floor [-k uvloop] [-n 200] [-d 5] [--top 40] [--env K=V ...]``
+runs the server (with those environment variables: ``GATEWAY_RESUME_WINDOW=30``, say)
+under cProfile, switched on for ``-d`` seconds (SIGUSR1, SIGUSR2) while N paced
 streams run at 20 tokens/s, and prints the calls per token and the functions called.
 
 On this machine the interpreter's time per token tracks the calls: ``perf`` put the
@@ -41,13 +42,15 @@ run_hooked(os.environ["CALLS_SERVER"])
 _RATE = 20
 
 
-async def record(server: str, worker: str, streams: int, seconds: float, out: Path) -> None:
+async def record(
+    server: str, worker: str, streams: int, seconds: float, out: Path, env: dict[str, str]
+) -> None:
     provider = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.provider", cwd=ROOT, stdout=subprocess.PIPE
     )
     assert provider.stdout is not None
     bench = Bench(int((await provider.stdout.readline()).split()[1]))
-    env = {"CALLS_OUT": str(out), "CALLS_SERVER": server}
+    env = {**env, "CALLS_OUT": str(out), "CALLS_SERVER": server}
     try:
         async with _server(
             server, worker, bench.provider_port, env_extra=env, main=("-c", _HOOK)
@@ -91,10 +94,12 @@ def main() -> None:
     parser.add_argument("-n", "--streams", type=int, default=200)
     parser.add_argument("-d", "--duration", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--env", nargs="*", default=[], help="K=V for the server's environment")
     args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "calls.prof"
-        uvloop.run(record(args.server, args.worker, args.streams, args.duration, out))
+        uvloop.run(record(args.server, args.worker, args.streams, args.duration, out, env))
         # Paced streams: the provider sends each its tokens on time, so the count is known.
         print(summarize(out, args.streams * _RATE * args.duration, args.top))
 

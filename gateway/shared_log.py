@@ -12,6 +12,7 @@ that failed (Redis away) is retried by the owner, never skipped.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import anyio
@@ -40,6 +41,11 @@ _POLL = 0.05
 _CALL_BOUND = 2.0
 # While Redis is away, how often the owner tries its append again.
 _RETRY = 0.25
+# The least time between two appends of one stream, but for its last. A token comes
+# every 50 ms or so, and an append costs the owner more CPU than relaying a token:
+# appending each as it came took a core at 200 streams (docs/benchmarks.md, step 16).
+# A follower elsewhere polls every _POLL anyway.
+_BATCH_INTERVAL = 0.1
 
 
 def events_key(principal: str, session_id: str) -> str:
@@ -61,11 +67,18 @@ async def mirror(cluster: _Client, key: str, log: EventLog, window: float) -> No
     all of it appended. While Redis is away the batch waits; it is never dropped."""
     cursor = 0
     ttl_ms = str(max(1, round(window * 1000)))
+    next_at = -math.inf
     while True:
         got = log.since(cursor)
         ended = log.closed
         if got is None and not ended:
             await log.wait(cursor)
+            continue
+        if not ended and (wait := next_at - anyio.current_time()) > 0:
+            # The batch grows until then, or until the log closes.
+            with anyio.move_on_after(wait):
+                while not log.closed:
+                    await log.wait(log.last_id)
             continue
         data, last, _ = got if got is not None else (b"", cursor, None)
         client = cluster.client
@@ -97,6 +110,7 @@ async def mirror(cluster: _Client, key: str, log: EventLog, window: float) -> No
         cursor = last
         if ended:
             return
+        next_at = anyio.current_time() + _BATCH_INTERVAL
 
 
 class RemoteLog(ChunkLog):

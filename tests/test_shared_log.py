@@ -7,9 +7,11 @@ import shutil
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import coredis
 import pytest
 
+from gateway import shared_log
 from gateway.resume import EventLog
 from gateway.shared_log import RemoteLog, events_key, mirror
 
@@ -83,5 +85,44 @@ async def test_a_follower_elsewhere_gets_each_event_once_and_holds_only_what_it_
                     assert remote.closed
             assert b"".join(written) == b"".join(_event(n) for n in range(1, 102))
             assert not remote.broken
+    finally:
+        await anyio.to_thread.run_sync(redis.stop)
+
+
+async def test_the_mirror_batches_what_comes_within_its_interval_and_appends_the_end_at_once(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An interval far longer than the test may take: only the log's close can end it.
+    monkeypatch.setattr(shared_log, "_BATCH_INTERVAL", 10 * WAIT)
+    redis = RedisServer()
+    await anyio.to_thread.run_sync(redis.start)
+    try:
+        client = coredis.Redis.from_url(redis.url, decode_responses=True)
+        async with client:
+            seq = [0]
+            log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
+            key = events_key("p", "s")
+            remote = RemoteLog(_Reachable(client), key)
+            with anyio.fail_after(WAIT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(mirror, _Reachable(client), key, log, 60.0)
+                    seq[0] = 1
+                    log.put_nowait(_event(1))
+                    # The first append goes at once.
+                    assert await remote.load(1, WAIT)
+                    for n in range(2, 51):
+                        seq[0] = n
+                        log.put_nowait(_event(n))
+                        await anyio.lowlevel.checkpoint()
+                    seq[0] = 51
+                    log.put_terminal(_event(51), None)
+            # The rest went in one append, when the log closed.
+            assert await client.xlen(key) == 2
+            remote = RemoteLog(_Reachable(client), key)
+            assert await remote.load(51, WAIT)
+            got = remote.since(0)
+            assert got is not None
+            assert got[0] == b"".join(_event(n) for n in range(1, 52))
+            assert remote.closed
     finally:
         await anyio.to_thread.run_sync(redis.stop)
