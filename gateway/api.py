@@ -245,6 +245,7 @@ class _RemoteResumeResponse(Response):
                     receive,
                     send,
                     self._after,
+                    body_send=scope.get(SERVER_SEND),
                     session_id=session_id,
                     follower=follower,
                 )
@@ -271,7 +272,9 @@ class _ResumeResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state, session, log = self._args
-        await follow(state, session, log, receive, send, self._after)
+        await follow(
+            state, session, log, receive, send, self._after, body_send=scope.get(SERVER_SEND)
+        )
 
 
 async def _chat_completions(request: Request) -> Response:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup
@@ -103,7 +104,15 @@ class ChatStream:
                 )
                 store.add(session.principal, session.id, log, session)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(follow, self._gateway, session, log, receive, send, 0)
+                    tg.start_soon(
+                        partial(follow, body_send=scope.get(SERVER_SEND)),
+                        self._gateway,
+                        session,
+                        log,
+                        receive,
+                        send,
+                        0,
+                    )
                     cluster = self._gateway.cluster
                     if cluster is not None:
                         # For a resume on another instance: the events, in Redis.
@@ -521,13 +530,15 @@ async def follow(
     send: Send,
     after: int,
     *,
+    body_send: Send | None = None,
     session_id: str = "",
     follower: _Follower | None = None,
 ) -> None:
     """Write ``log``'s events with ids above ``after`` to this client, then the new ones
     as they come, to the terminal event. ``session`` is None if the stream has ended.
     A newer client on the session supersedes this one; this one leaving parks the
-    stream until a resume or the window's end (docs/resume.md)."""
+    stream until a resume or the window's end (docs/resume.md). The body goes to
+    ``body_send`` if given: the server's own (writer.SERVER_SEND)."""
     if follower is None:
         follower = _Follower()
     if session is not None:
@@ -557,8 +568,9 @@ async def follow(
                         ],
                     }
                 )
-                await _follow(gateway, session, log, send, after, follower)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                body = body_send or send
+                await _follow(gateway, session, log, body, after, follower)
+                await body({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
     except CLIENT_GONE:
         pass
@@ -578,13 +590,15 @@ async def _follow(
     follower: _Follower,
 ) -> None:
     ping = gateway.settings.ping_interval or math.inf
+    # The loop's own clock, read at every token (see Session.clock).
+    clock = anyio.current_time if session is None else session.clock
     cursor = after
     while not follower.superseded:
         got = log.since(cursor)
         if got is not None:
             data, cursor, mark = got
             if session is not None:
-                session.send_started_at = anyio.current_time()
+                session.send_started_at = clock()
             await send({"type": "http.response.body", "body": data, "more_body": True})
             log.written_id = max(log.written_id, cursor)
             if session is not None:
@@ -594,7 +608,7 @@ async def _follow(
             continue
         if log.closed:
             return
-        with anyio.move_on_after(ping) as waited:
+        with anyio.CancelScope(deadline=clock() + ping) as waited:
             follower.wait_scope = waited
             await log.wait(cursor)
         follower.wait_scope = None
