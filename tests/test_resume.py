@@ -103,6 +103,22 @@ async def test_the_window_ending_closes_the_provider_on_time(
     assert any(f"[SSE] {sid} parked" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_resumable_stream_pings_its_client_while_the_provider_is_quiet() -> None:
+    """The follower writes its own pings (the log keeps none), as a stream that is not
+    resumable does (test_timeouts.py)."""
+    async with (
+        Harness(
+            sim_config(queue_seconds=0.5, keepalive_interval=0.02),
+            ping_interval=0.1,
+            resume_window=WINDOW,
+        ) as h,
+        h.stream("session_resume_pings") as s,
+    ):
+        await s.until(lambda e: e.event == "token")
+        assert s.comments.count("ping") >= 2
+        await s.rest()
+
+
 async def test_a_stop_while_parked_closes_the_provider_before_the_200() -> None:
     sid = "session_resume_stop"
     async with Harness(sim_config(tokens=100_000, rate=50), resume_window=WINDOW) as h:
