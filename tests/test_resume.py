@@ -279,6 +279,27 @@ async def test_resumes_on_either_instance_lose_and_double_nothing(anyio_backend:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+async def test_a_follower_on_another_instance_pings_its_client_between_tokens(
+    anyio_backend: Any,
+) -> None:
+    sid = "session_resume_remote_pings"
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        # A token every half second; the instance resumed on pings every tenth.
+        c.provider.config = SimulatorConfig(tokens=6, rate=2)
+        a = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        b = await c.gateway(GATEWAY_RESUME_WINDOW="10", GATEWAY_PING_INTERVAL="0.1")
+        async with client.stream(
+            "POST", f"{a.url}/api/chat/stream", headers={"X-Session-Id": sid}, json=BODY
+        ) as response:
+            reader = EventReader(response)
+            await reader.until(lambda e: e.event == "token")
+        async with _get(client, b.url, sid, _last_id(reader.events)) as s:
+            await s.rest()
+    assert s.events[-1].event == "done"
+    assert s.comments.count("ping") >= 2
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
 async def test_across_instances_newer_wins_a_stop_works_and_redis_down_is_503(
     anyio_backend: Any,
 ) -> None:
