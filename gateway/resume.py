@@ -44,6 +44,8 @@ class ChunkLog:
         # The newest id any follower has written to its client.
         self.written_id = 0
         self.closed = False
+        # The follower is to write a ping at its next wake (``EventLog.put_nowait``).
+        self.pinged = False
 
     def since(self, after: int) -> tuple[bytes, int, Mark | None] | None:
         """The events with an id above ``after``, joined, with the last id and mark;
@@ -71,6 +73,19 @@ class ChunkLog:
     def resumable_after(self, after: int) -> bool:
         return self.first_id - 1 <= after <= self.last_id
 
+    async def changed(self) -> None:
+        """Until something may have changed: an event in, the log closed, a ping asked
+        for, ``wake()``. A follower looks again after each."""
+        raise NotImplementedError
+
+    async def wait(self, after: int) -> None:
+        """Until an event with an id above ``after`` is in, or the log is closed."""
+        while after >= self.last_id and not self.closed:
+            await self.changed()
+
+    def wake(self) -> None:
+        """Ends a follower's wait in ``changed()`` (it was superseded)."""
+
     def _append(self, last: int, data: bytes, mark: Mark | None) -> None:
         """The events after ``last_id`` up to ``last``."""
         self._chunks.append(_Chunk(self.last_id + 1, last, data, mark))
@@ -88,7 +103,8 @@ class EventLog(ChunkLog):
     ``put`` never waits: a resumable stream keeps relaying while nobody reads (parked).
     When the events held exceed ``limit`` bytes, those a client has written go first;
     if that is not enough, the event is dropped and ``on_overflow`` called (it stops
-    the stream). Pings are not logged: each follower writes its own.
+    the stream). Pings are not logged: the watchdog's ping asks the follower to write
+    one (``pinged``).
     """
 
     def __init__(
@@ -105,6 +121,10 @@ class EventLog(ChunkLog):
         if self.closed:
             raise anyio.ClosedResourceError
         if data == PING:
+            # The stream's watchdog asks: the client has heard nothing for the ping
+            # interval. The follower writes it, each its own; no timer per wait.
+            self.pinged = True
+            self._notify()
             return
         last = self._current_id()
         if last <= self.last_id:
@@ -136,12 +156,13 @@ class EventLog(ChunkLog):
         self.closed = True
         self._notify()
 
-    async def wait(self, after: int) -> None:
-        """Until an event with an id above ``after`` is in, or the log is closed."""
-        while after >= self.last_id and not self.closed:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
+    async def changed(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        self._notify()
 
     def _notify(self) -> None:
         if self._changed is not None:

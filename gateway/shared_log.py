@@ -162,32 +162,32 @@ class RemoteLog(ChunkLog):
         while self._chunks and self._chunks[0].last <= self.written_id:
             self._drop_oldest()
 
-    async def wait(self, after: int) -> None:
-        """Until an event above ``after`` is in, or the stream ended, reading Redis.
-        Redis going away ends it too (``broken``): the client resumes again."""
-        while after >= self.last_id and not self.closed:
-            client = self._cluster.client
-            try:
-                if client is None:
-                    raise OSError("Redis is not reachable")
-                # Shielded (and bounded): a Redis call cancelled half-way costs coredis
-                # its connection, and the pool does not get it back.
-                with anyio.fail_after(_CALL_BOUND, shield=True):
-                    found = await client.xread({self._key: self._entry})
-                    expired = not found and not await client.exists([self._key])
-                if not found:
-                    if expired:
-                        # Expired: the owner stopped appending a window ago.
-                        self.broken = self.closed = True
-                        return
-                    await anyio.sleep(_POLL)
-                    continue
-            except Exception as exc:
-                if not is_redis_failure(exc):
-                    raise
-                if client is not None:
-                    self._cluster.down(exc)
+    async def changed(self) -> None:
+        """One look at Redis for new entries, and if there were none, a pause of the
+        poll interval: a follower here wakes that often. Redis going away ends the log
+        (``broken``): the client resumes again."""
+        client = self._cluster.client
+        try:
+            if client is None:
+                raise OSError("Redis is not reachable")
+            # Shielded (and bounded): a Redis call cancelled half-way costs coredis
+            # its connection, and the pool does not get it back.
+            with anyio.fail_after(_CALL_BOUND, shield=True):
+                found = await client.xread({self._key: self._entry})
+                expired = not found and not await client.exists([self._key])
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
+            if client is not None:
+                self._cluster.down(exc)
+            self.broken = self.closed = True
+            return
+        if not found:
+            if expired:
+                # Expired: the owner stopped appending a window ago.
                 self.broken = self.closed = True
-                return
-            for entries in found.values():
-                self._add(entries)
+            else:
+                await anyio.sleep(_POLL)
+            return
+        for entries in found.values():
+            self._add(entries)

@@ -442,15 +442,15 @@ class _Follower:
     def __init__(self) -> None:
         self.superseded = False
         self.done = anyio.Event()
-        # Cancelled when the follower is let go (a stuck send), and its wait for the
-        # next event, to see that it was superseded.
+        # Cancelled when the follower is let go (a stuck send).
         self.scope = anyio.CancelScope()
-        self.wait_scope: anyio.CancelScope | None = None
+        # Ends its wait for the log to change, to see that it was superseded.
+        self.wake: Callable[[], None] | None = None
 
     def supersede(self) -> None:
         self.superseded = True
-        if self.wait_scope is not None:
-            self.wait_scope.cancel()
+        if self.wake is not None:
+            self.wake()
 
     def abandon(self) -> None:
         self.scope.cancel()
@@ -593,25 +593,37 @@ async def _follow(
     # The loop's own clock, read at every token (see Session.clock).
     clock = anyio.current_time if session is None else session.clock
     cursor = after
+    follower.wake = log.wake
+    # When the client last heard from the stream. With the stream here, its watchdog
+    # asks for the pings (``log.pinged``) and its own clock decides; a follower of a
+    # stream on another instance (``session`` None) has no watchdog here, and its log
+    # wakes it every poll to look at the time.
+    heard_at = clock()
     while not follower.superseded:
         got = log.since(cursor)
         if got is not None:
             data, cursor, mark = got
+            heard_at = clock()
             if session is not None:
-                session.send_started_at = clock()
+                session.send_started_at = heard_at
             await send({"type": "http.response.body", "body": data, "more_body": True})
             log.written_id = max(log.written_id, cursor)
+            log.pinged = False  # needless after a write
             if session is not None:
                 if mark is not None:
                     session.sent = mark
                 session.send_started_at = None
+                # The watchdog's next ping counts from here. Not ``last_write_at``:
+                # that defers the provider's idle timeout, and a follower's writes do
+                # not hold the provider up.
+                session.last_ping_at = heard_at
             continue
         if log.closed:
             return
-        with anyio.CancelScope(deadline=clock() + ping) as waited:
-            follower.wait_scope = waited
-            await log.wait(cursor)
-        follower.wait_scope = None
-        if waited.cancelled_caught and not follower.superseded:
+        if log.pinged or (session is None and clock() >= heard_at + ping):
+            log.pinged = False
             await send({"type": "http.response.body", "body": PING, "more_body": True})
+            heard_at = clock()
+            continue
+        await log.changed()
     await send({"type": "http.response.body", "body": SUPERSEDED, "more_body": True})

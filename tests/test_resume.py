@@ -119,6 +119,19 @@ async def test_a_resumable_stream_pings_its_client_while_the_provider_is_quiet()
         await s.rest()
 
 
+async def test_a_resumable_stream_does_not_ping_while_its_tokens_flow() -> None:
+    """A ping is for a quiet stream: the watchdog counts the interval from the
+    follower's last write. With a token every 20 ms and pings every 0.2 s, a ping
+    takes a stall of 0.2 s; counting from the stream's start, there would be six."""
+    async with (
+        Harness(sim_config(tokens=60, rate=50), ping_interval=0.2, resume_window=WINDOW) as h,
+        h.stream("session_resume_no_pings") as s,
+    ):
+        await s.rest()
+    assert s.events[-1].event == "done"
+    assert s.comments.count("ping") <= 1, s.comments
+
+
 async def test_a_stop_while_parked_closes_the_provider_before_the_200() -> None:
     sid = "session_resume_stop"
     async with Harness(sim_config(tokens=100_000, rate=50), resume_window=WINDOW) as h:
@@ -167,6 +180,22 @@ async def test_a_newer_client_supersedes_the_older_and_a_stop_ends_it() -> None:
     # The older client's events, then the newer one's from where the older stopped
     # reading when it resumed: each once.
     assert ids == sorted(set(ids))
+
+
+async def test_a_client_superseded_while_the_provider_is_quiet_is_told_at_once() -> None:
+    """Not at the provider's next token: that one comes ten seconds later."""
+    sid = "session_resume_newer_quiet"
+    harness = Harness(sim_config(tokens=2, rate=0.1), resume_window=WINDOW)
+    async with harness as h, h.stream(sid) as old:
+        await old.tokens_at_least(1)
+        async with _resume(h, sid, _last_id(old.events)) as new:
+            ended = await old.rest()
+            record = await h.record()
+            assert record.sent == 1
+            assert (await h.cancel(sid)).status_code == 200
+            rest = await new.rest()
+    assert ended[-1].data == {"status": "stopped", "reason": "superseded"}
+    assert rest[-1].data["reason"] == "cancel"
 
 
 async def test_a_full_buffer_while_parked_stops_the_stream(
