@@ -116,6 +116,7 @@ class EventLog(ChunkLog):
         self._on_overflow = on_overflow
         self._bytes = 0
         self._changed: anyio.Event | None = None
+        self._closing: anyio.Event | None = None
 
     def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
         if self.closed:
@@ -155,6 +156,16 @@ class EventLog(ChunkLog):
         """The terminal event is in: followers end after it."""
         self.closed = True
         self._notify()
+        if self._closing is not None:
+            self._closing.set()
+
+    async def wait_closed(self) -> None:
+        """Until the log is closed: what the Redis mirror waits for while a batch grows,
+        woken once at the end instead of at every event (shared_log.py)."""
+        if not self.closed:
+            if self._closing is None:
+                self._closing = anyio.Event()
+            await self._closing.wait()
 
     async def changed(self) -> None:
         if self._changed is None:

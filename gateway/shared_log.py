@@ -77,8 +77,7 @@ async def mirror(cluster: _Client, key: str, log: EventLog, window: float) -> No
         if not ended and (wait := next_at - anyio.current_time()) > 0:
             # The batch grows until then, or until the log closes.
             with anyio.move_on_after(wait):
-                while not log.closed:
-                    await log.wait(log.last_id)
+                await log.wait_closed()
             continue
         data, last, _ = got if got is not None else (b"", cursor, None)
         client = cluster.client
