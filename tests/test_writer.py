@@ -14,7 +14,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import Settings, create_app
-from gateway.api import _Gateway
+from gateway.api import _Gateway, _Streaming
 from gateway.events import PING
 from gateway.formats import GatewayEvents
 from gateway.session import Session, Stopped
@@ -173,7 +173,7 @@ async def test_the_middleware_passes_body_messages_through_unchanged(
 
     app = _Gateway(
         middleware=gateway.user_middleware,
-        routes=[Route("/api/chat/stream", endpoint, methods=["POST"])],
+        routes=[Route("/api/chat/stream", _Streaming(endpoint), methods=["POST"])],
     )
     sent: list[Message] = []
 
