@@ -147,11 +147,12 @@ class _Gateway(Starlette):
 
 
 class _Streaming:
-    """The endpoint of a route that streams, as a plain ASGI app. Given a function,
-    a route keeps its request, the wrappers that handle exceptions (again: the
-    application's ExceptionMiddleware does that too) and their closures alive while
-    the response runs: 15 objects per stream for the garbage collector to walk
-    (docs/benchmarks.md, step 20). Here the request is gone once the handler returns."""
+    """The endpoint of a route that streams, as a plain ASGI app. The route of a
+    function (Starlette's ``request_response``) keeps its request, a second layer of
+    exception handling (the application's ExceptionMiddleware has the same handlers)
+    and their closures alive while the response runs: 19 objects per stream for the
+    garbage collector to walk (docs/benchmarks.md, step 20). Here the request is let
+    go once the handler returns."""
 
     def __init__(self, handler: Callable[[Request], Awaitable[ASGIApp]]) -> None:
         self._handler = handler
