@@ -594,10 +594,10 @@ async def _follow(
     clock = anyio.current_time if session is None else session.clock
     cursor = after
     follower.wake = log.wake
-    # When the client last heard from the stream. With the stream here, its watchdog
-    # asks for the pings (``log.pinged``) and its own clock decides; a follower of a
-    # stream on another instance (``session`` None) has no watchdog here, and its log
-    # wakes it every poll to look at the time.
+    # When the client last heard from the stream. With the stream on this instance,
+    # its watchdog asks for the pings (``log.pinged``). A follower of a stream on
+    # another instance (``session`` None) has no watchdog here: it keeps the time
+    # itself, woken by its log at every poll.
     heard_at = clock()
     while not follower.superseded:
         got = log.since(cursor)
