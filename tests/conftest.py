@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from .harness import end_lines, quiet_logging
+from .processes import RedisServer
 
 _STARTED = re.compile(r"\[SSE\] (\S+) started ")
 
@@ -23,6 +24,15 @@ _STARTED = re.compile(r"\[SSE\] (\S+) started ")
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Every async test runs on asyncio, uvloop and Trio."""
     return request.param
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, started before it and stopped after."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -31,14 +30,6 @@ pytestmark = [
 
 class _PlantedFailure(Exception):
     pass
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def _subscribers(redis: RedisServer) -> int:

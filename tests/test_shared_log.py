@@ -41,88 +41,78 @@ def _event(n: int) -> bytes:
 
 
 async def test_a_follower_elsewhere_gets_each_event_once_and_holds_only_what_it_has_not_written(
-    anyio_backend: Any,
+    anyio_backend: Any, redis: RedisServer
 ) -> None:
-    redis = RedisServer()
-    await anyio.to_thread.run_sync(redis.start)
-    try:
-        client = coredis.Redis.from_url(redis.url, decode_responses=True)
-        async with client:
-            cluster = _Reachable(client)
-            seq = [0]
-            log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
-            key = events_key("p", "s")
-            written: list[bytes] = []
-            with anyio.fail_after(WAIT):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(mirror, cluster, key, log, 60.0)
-                    remote = RemoteLog(cluster, key)
-                    cursor = 0
-                    for _ in range(20):
-                        # Five chunks of one event each, as the relay writes tokens.
-                        for _ in range(5):
-                            seq[0] += 1
-                            log.put_nowait(_event(seq[0]))
-                        if cursor == 0:
-                            # Once the mirror's first append is in, as a resume would.
-                            assert await remote.load(1, WAIT)
-                        while cursor < seq[0]:
-                            got = remote.since(cursor)
-                            if got is None:
-                                await remote.wait(cursor)
-                                # What the follower has written is no longer held.
-                                assert remote.first_id - 1 >= remote.written_id
-                                continue
-                            data, cursor, _ = got
-                            written.append(data)
-                            remote.written_id = cursor
-                    seq[0] += 1
-                    log.put_terminal(_event(seq[0]), None)
-                    await remote.wait(cursor)
-                    got = remote.since(cursor)
-                    assert got is not None
-                    written.append(got[0])
-                    assert remote.closed
-            assert b"".join(written) == b"".join(_event(n) for n in range(1, 102))
-            assert not remote.broken
-    finally:
-        await anyio.to_thread.run_sync(redis.stop)
+    client = coredis.Redis.from_url(redis.url, decode_responses=True)
+    async with client:
+        cluster = _Reachable(client)
+        seq = [0]
+        log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
+        key = events_key("p", "s")
+        written: list[bytes] = []
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(mirror, cluster, key, log, 60.0)
+                remote = RemoteLog(cluster, key)
+                cursor = 0
+                for _ in range(20):
+                    # Five chunks of one event each, as the relay writes tokens.
+                    for _ in range(5):
+                        seq[0] += 1
+                        log.put_nowait(_event(seq[0]))
+                    if cursor == 0:
+                        # Once the mirror's first append is in, as a resume would.
+                        assert await remote.load(1, WAIT)
+                    while cursor < seq[0]:
+                        got = remote.since(cursor)
+                        if got is None:
+                            await remote.wait(cursor)
+                            # What the follower has written is no longer held.
+                            assert remote.first_id - 1 >= remote.written_id
+                            continue
+                        data, cursor, _ = got
+                        written.append(data)
+                        remote.written_id = cursor
+                seq[0] += 1
+                log.put_terminal(_event(seq[0]), None)
+                await remote.wait(cursor)
+                got = remote.since(cursor)
+                assert got is not None
+                written.append(got[0])
+                assert remote.closed
+        assert b"".join(written) == b"".join(_event(n) for n in range(1, 102))
+        assert not remote.broken
 
 
 async def test_the_mirror_batches_what_comes_within_its_interval_and_appends_the_end_at_once(
-    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:
     # An interval far longer than the test may take: only the log's close can end it.
     monkeypatch.setattr(shared_log, "_BATCH_INTERVAL", 10 * WAIT)
-    redis = RedisServer()
-    await anyio.to_thread.run_sync(redis.start)
-    try:
-        client = coredis.Redis.from_url(redis.url, decode_responses=True)
-        async with client:
-            seq = [0]
-            log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
-            key = events_key("p", "s")
-            remote = RemoteLog(_Reachable(client), key)
-            with anyio.fail_after(WAIT):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(mirror, _Reachable(client), key, log, 60.0)
-                    seq[0] = 1
-                    log.put_nowait(_event(1))
-                    # The first append goes at once.
-                    assert await remote.load(1, WAIT)
-                    for n in range(2, 51):
-                        seq[0] = n
-                        log.put_nowait(_event(n))
-                        await anyio.lowlevel.checkpoint()
-                    seq[0] = 51
-                    log.put_terminal(_event(51), None)
-            # The rest went in one append, when the log closed.
-            assert await client.xlen(key) == 2
-            remote = RemoteLog(_Reachable(client), key)
-            assert await remote.load(51, WAIT)
-            got = remote.since(0)
-            assert got is not None
-            assert got[0] == b"".join(_event(n) for n in range(1, 52))
-            assert remote.closed
-    finally:
-        await anyio.to_thread.run_sync(redis.stop)
+    client = coredis.Redis.from_url(redis.url, decode_responses=True)
+    async with client:
+        seq = [0]
+        log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
+        key = events_key("p", "s")
+        remote = RemoteLog(_Reachable(client), key)
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(mirror, _Reachable(client), key, log, 60.0)
+                seq[0] = 1
+                log.put_nowait(_event(1))
+                # The first append goes at once.
+                assert await remote.load(1, WAIT)
+                for n in range(2, 51):
+                    seq[0] = n
+                    log.put_nowait(_event(n))
+                    await anyio.lowlevel.checkpoint()
+                seq[0] = 51
+                log.put_terminal(_event(51), None)
+        # The rest went in one append, when the log closed.
+        assert await client.xlen(key) == 2
+        remote = RemoteLog(_Reachable(client), key)
+        assert await remote.load(51, WAIT)
+        got = remote.since(0)
+        assert got is not None
+        assert got[0] == b"".join(_event(n) for n in range(1, 52))
+        assert remote.closed
