@@ -202,7 +202,7 @@ async def _chat_resume(request: Request) -> ASGIApp:
 
 async def _resume_elsewhere(
     state: GatewayState, cluster: Cluster, principal: str, session_id: str, after: int
-) -> Response:
+) -> ASGIApp:
     """A stream of another instance: its events from Redis, and its owner told that
     this client follows it (or the client gets a 503 if Redis cannot be reached)."""
     if cluster.client is None:
@@ -234,7 +234,7 @@ async def _resume_elsewhere(
 _CATCH_UP = 1.0
 
 
-class _RemoteResumeResponse(Response):
+class _RemoteResumeResponse:
     def __init__(
         self,
         state: GatewayState,
@@ -280,7 +280,7 @@ class _RemoteResumeResponse(Response):
                 await self._cluster.tell_owner("attach", *self._about)
 
 
-class _ResumeResponse(Response):
+class _ResumeResponse:
     def __init__(
         self, state: GatewayState, session: Session | None, log: EventLog, after: int
     ) -> None:
