@@ -383,7 +383,19 @@ class _ResponseStream(httpx.AsyncByteStream):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if response.complete:
                 return b""
-            await self._read()
+            if self._failed or response.parser is None or self._read_timeout is not None:
+                await self._read()
+                continue
+            # A streamed body's read, here rather than in _read: each token resumes one
+            # coroutine fewer (a frame of each stream's, cold in the CPU's caches).
+            try:
+                data = await self._connection.stream.receive(_READ_SIZE)
+            except anyio.EndOfStream:
+                self._end_of_stream()
+                continue
+            except _MAPPED_ERRORS as exc:
+                raise self._errors.mapped(exc) from exc
+            self._parse(data)
 
     def abort(self) -> bool:
         """Close the connection now, from any task: the provider sees it closed at once,
@@ -447,6 +459,13 @@ class _ResponseStream(httpx.AsyncByteStream):
             return
         except _MAPPED_ERRORS as exc:
             raise self._errors.mapped(exc) from exc
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Parse one read: the head's fields, or body bytes in ``parts``."""
+        response = self._response
+        parser = response.parser
+        assert parser is not None
         try:
             parser.feed_data(data)
         except _PARSE_ERRORS as exc:
