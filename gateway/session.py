@@ -90,7 +90,8 @@ class Session:
         self.id = session_id
         self.model = model
         self.principal = principal
-        self.scope = anyio.CancelScope()
+        # The provider's opening runs in it (stream.py), which drops it once open.
+        self.scope: anyio.CancelScope | None = anyio.CancelScope()
         # The provider's response while it is read: the cancel path closes it itself,
         # so the provider sees EOF however busy the relay is (writing to a slow client).
         self.upstream: UpstreamResponse | None = None
@@ -123,12 +124,31 @@ class Session:
         self.provider_closed_at: float | None = None
         self.client_gone = False
         self.response_started = False
-        self.ended = anyio.Event()
+        # ``ended`` is made only when something waits for it (a cancel, the shutdown):
+        # most streams end with nobody waiting, and an event is three objects more
+        # for the garbage collector to walk while the stream lives.
+        self._ended: anyio.Event | None = None
+        self._over = False
         # A resumable stream (docs/resume.md): the client following it, if any, and
         # since when nobody has (parked).
         self.resumable = False
         self.attached: Follower | None = None
         self.parked_at: float | None = None
+
+    @property
+    def ended(self) -> anyio.Event:
+        """Set once the stream has ended (``end``): provider closed, terminal event
+        written, id free."""
+        if self._ended is None:
+            self._ended = anyio.Event()
+            if self._over:
+                self._ended.set()
+        return self._ended
+
+    def end(self) -> None:
+        self._over = True
+        if self._ended is not None:
+            self._ended.set()
 
     def queued(self) -> Mark:
         return (self.tokens_queued, self.reasoning_queued, self.tool_calls_queued)
@@ -155,7 +175,8 @@ class Session:
     def close_provider(self) -> None:
         """Cancel the opening of the provider's response, or abort its connection once
         open: the provider sees EOF now, whatever the relay is doing."""
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
         upstream = self.upstream
         if upstream is not None:
             upstream.abort()

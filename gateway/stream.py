@@ -2,11 +2,11 @@
 
 ::
 
-    request task group ─┬─ disconnect listener (blocked on receive())
-                        ├─ relay: provider → parser → client (writer.py)
+    request task group ─┬─ relay: provider → parser → client (writer.py)
                         │         (in Session.scope while it opens the provider)
                         └─ the request's task: watchdog (timeouts, pings, stuck
-                           sends), then the cleanup every path ends in
+                           sends; between deadlines, blocked on receive() for the
+                           client's disconnect), then the cleanup every path ends in
 
 The relay writes to the client itself: one wake-up per token. A cancel, whatever its
 trigger, closes the provider's connection at once (``Session.cancel``), so a relay
@@ -75,6 +75,9 @@ class ChatStream:
         # Set once a resumable stream's events are all in Redis (with a cluster only:
         # made then, as nothing else waits for it).
         self._mirrored: anyio.Event | None = None
+        # The watchdog's wait, which the relay's end cancels (the wait is for the
+        # client's next message, not for the relay).
+        self._waiting: anyio.CancelScope | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The claim happens here, not in the endpoint, so no path can leave it behind.
@@ -125,18 +128,25 @@ class ChatStream:
             writer = ClientWriter(session, self._answer, send, scope.get(SERVER_SEND))
             async with anyio.create_task_group() as tg:
                 writer.pings = tg
-                tg.start_soon(_listen_for_disconnect, session, receive)
-                await self._run(session, writer, tg)
-                # Stops the listener, and on asyncio a relay stuck past its bound.
+                await self._run(session, writer, tg, receive)
+                # Stops a ping's write, and on asyncio a relay stuck past its bound.
                 tg.cancel_scope.cancel()
         finally:
             # Whatever raised or was cancelled on the way (a cluster claim included),
             # the id is free again and a cancel waiting for this stream is answered.
             # After a normal end, _finish has done both already.
             self._gateway.registry.remove(session)
-            session.ended.set()
+            session.end()
 
-    async def _run(self, session: Session, sink: ClientWriter | EventLog, tg: TaskGroup) -> None:
+    async def _run(
+        self,
+        session: Session,
+        sink: ClientWriter | EventLog,
+        tg: TaskGroup,
+        receive: Receive | None = None,
+    ) -> None:
+        """``receive``: the client's messages, for its disconnect (a resumable stream's
+        follower listens for its own)."""
         # From the "started" line on, every path ends in _finish and its end line.
         principal = (
             "" if session.principal == ANONYMOUS else f" principal={loggable(session.principal)}"
@@ -153,7 +163,7 @@ class ChatStream:
                 await sink.put(start)
             tg.start_soon(self._relay, session, sink, relayed)
             relaying = True
-            await self._watch(session, sink, relayed)
+            await self._watch(session, sink, relayed, receive)
         except Exception:
             logger.exception("[SSE] %s internal error", session.id)
             session.settle(Failed("internal_error", "the gateway failed"))
@@ -199,7 +209,7 @@ class ChatStream:
         self._gateway.registry.remove(session)
         session.log_end()
         self._gateway.metrics.stream_ended(session, anyio.current_time())
-        session.ended.set()
+        session.end()
 
     async def _mirror(self, cluster: Cluster, key: str, log: EventLog, done: anyio.Event) -> None:
         try:
@@ -251,7 +261,9 @@ class ChatStream:
                 # Only the opening runs in the session's scope: once the response is
                 # open, a stop aborts it (Session.cancel) instead of cancelling this
                 # task, which may be writing to the client.
-                with session.scope:
+                scope = session.scope
+                assert scope is not None
+                with scope:
                     upstream = await open_stream(
                         self._gateway.client,
                         self._gateway.upstream_url,
@@ -259,6 +271,9 @@ class ChatStream:
                         self._upstream_headers,
                     )
                     session.upstream = upstream
+                # A stop aborts the response from here on: the scope can go, objects
+                # fewer for the garbage collector while the stream lives.
+                session.scope = None
                 if upstream is None or session.outcome is not None:
                     return
                 parser = ProviderStreamParser()
@@ -307,6 +322,8 @@ class ChatStream:
             session.settle(Failed("internal_error", "the gateway failed"))
         finally:
             done.set()
+            if self._waiting is not None:
+                self._waiting.cancel()
 
     @staticmethod
     async def _deliver(
@@ -336,11 +353,20 @@ class ChatStream:
             await sink.put(body, session.queued())
 
     async def _watch(
-        self, session: Session, sink: ClientWriter | EventLog, relayed: anyio.Event
+        self,
+        session: Session,
+        sink: ClientWriter | EventLog,
+        relayed: anyio.Event,
+        receive: Receive | None,
     ) -> None:
         """Every timeout and the pings, on deadlines, until the relay is done: no timer
         per token. A stop ends the relay at once; the send timeout bounds a relay stuck
-        writing to a client, stopped or not.
+        writing to a client, stopped or not. Between deadlines it waits for the
+        client's next message, if ``receive`` is given: a task blocked on receive() is
+        the one way to see a disconnect on every backend (under Trio,
+        ``request.is_disconnected()`` never does: hypercorn #210), and this one saves
+        each stream a task of its own (the objects of a task, its handle, its cancel
+        scope and its event: docs/benchmarks.md, step 22).
 
         Deadlines only move later as tokens arrive, except two that appear: the
         provider's (first token, then idle), set aside while the relay is blocked
@@ -407,8 +433,16 @@ class ChatStream:
                     session.last_ping_at = now
                     ping_at = now + s.ping_interval
                 wake = min(wake, ping_at)
-            with anyio.CancelScope(deadline=wake):
-                await relayed.wait()
+            waiting = self._waiting = anyio.CancelScope(deadline=wake)
+            try:
+                with waiting:
+                    if receive is None:
+                        await relayed.wait()
+                    elif (await receive())["type"] == "http.disconnect":
+                        session.client_left("disconnect")
+                        receive = None  # nothing comes after it
+            finally:
+                self._waiting = None
 
 
 def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: float) -> bytes:
@@ -426,14 +460,6 @@ def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: flo
         data = answer.delta(session, delta)
     session.first_at.setdefault(kind, now)
     return data
-
-
-async def _listen_for_disconnect(session: Session, receive: Receive) -> None:
-    # A task blocked on receive() is the one way to see a disconnect on every
-    # backend: under Trio, request.is_disconnected() never does (hypercorn #210).
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    session.client_left("disconnect")
 
 
 class _Follower:

@@ -52,6 +52,7 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
     session.settle(Completed("stop", None))  # the relay's own end comes last, if at all
     expected = first or Completed("stop", None)
     assert session.outcome == expected
+    assert session.scope is not None
     assert session.scope.cancel_called == isinstance(expected, Stopped)
 
     event, data = session.terminal_event()
@@ -105,3 +106,18 @@ async def test_the_sessions_clock_is_anyios() -> None:
     before = anyio.current_time()
     now = Session("session_clock_1", "m").clock()
     assert before <= now <= anyio.current_time()
+
+
+async def test_ended_is_set_for_a_waiter_that_came_before_or_after_the_end() -> None:
+    # The event is made only when asked for; whenever that is, it says the truth.
+    before, after = Session("a", "m"), Session("b", "m")
+    waiting = before.ended
+    assert not waiting.is_set()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting.wait)
+            await anyio.wait_all_tasks_blocked()
+            before.end()
+    assert before.ended is waiting
+    after.end()
+    assert after.ended.is_set()
