@@ -146,6 +146,7 @@ class Session:
         return self._ended
 
     def end(self) -> None:
+        """The stream has ended: ``ended`` is set, now or when it is made."""
         self._over = True
         if self._ended is not None:
             self._ended.set()
