@@ -383,20 +383,7 @@ class _ResponseStream(httpx.AsyncByteStream):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if response.complete:
                 return b""
-            if self._failed or response.parser is None or self._read_timeout is not None:
-                await self._read()
-                continue
-            # A streamed body's read, here rather than in _read (which has the checks
-            # and the time limit): each token resumes one coroutine fewer
-            # (docs/benchmarks.md, step 21).
-            try:
-                data = await self._connection.stream.receive(_READ_SIZE)
-            except anyio.EndOfStream:
-                self._end_of_stream()
-                continue
-            except _MAPPED_ERRORS as exc:
-                raise self._errors.mapped(exc) from exc
-            self._parse(data)
+            await self._read()
 
     def abort(self) -> bool:
         """Close the connection now, from any task: the provider sees it closed at once,
@@ -460,13 +447,6 @@ class _ResponseStream(httpx.AsyncByteStream):
             return
         except _MAPPED_ERRORS as exc:
             raise self._errors.mapped(exc) from exc
-        self._parse(data)
-
-    def _parse(self, data: bytes) -> None:
-        """Parse one read: the head's fields, or body bytes in ``parts``."""
-        response = self._response
-        parser = response.parser
-        assert parser is not None
         try:
             parser.feed_data(data)
         except _PARSE_ERRORS as exc:
