@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FunctionType
+from typing import Any
 
 import anyio
 import sniffio
@@ -87,12 +88,37 @@ async def serve(
     task_status.started(addresses)
     if sniffio.current_async_library() == "trio":
         import hypercorn.trio
+        import hypercorn.trio.tcp_server
 
+        _close_at_eof(hypercorn.trio.tcp_server.TCPServer)
         await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     else:
         import hypercorn.asyncio
+        import hypercorn.asyncio.tcp_server
 
+        _close_at_eof(hypercorn.asyncio.tcp_server.TCPServer)
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+def _close_at_eof(server_class: type) -> None:
+    """Make a connection that the client closed while idle close at once.
+
+    In hypercorn 0.18 a connection's keep-alive timer is a task in the connection's own
+    task group, and the end of the client's data does not stop it: the task group then
+    waits out ``keep_alive_timeout`` before the socket is closed, its objects all kept
+    alive meanwhile (a socket in CLOSE_WAIT for each client that closed). Stopping the
+    timer once the reading has ended lets the connection close as it would on a timeout.
+    """
+    read_data = server_class._read_data  # type: ignore[attr-defined]
+    if getattr(read_data, "_closes_at_eof", False):
+        return
+
+    async def _read_data(self: Any) -> None:
+        await read_data(self)
+        await self.idle_task.stop()
+
+    _read_data._closes_at_eof = True  # type: ignore[attr-defined]
+    server_class._read_data = _read_data  # type: ignore[attr-defined]
 
 
 def _bind(binds: list[str], backlog: int) -> tuple[list[socket.socket], list[tuple[str, int]]]:

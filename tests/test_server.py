@@ -3,10 +3,15 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import anyio
 import pytest
+from anyio.abc import SocketStream
+from starlette.types import Receive, Scope, Send
 
 from gateway import ConfigError, load_config
 from gateway.server import is_hypercorn_setting
+
+from .harness import WAIT, serve_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,3 +48,59 @@ def test_unknown_worker_class_is_refused() -> None:
 @pytest.mark.parametrize("key", ["create_sockets", "from_toml", "log", "ssl_enabled", "_bind"])
 def test_methods_and_private_names_are_not_settings(key: str) -> None:
     assert not is_hypercorn_setting(key)
+
+
+async def _chunked_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers each request with a body in two chunks, as a stream's is sent."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"one", "more_body": True})
+    await send({"type": "http.response.body", "body": b"two"})
+
+
+async def _exchange(stream: SocketStream) -> None:
+    """One request and its whole response on a kept-alive connection."""
+    await stream.send(b"GET / HTTP/1.1\r\nhost: gateway\r\n\r\n")
+    response = b""
+    while not response.endswith(b"0\r\n\r\n"):
+        response += await stream.receive()
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" not in response.lower()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("requests", [1, 2])
+async def test_a_connection_the_client_closes_while_idle_is_closed_at_once(
+    requests: int,
+) -> None:
+    # hypercorn 0.18 alone keeps it open (CLOSE_WAIT) until keep_alive_timeout.
+    config = load_config(bind=["127.0.0.1:0"], keep_alive_timeout=60.0, accesslog=None)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        [(_, port)] = await tg.start(serve_until, _chunked_app, config, stop.wait)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            for _ in range(requests):  # kept alive between them
+                await _exchange(stream)
+            await stream.send_eof()
+            with anyio.fail_after(WAIT):
+                with pytest.raises(anyio.EndOfStream):
+                    await stream.receive()
+        stop.set()
+
+
+@pytest.mark.anyio
+async def test_an_idle_connection_is_still_closed_at_the_keep_alive_timeout() -> None:
+    config = load_config(bind=["127.0.0.1:0"], keep_alive_timeout=0.2, accesslog=None)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        [(_, port)] = await tg.start(serve_until, _chunked_app, config, stop.wait)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await _exchange(stream)
+            with anyio.fail_after(WAIT):
+                with pytest.raises(anyio.EndOfStream):
+                    await stream.receive()
+        stop.set()
