@@ -14,12 +14,12 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FunctionType
-from typing import Any
 
 import anyio
 import sniffio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event
 from starlette.types import ASGIApp
 
 from .errors import ConfigError
@@ -86,39 +86,50 @@ async def serve(
     sockets, addresses = _bind(config.bind, config.backlog)
     config.bind = [f"fd://{sock.detach()}" for sock in sockets]
     task_status.started(addresses)
+    _close_at_eof()
     if sniffio.current_async_library() == "trio":
         import hypercorn.trio
-        import hypercorn.trio.tcp_server
 
-        _close_at_eof(hypercorn.trio.tcp_server.TCPServer)
         await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     else:
         import hypercorn.asyncio
-        import hypercorn.asyncio.tcp_server
 
-        _close_at_eof(hypercorn.asyncio.tcp_server.TCPServer)
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
 
-def _close_at_eof(server_class: type) -> None:
-    """Make a connection that the client closed while idle close at once.
+def _close_at_eof() -> None:
+    """Make a connection that the client closed while idle close at once, on every
+    hypercorn server in the process from now on.
 
     In hypercorn 0.18 a connection's keep-alive timer is a task in the connection's own
     task group, and the end of the client's data does not stop it: the task group then
     waits out ``keep_alive_timeout`` before the socket is closed, its objects all kept
-    alive meanwhile (a socket in CLOSE_WAIT for each client that closed). Stopping the
-    timer once the reading has ended lets the connection close as it would on a timeout.
+    alive meanwhile (a socket in CLOSE_WAIT for each client that closed). Once the
+    connection's protocol has handled its close, as the reading does at the client's
+    end, the timer is stopped, and the connection closes as it would on a timeout.
     """
-    read_data = server_class._read_data  # type: ignore[attr-defined]
-    if getattr(read_data, "_closes_at_eof", False):
+    from hypercorn.protocol import ProtocolWrapper
+
+    handle = ProtocolWrapper.handle
+    if getattr(handle, "_closes_at_eof", False):
         return
 
-    async def _read_data(self: Any) -> None:
-        await read_data(self)
-        await self.idle_task.stop()
+    async def closed(wrapper: ProtocolWrapper, event: Closed) -> None:
+        await handle(wrapper, event)
+        # The connection's server, whose protocol_send the wrapper was given.
+        idle_task = getattr(getattr(wrapper.send, "__self__", None), "idle_task", None)
+        if idle_task is not None:
+            await idle_task.stop()
 
-    _read_data._closes_at_eof = True  # type: ignore[attr-defined]
-    server_class._read_data = _read_data  # type: ignore[attr-defined]
+    def _handle(wrapper: ProtocolWrapper, event: Event) -> Awaitable[None]:
+        # Any other event gets hypercorn's own coroutine: no frame of ours waits in the
+        # reads, nor shows in a traceback of hypercorn's when it cancels them.
+        if isinstance(event, Closed):
+            return closed(wrapper, event)
+        return handle(wrapper, event)
+
+    _handle._closes_at_eof = True  # type: ignore[attr-defined]
+    ProtocolWrapper.handle = _handle  # type: ignore[method-assign,assignment]
 
 
 def _bind(binds: list[str], backlog: int) -> tuple[list[socket.socket], list[tuple[str, int]]]:
