@@ -205,7 +205,7 @@ def _resume_log_once(tokens: int) -> float:
     start = time.process_time()
     for n, event in enumerate(events, 1):
         seq[0] = n
-        log.put_nowait(event, (n, 0, 0))
+        log.put_nowait(event, (n, 0, 0, 0))
         got = log.since(n - 1)
         assert got is not None
         log.written_id = got[1]

@@ -127,6 +127,7 @@ class UpstreamError(GatewayError):
         *,
         upstream_status: int | None = None,
         provider_error: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -134,6 +135,9 @@ class UpstreamError(GatewayError):
         # The provider's error type and code, short identifiers only: for the
         # operator's log, never the client.
         self.provider_error = provider_error
+        # A short identifier the client may see: the provider's own reason for a failed
+        # generation (``native_finish_reason``).
+        self.detail = detail
 
 
 class UpstreamUnavailable(UpstreamError):

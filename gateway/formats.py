@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from .events import encode_event, encode_reasoning, encode_token, json_string, json_text
-from .parser import Reasoning, ToolCallDelta
+from .parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
 from .responses import error_body
 from .session import Completed, Failed, Session, Stopped
 
@@ -36,7 +36,8 @@ class AnswerFormat:
         """Content deltas: the hot path."""
         raise NotImplementedError
 
-    def delta(self, session: Session, delta: Reasoning | ToolCallDelta) -> bytes:
+    def delta(self, session: Session, delta: Delta) -> bytes:
+        """Any delta but content, and the provider's extras (``Extras``)."""
         raise NotImplementedError
 
     def terminal(self, session: Session) -> bytes:
@@ -48,8 +49,13 @@ class AnswerFormat:
 
 
 class GatewayEvents(AnswerFormat):
-    """``POST /api/chat/stream``: start, token, reasoning, tool_call, then done, stopped
-    or error (docs/api.md)."""
+    """``POST /api/chat/stream``: start, token, reasoning, refusal, tool_call,
+    content_part and extra, then done, stopped or error (docs/api.md)."""
+
+    def __init__(self) -> None:
+        # The provider's extras last told the client: told again only when they change
+        # (Perplexity repeats its citations on every chunk).
+        self._extras: dict[str, object] | None = None
 
     def start(self, session: Session) -> bytes:
         data = {"session_id": session.id, "model": session.model}
@@ -60,10 +66,21 @@ class GatewayEvents(AnswerFormat):
             return encode_token(session.next_seq(), texts[0])
         return b"".join(encode_token(session.next_seq(), text) for text in texts)
 
-    def delta(self, session: Session, delta: Reasoning | ToolCallDelta) -> bytes:
+    def delta(self, session: Session, delta: Delta) -> bytes:
         if isinstance(delta, Reasoning):
             return encode_reasoning(session.next_seq(), delta.text)
-        return encode_event("tool_call", session.next_seq(), delta.as_event())
+        if isinstance(delta, ToolCallDelta):
+            return encode_event("tool_call", session.next_seq(), delta.as_event())
+        if isinstance(delta, Refusal):
+            return encode_event("refusal", session.next_seq(), {"delta": delta.text})
+        if isinstance(delta, ContentPart):
+            return encode_event("content_part", session.next_seq(), {"part": delta.part})
+        assert isinstance(delta, Extras)
+        extras = delta.as_event()
+        if extras == self._extras:
+            return b""
+        self._extras = extras
+        return encode_event("extra", session.next_seq(), extras)
 
     def terminal(self, session: Session) -> bytes:
         event, data = session.terminal_event()
@@ -79,6 +96,12 @@ def _gateway_report(session: Session) -> dict[str, object]:
 
 def _failure_status(failed: Failed) -> int:
     return 500 if failed.code == "internal_error" else 502
+
+
+def _failure_body(failed: Failed) -> dict[str, object]:
+    """OpenAI's error envelope; the provider's native reason, if any, in the message."""
+    message = failed.message if failed.detail is None else f"{failed.message} ({failed.detail})"
+    return error_body(_failure_status(failed), failed.code, message)
 
 
 def _tool_call_json(delta: ToolCallDelta) -> dict[str, object]:
@@ -131,16 +154,32 @@ class ChatCompletionChunks(AnswerFormat):
             for text in texts
         )
 
-    def delta(self, session: Session, delta: Reasoning | ToolCallDelta) -> bytes:
+    def delta(self, session: Session, delta: Delta) -> bytes:
         if isinstance(delta, Reasoning):
             return self._chunk({delta.field: delta.text})
-        return self._chunk({"tool_calls": [_tool_call_json(delta)]})
+        if isinstance(delta, ToolCallDelta):
+            return self._chunk({"tool_calls": [_tool_call_json(delta)]})
+        if isinstance(delta, Refusal):
+            return self._chunk({"refusal": delta.text})
+        if isinstance(delta, ContentPart):
+            return self._chunk({"content": [delta.part]})
+        assert isinstance(delta, Extras)
+        # A chunk of their own, just before the deltas of the provider's chunk that
+        # carried them; none of their names is one the gateway writes.
+        choice = {
+            "index": 0,
+            "delta": delta.delta or {},
+            "logprobs": None,
+            "finish_reason": None,
+            **(delta.choice or {}),
+        }
+        return _data({**self._meta, **(delta.chunk or {}), "choices": [choice]})
 
     def terminal(self, session: Session) -> bytes:
         outcome = session.outcome
         if isinstance(outcome, Failed):
             # OpenAI's in-stream error: the SDKs raise APIError on it.
-            return _data(error_body(_failure_status(outcome), outcome.code, outcome.message))
+            return _data(_failure_body(outcome))
         extra: dict[str, object] = {}
         if isinstance(outcome, Completed):
             out = self._chunk({}, outcome.finish_reason or "stop")
@@ -149,7 +188,7 @@ class ChatCompletionChunks(AnswerFormat):
             extra["gateway"] = _gateway_report(session)
             out = self._chunk({}, CANCELLED, **extra)
         usage, _ = session.usage()
-        if self._include_usage:
+        if self._include_usage and usage is not None:
             out += _data({**self._meta, "choices": [], "usage": usage, **extra})
         return out + b"data: [DONE]\n\n"
 
@@ -166,10 +205,15 @@ class ChatCompletion(AnswerFormat):
     media_type = _JSON
 
     def __init__(self) -> None:
-        self._content: list[str] = []
+        # Text, and the parts of unknown types between it, in the provider's order.
+        self._content: list[str | ContentPart] = []
+        self._parts = False
+        self._refusal: list[str] = []
         self._reasoning: dict[str, list[str]] = {}
         self._calls: dict[int, dict[str, object]] = {}
         self._arguments: dict[int, list[str]] = {}
+        # The provider's extras, by level; a later value of a field replaces an earlier.
+        self._extras: dict[str, dict[str, object]] = {"chunk": {}, "choice": {}, "delta": {}}
 
     def start(self, session: Session) -> bytes:
         return b""
@@ -178,31 +222,67 @@ class ChatCompletion(AnswerFormat):
         self._content.extend(texts)
         return b""
 
-    def delta(self, session: Session, delta: Reasoning | ToolCallDelta) -> bytes:
+    def delta(self, session: Session, delta: Delta) -> bytes:
         if isinstance(delta, Reasoning):
             self._reasoning.setdefault(delta.field, []).append(delta.text)
-            return b""
-        call = self._calls.setdefault(delta.index, {})
-        if delta.id is not None:
-            call["id"] = delta.id
-        if delta.name is not None:
-            call["name"] = delta.name
-        self._arguments.setdefault(delta.index, []).append(delta.arguments)
+        elif isinstance(delta, Refusal):
+            self._refusal.append(delta.text)
+        elif isinstance(delta, ContentPart):
+            self._content.append(delta)
+            self._parts = True
+        elif isinstance(delta, Extras):
+            for level, fields in (
+                ("chunk", delta.chunk),
+                ("choice", delta.choice),
+                ("delta", delta.delta),
+            ):
+                self._extras[level].update(fields or {})
+        else:
+            assert isinstance(delta, ToolCallDelta)
+            # One rule wherever fragments are joined: the first id and name win (the
+            # parser has already dropped empty ones), the arguments are joined.
+            call = self._calls.setdefault(delta.index, {})
+            if delta.id is not None:
+                call.setdefault("id", delta.id)
+            if delta.name is not None:
+                call.setdefault("name", delta.name)
+            self._arguments.setdefault(delta.index, []).append(delta.arguments)
         return b""
 
     def status(self, session: Session) -> int:
         outcome = session.outcome
         return _failure_status(outcome) if isinstance(outcome, Failed) else 200
 
+    def _message_content(self) -> object:
+        if not self._parts:
+            return "".join(self._content)  # type: ignore[arg-type]  # no parts: all text
+        # Parts of unknown types kept in place, the text around them as text parts.
+        parts: list[object] = []
+        for piece in self._content:
+            if isinstance(piece, ContentPart):
+                parts.append(piece.part)
+            elif parts and isinstance(parts[-1], dict) and parts[-1].get("type") == "text":
+                parts[-1] = {"type": "text", "text": f"{parts[-1]['text']}{piece}"}
+            else:
+                parts.append({"type": "text", "text": piece})
+        return parts
+
     def terminal(self, session: Session) -> bytes:
         outcome = session.outcome
         if isinstance(outcome, Failed):
-            body = error_body(_failure_status(outcome), outcome.code, outcome.message)
-            return json_text(body).encode()
+            return json_text(_failure_body(outcome)).encode()
         message: dict[str, object] = {
+            **self._extras["delta"],
             "role": "assistant",
-            "content": "".join(self._content) if self._content or not self._calls else None,
+            # As OpenAI: null when the answer is only tool calls or a refusal.
+            "content": (
+                self._message_content()
+                if self._content or not (self._calls or self._refusal)
+                else None
+            ),
         }
+        if self._refusal:
+            message["refusal"] = "".join(self._refusal)
         for name, parts in self._reasoning.items():
             message[name] = "".join(parts)
         if self._calls:
@@ -222,6 +302,7 @@ class ChatCompletion(AnswerFormat):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": session.model,
+            **self._extras["chunk"],
         }
         if isinstance(outcome, Completed):
             finish_reason = outcome.finish_reason or "stop"
@@ -230,8 +311,14 @@ class ChatCompletion(AnswerFormat):
             finish_reason = CANCELLED
             answer["gateway"] = _gateway_report(session)
         answer_usage, _ = session.usage()
-        answer["choices"] = [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        ]
-        answer["usage"] = answer_usage
+        choice = {
+            **self._extras["choice"],
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        answer["choices"] = [choice]
+        if answer_usage is not None:
+            answer["usage"] = answer_usage
         return json_text(answer).encode()

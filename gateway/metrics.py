@@ -22,6 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .parser import token_counts
 from .session import Completed, Failed, Session, Stopped
 
 __all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics"]
@@ -40,7 +41,7 @@ OUTCOMES = (
 )
 _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
-_KINDS = ("content", "reasoning", "tool_call")
+_KINDS = ("content", "reasoning", "tool_call", "refusal")
 _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
 # Stop latencies are milliseconds on loopback, seconds when something is wrong.
 _CLOSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -158,7 +159,7 @@ class Metrics:
             close = max(0.0, session.provider_closed_at - session.stopped_at)
             self.provider_close.labels(stopped.reason).observe(close)
         if isinstance(stopped, Completed) and stopped.usage is not None:
-            for kind, count in provider_tokens(stopped.usage).items():
+            for kind, count in token_counts(stopped.usage).items():
                 self.provider_tokens.labels(kind).inc(count)
         if isinstance(stopped, Failed) and stopped.code.startswith("upstream_"):
             self.upstream_errors.labels(stopped.code).inc()
@@ -181,26 +182,3 @@ class Metrics:
         summed: totals do not drop when a worker restarts)."""
         if _MULTIPROCESS:
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-
-
-def provider_tokens(usage: dict[str, object]) -> dict[str, int]:
-    """The token counts of a provider's usage object: OpenAI's fields, and DeepSeek's
-    ``prompt_cache_hit_tokens`` for the cached prompt."""
-
-    def number(value: object) -> int | None:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        return None
-
-    def nested(name: str, key: str) -> int | None:
-        details = usage.get(name)
-        return number(details.get(key)) if isinstance(details, dict) else None
-
-    found = {
-        "prompt": number(usage.get("prompt_tokens")),
-        "completion": number(usage.get("completion_tokens")),
-        "reasoning": nested("completion_tokens_details", "reasoning_tokens"),
-        "cached_prompt": nested("prompt_tokens_details", "cached_tokens")
-        or number(usage.get("prompt_cache_hit_tokens")),
-    }
-    return {kind: count for kind, count in found.items() if count}

@@ -1,19 +1,23 @@
 """Incremental parser for an OpenAI-compatible streaming response body.
 
 Bytes go in as they arrive, split anywhere; what comes out is the deltas in the
-provider's order (content as ``str``, ``Reasoning``, ``ToolCallDelta``), the finish
-reason, the usage and the ``[DONE]`` marker. Keep-alive comments (DeepSeek's
-``: keep-alive``) produce nothing, so they never count as progress.
+provider's order (content as ``str``, ``Reasoning``, ``Refusal``, ``ToolCallDelta``,
+``ContentPart``, and ``Extras``, which is not a delta of the answer), the finish reason,
+the usage and the ``[DONE]`` marker. Keep-alive comments (DeepSeek's ``: keep-alive``)
+produce nothing, so they never count as progress.
 
-What a provider writes is untrusted: only the model's output (content, reasoning, tool
-call fragments) reaches the client as text. The finish reason is one of the known
-values (else ``other``), the usage only numbers under identifier keys, and an error
-object only a known error type.
+What a provider writes is untrusted: the model's output (content, reasoning, refusal,
+tool call fragments) and the fields the gateway does not model (``Extras``, bounded in
+size) reach the client as the provider wrote them. The finish reason is one of the
+known values (else ``other``), the usage only numbers and nulls under identifier keys,
+and an error object only a known error type. A choice that ends with
+``finish_reason: "error"`` (OpenRouter) or carries an ``error`` object fails the stream.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -25,15 +29,30 @@ import msgspec
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 
 __all__ = [
+    "MAX_EXTRAS_BYTES",
     "MAX_LINE_BYTES",
+    "MAX_TOKEN_COUNT",
+    "ContentPart",
     "Delta",
+    "Extras",
     "ParsedChunk",
     "ProviderStreamParser",
     "Reasoning",
+    "Refusal",
     "ToolCallDelta",
+    "token_counts",
 ]
 
+logger = logging.getLogger(__name__)
+
 MAX_LINE_BYTES = 1024 * 1024
+# What one chunk may add that the gateway does not model (its extra fields, or one
+# content part of an unknown type), as compact JSON; more is dropped.
+MAX_EXTRAS_BYTES = 64 * 1024
+# A token count above this is not plausible for one answer: it is kept from the metrics.
+MAX_TOKEN_COUNT = 100_000_000
+# JSON numbers every client reads exactly (JavaScript's safe integers).
+_MAX_SAFE_INT = 2**53 - 1
 
 # OpenAI's finish reasons and DeepSeek's one extra; anything else is "other".
 FINISH_REASONS = frozenset(
@@ -80,27 +99,50 @@ _MAX_TOOL_INDEX = 1024
 _decode = msgspec.json.Decoder().decode
 
 
-# The chunk's shape, checked in C as msgspec decodes it: the fields the gateway reads,
-# their types, nothing else kept. A chunk of another shape is read untyped, where each
-# check is Python's and a wrong type is an error or ignored as it always was; both
-# read every chunk alike (tests/test_parser.py). Untracked by the collector: decoded
-# JSON holds no cycles.
-class _TypedDelta(msgspec.Struct, gc=False):
+# The chunk's shape, checked in C as msgspec decodes it: the fields of OpenAI's chunk,
+# their types. A chunk of another shape, or with any field beyond these (a provider's
+# extras, content as a list of parts), is read untyped, where each check is Python's
+# and a wrong type is an error or ignored as it always was; both read every chunk alike
+# (tests/test_parser.py). Untracked by the collector: decoded JSON holds no cycles.
+class _TypedDelta(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    role: Any = None
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    refusal: str | None = None
     tool_calls: Any = None
 
 
-class _TypedChoice(msgspec.Struct, gc=False):
+class _TypedChoice(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    index: Any = None
     delta: _TypedDelta | None = None
     finish_reason: str | None = None
+    logprobs: Any = None
 
 
-class _TypedChunk(msgspec.Struct, gc=False):
+class _TypedChunk(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    id: Any = None
+    object: Any = None
+    created: Any = None
+    model: Any = None
+    system_fingerprint: Any = None
+    service_tier: Any = None
+    # Padding against length side channels (OpenAI's, Mistral's): no content, not
+    # passed on.
+    obfuscation: Any = None
+    p: Any = None
     choices: list[_TypedChoice] | None = None
     usage: Any = None
     error: Any = msgspec.UNSET
+
+
+# The fields of each level that the gateway reads or writes itself; any other is the
+# provider's extra (``Extras``). A choice's ``error`` fails the stream.
+_CHUNK_FIELDS = frozenset(_TypedChunk.__struct_fields__)
+_CHOICE_FIELDS = frozenset(_TypedChoice.__struct_fields__) | {"error"}
+_DELTA_FIELDS = frozenset(_TypedDelta.__struct_fields__)
+# Extra fields of the chunk that would stand for the gateway's own in its answers.
+_RESERVED_EXTRAS = frozenset({"gateway"})
 
 
 _decode_typed = msgspec.json.Decoder(_TypedChunk).decode
@@ -136,8 +178,40 @@ class ToolCallDelta:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """``delta.refusal``: the model declines (OpenAI's structured outputs); its text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPart:
+    """A part of a list-valued ``delta.content`` whose type the gateway does not know,
+    passed on as the provider sent it (text parts are content, thinking parts
+    reasoning)."""
+
+    part: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """The fields of one provider chunk that the gateway does not model (Perplexity's
+    ``citations``, Groq's ``x_groq``, Azure's filter results, Gemini's
+    ``extra_content``), by level, as the provider sent them. It comes before that
+    chunk's deltas, and is not one: no progress, no count."""
+
+    chunk: dict[str, object] | None = None
+    choice: dict[str, object] | None = None
+    delta: dict[str, object] | None = None
+
+    def as_event(self) -> dict[str, object]:
+        levels = (("chunk", self.chunk), ("choice", self.choice), ("delta", self.delta))
+        return {name: value for name, value in levels if value is not None}
+
+
 # Content is a plain ``str``: the hot path handles it without looking further.
-Delta = str | Reasoning | ToolCallDelta
+Delta = str | Reasoning | Refusal | ToolCallDelta | ContentPart | Extras
 
 
 @dataclass(slots=True)
@@ -232,7 +306,7 @@ class ProviderStreamParser:
         try:
             chunk = _decode_typed(data)
         except (ValueError, RecursionError):
-            # Another shape, or JSON only json reads.
+            # Another shape, extra fields, or JSON only json reads.
             _untyped_chunk(_json(data), out)
             return
         if chunk.error is not msgspec.UNSET:
@@ -250,10 +324,16 @@ class ProviderStreamParser:
                     out.plain = False
                 if delta.content:
                     out.deltas.append(delta.content)
+                if delta.refusal:
+                    out.deltas.append(Refusal(delta.refusal))
+                    out.plain = False
                 if delta.tool_calls:
                     _tool_calls(delta.tool_calls, out)
-            if choice.finish_reason is not None:
-                out.finish_reason = _known_reason(choice.finish_reason)
+            reason = choice.finish_reason
+            if reason is not None:
+                if reason == "error":
+                    raise _failed_choice({})
+                out.finish_reason = _known_reason(reason)
         if isinstance(chunk.usage, dict):
             out.usage = numbers_only(chunk.usage)
 
@@ -269,18 +349,49 @@ def _untyped_chunk(chunk: object, out: ParsedChunk) -> None:
         choices = []
     if not isinstance(choices, list):
         raise UpstreamProtocolError("provider sent a chunk whose choices is not a list")
+    # The chunk's extras go before its deltas, so a client has them with the first.
+    first = len(out.deltas)
+    choice_extras: dict[str, object] = {}
+    delta_extras: dict[str, object] = {}
     for choice in choices:
         if not isinstance(choice, dict):
             raise UpstreamProtocolError("provider sent a choice that is not an object")
         delta = choice.get("delta")
         if isinstance(delta, dict):
             _delta(delta, out)
+            delta_extras.update(_unknown(delta, _DELTA_FIELDS))
         reason = choice.get("finish_reason")
+        if reason == "error" or isinstance(choice.get("error"), dict):
+            raise _failed_choice(choice)
         if reason is not None:
             out.finish_reason = _known_reason(reason)
+        choice_extras.update(_unknown(choice, _CHOICE_FIELDS))
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         out.usage = numbers_only(usage)
+    chunk_extras = {
+        key: value
+        for key, value in _unknown(chunk, _CHUNK_FIELDS).items()
+        if key not in _RESERVED_EXTRAS
+    }
+    if chunk_extras or choice_extras or delta_extras:
+        extras = Extras(chunk_extras or None, choice_extras or None, delta_extras or None)
+        if _fits(extras.as_event()):
+            out.deltas.insert(first, extras)
+            out.plain = False
+
+
+def _unknown(fields: dict[str, object], known: frozenset[str]) -> dict[str, object]:
+    return {key: value for key, value in fields.items() if key not in known}
+
+
+def _fits(value: object) -> bool:
+    """Whether ``value`` is JSON of at most ``MAX_EXTRAS_BYTES``: what a client gets."""
+    try:
+        return len(json.dumps(value, ensure_ascii=False, allow_nan=False)) <= MAX_EXTRAS_BYTES
+    except (ValueError, TypeError, RecursionError):
+        # NaN or Infinity, which JSON has no words for, or nesting beyond the stack.
+        return False
 
 
 def _known_reason(reason: object) -> str:
@@ -323,12 +434,60 @@ def _delta(delta: dict[str, object], out: ParsedChunk) -> None:
         out.plain = False
     content = delta.get("content")
     if content:
-        if not isinstance(content, str):
-            raise UpstreamProtocolError("provider sent delta content that is not text")
-        out.deltas.append(content)
+        if isinstance(content, list):
+            _content_parts(content, out)
+        elif isinstance(content, str):
+            out.deltas.append(content)
+        else:
+            raise UpstreamProtocolError("provider sent delta content that is not text or parts")
+    refusal = delta.get("refusal")
+    if refusal:
+        if not isinstance(refusal, str):
+            raise UpstreamProtocolError("provider sent a refusal that is not text")
+        out.deltas.append(Refusal(refusal))
+        out.plain = False
     calls = delta.get("tool_calls")
     if calls:
         _tool_calls(calls, out)
+
+
+def _content_parts(parts: list[object], out: ParsedChunk) -> None:
+    """``delta.content`` as a list of parts (Mistral): text parts are content, thinking
+    parts reasoning, in the provider's order; a part of another type is passed on."""
+    for part in parts:
+        if not isinstance(part, dict):
+            raise UpstreamProtocolError("provider sent a content part that is not an object")
+        kind = part.get("type")
+        text = part.get("text")
+        if kind == "text" and isinstance(text, str):
+            if text:
+                out.deltas.append(text)
+            continue
+        if kind == "thinking":
+            thinking = _thinking_text(part.get("thinking"))
+            if thinking is not None:
+                if thinking:
+                    out.deltas.append(Reasoning(thinking, "reasoning_content"))
+                    out.plain = False
+                continue
+        if _fits(part):
+            out.deltas.append(ContentPart(part))
+            out.plain = False
+
+
+def _thinking_text(thinking: object) -> str | None:
+    """A thinking part's text: a string, or a list of text parts (Mistral's shape);
+    ``None`` if it is neither."""
+    if isinstance(thinking, str):
+        return thinking
+    if not isinstance(thinking, list):
+        return None
+    texts = []
+    for piece in thinking:
+        if not isinstance(piece, dict) or not isinstance(piece.get("text"), str):
+            return None
+        texts.append(piece["text"])
+    return "".join(texts)
 
 
 def _tool_calls(calls: object, out: ParsedChunk) -> None:
@@ -361,7 +520,9 @@ def _tool_call(call: object, position: int) -> ToolCallDelta:
 
 
 def _short_text(value: object, name: str) -> str | None:
-    if value is None:
+    """A tool call's id or name. Empty counts as absent: Qwen repeats ``"id": ""`` and
+    GLM ``"name": ""`` on a call's later fragments, which must not wipe the first."""
+    if value is None or value == "":
         return None
     if not isinstance(value, str) or len(value) > _MAX_TOOL_FIELD:
         raise UpstreamProtocolError(f"provider sent a tool call {name} that is not short text")
@@ -369,18 +530,66 @@ def _short_text(value: object, name: str) -> str | None:
 
 
 def numbers_only(usage: Mapping[object, object], depth: int = 1) -> dict[str, object]:
-    """The numbers of a usage object under identifier keys, nested objects of numbers
-    included (DeepSeek's ``completion_tokens_details``); any text is dropped."""
+    """The numbers and nulls of a usage object under identifier keys, nested objects
+    included (DeepSeek's ``completion_tokens_details``); text is dropped, and so are
+    numbers no client reads exactly (integers beyond 2**53, NaN, infinities)."""
     out: dict[str, object] = {}
     for key, value in list(usage.items())[:_USAGE_KEYS]:
         if not isinstance(key, str) or not _IDENTIFIER.fullmatch(key):
             continue
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if value is None:
+            out[key] = None
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            # Never through float: 10**400 has no float (math.isfinite raised).
+            if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+                out[key] = value
+        elif isinstance(value, float):
             if math.isfinite(value):
                 out[key] = value
         elif isinstance(value, dict) and depth < _USAGE_DEPTH:
             out[key] = numbers_only(value, depth + 1)
     return out
+
+
+# Each usage field the metrics read, told once per process when a provider sends an
+# implausible value for it.
+_IMPLAUSIBLE: set[str] = set()
+
+
+def token_counts(usage: Mapping[str, object]) -> dict[str, int]:
+    """The token counts of a provider's usage object for the metrics: OpenAI's fields,
+    and DeepSeek's ``prompt_cache_hit_tokens`` for the cached prompt. Each must be a
+    whole number from 0 to ``MAX_TOKEN_COUNT``; any other is left out of the metrics,
+    and the first of each field is logged."""
+
+    def count(name: str, value: object) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+            return value
+        if name not in _IMPLAUSIBLE:
+            _IMPLAUSIBLE.add(name)
+            logger.warning(
+                "provider sent an implausible %s in its usage; left out of the metrics "
+                "(logged once)",
+                name,
+            )
+        return None
+
+    def nested(name: str, key: str) -> int | None:
+        details = usage.get(name)
+        return count(f"{name}.{key}", details.get(key)) if isinstance(details, dict) else None
+
+    found = {
+        "prompt": count("prompt_tokens", usage.get("prompt_tokens")),
+        "completion": count("completion_tokens", usage.get("completion_tokens")),
+        "reasoning": nested("completion_tokens_details", "reasoning_tokens"),
+        "cached_prompt": nested("prompt_tokens_details", "cached_tokens")
+        or count("prompt_cache_hit_tokens", usage.get("prompt_cache_hit_tokens")),
+    }
+    return {kind: value for kind, value in found.items() if value}
 
 
 def provider_error_ids(error: object) -> dict[str, str]:
@@ -396,6 +605,21 @@ def provider_error_ids(error: object) -> dict[str, str]:
             if isinstance(value, str) and _IDENTIFIER.fullmatch(value):
                 found[name] = value
     return found
+
+
+def _failed_choice(choice: dict[str, object]) -> UpstreamStatusError:
+    """A choice that says the generation failed: ``finish_reason: "error"`` (OpenRouter,
+    with the provider's own reason in ``native_finish_reason``, such as Gemini's
+    ``MALFORMED_FUNCTION_CALL``) or an ``error`` object on the choice. The native reason
+    reaches the client when it is a short identifier."""
+    ids = provider_error_ids(choice.get("error"))
+    native = choice.get("native_finish_reason")
+    detail = native if isinstance(native, str) and _IDENTIFIER.fullmatch(native) else None
+    if detail is not None:
+        ids["native_finish_reason"] = detail
+    return UpstreamStatusError(
+        "provider ended the answer with an error", provider_error=ids or None, detail=detail
+    )
 
 
 def _error(error: object) -> UpstreamStatusError:

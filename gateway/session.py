@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 
 StopReason = Literal["cancel", "disconnect", "timeout", "shutdown"]
 
-# A stream's running counts of token, reasoning and tool-call events once a chunk is
-# written: the last one written is what the client was delivered.
-Mark = tuple[int, int, int]
+# A stream's running counts of token, reasoning, tool-call and refusal events once a
+# chunk is written: the last one written is what the client was delivered.
+Mark = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +56,12 @@ class Failed:
     upstream_status: int | None = None
     # The provider's own error type/code (identifiers), for the log only.
     provider_error: dict[str, str] | None = None
+    # An identifier the client is told (the provider's native finish reason).
+    detail: str | None = None
 
     @classmethod
     def from_error(cls, exc: UpstreamError) -> Failed:
-        return cls(exc.code, exc.message, exc.upstream_status, exc.provider_error)
+        return cls(exc.code, exc.message, exc.upstream_status, exc.provider_error, exc.detail)
 
 
 Outcome = Completed | Stopped | Failed
@@ -98,14 +100,15 @@ class Session:
         self.outcome: Outcome | None = None
         self.clock = _current_clock()
         self.started_at = self.clock()
-        # Token, reasoning and tool-call events encoded for the client; all of them
-        # precede the terminal event. After a hard cancel, the ones whose write
+        # Token, reasoning, tool-call and refusal events encoded for the client; all of
+        # them precede the terminal event. After a hard cancel, the ones whose write
         # completed (``sent``).
         self.tokens_queued = 0
         self.reasoning_queued = 0
         self.tool_calls_queued = 0
+        self.refusal_queued = 0
         # The counts the completed writes to the client carried.
-        self.sent: Mark = (0, 0, 0)
+        self.sent: Mark = (0, 0, 0, 0)
         self.seq = 0
         # The first delta of any kind ends the first-token timeout; each kind's first
         # is reported ("content", "reasoning", "tool_call").
@@ -152,11 +155,21 @@ class Session:
             self._ended.set()
 
     def queued(self) -> Mark:
-        return (self.tokens_queued, self.reasoning_queued, self.tool_calls_queued)
+        return (
+            self.tokens_queued,
+            self.reasoning_queued,
+            self.tool_calls_queued,
+            self.refusal_queued,
+        )
 
     def count_only_sent(self) -> None:
         """The writes were cut short (or a follower left): only what went out counts."""
-        self.tokens_queued, self.reasoning_queued, self.tool_calls_queued = self.sent
+        (
+            self.tokens_queued,
+            self.reasoning_queued,
+            self.tool_calls_queued,
+            self.refusal_queued,
+        ) = self.sent
 
     def first_delta_ms(self) -> dict[str, int]:
         return {kind: round((at - self.started_at) * 1000) for kind, at in self.first_at.items()}
@@ -241,10 +254,13 @@ class Session:
             data["tokens_delivered"] = self.tokens_queued
             data["reasoning_delivered"] = self.reasoning_queued
             data["tool_calls_delivered"] = self.tool_calls_queued
+            data["refusal_delivered"] = self.refusal_queued
             data["first_delta_ms"] = self.first_delta_ms()
             return "stopped", data
         assert outcome is not None
         data = {"status": "error", "code": outcome.code, "message": outcome.message}
+        if outcome.detail is not None:
+            data["detail"] = outcome.detail
         if outcome.upstream_status is not None:
             data["upstream_status"] = outcome.upstream_status
         return "error", data
@@ -265,20 +281,23 @@ class Session:
         assert isinstance(outcome, Failed)
         return "internal_error" if outcome.code == "internal_error" else "upstream_error"
 
-    def usage(self) -> tuple[dict[str, object], str]:
-        """The provider's usage and ``"provider"`` when it reported one; else an estimate
-        and ``"estimated"``: the deltas delivered (content, reasoning and tool-call
-        fragments, each about one token) as completion tokens, the prompt unknown. A
-        stopped stream never gets the provider's usage, which comes last."""
+    def usage(self) -> tuple[dict[str, object] | None, str]:
+        """The usage to report, and where it comes from. A completed stream has exactly
+        what the provider sent (``"provider"``), or nothing (``"none"``); so has a
+        failed one. A stopped stream never gets the provider's usage, which comes last:
+        it has the gateway's own figures (``"estimated"``), which know no token counts
+        and say how many deltas reached the client (a delta is not a token)."""
         outcome = self.outcome
-        if isinstance(outcome, Completed) and outcome.usage is not None:
-            return outcome.usage, "provider"
-        delivered = self.tokens_queued + self.reasoning_queued + self.tool_calls_queued
+        if isinstance(outcome, Completed):
+            return outcome.usage, "none" if outcome.usage is None else "provider"
+        if not isinstance(outcome, Stopped):
+            return None, "none"
         estimate: dict[str, object] = {
             "prompt_tokens": None,
-            "completion_tokens": delivered,
+            "completion_tokens": None,
             "total_tokens": None,
             "estimated": True,
+            "deltas_delivered": sum(self.queued()),
         }
         return estimate, "estimated"
 
@@ -295,6 +314,7 @@ class Session:
             "tokens_delivered": self.tokens_queued,
             "reasoning_delivered": self.reasoning_queued,
             "tool_calls_delivered": self.tool_calls_queued,
+            "refusal_delivered": self.refusal_queued,
             "usage": usage,
             "usage_source": source,
             "duration_ms": round((now - self.started_at) * 1000),
@@ -310,6 +330,8 @@ class Session:
             record["provider_close_ms"] = round(close * 1000, 3)
         if isinstance(outcome, Failed):
             record["code"] = outcome.code
+            if outcome.detail is not None:
+                record["detail"] = outcome.detail
         return record
 
     def log_end(self) -> None:
@@ -375,6 +397,8 @@ class Session:
             text += f" reasoning={self.reasoning_queued}"
         if self.tool_calls_queued:
             text += f" tool_calls={self.tool_calls_queued}"
+        if self.refusal_queued:
+            text += f" refusal={self.refusal_queued}"
         for kind, ms in self.first_delta_ms().items():
             text += f" first_{kind}_ms={ms}"
         return text

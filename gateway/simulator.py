@@ -15,6 +15,13 @@ It speaks the wire formats of the real providers: a model whose name ends in
 with ``tools`` whose last message is not a tool result is answered with a call to its
 first tool, the arguments split across chunks as OpenAI does; the usage carries
 DeepSeek's extra fields; ``"stream": false`` gets a ``chat.completion`` object.
+
+Three more modes, chosen by ``SimulatorConfig.mode`` or a model name ending in the
+mode's name (``simulator-refusal``): ``refusal`` answers in ``delta.refusal`` with
+``content: null``, as OpenAI's structured outputs do; ``parts`` thinks and answers in
+Mistral's content parts (``delta.content`` as ``[{"type": "thinking", ...}]``, then
+``[{"type": "text", ...}]``); ``error`` ends its answer with OpenRouter's
+``finish_reason: "error"`` and a ``native_finish_reason``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ _TEXT = (
 )
 _WORDS = _TEXT.split(" ")
 _RECORDS_KEPT = 1000
+_MODES = ("refusal", "parts", "error")
 # Whole request bodies (up to the gateway's body limit each): the last few only.
 _REQUESTS_KEPT = 16
 
@@ -74,6 +82,8 @@ class SimulatorConfig:
     reasoning_keepalive_every: int = 5
     # The characters of a tool call's arguments that one chunk carries.
     tool_fragment_chars: int = 6
+    # "refusal", "parts" or "error" (module docstring); None: from the model's name.
+    mode: str | None = None
 
 
 @dataclass(slots=True)
@@ -88,10 +98,12 @@ class StreamRecord:
     session_id: str | None = None
     principal: str | None = None
     path: str = ""
-    # Deltas written, of every kind; the content, reasoning and tool arguments written.
+    # Deltas written, of every kind; the content, reasoning, refusal and tool arguments
+    # written.
     sent: int = 0
     text: str = ""
     reasoning: str = ""
+    refusal: str = ""
     tool_arguments: str = ""
     outcome: str = "streaming"
     ended_at: float | None = None
@@ -111,6 +123,7 @@ class StreamRecord:
             "sent": self.sent,
             "text": self.text,
             "reasoning": self.reasoning,
+            "refusal": self.refusal,
             "tool_arguments": self.tool_arguments,
             "outcome": self.outcome,
             "started_at": self.started_at,
@@ -256,13 +269,13 @@ class Simulator:
         model = str(request.get("model") or "simulator")
         created = int(time.time())
 
-        def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
+        def chunk(delta: dict[str, object], finish: str | None = None, **choice: object) -> bytes:
             payload = {
                 "id": record.id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **choice}],
             }
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -305,7 +318,12 @@ class Simulator:
             if self._delta_waiters:
                 self._changed(self._delta_waiters)
         if not cfg.omit_done:
-            await write(chunk({}, planned.finish_reason))
+            if planned.mode == "error":
+                # OpenRouter's failed choice: no error object, the reason in its own field.
+                native = {"native_finish_reason": "MALFORMED_FUNCTION_CALL"}
+                await write(chunk({}, planned.finish_reason, **native))
+            else:
+                await write(chunk({}, planned.finish_reason))
             options = request.get("stream_options") or {}
             if options.get("include_usage"):
                 payload = {
@@ -329,6 +347,8 @@ class Simulator:
         for item in planned:
             _record(record, item)
         message: dict[str, object] = {"role": "assistant", "content": record.text or None}
+        if record.refusal:
+            message["refusal"] = record.refusal
         if record.reasoning:
             message["reasoning_content"] = record.reasoning
         if planned.tool is not None:
@@ -371,7 +391,7 @@ class Simulator:
 class _Planned:
     """One delta the simulator will write: its kind and the ``delta`` object."""
 
-    kind: str  # "content", "reasoning" or "tool_call"
+    kind: str  # "content", "reasoning", "refusal" or "tool_call"
     delta: dict[str, Any]
     text: str
 
@@ -383,9 +403,13 @@ class _Plan:
     def __init__(self, request: dict[str, Any], cfg: SimulatorConfig, answer_id: str) -> None:
         self._cfg = cfg
         self.call_id = "call_" + answer_id.removeprefix("chatcmpl-")
+        model = str(request.get("model") or "")
+        self.mode = cfg.mode
+        if self.mode is None:
+            self.mode = next((m for m in _MODES if model.endswith(m)), None)
         reasoner = cfg.reasoner
         if reasoner is None:
-            reasoner = str(request.get("model") or "").endswith("reasoner")
+            reasoner = model.endswith("reasoner") or self.mode == "parts"
         self.reasoning = cfg.reasoning_tokens if reasoner else 0
         self.tool = _tool_to_call(request)
         arguments = json.dumps({"query": " ".join(_WORDS[:5])})
@@ -403,14 +427,21 @@ class _Plan:
 
     @property
     def finish_reason(self) -> str:
+        if self.mode == "error":
+            return "error"
         if self.tool is not None:
             return "tool_calls"
         return "length" if self.tokens < self._cfg.tokens else "stop"
 
     def __iter__(self) -> Iterator[_Planned]:
+        parts = self.mode == "parts"
         for i in range(self.reasoning):
             text = _word(i)
-            yield _Planned("reasoning", {"content": None, "reasoning_content": text}, text)
+            if parts:
+                thinking = [{"type": "thinking", "thinking": [{"type": "text", "text": text}]}]
+                yield _Planned("reasoning", {"content": thinking}, text)
+            else:
+                yield _Planned("reasoning", {"content": None, "reasoning_content": text}, text)
         if self.tool is not None:
             function = {"name": self.tool, "arguments": ""}
             first = {"index": 0, "id": self.call_id, "type": "function", "function": function}
@@ -421,7 +452,12 @@ class _Plan:
             return
         for i in range(self.tokens):
             word = self._cfg.token_text if self._cfg.token_text is not None else _word(i)
-            yield _Planned("content", {"content": word}, word)
+            if self.mode == "refusal":
+                yield _Planned("refusal", {"content": None, "refusal": word}, word)
+            elif parts:
+                yield _Planned("content", {"content": [{"type": "text", "text": word}]}, word)
+            else:
+                yield _Planned("content", {"content": word}, word)
 
 
 def _tool_to_call(request: dict[str, Any]) -> str | None:
@@ -459,6 +495,8 @@ def _record(record: StreamRecord, item: _Planned) -> None:
             record.first_token_at = record.last_token_at
     elif item.kind == "reasoning":
         record.reasoning += item.text
+    elif item.kind == "refusal":
+        record.refusal += item.text
     else:
         record.tool_arguments += item.text
 

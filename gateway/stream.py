@@ -31,7 +31,7 @@ from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolEr
 from .events import PING, SUPERSEDED
 from .formats import AnswerFormat, GatewayEvents
 from .logs import loggable
-from .parser import Delta, ProviderStreamParser, ToolCallDelta
+from .parser import ContentPart, Delta, ProviderStreamParser, Reasoning, Refusal, ToolCallDelta
 from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
 from .resume import EventLog
@@ -333,15 +333,16 @@ class ChatStream:
         deltas: list[Delta],
         plain: bool,
     ) -> None:
-        """Queue the deltas as events, in the provider's order. Any kind is progress."""
+        """Queue the deltas as events, in the provider's order. Any kind is progress;
+        the provider's extras alone are not."""
         if not deltas:
             return
         now = session.clock()
-        if session.first_delta_at is None:
-            session.first_delta_at = now
-        session.last_delta_at = now
         if plain:
             # Content only: the hot path.
+            if session.first_delta_at is None:
+                session.first_delta_at = now
+            session.last_delta_at = now
             if "content" not in session.first_at:
                 session.first_at["content"] = now
             contents: list[str] = deltas  # type: ignore[assignment]  # plain: all text
@@ -454,11 +455,25 @@ def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: flo
         kind = "tool_call"
         session.tool_calls_queued += 1
         data = answer.delta(session, delta)
-    else:
+    elif isinstance(delta, Reasoning):
         kind = "reasoning"
         session.reasoning_queued += 1
         data = answer.delta(session, delta)
+    elif isinstance(delta, Refusal):
+        kind = "refusal"
+        session.refusal_queued += 1
+        data = answer.delta(session, delta)
+    elif isinstance(delta, ContentPart):
+        kind = "content"
+        session.tokens_queued += 1
+        data = answer.delta(session, delta)
+    else:
+        # The provider's extras: passed on, but no delta of the answer.
+        return answer.delta(session, delta)
     session.first_at.setdefault(kind, now)
+    if session.first_delta_at is None:
+        session.first_delta_at = now
+    session.last_delta_at = now
     return data
 
 

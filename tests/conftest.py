@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +27,24 @@ _STARTED = re.compile(r"\[SSE\] (\S+) started ")
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Every async test runs on asyncio, uvloop and Trio."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def node_sdks() -> Path:
+    """tests/sdk, with the JavaScript SDKs pinned in its package.json installed (``npm
+    ci``, on first use): the folder of the scripts that run them under Node."""
+    folder = Path(__file__).parent / "sdk"
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the JavaScript SDK tests (Node >= 18)")
+    if not (folder / "node_modules").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=folder,
+            check=True,
+            timeout=300,
+        )
+    return folder
 
 
 @pytest.fixture

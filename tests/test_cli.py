@@ -276,8 +276,10 @@ async def test_json_logs_carry_the_end_record_however_the_gateway_runs(
         0,
         0,
     )
+    assert end["refusal_delivered"] == 0
     assert end["usage_source"] == "estimated"
-    assert end["usage"]["completion_tokens"] == tokens
+    assert end["usage"]["completion_tokens"] is None
+    assert end["usage"]["deltas_delivered"] == tokens
     assert end["usage"]["estimated"] is True
     assert isinstance(end["duration_ms"], int)
     assert 0 <= end["time_to_first_delta_ms"] <= end["duration_ms"]

@@ -162,6 +162,7 @@ async def test_stop_during_reasoning_or_a_tool_call_closes_the_provider_first(
                 "tokens_delivered": 0,
                 "reasoning_delivered": len(s.reasoning),
                 "tool_calls_delivered": len(s.tool_calls),
+                "refusal_delivered": 0,
             }
             assert set(stopped.data["first_delta_ms"]) == {phase}
 

@@ -359,6 +359,51 @@ def test_stop_while_the_model_thinks_keeps_the_thinking_and_closes_the_provider(
         reasoner.stop()
 
 
+def test_a_refusal_thinking_in_parts_and_a_failed_generation_show_as_what_they_are(
+    context: BrowserContext, gateway: Gateway
+) -> None:
+    # The simulator's provider modes (issue 32): OpenAI's refusal, Mistral's content
+    # parts, OpenRouter's finish_reason "error".
+    for mode in ("refusal", "parts", "error"):
+        gw = _gateway(
+            gateway.worker,
+            GATEWAY_MODEL=f"simulator-{mode}",
+            GATEWAY_SIMULATOR_TOKENS="6",
+            GATEWAY_SIMULATOR_REASONING_TOKENS="4",
+        )
+        try:
+            chat = ChatPage(context.new_page(), gw)
+            chat.ask("Hello")
+            answer = chat.answer()
+            status = answer.locator(".status")
+            if mode == "refusal":
+                expect(answer).to_have_attribute("data-status", "completed", timeout=WAIT * 1000)
+                refusal = answer.locator(".refusal")
+                expect(refusal).to_have_text(gw.stream_for(chat.session_id())["refusal"])
+                assert len(refusal.inner_text().split()) == 6
+                assert chat.answer_text() == ""
+                expect(status).to_have_text("The model declined to answer.")
+            elif mode == "parts":
+                expect(answer).to_have_attribute("data-status", "completed", timeout=WAIT * 1000)
+                record = gw.stream_for(chat.session_id())
+                assert chat.answer_text() == record["text"]
+                assert len(record["text"].split()) == 6
+                reasoning = answer.locator("details.thinking .reasoning")
+                expect(reasoning).to_have_text(record["reasoning"])
+                expect(answer.locator(".refusal")).to_have_count(0)
+            else:
+                expect(answer).to_have_attribute("data-status", "error", timeout=WAIT * 1000)
+                expect(status).to_have_text(
+                    "Something went wrong: provider ended the answer with an error "
+                    "(MALFORMED_FUNCTION_CALL)"
+                )
+                # What arrived before the failure stays.
+                assert len(chat.answer_text().split()) == 6
+            assert chat.errors() == []
+        finally:
+            gw.stop()
+
+
 def test_a_duplicate_session_id_is_an_error_state_not_a_stop(chat: ChatPage) -> None:
     second: dict[str, Any] = chat.page.evaluate(
         """async () => {

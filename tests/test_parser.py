@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from gateway import ProviderStreamParser, UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from gateway import parser as parser_module
-from gateway.parser import Delta, ParsedChunk, Reasoning, ToolCallDelta
+from gateway.parser import (
+    ContentPart,
+    Delta,
+    Extras,
+    ParsedChunk,
+    Reasoning,
+    Refusal,
+    ToolCallDelta,
+)
 
 
 def _chunk(content: str | None = None, finish: str | None = None, usage: bool = False) -> bytes:
@@ -213,7 +221,7 @@ def test_finish_reason_is_a_known_value_or_other(reason: object, relayed: str) -
     assert parsed.finish_reason == relayed
 
 
-def test_usage_keeps_numbers_only() -> None:
+def test_usage_keeps_numbers_and_nulls_only() -> None:
     usage = {
         "prompt_tokens": 12,
         "completion_tokens": 30,
@@ -234,6 +242,8 @@ def test_usage_keeps_numbers_only() -> None:
         "completion_tokens": 30,
         "prompt_cache_hit_tokens": 8,
         "completion_tokens_details": {"reasoning_tokens": 20},
+        # A null sub-object stays null: the provider said it has none (issue 32).
+        "prompt_tokens_details": None,
         "cost": 0.0012,
         "deep": {"a": {}},
     }
@@ -446,20 +456,33 @@ _TOOL_CALL = _shaped(
         "function": _FUNCTION,
     }
 )
+# Mistral's content parts: text, thinking (a string or a list of text parts), others.
+_PART = _shaped(
+    {
+        "type": st.sampled_from(["text", "thinking", "image_url"]) | _JSON_VALUES,
+        "text": _TEXTS,
+        "thinking": st.lists(_shaped({"type": _TEXTS, "text": _TEXTS}), max_size=2) | _TEXTS,
+    }
+)
 _DELTA = _shaped(
     {
         "role": _TEXTS,
-        "content": _TEXTS,
+        "content": _TEXTS | st.lists(_PART, max_size=3),
         "reasoning_content": _TEXTS,
         "reasoning": _TEXTS,
+        "refusal": _TEXTS,
         "tool_calls": st.lists(_TOOL_CALL, max_size=3) | _JSON_VALUES,
+        "provider_metadata": _JSON_VALUES,
     }
 )
 _CHOICE = _shaped(
     {
         "index": st.integers(0, 3) | _JSON_VALUES,
         "delta": _DELTA,
-        "finish_reason": st.sampled_from(["stop", "length", "eos"]) | _JSON_VALUES,
+        "finish_reason": st.sampled_from(["stop", "length", "eos", "error"]) | _JSON_VALUES,
+        "native_finish_reason": _TEXTS,
+        "error": _JSON_VALUES,
+        "content_filter_results": _JSON_VALUES,
     }
 )
 _CHUNK = _shaped(
@@ -468,6 +491,7 @@ _CHUNK = _shaped(
         "choices": st.lists(_CHOICE, max_size=3) | _JSON_VALUES,
         "usage": st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=4) | _JSON_VALUES,
         "error": _JSON_VALUES,
+        "citations": _JSON_VALUES,
     }
 )
 
@@ -498,6 +522,7 @@ _WELL_FORMED = st.fixed_dictionaries(
                             "content": _TEXT,
                             "reasoning_content": _TEXT,
                             "reasoning": _TEXT,
+                            "refusal": _TEXT,
                             "tool_calls": st.none() | st.lists(_TOOL_CALL, max_size=2),
                         },
                     ),
@@ -539,7 +564,10 @@ def test_any_chunk_is_deltas_or_a_protocol_error_never_an_exception(chunk: objec
     assert parsed.error is None or isinstance(
         parsed.error, UpstreamProtocolError | UpstreamStatusError
     )
-    assert all(isinstance(d, str | Reasoning | ToolCallDelta) for d in parsed.deltas)
+    assert all(
+        isinstance(d, str | Reasoning | Refusal | ToolCallDelta | ContentPart | Extras)
+        for d in parsed.deltas
+    )
     assert parsed.finish_reason is None or parsed.finish_reason in parser_module.FINISH_REASONS | {
         "other"
     }

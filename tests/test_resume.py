@@ -395,7 +395,7 @@ def test_the_log_splits_a_chunk_trims_what_was_written_and_always_takes_the_term
 
     def put(*ids: int) -> None:
         seq[0] = ids[-1]
-        log.put_nowait(b"".join(_event(n) for n in ids), (ids[-1], 0, 0))
+        log.put_nowait(b"".join(_event(n) for n in ids), (ids[-1], 0, 0, 0))
 
     put(1, 2, 3)  # one chunk of three events
     got = log.since(1)
@@ -439,7 +439,7 @@ def test_the_log_gives_every_event_after_any_id_it_holds_with_the_newest_mark(
     for events, marked, written in chunks:
         ids = range(seq[0] + 1, seq[0] + events + 1)
         seq[0] = ids[-1]
-        mark = (ids[-1], 0, 0) if marked else None
+        mark = (ids[-1], 0, 0, 0) if marked else None
         log.put_nowait(b"".join(_event(n) for n in ids), mark)
         if overflowed:
             break

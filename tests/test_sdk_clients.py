@@ -6,8 +6,6 @@ tests/sdk/package.json and installed (``npm ci``) on first use."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +16,15 @@ from .harness import WAIT, Harness, sim_config
 
 pytestmark = pytest.mark.anyio
 
-_SDK_DIR = Path(__file__).parent / "sdk"
-
-
-@pytest.fixture(scope="session")
-def node_sdks() -> Path:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the JavaScript SDK tests (Node >= 18)")
-    if not (_SDK_DIR / "node_modules").is_dir():
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=_SDK_DIR,
-            check=True,
-            timeout=300,
-        )
-    return _SDK_DIR / "stream.mjs"
-
 
 async def _run(
-    script: Path, sdk: str, h: Harness, abort_after: int, session_id: str
+    sdks: Path, sdk: str, h: Harness, abort_after: int, session_id: str
 ) -> dict[str, Any]:
     url = f"http://127.0.0.1:{h.port}/v1"
     with anyio.fail_after(WAIT * 3):
         done = await anyio.run_process(
-            ["node", str(script), sdk, url, str(abort_after), session_id], check=False
+            ["node", str(sdks / "stream.mjs"), sdk, url, str(abort_after), session_id],
+            check=False,
         )
     assert done.returncode == 0, done.stderr.decode()
     result: dict[str, Any] = json.loads(done.stdout)

@@ -87,17 +87,33 @@ async def test_the_end_record_says_where_its_usage_comes_from() -> None:
 
     stopped = Session("session_usage_2", "m")
     stopped.tokens_queued, stopped.reasoning_queued, stopped.tool_calls_queued = 3, 5, 2
+    stopped.refusal_queued = 1
     stopped.cancel("timeout", "idle")
     record = stopped.end_record(anyio.current_time())
     assert record["usage_source"] == "estimated"
+    # Deltas are counted as deltas, never as tokens (issue 32): no token count is known.
     assert record["usage"] == {
         "prompt_tokens": None,
-        "completion_tokens": 10,
+        "completion_tokens": None,
         "total_tokens": None,
         "estimated": True,
+        "deltas_delivered": 11,
     }
+    assert record["refusal_delivered"] == 1
     assert (record["outcome"], record["reason"]) == ("timeout_idle", "timeout")
     assert record["time_to_first_delta_ms"] is None
+
+    # A completed stream whose provider sent no usage reports none, not an estimate.
+    silent = Session("session_usage_3", "m")
+    silent.tokens_queued = 3
+    silent.settle(Completed("stop", None))
+    record = silent.end_record(anyio.current_time())
+    assert (record["usage"], record["usage_source"]) == (None, "none")
+    # Nor does a failed one.
+    failed = Session("session_usage_4", "m")
+    failed.settle(Failed("upstream_error", "provider ended the answer with an error", detail="X"))
+    record = failed.end_record(anyio.current_time())
+    assert (record["usage"], record["usage_source"], record["detail"]) == (None, "none", "X")
 
 
 async def test_the_sessions_clock_is_anyios() -> None:

@@ -29,6 +29,7 @@ async def test_shutdown_stops_every_stream_first(caplog: pytest.LogCaptureFixtur
                 "tokens_delivered": len(reader.tokens),
                 "reasoning_delivered": 0,
                 "tool_calls_delivered": 0,
+                "refusal_delivered": 0,
             }
         for record in records:
             await h.closed(record)

@@ -70,6 +70,7 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             "tokens_delivered": len(s.tokens),
             "reasoning_delivered": 0,
             "tool_calls_delivered": 0,
+            "refusal_delivered": 0,
         }
         assert set(stopped.data["first_delta_ms"]) == {"content"}
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")
@@ -143,6 +144,7 @@ async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> No
             "tokens_delivered": 0,
             "reasoning_delivered": 0,
             "tool_calls_delivered": 0,
+            "refusal_delivered": 0,
             "first_delta_ms": {},
         }
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=cancel")

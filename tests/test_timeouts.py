@@ -45,6 +45,7 @@ async def test_idle_timeout_fires_despite_keepalives(caplog: pytest.LogCaptureFi
             "tokens_delivered": 5,
             "reasoning_delivered": 0,
             "tool_calls_delivered": 0,
+            "refusal_delivered": 0,
         }
         await h.assert_ended_cleanly(caplog, sid, "timed out reason=idle")
 
@@ -70,6 +71,7 @@ async def test_first_token_timeout(caplog: pytest.LogCaptureFixture) -> None:
             "tokens_delivered": 0,
             "reasoning_delivered": 0,
             "tool_calls_delivered": 0,
+            "refusal_delivered": 0,
             "first_delta_ms": {},
         }
         await h.assert_ended_cleanly(caplog, sid, "timed out reason=first_token")

@@ -55,30 +55,30 @@ async def test_chunks_go_in_order_after_the_start_and_count_once_written() -> No
     await writer.start()
     assert client.messages[0]["type"] == "http.response.start"
     assert (b"x-session-id", b"s") in client.messages[0]["headers"]
-    await writer.put(b"a", (1, 0, 0))
+    await writer.put(b"a", (1, 0, 0, 0))
     await writer.put(b"b")  # no mark: the count stays
-    assert session.sent == (1, 0, 0)
-    await writer.put(b"c", (2, 1, 0))
+    assert session.sent == (1, 0, 0, 0)
+    await writer.put(b"c", (2, 1, 0, 0))
     await writer.end()
     assert client.bodies() == [b"a", b"b", b"c", b""]
     assert client.messages[-1]["more_body"] is False
-    assert session.sent == (2, 1, 0)
+    assert session.sent == (2, 1, 0, 0)
     assert session.send_started_at is None
 
 
 async def test_a_send_cut_short_counts_nothing() -> None:
     session, client, writer = _writer()
     await writer.start()
-    await writer.put(b"a", (1, 0, 0))
+    await writer.put(b"a", (1, 0, 0, 0))
     client.gate = anyio.Event()
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(writer.put, b"b", (2, 0, 0))
+            tg.start_soon(writer.put, b"b", (2, 0, 0, 0))
             await client.blocked.wait()
             assert session.send_started_at is not None
             scope.cancel()
     assert writer.interrupted
-    assert session.sent == (1, 0, 0)
+    assert session.sent == (1, 0, 0, 0)
     assert session.send_started_at is None
 
 
@@ -86,12 +86,12 @@ async def test_a_client_gone_mid_write_stops_the_stream() -> None:
     session, client, writer = _writer()
     await writer.start()
     client.fail = anyio.BrokenResourceError()
-    await writer.put(b"a", (1, 0, 0))
+    await writer.put(b"a", (1, 0, 0, 0))
     assert session.client_gone
     assert session.outcome == Stopped("disconnect", None)
-    assert session.sent == (0, 0, 0)
+    assert session.sent == (0, 0, 0, 0)
     client.fail = None
-    await writer.put(b"b", (2, 0, 0))
+    await writer.put(b"b", (2, 0, 0, 0))
     await writer.end()
     assert client.bodies() == []  # nothing more is written to a client that left
 
@@ -102,7 +102,7 @@ async def test_a_ping_is_written_only_between_writes_and_never_beside_one() -> N
     async with anyio.create_task_group() as tg:
         writer.pings = tg
         client.gate = anyio.Event()
-        tg.start_soon(writer.put, b"a", (1, 0, 0))
+        tg.start_soon(writer.put, b"a", (1, 0, 0, 0))
         await client.blocked.wait()
         with pytest.raises(anyio.WouldBlock):
             writer.put_nowait(PING)  # a write under way: the ping is needless
@@ -116,7 +116,7 @@ async def test_a_ping_is_written_only_between_writes_and_never_beside_one() -> N
         done = anyio.Event()
 
         async def put_then_mark() -> None:
-            await writer.put(b"b", (2, 0, 0))
+            await writer.put(b"b", (2, 0, 0, 0))
             done.set()
 
         tg.start_soon(put_then_mark)
@@ -125,7 +125,7 @@ async def test_a_ping_is_written_only_between_writes_and_never_beside_one() -> N
         client.gate.set()
     assert done.is_set()
     assert client.bodies() == [b"a", PING, b"b"]
-    assert session.sent == (2, 0, 0)
+    assert session.sent == (2, 0, 0, 0)
 
 
 async def test_no_ping_once_closed() -> None:

@@ -35,7 +35,10 @@ function describe(state) {
     }
     return `AI response stopped. ${delivered}`;
   }
-  if (state.status === "error") return `Something went wrong: ${state.message}`;
+  if (state.status === "error") {
+    return `Something went wrong: ${state.message}${state.detail ? ` (${state.detail})` : ""}`;
+  }
+  if (state.refusal) return "The model declined to answer.";
   return "";
 }
 
@@ -64,6 +67,18 @@ function thinkingBlock(view) {
     view.thinking = block;
   }
   return view.thinking.querySelector(".reasoning");
+}
+
+// A refusal (the model declines; OpenAI's structured outputs) is not the answer's
+// text: it gets a block of its own, marked as a refusal.
+function refusalBlock(view) {
+  if (!view.refusal) {
+    view.refusal = document.createElement("p");
+    view.refusal.className = "refusal";
+    view.refusal.setAttribute("aria-label", "Refusal");
+    view.el.insertBefore(view.refusal, view.body.nextSibling);
+  }
+  return view.refusal;
 }
 
 // Tool calls as the model writes them: one line per call, name(arguments).
@@ -123,6 +138,11 @@ async function send(text) {
       view.el.scrollIntoView({ block: "end" });
     },
     onReconnect: () => showReconnecting(view, true),
+    onRefusal: (delta) => {
+      showReconnecting(view, false);
+      refusalBlock(view).textContent += delta;
+      view.el.scrollIntoView({ block: "end" });
+    },
     onToken: (delta) => {
       showReconnecting(view, false);
       view.body.textContent += delta;
@@ -130,7 +150,7 @@ async function send(text) {
     },
     onToolCall: (part) => {
       const call = (calls[part.index] ??= { name: null, arguments: "" });
-      if (part.name != null) call.name = part.name;
+      if (part.name && call.name === null) call.name = part.name;
       call.arguments += part.arguments ?? "";
       showToolCalls(view, calls.filter(Boolean));
     },
@@ -148,6 +168,7 @@ async function send(text) {
   entry.status = state.status;
   entry.reasoning = state.reasoning;
   view.body.textContent = state.text;
+  if (state.refusal) refusalBlock(view).textContent = state.refusal;
   if (state.reasoning) {
     thinkingBlock(view).textContent = state.reasoning;
     if (state.status === "completed") view.thinking.open = false;

@@ -93,20 +93,27 @@ export function historyFor(entries, { reasoning = false } = {}) {
 /**
  * Start one streamed answer.
  *
- * `startChat({messages, onToken, onReasoning, onToolCall, onEvent, onReconnect, baseUrl,
- * model, body, headers, sessionId, fetch, resume})` (`headers`: extra ones for every call, e.g.
- * `Authorization`; `body`: extra request fields, e.g. `tools`) returns
- * `{sessionId, stop(), done, state}` at once. `onReasoning(delta)` gets the model's
- * thinking, `onToolCall({index, id?, name?, arguments})` each tool-call fragment.
+ * `startChat({messages, onToken, onReasoning, onRefusal, onToolCall, onContentPart, onExtra,
+ * onEvent, onReconnect, baseUrl, model, body, headers, sessionId, fetch, resume})` (`headers`:
+ * extra ones for every call, e.g. `Authorization`; `body`: extra request fields, e.g. `tools`)
+ * returns `{sessionId, stop(), done, state}` at once. `onReasoning(delta)` gets the model's
+ * thinking, `onRefusal(delta)` the text of a refusal (the model declines; OpenAI's structured
+ * outputs), `onToolCall({index, id?, name?, arguments})` each tool-call fragment,
+ * `onContentPart(part)` a content part of a type the gateway does not know, `onExtra(extras)`
+ * what the provider added beyond the answer (`{chunk?, choice?, delta?}`: Perplexity's
+ * `citations`, Groq's `x_groq`, ...), each time it changes.
  * `done` resolves (never rejects) with the final state, one of:
  *   {status: "completed", text, tokens, finishReason, usage}
  *   {status: "stopped", reason, detail?, text, tokens}   reason: "user" (stop() was
  *        called), "cancel" (cancelled elsewhere), "timeout" (detail: first_token, idle,
  *        total), "shutdown", "superseded" (the answer was resumed elsewhere, e.g.
  *        another tab)
- *   {status: "error", code, message, text, tokens}
- * and, on each, `reasoning` (the thinking's text) and `toolCalls` (`[{index, id, name,
- * arguments}]`, the fragments of each call joined).
+ *   {status: "error", code, message, detail?, text, tokens}   detail: the provider's own
+ *        reason for a failed generation, e.g. "MALFORMED_FUNCTION_CALL"
+ * and, on each, `reasoning` (the thinking's text), `refusal` (the refusal's text, "" if
+ * none), `toolCalls` (`[{index, id, name, arguments}]`, the fragments of each call joined:
+ * the first id and name a call gets are kept), `parts` (the unknown content parts) and
+ * `extras` (the provider's last, or null).
  * `state` is the current one; it is `{status: "streaming"}` until then. The partial
  * text is kept on every end. After the end, or once stop() is called, no callback is
  * called again: tokens of an old answer cannot reach a newer one.
@@ -121,7 +128,10 @@ export function startChat({
   messages,
   onToken = () => {},
   onReasoning = () => {},
+  onRefusal = () => {},
   onToolCall = () => {},
+  onContentPart = () => {},
+  onExtra = () => {},
   onEvent = () => {},
   baseUrl = "",
   model,
@@ -140,14 +150,17 @@ export function startChat({
   let text = "";
   let tokens = 0;
   let reasoning = "";
+  let refusal = "";
   const toolCalls = [];
+  const parts = [];
+  let extras = null;
   let stopReason = null; // set by stop()
   let final = null;
   const chat = { sessionId, state: { status: "streaming" }, reconnecting: false };
 
   const end = (state) => {
     if (final === null) {
-      final = { ...state, text, tokens, reasoning, toolCalls: toolCalls.filter(Boolean) };
+      final = { ...state, text, tokens, reasoning, refusal, toolCalls: toolCalls.filter(Boolean), parts, extras };
       chat.state = final;
     }
     return final;
@@ -167,12 +180,22 @@ export function startChat({
     } else if (event.event === "reasoning") {
       reasoning += data.delta;
       onReasoning(data.delta, chat);
+    } else if (event.event === "refusal") {
+      refusal += data.delta;
+      onRefusal(data.delta, chat);
     } else if (event.event === "tool_call") {
       const call = (toolCalls[data.index] ??= { index: data.index, id: null, name: null, arguments: "" });
-      if (data.id != null) call.id = data.id;
-      if (data.name != null) call.name = data.name;
+      // The first non-empty id and name win: some providers repeat them empty later.
+      if (data.id && call.id === null) call.id = data.id;
+      if (data.name && call.name === null) call.name = data.name;
       call.arguments += data.arguments ?? "";
       onToolCall(data, chat);
+    } else if (event.event === "content_part") {
+      parts.push(data.part);
+      onContentPart(data.part, chat);
+    } else if (event.event === "extra") {
+      extras = data;
+      onExtra(data, chat);
     } else if (event.event === "done") {
       end({ status: "completed", finishReason: data.finish_reason ?? null, usage: data.usage ?? null });
     } else if (event.event === "stopped") {
@@ -180,7 +203,9 @@ export function startChat({
       if (data.detail) state.detail = data.detail;
       end(state);
     } else if (event.event === "error") {
-      end({ status: "error", code: data.code, message: data.message });
+      const state = { status: "error", code: data.code, message: data.message };
+      if (data.detail) state.detail = data.detail;
+      end(state);
     }
     return final;
   };

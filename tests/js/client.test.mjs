@@ -136,6 +136,8 @@ function fakeServer() {
 }
 
 const token = (n, delta) => `id: ${n}\nevent: token\ndata: ${JSON.stringify({ delta })}\n\n`;
+// What a final state holds beside its status when nothing but text came.
+const EMPTY = { reasoning: "", refusal: "", toolCalls: [], parts: [], extras: null };
 
 describe("startChat", () => {
   it("collects reasoning and tool-call fragments, in the order they came", async () => {
@@ -270,8 +272,67 @@ describe("startChat", () => {
       const chat = startChat({ messages: [], fetch: server.fetch });
       server.push(token(1, "x") + `id: 2\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
       const state = await chat.done;
-      assert.deepEqual(state, { ...expected, text: "x", tokens: 1, reasoning: "", toolCalls: [] });
+      assert.deepEqual(state, { ...expected, ...EMPTY, text: "x", tokens: 1 });
     }
+  });
+
+  it("keeps a failed generation's native reason", async () => {
+    const server = fakeServer();
+    const chat = startChat({ messages: [], fetch: server.fetch });
+    const data = { status: "error", code: "upstream_error", message: "provider ended the answer with an error", detail: "MALFORMED_FUNCTION_CALL" };
+    server.push(`id: 1\nevent: error\ndata: ${JSON.stringify(data)}\n\n`);
+    const state = await chat.done;
+    assert.equal(state.status, "error");
+    assert.equal(state.detail, "MALFORMED_FUNCTION_CALL");
+  });
+
+  it("keeps a refusal apart from the answer's text", async () => {
+    const server = fakeServer();
+    const refused = [];
+    const chat = startChat({ messages: [], fetch: server.fetch, onRefusal: (d) => refused.push(d) });
+    const event = (n, name, data) => `id: ${n}\nevent: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+    server.push(event(1, "refusal", { delta: "I'm sorry," }));
+    server.push(event(2, "refusal", { delta: " I can't." }));
+    server.push(event(3, "done", { status: "completed", finish_reason: "stop", usage: null }));
+    const state = await chat.done;
+    assert.deepEqual(refused, ["I'm sorry,", " I can't."]);
+    assert.equal(state.refusal, "I'm sorry, I can't.");
+    assert.equal(state.text, "");
+    assert.equal(state.status, "completed");
+  });
+
+  it("joins tool calls whose later fragments repeat an empty id or name (Qwen, GLM)", async () => {
+    // The gateway leaves empty ids out; a client must still not let a later one wipe the first.
+    const server = fakeServer();
+    const chat = startChat({ messages: [], fetch: server.fetch });
+    const event = (n, name, data) => `id: ${n}\nevent: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+    server.push(event(1, "tool_call", { index: 0, id: "call_1", name: "weather", arguments: "" }));
+    server.push(event(2, "tool_call", { index: 0, id: "", name: "", arguments: '{"city":' }));
+    server.push(event(3, "tool_call", { index: 0, id: "call_other", name: "other", arguments: '"SF"}' }));
+    server.push(event(4, "done", { status: "completed", finish_reason: "tool_calls", usage: null }));
+    const state = await chat.done;
+    assert.deepEqual(state.toolCalls, [{ index: 0, id: "call_1", name: "weather", arguments: '{"city":"SF"}' }]);
+  });
+
+  it("hands the provider's extras and unknown content parts to the app", async () => {
+    const server = fakeServer();
+    const seen = [];
+    const chat = startChat({
+      messages: [],
+      fetch: server.fetch,
+      onExtra: (e) => seen.push(["extra", e]),
+      onContentPart: (p) => seen.push(["part", p]),
+    });
+    const event = (n, name, data) => `id: ${n}\nevent: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+    const extras = { chunk: { citations: ["https://example.com/a"] } };
+    server.push(event(1, "extra", extras));
+    server.push(token(2, "The answer [1]."));
+    server.push(event(3, "content_part", { part: { type: "image_url", image_url: { url: "x" } } }));
+    server.push(event(4, "done", { status: "completed", finish_reason: "stop", usage: null }));
+    const state = await chat.done;
+    assert.deepEqual(seen, [["extra", extras], ["part", { type: "image_url", image_url: { url: "x" } }]]);
+    assert.deepEqual(state.extras, extras);
+    assert.deepEqual(state.parts, [{ type: "image_url", image_url: { url: "x" } }]);
   });
 
   it("turns an HTTP error answer into an error state with the gateway's code", async () => {
@@ -281,10 +342,9 @@ describe("startChat", () => {
       status: "error",
       code: "session_conflict",
       message: "busy",
+      ...EMPTY,
       text: "",
       tokens: 0,
-      reasoning: "",
-      toolCalls: [],
     });
   });
 
