@@ -293,6 +293,7 @@ class _Kit:
             ("token", "tokens_delivered"),
             ("reasoning", "reasoning_delivered"),
             ("tool_call", "tool_calls_delivered"),
+            ("refusal", "refusal_delivered"),
         ):
             if data.get(key) != stream.count(kind):
                 raise _Failed(f"{key}={data.get(key)} but {stream.count(kind)} {kind} events")

@@ -114,6 +114,8 @@ def _tool_call_json(delta: ToolCallDelta) -> dict[str, object]:
         function["name"] = delta.name
     function["arguments"] = delta.arguments
     call["function"] = function
+    if delta.extras is not None:
+        call.update(delta.extras)  # never one of the names above (parser.py)
     return call
 
 
@@ -212,6 +214,7 @@ class ChatCompletion(AnswerFormat):
         self._reasoning: dict[str, list[str]] = {}
         self._calls: dict[int, dict[str, object]] = {}
         self._arguments: dict[int, list[str]] = {}
+        self._call_extras: dict[int, dict[str, object]] = {}
         # The provider's extras, by level; a later value of a field replaces an earlier.
         self._extras: dict[str, dict[str, object]] = {"chunk": {}, "choice": {}, "delta": {}}
 
@@ -246,6 +249,8 @@ class ChatCompletion(AnswerFormat):
                 call.setdefault("id", delta.id)
             if delta.name is not None:
                 call.setdefault("name", delta.name)
+            if delta.extras is not None:
+                self._call_extras.setdefault(delta.index, {}).update(delta.extras)
             self._arguments.setdefault(delta.index, []).append(delta.arguments)
         return b""
 
@@ -288,6 +293,7 @@ class ChatCompletion(AnswerFormat):
         if self._calls:
             message["tool_calls"] = [
                 {
+                    **self._call_extras.get(index, {}),
                     "id": call.get("id"),
                     "type": "function",
                     "function": {

@@ -141,6 +141,8 @@ class _TypedChunk(msgspec.Struct, gc=False, forbid_unknown_fields=True):
 _CHUNK_FIELDS = frozenset(_TypedChunk.__struct_fields__)
 _CHOICE_FIELDS = frozenset(_TypedChoice.__struct_fields__) | {"error"}
 _DELTA_FIELDS = frozenset(_TypedDelta.__struct_fields__)
+# The fields of a tool call fragment that the gateway reads or writes itself.
+_TOOL_CALL_FIELDS = frozenset({"index", "id", "type", "function"})
 # Extra fields of the chunk that would stand for the gateway's own in its answers.
 _RESERVED_EXTRAS = frozenset({"gateway"})
 
@@ -161,12 +163,15 @@ class Reasoning:
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """One element of ``delta.tool_calls``: the ``id`` and ``name`` come once, in the
-    first fragment of a call; ``arguments`` is the next piece of its JSON string."""
+    first fragment of a call; ``arguments`` is the next piece of its JSON string.
+    ``extras``: the fragment's other fields, as sent (Gemini's ``extra_content`` with
+    the thought signature its next turn needs back)."""
 
     index: int
     id: str | None
     name: str | None
     arguments: str
+    extras: dict[str, object] | None = None
 
     def as_event(self) -> dict[str, object]:
         data: dict[str, object] = {"index": self.index}
@@ -175,6 +180,8 @@ class ToolCallDelta:
         if self.name is not None:
             data["name"] = self.name
         data["arguments"] = self.arguments
+        if self.extras is not None:
+            data["extra"] = self.extras
         return data
 
 
@@ -511,11 +518,13 @@ def _tool_call(call: object, position: int) -> ToolCallDelta:
     arguments = function.get("arguments") or ""
     if not isinstance(arguments, str):
         raise UpstreamProtocolError("provider sent tool call arguments that are not text")
+    extras = _unknown(call, _TOOL_CALL_FIELDS)
     return ToolCallDelta(
         index,
         _short_text(call.get("id"), "id"),
         _short_text(function.get("name"), "name"),
         arguments,
+        extras if extras and _fits(extras) else None,
     )
 
 
@@ -527,6 +536,19 @@ def _short_text(value: object, name: str) -> str | None:
     if not isinstance(value, str) or len(value) > _MAX_TOOL_FIELD:
         raise UpstreamProtocolError(f"provider sent a tool call {name} that is not short text")
     return value
+
+
+# Each usage field a provider sent an implausible value for: told once per process.
+_IMPLAUSIBLE: set[str] = set()
+
+
+def _implausible(name: str) -> None:
+    if name not in _IMPLAUSIBLE and len(_IMPLAUSIBLE) < _USAGE_KEYS:
+        _IMPLAUSIBLE.add(name)
+        logger.warning(
+            "provider sent an implausible %s in its usage; left out of the metrics (logged once)",
+            name,
+        )
 
 
 def numbers_only(usage: Mapping[object, object], depth: int = 1) -> dict[str, object]:
@@ -541,21 +563,20 @@ def numbers_only(usage: Mapping[object, object], depth: int = 1) -> dict[str, ob
             out[key] = None
         elif isinstance(value, bool):
             continue
-        elif isinstance(value, int):
-            # Never through float: 10**400 has no float (math.isfinite raised).
-            if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+        elif isinstance(value, int | float):
+            # An int never through float: 10**400 has none (math.isfinite raised).
+            exact = (
+                -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+                if isinstance(value, int)
+                else math.isfinite(value)
+            )
+            if exact:
                 out[key] = value
-        elif isinstance(value, float):
-            if math.isfinite(value):
-                out[key] = value
+            else:
+                _implausible(key)
         elif isinstance(value, dict) and depth < _USAGE_DEPTH:
             out[key] = numbers_only(value, depth + 1)
     return out
-
-
-# Each usage field the metrics read, told once per process when a provider sends an
-# implausible value for it.
-_IMPLAUSIBLE: set[str] = set()
 
 
 def token_counts(usage: Mapping[str, object]) -> dict[str, int]:
@@ -569,13 +590,7 @@ def token_counts(usage: Mapping[str, object]) -> dict[str, int]:
             return None
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
             return value
-        if name not in _IMPLAUSIBLE:
-            _IMPLAUSIBLE.add(name)
-            logger.warning(
-                "provider sent an implausible %s in its usage; left out of the metrics "
-                "(logged once)",
-                name,
-            )
+        _implausible(name)
         return None
 
     def nested(name: str, key: str) -> int | None:

@@ -11,11 +11,18 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from starlette.types import Receive, Scope, Send
+
+from gateway.server import load_config
+
+from .harness import Harness, serve_until
 
 RECORDED = Path(__file__).parent / "recorded"
 
@@ -194,3 +201,23 @@ class Replay:
         for piece in pieces:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+@asynccontextmanager
+async def replaying(provider: Replay, **settings: Any) -> AsyncIterator[Harness]:
+    """A gateway whose provider is ``provider``, each on a real socket."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
+        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
+        try:
+            async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1", **settings) as h:
+                yield h
+        finally:
+            stop.set()
+
+
+def sse(*chunks: dict[str, Any], done: bool = True) -> bytes:
+    """A stream made by hand, one ``data:`` event per chunk."""
+    body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    return body + (b"data: [DONE]\n\n" if done else b"")

@@ -10,20 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import openai
 import pytest
+from openai.types.chat import ChatCompletion
 
 from gateway.parser import ProviderStreamParser
-from gateway.server import load_config
 
 from . import replay
-from .harness import WAIT, Harness, read_chunks, serve_until
+from .harness import WAIT, Harness, read_chunks
 
 pytestmark = [
     pytest.mark.anyio,
@@ -79,19 +77,6 @@ def test_the_parser_reads_every_split_of_a_recording_alike(name: str) -> None:
     assert all(result == results[0] for result in results)
     exp = replay.expected(name)
     assert (results[0][1], results[0][2]) == (exp.relayed_finish, exp.usage)
-
-
-@asynccontextmanager
-async def _replaying(provider: replay.Replay) -> AsyncIterator[Harness]:
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
-        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
-        try:
-            async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1") as h:
-                yield h
-        finally:
-            stop.set()
 
 
 def _joined_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -265,13 +250,34 @@ async def _sdk(h: Harness, sid: str, exp: replay.Expected) -> None:
     sent = [e["chunk"]["citations"] for e in exp.extras if "citations" in e.get("chunk", {})]
     assert citations == sent
     await h.ended(sid)
+    # The SDK's own joiner (its stream helper) makes the same message of it.
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{h.port}/v1", api_key="unused", max_retries=0, timeout=WAIT
+    ) as sdk:
+        helper = sdk.chat.completions.stream(
+            model="m", messages=MESSAGES, extra_headers={"X-Session-Id": sid + "_helper"}
+        )
+        async with helper as events:
+            final: ChatCompletion
+            try:
+                final = await events.get_final_completion()
+            except openai.LengthFinishReasonError as exc:  # finish_reason "length"
+                final = exc.completion
+    message = final.choices[0].message
+    assert (message.content or "", message.refusal or "") == (exp.content, exp.refusal)
+    assert [
+        {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+        for c in message.tool_calls or []
+        if c.type == "function"
+    ] == exp.calls
+    await h.ended(sid + "_helper")
 
 
 @pytest.mark.parametrize("name", NAMES)
 async def test_a_recorded_stream_comes_through_every_path(name: str) -> None:
     exp = replay.expected(name)
     provider = replay.Replay(replay.body(name))
-    async with _replaying(provider) as h:
+    async with replay.replaying(provider) as h:
         sid = "session_rec_" + name.split(".")[0].replace("-", "_")
         await _api(h, sid + "_api", exp)
         await _v1_streamed(h, sid + "_v1s", exp)
@@ -281,7 +287,7 @@ async def test_a_recorded_stream_comes_through_every_path(name: str) -> None:
         for seed in range(3):
             provider.seed = seed
             await _api(h, f"{sid}_split{seed}", exp)
-    assert len(provider.requests) == 7
+    assert len(provider.requests) == 8
 
 
 # Content parts and tool calls, as the JavaScript SDKs' apps see them.
@@ -302,7 +308,7 @@ async def test_the_js_sdks_read_content_parts_and_tool_calls(
     node_sdks: Path, sdk: str, name: str
 ) -> None:
     exp = replay.expected(name)
-    async with _replaying(replay.Replay(replay.body(name))) as h:
+    async with replay.replaying(replay.Replay(replay.body(name))) as h:
         sid = f"session_js_{sdk}_" + name.split(".")[0].replace("-", "_")
         with anyio.fail_after(WAIT * 3):
             done = await anyio.run_process(

@@ -111,8 +111,9 @@ export function historyFor(entries, { reasoning = false } = {}) {
  *   {status: "error", code, message, detail?, text, tokens}   detail: the provider's own
  *        reason for a failed generation, e.g. "MALFORMED_FUNCTION_CALL"
  * and, on each, `reasoning` (the thinking's text), `refusal` (the refusal's text, "" if
- * none), `toolCalls` (`[{index, id, name, arguments}]`, the fragments of each call joined:
- * the first id and name a call gets are kept), `parts` (the unknown content parts) and
+ * none), `toolCalls` (`[{index, id, name, arguments, extra?}]`, the fragments of each call
+ * joined: the first id and name a call gets are kept, `extra` holds what the provider added to
+ * the call, such as Gemini's `extra_content`), `parts` (the unknown content parts) and
  * `extras` (the provider's last, or null).
  * `state` is the current one; it is `{status: "streaming"}` until then. The partial
  * text is kept on every end. After the end, or once stop() is called, no callback is
@@ -189,6 +190,8 @@ export function startChat({
       if (data.id && call.id === null) call.id = data.id;
       if (data.name && call.name === null) call.name = data.name;
       call.arguments += data.arguments ?? "";
+      // What the provider added to the call (Gemini's thought signature): sent back as is.
+      if (data.extra) call.extra = { ...call.extra, ...data.extra };
       onToolCall(data, chat);
     } else if (event.event === "content_part") {
       parts.push(data.part);
