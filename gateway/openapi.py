@@ -36,7 +36,20 @@ _EVENT = {
     "type": "object",
     "required": ["event", "data", "id"],
     "properties": {
-        "event": {"enum": ["start", "reasoning", "token", "tool_call", "done", "stopped", "error"]},
+        "event": {
+            "enum": [
+                "start",
+                "reasoning",
+                "token",
+                "refusal",
+                "tool_call",
+                "content_part",
+                "extra",
+                "done",
+                "stopped",
+                "error",
+            ]
+        },
         "data": {"type": "string", "contentMediaType": "application/json"},
         "id": {"type": "string", "pattern": "^[0-9]+$"},
     },
@@ -264,8 +277,9 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "requestBody": _json_body(chat),
                     "responses": {
                         "200": {
-                            "description": "events: start, token..., then one of done, "
-                            "stopped, error",
+                            "description": "events: start; token, reasoning, refusal, "
+                            "tool_call, content_part and extra, in the provider's order; then "
+                            "one of done, stopped, error",
                             "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
                             "content": {"text/event-stream": {"schema": _EVENT}},
                         },
@@ -300,8 +314,10 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     ),
                     "responses": {
                         "200": {
-                            "description": "stream: true: chat.completion.chunk events, "
-                            "then [DONE]; else one chat.completion object",
+                            "description": "stream: true: chat.completion.chunk events "
+                            "(content, reasoning_content or reasoning, refusal, tool_calls; "
+                            "the provider's extra fields as it sent them), then [DONE]; else "
+                            "one chat.completion object",
                             "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
                             "content": {
                                 "text/event-stream": {"schema": _CHUNK_EVENT},

@@ -167,6 +167,7 @@ async function send(text) {
   entry.content = state.text;
   entry.status = state.status;
   entry.reasoning = state.reasoning;
+  entry.refusal = state.refusal;
   view.body.textContent = state.text;
   if (state.refusal) refusalBlock(view).textContent = state.refusal;
   if (state.reasoning) {

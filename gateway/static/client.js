@@ -76,18 +76,21 @@ export class SSEParser {
  * The history to send with the next request: every user and system message, and
  * only the assistant answers that completed. A stopped or failed answer is left out,
  * so a half-written reply never becomes context.
- * Entries are `{role, content, status?, reasoning?}`; `status` matters for assistant
- * entries. An answer's reasoning is left out too, unless `{reasoning: true}` (DeepSeek
- * wants it back as `reasoning_content` within a tool-call loop, and only there).
+ * Entries are `{role, content, status?, reasoning?, refusal?}`; `status` matters for
+ * assistant entries. An answer's reasoning is left out too, unless `{reasoning: true}`
+ * (DeepSeek wants it back as `reasoning_content` within a tool-call loop, and only
+ * there). An answer that was only a refusal goes back as OpenAI's refusal part.
  */
 export function historyFor(entries, { reasoning = false } = {}) {
   return entries
     .filter((m) => m.role !== "assistant" || m.status === "completed")
-    .map((m) =>
-      reasoning && m.role === "assistant" && m.reasoning
-        ? { role: m.role, content: m.content, reasoning_content: m.reasoning }
-        : { role: m.role, content: m.content },
-    );
+    .map((m) => {
+      const refused = m.role === "assistant" && !m.content && m.refusal;
+      const content = refused ? [{ type: "refusal", refusal: m.refusal }] : m.content;
+      return reasoning && m.role === "assistant" && m.reasoning
+        ? { role: m.role, content, reasoning_content: m.reasoning }
+        : { role: m.role, content };
+    });
 }
 
 /**

@@ -102,6 +102,18 @@ describe("historyFor", () => {
     ]);
   });
 
+  it("sends an answer that was only a refusal back as a refusal part", () => {
+    const entries = [
+      { role: "user", content: "q" },
+      { role: "assistant", content: "", refusal: "I can't help with that.", status: "completed" },
+      { role: "user", content: "q2" },
+    ];
+    assert.deepEqual(historyFor(entries)[1], {
+      role: "assistant",
+      content: [{ type: "refusal", refusal: "I can't help with that." }],
+    });
+  });
+
   it("leaves reasoning out unless asked", () => {
     const entries = [
       { role: "user", content: "q" },
