@@ -546,7 +546,7 @@ def _implausible(name: str) -> None:
     if name not in _IMPLAUSIBLE and len(_IMPLAUSIBLE) < _USAGE_KEYS:
         _IMPLAUSIBLE.add(name)
         logger.warning(
-            "provider sent an implausible %s in its usage; left out of the metrics (logged once)",
+            "provider sent an implausible %s in its usage; not counted (logged once a field)",
             name,
         )
 
