@@ -22,7 +22,7 @@ import anyio
 import httpx2 as httpx
 import pytest
 from anyio.abc import TaskGroup
-from openai import AsyncStream
+from openai import AsyncOpenAI, AsyncStream
 from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
@@ -374,6 +374,14 @@ class LogWatch(logging.Handler):
             while len(self.lines) < count:
                 await self._changed.wait()
         return self.lines
+
+
+def openai_client(h: Harness, key: str = "unused") -> AsyncOpenAI:
+    """The official openai SDK, pointed at a harness's gateway: no retries, the tests'
+    bound on every wait."""
+    return AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{h.port}/v1", api_key=key, max_retries=0, timeout=WAIT
+    )
 
 
 async def read_chunks(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.server import load_config
 
@@ -169,14 +169,24 @@ def deduplicated(extras: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict
 
 
 class Replay:
-    """An ASGI provider that answers every chat request with a recording's bytes: whole
-    in one send, or cut at random offsets (``seed``), one send per piece. It keeps the
-    request bodies it was sent."""
+    """An ASGI provider that answers every request with the same bytes (a recording's,
+    or any): whole in one send, or cut at random offsets (``seed``), one send per
+    piece; by default as a 200 event stream. It keeps the request bodies it was sent."""
 
-    def __init__(self, data: bytes, *, seed: int | None = None, pieces: int = 40) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        seed: int | None = None,
+        pieces: int = 40,
+        status: int = 200,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.data = data
         self.seed = seed
         self.pieces = pieces
+        self.status = status
+        self.headers = [(b"content-type", b"text/event-stream")] if headers is None else headers
         self.requests: list[dict[str, Any]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,8 +202,7 @@ class Replay:
             if not message.get("more_body"):
                 break
         self.requests.append(json.loads(request) if request else {})
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         if self.seed is None:
             pieces = [self.data]
         else:
@@ -204,8 +213,8 @@ class Replay:
 
 
 @asynccontextmanager
-async def replaying(provider: Replay, **settings: Any) -> AsyncIterator[Harness]:
-    """A gateway whose provider is ``provider``, each on a real socket."""
+async def replaying(provider: ASGIApp, **settings: Any) -> AsyncIterator[Harness]:
+    """A gateway whose provider is ``provider`` (an ASGI app), each on a real socket."""
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk, ChatCompletionFunctionToolParam
 
-from .harness import WAIT, Harness, end_lines, read_chunks, sim_config
+from .harness import WAIT, Harness, end_lines, openai_client, read_chunks, sim_config
 
 pytestmark = [
     pytest.mark.anyio,
@@ -29,18 +29,12 @@ TOOLS: list[ChatCompletionFunctionToolParam] = [
 ]
 
 
-def _sdk(h: Harness, key: str = "unused") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{h.port}/v1", api_key=key, max_retries=0, timeout=WAIT
-    )
-
-
 def _content(chunks: list[ChatCompletionChunk]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 async def test_a_streamed_answer_with_usage(caplog: pytest.LogCaptureFixture) -> None:
-    async with Harness(sim_config(tokens=12, rate=0)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(tokens=12, rate=0)) as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(
             model="sim-model",
             messages=MESSAGES,
@@ -70,7 +64,7 @@ async def test_a_streamed_answer_with_usage(caplog: pytest.LogCaptureFixture) ->
 
 
 async def test_without_include_usage_there_is_no_usage_chunk() -> None:
-    async with Harness(sim_config(tokens=3, rate=0)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(tokens=3, rate=0)) as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         chunks = await read_chunks(stream)
     assert all(c.choices for c in chunks)
@@ -79,7 +73,7 @@ async def test_without_include_usage_there_is_no_usage_chunk() -> None:
 
 
 async def test_a_non_streamed_answer_is_assembled_from_the_providers_stream() -> None:
-    async with Harness(sim_config(tokens=9, rate=0)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(tokens=9, rate=0)) as h, openai_client(h) as sdk:
         answer = await sdk.chat.completions.create(model="sim-model", messages=MESSAGES)
         record = await h.record()
     assert answer.object == "chat.completion"
@@ -95,7 +89,10 @@ async def test_a_non_streamed_answer_is_assembled_from_the_providers_stream() ->
 async def test_a_lone_surrogate_from_the_provider_reaches_the_sdk_as_sent() -> None:
     # Half an emoji, escaped by the provider: streamed or assembled, the SDK reads the
     # same text (joined halves would make the emoji).
-    async with Harness(sim_config(tokens=4, rate=0, token_text="\ud83d")) as h, _sdk(h) as sdk:
+    async with (
+        Harness(sim_config(tokens=4, rate=0, token_text="\ud83d")) as h,
+        openai_client(h) as sdk,
+    ):
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         chunks = await read_chunks(stream)
         streamed = await h.record()
@@ -109,7 +106,7 @@ async def test_a_lone_surrogate_from_the_provider_reaches_the_sdk_as_sent() -> N
 
 async def test_reasoning_is_kept_under_the_providers_field_name() -> None:
     reasoner = sim_config(tokens=3, rate=0, reasoning_tokens=5)
-    async with Harness(reasoner) as h, _sdk(h) as sdk:
+    async with Harness(reasoner) as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(
             model="simulator-reasoner", messages=MESSAGES, stream=True
         )
@@ -128,7 +125,7 @@ async def test_reasoning_is_kept_under_the_providers_field_name() -> None:
 
 
 async def test_tool_calls_accumulate_streamed_and_whole() -> None:
-    async with Harness(sim_config(rate=0, tool_fragment_chars=4)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(rate=0, tool_fragment_chars=4)) as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(
             model="m", messages=MESSAGES, tools=TOOLS, stream=True
         )
@@ -157,7 +154,7 @@ async def test_tool_calls_accumulate_streamed_and_whole() -> None:
 async def test_closing_the_sdk_stream_closes_the_provider(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async with Harness(sim_config(tokens=100_000, rate=200)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(tokens=100_000, rate=200)) as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         chunks = await read_chunks(stream, count=5)  # leaves the `async with`: stream.close()
         record = await h.record()
@@ -169,7 +166,7 @@ async def test_closing_the_sdk_stream_closes_the_provider(
 
 
 async def test_fifty_concurrent_streams_closed_early_all_close_their_providers() -> None:
-    async with Harness(sim_config(tokens=100_000, rate=100)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(tokens=100_000, rate=100)) as h, openai_client(h) as sdk:
 
         async def one(sid: str) -> None:
             stream = await sdk.chat.completions.create(
@@ -195,7 +192,7 @@ async def test_fifty_concurrent_streams_closed_early_all_close_their_providers()
 
 
 async def test_a_provider_failure_mid_stream_raises_apierror() -> None:
-    async with Harness(sim_config(tokens=50, rate=0, reset_after=5)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(tokens=50, rate=0, reset_after=5)) as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as caught:
             await read_chunks(stream)
@@ -204,7 +201,7 @@ async def test_a_provider_failure_mid_stream_raises_apierror() -> None:
 
 
 async def test_a_provider_failure_without_stream_is_a_502() -> None:
-    async with Harness(sim_config(status=500)) as h, _sdk(h) as sdk:
+    async with Harness(sim_config(status=500)) as h, openai_client(h) as sdk:
         with pytest.raises(openai.InternalServerError) as caught:
             await sdk.chat.completions.create(model="m", messages=MESSAGES)
     assert caught.value.status_code == 502
@@ -214,12 +211,12 @@ async def test_a_provider_failure_without_stream_is_a_502() -> None:
 async def test_errors_are_the_sdks_own_exceptions() -> None:
     keys = (("app", KEY),)
     async with Harness(api_keys=keys, max_sessions_per_principal=1) as h:
-        async with _sdk(h, "wrong-key-0123456789") as sdk:
+        async with openai_client(h, "wrong-key-0123456789") as sdk:
             with pytest.raises(openai.AuthenticationError) as denied:
                 await sdk.chat.completions.create(model="m", messages=MESSAGES)
             assert denied.value.code == "unauthorized"
             assert denied.value.type == "authentication_error"
-        async with _sdk(h, KEY) as sdk:
+        async with openai_client(h, KEY) as sdk:
             with pytest.raises(openai.BadRequestError) as bad:
                 await sdk.chat.completions.create(model="m", messages=[])
             assert bad.value.code == "invalid_body"
@@ -285,7 +282,7 @@ async def test_a_cancelled_non_streamed_answer_is_what_was_generated() -> None:
     answers: list[Any] = []
     async with (
         Harness(sim_config(tokens=100_000, rate=200)) as h,
-        _sdk(h) as sdk,
+        openai_client(h) as sdk,
         anyio.create_task_group() as tg,
     ):
 
@@ -334,7 +331,7 @@ async def test_the_sync_sdk_streams_and_closes() -> None:
 
 
 async def test_models_lists_the_configured_model_then_the_providers() -> None:
-    async with Harness() as h, _sdk(h) as sdk:
+    async with Harness() as h, openai_client(h) as sdk:
         page = await sdk.models.list()
     assert [m.id for m in page.data] == ["sim-model", "simulator"]
 
@@ -342,7 +339,7 @@ async def test_models_lists_the_configured_model_then_the_providers() -> None:
 async def test_the_providers_model_list_is_asked_once_for_many_listings() -> None:
     """Clients list models often; the provider is asked once a minute, and callers
     arriving together share one fetch."""
-    async with Harness() as h, _sdk(h) as sdk:
+    async with Harness() as h, openai_client(h) as sdk:
         pages: list[list[str]] = []
 
         async def listing() -> None:
@@ -372,7 +369,7 @@ async def test_a_stop_ends_an_sdk_loop_as_cancelled_without_an_exception(
         harness = Harness(sim_config(tokens=100_000, rate=200))
         line = "stopped reason=shutdown" if how == "shutdown" else "aborted by client/cancel"
         expected = {"reason": how}
-    async with harness as h, _sdk(h) as sdk:
+    async with harness as h, openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(
             model="m",
             messages=MESSAGES,
@@ -423,7 +420,7 @@ async def test_a_stop_ends_an_sdk_loop_as_cancelled_without_an_exception(
 
 async def test_a_timeout_ends_a_non_streamed_answer_as_cancelled() -> None:
     quiet_after_5 = sim_config(tokens=100, stall_after=5, keepalive_interval=0.02)
-    async with Harness(quiet_after_5, idle_timeout=0.3) as h, _sdk(h) as sdk:
+    async with Harness(quiet_after_5, idle_timeout=0.3) as h, openai_client(h) as sdk:
         answer = await sdk.chat.completions.create(model="m", messages=MESSAGES)
         record = await h.record()
         await h.closed(record)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import parser as parser_module
 
 from . import replay
-from .harness import WAIT, Harness, end_lines, read_chunks, sim_config
+from .harness import Harness, end_lines, openai_client, read_chunks, sim_config
 
 pytestmark = [
     pytest.mark.anyio,
@@ -93,9 +93,7 @@ async def test_a_failed_choice_ends_the_stream_as_an_error_never_done(
         assert status == 502
         assert answer["error"]["code"] == "upstream_error"
 
-        async with openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{h.port}/v1", api_key="x", max_retries=0, timeout=WAIT
-        ) as sdk:
+        async with openai_client(h) as sdk:
             stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
             with pytest.raises(openai.APIError, match="MALFORMED_FUNCTION_CALL"):
                 await read_chunks(stream)
@@ -166,9 +164,7 @@ GEMINI_CALL = replay.sse(
 async def _sdk_calls(h: Harness) -> list[Any]:
     """The official SDK's own joiner (its stream helper) on /v1."""
     async with (
-        openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{h.port}/v1", api_key="x", max_retries=0, timeout=WAIT
-        ) as sdk,
+        openai_client(h) as sdk,
         sdk.chat.completions.stream(model="m", messages=MESSAGES) as events,
     ):
         final = await events.get_final_completion()

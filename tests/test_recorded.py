@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletion
 from gateway.parser import ProviderStreamParser
 
 from . import replay
-from .harness import WAIT, Harness, read_chunks
+from .harness import WAIT, Harness, openai_client, read_chunks
 
 pytestmark = [
     pytest.mark.anyio,
@@ -200,9 +200,7 @@ async def _v1_whole(h: Harness, sid: str, exp: replay.Expected) -> None:
 
 
 async def _sdk(h: Harness, sid: str, exp: replay.Expected) -> None:
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{h.port}/v1", api_key="unused", max_retries=0, timeout=WAIT
-    ) as sdk:
+    async with openai_client(h) as sdk:
         stream = await sdk.chat.completions.create(
             model="m",
             messages=MESSAGES,
@@ -251,9 +249,7 @@ async def _sdk(h: Harness, sid: str, exp: replay.Expected) -> None:
     assert citations == sent
     await h.ended(sid)
     # The SDK's own joiner (its stream helper) makes the same message of it.
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{h.port}/v1", api_key="unused", max_retries=0, timeout=WAIT
-    ) as sdk:
+    async with openai_client(h) as sdk:
         helper = sdk.chat.completions.stream(
             model="m", messages=MESSAGES, extra_headers={"X-Session-Id": sid + "_helper"}
         )

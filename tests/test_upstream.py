@@ -1,24 +1,21 @@
 """A hostile or broken provider, on a real socket: what reaches the client and the log.
 
 The provider here answers every request with one canned response, written in one
-send (so what it holds arrives in as few reads as the kernel makes of it).
+send (so what it holds arrives in as few reads as the kernel makes of it): a
+tests/replay.py provider.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
-from starlette.types import Receive, Scope, Send
 
-from gateway.server import load_config
-
-from .harness import Harness, end_lines, serve_until, sim_config
+from . import replay
+from .harness import Harness, end_lines, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -38,39 +35,6 @@ STREAM = (
 SSE = [(b"content-type", b"text/event-stream")]
 
 
-class Canned:
-    """An ASGI provider that answers every request with the same bytes."""
-
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
-
-
-@asynccontextmanager
-async def _gateway(provider: Canned, **settings: Any) -> AsyncIterator[Harness]:
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
-        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
-        try:
-            async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1", **settings) as h:
-                yield h
-        finally:
-            stop.set()
-
-
 async def _events(h: Harness, sid: str) -> list[Any]:
     async with h.stream(sid) as s:
         events = await s.rest()
@@ -83,9 +47,9 @@ async def test_a_gzip_bomb_is_refused_not_decoded(caplog: pytest.LogCaptureFixtu
     # gateway asks for identity and must not decode it: before, it did, blocking the
     # event loop while it inflated (2 GiB froze every stream for 11 s).
     bomb = gzip.compress(STREAM[:-14] + b"\n" * (256 * 1024 * 1024) + STREAM[-14:], 1)
-    provider = Canned(200, [*SSE, (b"content-encoding", b"gzip")], bomb)
+    provider = replay.Replay(bomb, headers=[*SSE, (b"content-encoding", b"gzip")])
     async with (
-        _gateway(provider) as h,
+        replay.replaying(provider) as h,
         Harness(sim_config(tokens=10_000, rate=100)) as other,
         other.stream("session_1_bystander") as bystander,
     ):
@@ -115,7 +79,7 @@ async def test_an_answer_that_is_not_an_event_stream_is_an_error(
     status: int, headers: list[tuple[bytes, bytes]], why: str
 ) -> None:
     # Each body is a valid stream: before, it was relayed and ended as `done`.
-    async with _gateway(Canned(status, headers, STREAM)) as h:
+    async with replay.replaying(replay.Replay(STREAM, status=status, headers=headers)) as h:
         events = await _events(h, "session_1_notastream")
         assert [e.event for e in events] == ["start", "error"]
         assert events[-1].data["code"] == "upstream_protocol"
@@ -127,7 +91,7 @@ async def test_deltas_before_an_in_stream_error_reach_the_client() -> None:
     error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
     body = STREAM[: STREAM.index(b'data: {"id": "c1", "choices": [{"index": 0, "delta": {}')]
     for tail in (error, b"data: {not json\n\n"):
-        async with _gateway(Canned(200, SSE, body + tail)) as h:
+        async with replay.replaying(replay.Replay(body + tail)) as h:
             events = await _events(h, "session_1_partial0")
             assert [e.event for e in events] == ["start", "token", "token", "error"]
             assert [e.data["delta"] for e in events[1:3]] == ["Hel", "lo"]
@@ -142,7 +106,7 @@ async def test_finish_reason_usage_and_error_types_carry_no_provider_text() -> N
         + json.dumps({"choices": [], "usage": usage}).encode()
         + b"\n\ndata: [DONE]\n\n"
     )
-    async with _gateway(Canned(200, SSE, body)) as h:
+    async with replay.replaying(replay.Replay(body)) as h:
         events = await _events(h, "session_1_freetext")
     done = events[-1]
     assert done.event == "done"
@@ -150,7 +114,7 @@ async def test_finish_reason_usage_and_error_types_carry_no_provider_text() -> N
     assert done.data["usage"] == {"prompt_tokens": 3, "completion_tokens": 2}
     # An identifier-shaped error type that is really the prompt is not relayed.
     error = b'data: {"error": {"message": "x", "type": "my_password_is_hunter2"}}\n\n'
-    async with _gateway(Canned(200, SSE, error)) as h:
+    async with replay.replaying(replay.Replay(error)) as h:
         events = await _events(h, "session_1_freetext")
     assert events[-1].data["message"] == "provider sent an error"
 
@@ -162,7 +126,7 @@ async def test_a_finish_reason_that_is_not_text_ends_the_stream_as_other(
     # Not hashable: looked up among the known reasons, it raised TypeError, and every
     # such stream ended internal_error with a traceback.
     body = _chunk({"content": "Hi"}) + _chunk({}, reason) + b"data: [DONE]\n\n"
-    async with _gateway(Canned(200, SSE, body)) as h:
+    async with replay.replaying(replay.Replay(body)) as h:
         events = await _events(h, "session_1_reasonlist")
     assert [e.event for e in events] == ["start", "token", "done"]
     assert events[-1].data["finish_reason"] == "other"
@@ -199,8 +163,8 @@ async def test_the_log_tells_provider_errors_apart_and_the_client_stays_safe(
     caplog: pytest.LogCaptureFixture, status: int, error: dict[str, str], logged: str
 ) -> None:
     body = json.dumps({"error": error}).encode()
-    provider = Canned(status, [(b"content-type", b"application/json")], body)
-    async with _gateway(provider) as h:
+    provider = replay.Replay(body, status=status, headers=[(b"content-type", b"application/json")])
+    async with replay.replaying(provider) as h:
         events = await _events(h, "session_1_provider")
     assert events[-1].data["message"] == f"provider answered HTTP {status}"
     [line] = end_lines(caplog.records, "session_1_provider")
