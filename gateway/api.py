@@ -303,7 +303,11 @@ async def _chat_completions(request: Request) -> ASGIApp:
     body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
     payload = chat_payload(body, state.settings)
     stream, include_usage = stream_options(body)
-    answer = ChatCompletionChunks(include_usage) if stream else ChatCompletion()
+    answer: AnswerFormat
+    if stream:
+        answer = ChatCompletionChunks(include_usage)
+    else:
+        answer = ChatCompletion(state.settings.max_answer_bytes)
     return _stream(request, principal, session_id, payload, answer)
 
 
@@ -331,7 +335,10 @@ async def _models(request: Request) -> Response:
     state = state_of(request)
     _principal(request)
     ids = [state.settings.model]
-    ids += [i for i in await state.models.ids(state.client, state.upstream_url) if i not in ids]
+    listed = await state.models.ids(
+        state.client, state.upstream_url, state.settings.max_models_bytes
+    )
+    ids += [i for i in listed if i not in ids]
     data = [{"id": i, "object": "model", "created": 0, "owned_by": "gateway"} for i in ids]
     return JSONResponse({"object": "list", "data": data})
 

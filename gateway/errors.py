@@ -162,3 +162,10 @@ class UpstreamProtocolError(UpstreamError):
     """The provider's stream is not the OpenAI streaming format."""
 
     code = "upstream_protocol"
+
+
+class AnswerTooLarge(UpstreamError):
+    """An answer the gateway has to hold whole (``stream: false``) grew over
+    ``GATEWAY_MAX_ANSWER_BYTES``: the stream ends, the provider is closed."""
+
+    code = "answer_too_large"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from .errors import AnswerTooLarge
 from .events import encode_event, encode_reasoning, encode_token, json_string, json_text
 from .parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
 from .responses import error_body
@@ -206,7 +207,12 @@ class ChatCompletion(AnswerFormat):
     streaming = False
     media_type = _JSON
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
+        # What the answer may hold, in UTF-8 bytes of its text, reasoning, refusal and
+        # tool arguments; past it, the stream fails (AnswerTooLarge) and the provider is
+        # closed, instead of the process holding (and joining) any size of answer.
+        self._max_bytes = max_bytes
+        self._bytes = 0
         # Text, and the parts of unknown types between it, in the provider's order.
         self._content: list[str | ContentPart] = []
         self._parts = False
@@ -222,13 +228,25 @@ class ChatCompletion(AnswerFormat):
         return b""
 
     def contents(self, session: Session, texts: list[str]) -> bytes:
+        for text in texts:
+            self._hold(text)
         self._content.extend(texts)
         return b""
 
+    def _hold(self, text: str) -> None:
+        self._bytes += len(text.encode("utf-8", "surrogatepass"))
+        if self._bytes > self._max_bytes:
+            raise AnswerTooLarge(
+                f"the answer is over GATEWAY_MAX_ANSWER_BYTES ({self._max_bytes} bytes); "
+                "ask for it with stream: true"
+            )
+
     def delta(self, session: Session, delta: Delta) -> bytes:
         if isinstance(delta, Reasoning):
+            self._hold(delta.text)
             self._reasoning.setdefault(delta.field, []).append(delta.text)
         elif isinstance(delta, Refusal):
+            self._hold(delta.text)
             self._refusal.append(delta.text)
         elif isinstance(delta, ContentPart):
             self._content.append(delta)
@@ -251,6 +269,7 @@ class ChatCompletion(AnswerFormat):
                 call.setdefault("name", delta.name)
             if delta.extras is not None:
                 self._call_extras.setdefault(delta.index, {}).update(delta.extras)
+            self._hold(delta.arguments)
             self._arguments.setdefault(delta.index, []).append(delta.arguments)
         return b""
 

@@ -331,7 +331,10 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             },
                         },
                         **refusals,
-                        "502": _error("stream: false and the provider failed"),
+                        "502": _error(
+                            "stream: false and the provider failed, or the answer grew "
+                            "over GATEWAY_MAX_ANSWER_BYTES"
+                        ),
                     },
                 }
             },

@@ -73,6 +73,9 @@ class Settings:
     # events are kept for a resume.
     resume_window: float = 0.0
     resume_buffer_bytes: int = 1024 * 1024
+    # Bounds on what the gateway keeps of a provider's answers (docs/api.md).
+    max_models_bytes: int = 1024 * 1024
+    max_answer_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
@@ -108,6 +111,8 @@ class Settings:
             "max_message_chars",
             "max_sessions_per_principal",
             "max_sessions",
+            "max_models_bytes",
+            "max_answer_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)} must be >= 1")
@@ -149,8 +154,14 @@ class Settings:
             ("redis://", "rediss://", "unix://")
         ):
             raise ConfigError("GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
-        if self.metrics_key is not None and len(self.metrics_key) < 16:
-            raise ConfigError("GATEWAY_METRICS_KEY must be at least 16 characters")
+        if self.metrics_key is not None:
+            if len(self.metrics_key) < 16:
+                raise ConfigError("GATEWAY_METRICS_KEY must be at least 16 characters")
+            if not (self.metrics_key.isascii() and self.metrics_key.isprintable()) or any(
+                c.isspace() for c in self.metrics_key
+            ):
+                # A header carries ASCII: such a key could never be presented.
+                raise ConfigError("GATEWAY_METRICS_KEY must be printable ASCII without spaces")
         if not math.isfinite(self.resume_window) or self.resume_window < 0:
             raise ConfigError(f"GATEWAY_RESUME_WINDOW must be >= 0, got {self.resume_window!r}")
         if self.resume_buffer_bytes < 1024:
@@ -178,9 +189,14 @@ class Settings:
         for field in dataclasses.fields(cls):
             kind = _SCALARS.get(str(field.type))
             if kind is not None:
-                raw = env.get(_env_name(field.name), "").strip()
+                given = env.get(_env_name(field.name), "")
+                raw = given.strip()
                 if raw:
                     values[field.name] = _parse(field.name, raw, kind)
+                elif given and field.name in _SECRETS:
+                    # Set, but to blanks: never read as "unset", which would open the
+                    # door the key was meant to guard.
+                    raise ConfigError(f"{_env_name(field.name)} is set but blank")
         if values.get("upstream_url") is not None and "model" not in values:
             raise ConfigError("GATEWAY_MODEL is required when GATEWAY_UPSTREAM_URL is set")
         if "log_level" in values:
@@ -205,6 +221,9 @@ def _switch(raw: str) -> bool:
         return False
     raise ValueError(raw)
 
+
+# A key whose variable is set to blanks is an error, not the default (no key: open).
+_SECRETS = frozenset({"metrics_key"})
 
 # How each scalar field's variable is read, by the field's declared type; a blank
 # variable means the default.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import urllib.parse
 import urllib.request
@@ -31,6 +32,8 @@ from .errors import (
 from .parser import provider_error_ids
 from .settings import Settings
 from .transport import BODY_EXTENSION, HTTP1Transport
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelList",
@@ -169,8 +172,9 @@ _MODELS_TTL = 60.0
 
 class ModelList:
     """The provider's model ids, asked at most once per ``ttl`` seconds; callers that
-    arrive during a fetch share it. An empty answer (no such endpoint, a failure) is
-    kept as long: the provider is not asked again on every request."""
+    arrive during a fetch share it. An empty answer (no such endpoint, a failure, a body
+    over the bound or unreadable) is kept as long: the provider is not asked again on
+    every request."""
 
     def __init__(self, ttl: float = _MODELS_TTL) -> None:
         self._ttl = ttl
@@ -178,33 +182,53 @@ class ModelList:
         self._expires = -math.inf
         self._lock: anyio.Lock | None = None
 
-    async def ids(self, client: httpx.AsyncClient, base_url: str) -> list[str]:
+    async def ids(self, client: httpx.AsyncClient, base_url: str, max_bytes: int) -> list[str]:
         if anyio.current_time() < self._expires:
             return self._ids
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
             if anyio.current_time() >= self._expires:
-                self._ids = await list_models(client, base_url)
+                self._ids = await list_models(client, base_url, max_bytes)
                 self._expires = anyio.current_time() + self._ttl
         return self._ids
 
 
-async def list_models(client: httpx.AsyncClient, base_url: str) -> list[str]:
+async def list_models(client: httpx.AsyncClient, base_url: str, max_bytes: int) -> list[str]:
     """The model ids the provider lists at ``<base>/models``; none if it does not answer
-    one (many OpenAI-compatible providers have no such endpoint)."""
+    one (many OpenAI-compatible providers have no such endpoint). The body is read as
+    sent, never decoded (any ``Content-Encoding`` is refused: a gzip bomb stays a few
+    KB), and at most ``max_bytes`` of it."""
     parts = urllib.parse.urlsplit(base_url)
     url = urllib.parse.urlunsplit(parts._replace(path=parts.path + "/models"))
+    request = client.build_request("GET", url, headers={"accept": "application/json"})
+    body = bytearray()
     try:
         with anyio.fail_after(_MODELS_TIMEOUT):
-            response = await client.get(url, headers={"accept": "application/json"})
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    return []
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    logger.warning("provider's model list came %s-encoded; not read", encoding)
+                    return []
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        logger.warning(
+                            "provider's model list is over GATEWAY_MAX_MODELS_BYTES (%d); not read",
+                            max_bytes,
+                        )
+                        return []
+            finally:
+                await UpstreamResponse(response).aclose()
     except (httpx.HTTPError, TimeoutError):
         return []
-    if response.status_code != 200:
-        return []
     try:
-        data = json.loads(response.content).get("data")
-    except (ValueError, AttributeError):
+        data = json.loads(body).get("data")
+    except (ValueError, AttributeError, RecursionError):
+        # RecursionError: nesting deeper than Python's stack (a 500 on every call before).
         return []
     if not isinstance(data, list):
         return []

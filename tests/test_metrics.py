@@ -178,6 +178,15 @@ def test_a_short_metrics_key_is_refused() -> None:
         Settings.from_env({"GATEWAY_METRICS_KEY": "short"})
 
 
+@pytest.mark.parametrize("key", [" ", "\t\n", " " * 20, "a-key-with a space-in-it"])
+def test_a_metrics_key_of_whitespace_is_refused_not_read_as_open(key: str) -> None:
+    # Before: " " was stripped to nothing and read as unset, so /metrics was open.
+    with pytest.raises(ConfigError, match="GATEWAY_METRICS_KEY"):
+        Settings.from_env({"GATEWAY_METRICS_KEY": key})
+    with pytest.raises(ConfigError, match="GATEWAY_METRICS_KEY"):
+        Settings(metrics_key=key)
+
+
 async def test_two_workers_behind_one_port_report_the_sum(
     anyio_backend: Any, tmp_path: Path
 ) -> None:

@@ -1,0 +1,129 @@
+"""``GET /v1/models`` against a hostile provider's model list (issue 33): a gzip bomb,
+a body without end, nesting deeper than Python's stack. The list is read as sent and
+bounded by ``GATEWAY_MAX_MODELS_BYTES``; what cannot be read is no list, cached like
+one; a stream on the same worker goes on meanwhile."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from gateway import Simulator, SimulatorConfig
+
+from . import replay
+from .harness import WAIT
+
+pytestmark = pytest.mark.anyio
+
+# How long a stream on the same worker may go without a token while the list is read.
+_GAP = 0.1
+
+
+class HostileModels:
+    """The simulator, but ``GET <base>/models`` answers ``body`` with ``headers``, or,
+    with ``endless``, 1 MiB chunks until the reader goes or 64 MiB are written."""
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        endless: bool = False,
+    ) -> None:
+        self.simulator = Simulator(SimulatorConfig(tokens=100_000, rate=100))
+        self.body = body
+        self.headers = [(b"content-type", b"application/json"), *(headers or [])]
+        self.endless = endless
+        self.asked = 0
+        self.written = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/models"):
+            await self.simulator(scope, receive, send)
+            return
+        self.asked += 1
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        if not self.endless:
+            await send({"type": "http.response.body", "body": self.body})
+            return
+        chunk = b" " * (1024 * 1024)
+        gone = anyio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            # Until the reader goes: hypercorn's send() does not fail after it has.
+            while self.written < 64 * 1024 * 1024 and not gone.is_set():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self.written += len(chunk)
+                await anyio.lowlevel.checkpoint()
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b""})
+            tg.cancel_scope.cancel()
+
+
+async def _list_beside_a_stream(provider: HostileModels, **settings: Any) -> tuple[Any, float]:
+    """List the models twice while a stream runs on the same gateway; the list, and the
+    longest gap between that stream's tokens meanwhile."""
+    async with (
+        replay.replaying(provider, **settings) as h,
+        h.stream("session_models_bystander") as s,
+    ):
+        await s.tokens_at_least(3)
+        before = len(s.events)
+        with anyio.fail_after(WAIT):
+            first = await h.client.get("/v1/models")
+            second = await h.client.get("/v1/models")
+        await s.tokens_at_least(len(s.tokens) + 3)
+        assert (await h.cancel("session_models_bystander")).status_code == 200
+        await s.rest()
+    times = [e.at for e in s.events[before - 1 :] if e.event == "token"]
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    return first.json(), max(b - a for a, b in itertools.pairwise(times))
+
+
+async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCaptureFixture) -> None:
+    # A valid list hidden in 64 MiB of spaces, gzipped to a few hundred KB. Before, such
+    # a list was decoded: with 256 MiB the gateway went to 844 MiB and every stream on
+    # the worker stalled 1.4 s.
+    bomb = gzip.compress(b'{"data": [{"id": "x"}]' + b" " * (64 * 1024 * 1024) + b"}", 1)
+    provider = HostileModels(bomb, [(b"content-encoding", b"gzip")])
+    started = time.monotonic()
+    listing, gap = await _list_beside_a_stream(provider)
+    assert time.monotonic() - started < WAIT
+    assert [m["id"] for m in listing["data"]] == ["sim-model"]
+    assert gap < _GAP, gap
+    assert provider.asked == 1  # the failure is cached like a list
+    assert any("gzip-encoded" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_model_list_without_end_is_read_up_to_its_bound() -> None:
+    # Before: read whole (a 1 GiB body took the gateway to 1,085 MiB).
+    provider = HostileModels(endless=True)
+    listing, gap = await _list_beside_a_stream(provider, max_models_bytes=256 * 1024)
+    assert [m["id"] for m in listing["data"]] == ["sim-model"]
+    assert gap < _GAP, gap
+    assert provider.asked == 1
+    # The gateway stopped reading at the bound and closed: the provider could write
+    # no more than the bound and the sockets' buffers took.
+    assert provider.written < 32 * 1024 * 1024, provider.written
+
+
+async def test_a_model_list_nested_past_the_stack_is_no_list_not_a_500() -> None:
+    # Before: RecursionError escaped, a 500 with a traceback on every call, not cached.
+    provider = HostileModels(b"[" * 100_000 + b"]" * 100_000)
+    listing, _ = await _list_beside_a_stream(provider)
+    assert [m["id"] for m in listing["data"]] == ["sim-model"]
+    assert provider.asked == 1
