@@ -126,7 +126,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         openapi=openapi(settings),
         cluster=(
             Cluster(
-                settings.redis_url, claim_ttl=settings.claim_ttl, cancel_wait=settings.cancel_wait
+                settings.redis_url,
+                claim_ttl=settings.claim_ttl,
+                cancel_wait=settings.cancel_wait,
+                redis_timeout=settings.redis_timeout,
             )
             if settings.redis_url
             else None

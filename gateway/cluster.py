@@ -11,6 +11,16 @@ log line per outage), and a cancel that needs another instance is answered 503
 ``cancel_unavailable``, never a false 404. The connection is retried with backoff and
 the subscription renewed.
 
+A Redis that hangs (paused, blocked, partitioned without a reset) is not a Redis that
+refuses: its connections stay up and its answers never come. So every command waits
+for its answer at most ``GATEWAY_REDIS_TIMEOUT`` (``_call``): past it, the answer is
+abandoned, never the command cancelled half-way (coredis does not give back the
+connection of a command cancelled mid-way), and the link is marked unavailable, as if
+Redis were down. The next command that is answered marks it available again; while it
+is unavailable, a probe asks twice a second. When it is back, every live stream's claim
+is set again (SET if gone, not only PEXPIRE), and an id that another instance claimed
+meanwhile is reported, not taken over.
+
 Every message from Redis is untrusted input (anyone who can publish, an instance of
 another release): one that is not a valid message of a version this instance knows
 is ignored, with a rate-limited warning, and the instance goes on serving. The
@@ -21,6 +31,7 @@ coredis runs on anyio, so the same code serves the asyncio and the Trio worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +39,7 @@ import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import coredis
@@ -48,16 +59,26 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-_REFRESH = """
-local n = 0
+# Each of this instance's claims: kept alive if it is still ours, set again if it is
+# gone (Redis restarted, or paused past the TTL); the keys another instance holds now
+# are returned, with their owners.
+_CLAIM_ALL = """
+local taken = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('get', key) == ARGV[1] then
-    redis.call('pexpire', key, ARGV[2]); n = n + 1
+  local owner = redis.call('get', key)
+  if owner == ARGV[1] then
+    redis.call('pexpire', key, ARGV[2])
+  elseif not owner then
+    redis.call('set', key, ARGV[1], 'PX', ARGV[2])
+  else
+    table.insert(taken, key); table.insert(taken, owner)
   end
 end
-return n
+return taken
 """
 _BACKOFF_MAX = 2.0
+# While the link is unavailable, how often a probe asks Redis whether it answers.
+_PROBE_INTERVAL = 0.5
 
 # The message format's version: see docs/scaling.md for the rule that changes it.
 PROTOCOL_VERSION = 1
@@ -104,6 +125,14 @@ class _Malformed(Exception):
     """A message from Redis that this instance does not accept."""
 
 
+class RedisTimeout(OSError):
+    """Redis did not answer within ``GATEWAY_REDIS_TIMEOUT``: as good as down for the
+    caller, though the command may still be applied later."""
+
+
+_T = TypeVar("_T")
+
+
 def _text(data: dict[str, object], name: str, pattern: re.Pattern[str] | None, limit: int) -> str:
     value = data.get(name)
     if not isinstance(value, str) or not value or len(value) > limit:
@@ -130,12 +159,21 @@ def _parse(raw: object) -> dict[str, object]:
 
 
 class Cluster:
-    def __init__(self, url: str, *, claim_ttl: float, cancel_wait: float) -> None:
+    def __init__(
+        self, url: str, *, claim_ttl: float, cancel_wait: float, redis_timeout: float = 0.5
+    ) -> None:
         self.instance_id = new_instance_id()
         self._url = url
         self._ttl_ms = max(1, round(claim_ttl * 1000))
         self._claim_ttl = claim_ttl
         self._cancel_wait = cancel_wait
+        self._timeout = redis_timeout
+        # Claims found held by another instance, each reported once.
+        self._reported: set[str] = set()
+        # A command timed out: the link is up but Redis does not answer.
+        self._hung = False
+        # Commands sent and not answered yet.
+        self._outstanding = 0
         self._client: coredis.Redis[str] | None = None
         self._claims: set[str] = set()
         # Streams that started while Redis was down: claimed once it is back.
@@ -191,10 +229,11 @@ class Cluster:
                     ):
                         self._client = client
                         self._tg = tg
-                        await self._reclaim(client)
+                        await self._claim_all(client)
                         self._up()
                         delay = 0.05
                         tg.start_soon(self._refresh_claims, client)
+                        tg.start_soon(self._probe, client)
                         tg.start_soon(self._consume, pubsub, client, tg)
                         await self._stop.wait()
                         tg.cancel_scope.cancel()
@@ -220,6 +259,7 @@ class Cluster:
 
     def _up(self) -> None:
         self.available = True
+        self._hung = False
         if self._outage_logged:
             logger.info(
                 "[cluster] Redis reachable again; instance %s resubscribed", self.instance_id
@@ -248,18 +288,20 @@ class Cluster:
 
     async def claim(self, principal: str, session_id: str) -> bool:
         """Claim the id cluster-wide; ``False`` if another live stream holds it.
-        With Redis down the claim is skipped (``True``)."""
+        With Redis down, hung or not answering in time, the claim is skipped (``True``)
+        and made once Redis answers again."""
         key = _claim_key(principal, session_id)
         client = self._client
-        if client is None:
+        if client is None or not self.available:
             self._unclaimed.add(key)
             return True
         try:
-            with anyio.fail_after(self._claim_ttl):
-                won = await client.set(
+            won = await self._call(
+                lambda: client.set(
                     key, self.instance_id, condition=coredis.PureToken.NX, px=self._ttl_ms
                 )
-        except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            )
+        except (coredis.exceptions.RedisError, OSError) as exc:
             self._down(exc)
             self._unclaimed.add(key)
             return True
@@ -274,31 +316,123 @@ class Cluster:
             return
         self._claims.discard(key)
         client = self._client
-        if client is None:
+        if client is None or not self.available:
             return  # it expires within the TTL
         try:
-            with anyio.move_on_after(1.0, shield=True):
-                await client.eval(_RELEASE, keys=[key], args=[self.instance_id])
+            with anyio.CancelScope(shield=True):
+                await self._call(lambda: client.eval(_RELEASE, keys=[key], args=[self.instance_id]))
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._down(exc)
 
-    async def _reclaim(self, client: coredis.Redis[str]) -> None:
-        """After an outage (or a Redis restart, which forgets every key), claim again
-        what this instance holds, so its streams can be cancelled from anywhere."""
-        keys, self._unclaimed = self._claims | self._unclaimed, set()
-        for key in keys:
-            if await client.set(
-                key, self.instance_id, condition=coredis.PureToken.NX, px=self._ttl_ms
-            ):
-                self._claims.add(key)
+    async def _claim_all(self, client: coredis.Redis[str]) -> None:
+        """Keep this instance's claims, and claim again those Redis lost (a restart
+        forgets every key; a pause past the TTL expires them), so its streams can be
+        cancelled from anywhere. An id another instance claimed meanwhile (a stream
+        started there while Redis was away) is reported, and left to that instance."""
+        keys = self._claims | self._unclaimed
+        if not keys:
+            return
+        taken = await self._call(
+            lambda: client.eval(_CLAIM_ALL, keys=list(keys), args=[self.instance_id, self._ttl_ms])
+        )
+        self._unclaimed -= keys
+        self._claims |= keys
+        pairs = list(taken) if isinstance(taken, list) else []
+        for key, owner in zip(pairs[::2], pairs[1::2], strict=False):
+            self._claims.discard(str(key))
+            if key not in self._reported:
+                self._reported.add(str(key))
+                logger.warning(
+                    "[cluster] %s is live here and on instance %s, which claimed it while "
+                    "Redis was away; a cancel reaches that one",
+                    loggable(str(key)),
+                    loggable(str(owner)),
+                )
 
     async def _refresh_claims(self, client: coredis.Redis[str]) -> None:
         while True:
             await anyio.sleep(self._claim_ttl / 3)
-            if self._claims:
-                await client.eval(
-                    _REFRESH, keys=list(self._claims), args=[self.instance_id, self._ttl_ms]
-                )
+            if self.available:
+                # A timeout marks the link unavailable; the probe takes over.
+                with contextlib.suppress(RedisTimeout):
+                    await self._claim_all(client)
+
+    async def _probe(self, client: coredis.Redis[str]) -> None:
+        """While the link is marked unavailable (a command timed out), ask Redis
+        twice a second; its first answer marks it available and sets the claims again."""
+        while True:
+            await anyio.sleep(_PROBE_INTERVAL)
+            if self.available or self._outstanding:
+                # A command still waiting for Redis marks the link available when its
+                # answer comes: one more would only take one more connection.
+                continue
+            with contextlib.suppress(RedisTimeout):
+                await self._call(client.ping)
+
+    async def _call(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one Redis command and wait for its answer at most
+        ``GATEWAY_REDIS_TIMEOUT``. The command runs in the connection's task group, so
+        it is never cancelled half-way by its caller or by the deadline (coredis would
+        not give its connection back); past the deadline its answer is abandoned, the
+        link marked unavailable, and ``RedisTimeout`` raised. An answer marks the link
+        available again."""
+        tg = self._tg
+        if tg is None:
+            raise RedisTimeout("Redis is not connected")
+        done = anyio.Event()
+        outcome: list[tuple[bool, Any]] = []
+
+        async def run() -> None:
+            self._outstanding += 1
+            try:
+                value = await command()
+            except Exception as exc:
+                outcome.append((False, exc))
+            else:
+                outcome.append((True, value))
+                # Even an answer that came too late for its caller says Redis is back.
+                self._answered()
+            finally:
+                self._outstanding -= 1
+                done.set()
+
+        tg.start_soon(run)
+        with anyio.move_on_after(self._timeout):
+            await done.wait()
+        if not outcome:
+            self._timed_out()
+            raise RedisTimeout(f"Redis did not answer within {self._timeout} s")
+        answered, value = outcome[0]
+        if not answered:
+            raise value
+        result: _T = value
+        return result
+
+    def _timed_out(self) -> None:
+        if self.available:
+            self.available = False
+            self._hung = True
+            logger.warning(
+                "[cluster] Redis did not answer within %s s; until it does, new streams "
+                "start unclaimed and cross-instance cancels answer 503",
+                self._timeout,
+            )
+
+    def _answered(self) -> None:
+        client, tg = self._client, self._tg
+        if self._hung and client is not None and tg is not None:
+            self._hung = False
+            self.available = True
+            tg.start_soon(self._after_hang, client)
+
+    async def _after_hang(self, client: coredis.Redis[str]) -> None:
+        """Redis answers again: claim again what a pause past the TTL let expire."""
+        with contextlib.suppress(RedisTimeout):
+            await self._claim_all(client)
+            logger.info(
+                "[cluster] Redis answers again; %d claims of this instance set again",
+                len(self._claims),
+            )
 
     # -- cancel across instances -------------------------------------------------
 
@@ -306,14 +440,17 @@ class Cluster:
         """Ask the owner to cancel; ``True`` once its provider connection is closed,
         ``False`` if no live instance owns the session."""
         client = self._client
-        if client is None:
+        if client is None or not self.available:
             raise CancelUnavailable(_UNAVAILABLE)
         request_id = secrets.token_hex(8)
         done = anyio.Event()
         result: list[bool] = []
         self._waiting[request_id] = (done, result)
+        deadline = anyio.current_time() + self._cancel_wait
         try:
-            owner = await client.get(_claim_key(principal, session_id))
+            # A 404 only on Redis's word that no instance holds the id; a Redis that
+            # does not answer is a 503.
+            owner = await self._call(lambda: client.get(_claim_key(principal, session_id)))
             if owner is None or owner == self.instance_id:
                 return False
             request = {
@@ -323,10 +460,13 @@ class Cluster:
                 "principal": principal,
                 "session_id": session_id,
             }
-            receivers = await client.publish(self._cancel_channel(owner), json.dumps(request))
+            message = json.dumps(request)
+            receivers = await self._call(
+                lambda: client.publish(self._cancel_channel(owner), message)
+            )
             if receivers == 0:
                 return False  # the owner is gone; its claim expires within the TTL
-            with anyio.move_on_after(self._cancel_wait):
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                 await done.wait()
             if not result:
                 raise CancelUnavailable(_UNAVAILABLE)
@@ -364,7 +504,7 @@ class Cluster:
         ok = await self._local_cancel(principal, session_id)
         reply = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": ok})
         try:
-            await client.publish(self._reply_channel(reply_to), reply)
+            await self._call(lambda: client.publish(self._reply_channel(reply_to), reply))
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._down(exc)
 
@@ -405,23 +545,24 @@ class Cluster:
         """Tell the stream's owner that a client here follows it (``attach``, repeated
         as a heartbeat) or left (``detach``); False if no live instance owns it."""
         client = self._client
-        if client is None:
+        if client is None or not self.available:
             raise ResumeUnavailable(_RESUME_UNAVAILABLE)
-        message = {
-            "v": PROTOCOL_VERSION,
-            "type": kind,
-            "principal": principal,
-            "session_id": session_id,
-            "follower": follower_id,
-        }
+        message = json.dumps(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": kind,
+                "principal": principal,
+                "session_id": session_id,
+                "follower": follower_id,
+            }
+        )
         try:
-            # Shielded: a command cancelled half-way costs coredis its connection.
-            with anyio.fail_after(self._claim_ttl, shield=True):
-                owner = await client.get(_claim_key(principal, session_id))
-                if owner is None:
-                    return False
-                channel = self._follow_channel(owner)
-                return await client.publish(channel, json.dumps(message)) > 0
+            owner = await self._call(lambda: client.get(_claim_key(principal, session_id)))
+            if owner is None:
+                return False
+            channel = self._follow_channel(owner)
+            receivers: int = await self._call(lambda: client.publish(channel, message))
+            return receivers > 0
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
@@ -442,7 +583,8 @@ class Cluster:
             "follower": follower_id,
         }
         try:
-            await client.publish(self._follow_channel(instance), json.dumps(message))
+            channel, text = self._follow_channel(instance), json.dumps(message)
+            await self._call(lambda: client.publish(channel, text))
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
@@ -451,19 +593,18 @@ class Cluster:
     async def owner(self, principal: str, session_id: str) -> str | None:
         """The instance holding the stream's claim, if any (Redis must be reachable)."""
         client = self._client
-        if client is None:
-            raise OSError("Redis is not reachable")
-        with anyio.fail_after(self._claim_ttl, shield=True):
-            return await client.get(_claim_key(principal, session_id))
+        if client is None or not self.available:
+            raise RedisTimeout("Redis is not reachable")
+        return await self._call(lambda: client.get(_claim_key(principal, session_id)))
 
     async def forget(self, key: str) -> None:
         """Delete ``key`` if Redis is there (else it expires by itself)."""
         client = self._client
-        if client is None:
+        if client is None or not self.available:
             return
         try:
-            with anyio.move_on_after(1.0, shield=True):
-                await client.delete([key])
+            with anyio.CancelScope(shield=True):
+                await self._call(lambda: client.delete([key]))
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise

@@ -64,6 +64,9 @@ class Settings:
     # Scale-out (docs/scaling.md): unset, the registry is this process's alone.
     redis_url: str | None = None
     claim_ttl: float = 10.0
+    # How long any one Redis command may take to answer; past it, Redis counts as
+    # unavailable until it answers again (docs/scaling.md).
+    redis_timeout: float = 0.5
     # GET /metrics needs "Authorization: Bearer <this>" when set (docs/observability.md).
     metrics_key: str | None = None
     # Off: no counting, and GET /metrics is a 404 (for the bench's A/B, or no Prometheus).
@@ -89,6 +92,7 @@ class Settings:
             "body_timeout",
             "cancel_wait",
             "claim_ttl",
+            "redis_timeout",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

@@ -307,7 +307,10 @@ async def test_a_cancel_while_a_claim_is_lost_is_answered_at_once(anyio_backend:
     waited GATEWAY_CANCEL_WAIT and answered 504."""
     async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
         a = await c.gateway()
-        b = await c.gateway(GATEWAY_CLAIM_TTL="8", GATEWAY_CANCEL_WAIT="8")
+        # b waits for Redis's answer to its claim for as long as the test pauses Redis.
+        b = await c.gateway(
+            GATEWAY_CLAIM_TTL="8", GATEWAY_CANCEL_WAIT="8", GATEWAY_REDIS_TIMEOUT="8"
+        )
         sid = "session_1_claimrace"
         async with _stream(client, a.url, sid):
             provider_streams = len(c.provider.records)
@@ -347,6 +350,74 @@ async def test_a_cancel_while_a_claim_is_lost_is_answered_at_once(anyio_backend:
             assert (await client.get(f"{b.url}/healthz")).json()["sessions"] == 0
             # b never opened a provider stream for the refused request.
             assert len(c.provider.records) == provider_streams
+
+
+def _claim_key(sid: str, principal: str = "anonymous") -> str:
+    return f"gw:claim:{principal.encode().hex()}:{sid}"
+
+
+async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
+    anyio_backend: Any,
+) -> None:
+    """Redis paused (SIGSTOP: a blocked or partitioned Redis whose connections stay up)
+    for longer than the claim TTL, with a stream live on a. Before: new streams waited
+    10 s for their claim, a cross-instance cancel hung for the whole pause and then
+    answered a false 404, the live stream's claim was lost for good (so the same id could
+    start on b), and /healthz said unavailable for a minute after Redis was back."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        a = await c.gateway(GATEWAY_CLAIM_TTL="1")
+        b = await c.gateway(GATEWAY_CLAIM_TTL="1", GATEWAY_CANCEL_WAIT="3")
+        instance_a = (await client.get(f"{a.url}/healthz")).json()["instance"]
+        live, started = "session_hang_live", "session_hang_new"
+        assert c.redis.process is not None
+        async with _stream(client, a.url, live) as live_lines:
+            c.redis.process.send_signal(signal.SIGSTOP)
+            try:
+                # A new stream starts at once: its claim waits for Redis 0.5 s at most,
+                # and later ones not at all.
+                began = time.monotonic()
+                async with _stream(client, a.url, started):
+                    assert time.monotonic() - began < 1.0
+                    health = (await client.get(f"{a.url}/healthz")).json()
+                    assert health["cluster"] == "unavailable"
+                    began = time.monotonic()
+                    async with _stream(client, a.url, "session_hang_third"):
+                        assert time.monotonic() - began < 0.5
+                    # A cancel through b cannot know: 503 within GATEWAY_CANCEL_WAIT, never
+                    # a false 404; the stream goes on.
+                    began = time.monotonic()
+                    refused = await client.post(f"{b.url}/api/chat/cancel/{live}")
+                    assert refused.status_code == 503
+                    assert time.monotonic() - began < 3.0
+                    # Paused past the claim TTL: the claims expire as Redis wakes.
+                    await anyio.sleep(1.5)
+                    c.redis.process.send_signal(signal.SIGCONT)
+                    woke = time.monotonic()
+                    await anyio.to_thread.run_sync(
+                        a.wait_for, r"\[cluster\] Redis answers again; \d+ claims"
+                    )
+                    assert time.monotonic() - woke < 2.0
+                    assert (await client.get(f"{a.url}/healthz")).json()["cluster"] == "ok"
+                    # Every live stream's claim is a's again, the ones made while Redis
+                    # was away included.
+                    redis = coredis.Redis.from_url(c.redis.url, decode_responses=True)
+                    async with redis:
+                        owners = [await redis.get(_claim_key(s)) for s in (live, started)]
+                    assert owners == [instance_a, instance_a]
+                    # So the same id cannot start on b, and a cancel through b reaches a.
+                    twin = await client.post(
+                        f"{b.url}/api/chat/stream", headers={"X-Session-Id": live}, json=BODY
+                    )
+                    assert twin.status_code == 409
+                    for sid in (started, live):
+                        cancelled = await client.post(f"{b.url}/api/chat/cancel/{sid}")
+                        assert cancelled.status_code == 200, sid
+            finally:
+                c.redis.process.send_signal(signal.SIGCONT)
+            assert "event: stopped" in await _rest(live_lines)
+        # Every provider stream of the test is closed.
+        with anyio.fail_after(WAIT):
+            await c.provider.wait_until(lambda: c.provider.live == 0)
 
 
 async def test_a_failing_background_task_stops_the_instance_with_a_non_zero_exit(
