@@ -208,8 +208,8 @@ async def _resume_elsewhere(
 ) -> ASGIApp:
     """A stream of another instance: its events from Redis, and its owner told that
     this client follows it (or the client gets a 503 if Redis cannot be reached)."""
-    if cluster.client is None:
-        raise ResumeUnavailable("the stream may live on another instance; Redis is unreachable")
+    if cluster.client is None or not cluster.available:
+        raise _resume_unavailable("the stream may live on another instance; Redis is unreachable")
     log = RemoteLog(cluster, events_key(principal, session_id))
     try:
         # Only a live stream's owner may still be appending what the client has seen.
@@ -219,7 +219,13 @@ async def _resume_elsewhere(
         if not is_redis_failure(exc):
             raise
         cluster.down(exc)
-        raise ResumeUnavailable("Redis failed while reading the stream") from exc
+        raise _resume_unavailable("Redis failed while reading the stream") from exc
+    if log.broken:
+        # A gap or an entry that cannot be read: what would be replayed is not sure.
+        raise _resume_unavailable("the stream's events in Redis cannot be read whole")
+    if live and after > log.last_id:
+        # Live, and its owner has not appended the client's events yet: not gone.
+        raise _resume_unavailable("the stream's newest events have not reached Redis yet")
     if not held or not log.resumable_after(after):
         raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
     follower_id = cluster.new_follower_id()
@@ -235,6 +241,12 @@ async def _resume_elsewhere(
 
 # How long a resume on another instance waits for the owner's last events to reach Redis.
 _CATCH_UP = 1.0
+
+
+def _resume_unavailable(message: str) -> ResumeUnavailable:
+    """503: the answer is "try again", not "gone"; a second is about how long the
+    owner's next append, or Redis coming back, takes."""
+    return ResumeUnavailable(message, headers={"Retry-After": "1"})
 
 
 class _RemoteResumeResponse:

@@ -369,6 +369,11 @@ class Cluster:
             with contextlib.suppress(RedisTimeout):
                 await self._call(client.ping)
 
+    async def call(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        """One Redis command, bounded as every command of the cluster is (``_call``):
+        for the resume mirror and readers (shared_log.py)."""
+        return await self._call(command)
+
     async def _call(self, command: Callable[[], Awaitable[_T]]) -> _T:
         """Run one Redis command and wait for its answer at most
         ``GATEWAY_REDIS_TIMEOUT``. The command runs in the connection's task group, so

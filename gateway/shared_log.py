@@ -8,12 +8,21 @@ follows it with ``XREAD`` from the last entry read: an entry cannot slip by betw
 the replay and the follow, as a pub/sub message can. Every entry carries the
 first and last event id it holds, and the reader checks they follow on: an append
 that failed (Redis away) is retried by the owner, never skipped.
+
+Appends are idempotent: a companion key holds the last event id appended (and whether
+the end was), and the script appends a batch only if it starts right after it. An
+append whose answer did not come in time (a Redis that hung) may still be applied
+later, so its retry, or the next batch, may find its events there already: it is then
+skipped, or resent from where Redis is. A reader treats an entry it cannot read
+(fields missing, not numbers) or a gap between entries as a log it cannot be sure of.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Protocol, TypeVar
 
 import anyio
 import coredis
@@ -24,11 +33,24 @@ from .resume import ChunkLog, EventLog
 
 __all__ = ["RemoteLog", "events_key", "mirror"]
 
-# XADD, trim, expire: one round trip per batch.
+_T = TypeVar("_T")
+
+# XADD, trim, expire, one round trip per batch, if the batch starts right after the last
+# event appended (KEYS[2]: that id, and "!" once the end is in). Returns what is in now.
 _APPEND = """
+local v = redis.call('get', KEYS[2]) or '0'
+local ended = string.sub(v, -1) == '!'
+local have = tonumber(ended and string.sub(v, 1, -2) or v)
+local first, last, fin = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] == '1'
+if ended or first ~= have + 1 or (last == have and not fin) then
+  return v
+end
 redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
            'first', ARGV[2], 'last', ARGV[3], 'data', ARGV[4], 'end', ARGV[5])
-return redis.call('pexpire', KEYS[1], ARGV[6])
+v = ARGV[3] .. (fin and '!' or '')
+redis.call('set', KEYS[2], v, 'PX', ARGV[6])
+redis.call('pexpire', KEYS[1], ARGV[6])
+return v
 """
 # Entries kept per stream; a batch is usually many events, so this is generous.
 _MAX_ENTRIES = 100_000
@@ -37,8 +59,6 @@ _MAX_ENTRIES = 100_000
 # client left) is not given back, so clients coming and going fill the pool (64) and
 # every Redis call of the instance then waits. A plain XREAD is multiplexed.
 _POLL = 0.05
-# The longest any one Redis call here may take.
-_CALL_BOUND = 2.0
 # While Redis is away, how often the owner tries its append again.
 _RETRY = 0.25
 # The least time between two appends of one stream, but for its last. A token comes
@@ -52,12 +72,21 @@ def events_key(principal: str, session_id: str) -> str:
     return f"gw:events:{principal.encode().hex()}:{session_id}"
 
 
+def _appended_key(key: str) -> str:
+    """The companion of an events key: the last event id appended, "!" after the end."""
+    return f"{key}:appended"
+
+
 class _Client(Protocol):
     """What the mirror and the reader need of the cluster: its client while Redis is
-    reachable, and where to report an error."""
+    reachable, a bounded call (``Cluster.call``: the answer awaited at most
+    ``GATEWAY_REDIS_TIMEOUT``, the command never cancelled half-way), and where to
+    report an error."""
 
     @property
     def client(self) -> coredis.Redis[str] | None: ...
+
+    async def call(self, command: Callable[[], Awaitable[_T]]) -> _T: ...
 
     def down(self, exc: BaseException) -> None: ...
 
@@ -85,31 +114,36 @@ async def mirror(cluster: _Client, key: str, log: EventLog, window: float) -> No
             # Redis is away: the whole batch (and what joins it) is tried again.
             await anyio.sleep(_RETRY)
             continue
+        args = [
+            str(_MAX_ENTRIES),
+            str(cursor + 1),
+            str(last),
+            data.decode(),
+            "1" if ended else "0",
+            ttl_ms,
+        ]
         try:
-            # Shielded: a Redis call cancelled half-way costs coredis its connection.
-            with anyio.fail_after(_CALL_BOUND, shield=True):
-                await client.eval(
-                    _APPEND,
-                    keys=[key],
-                    args=[
-                        str(_MAX_ENTRIES),
-                        str(cursor + 1),
-                        str(last),
-                        data.decode(),
-                        "1" if ended else "0",
-                        ttl_ms,
-                    ],
-                )
+            stored = await cluster.call(
+                partial(client.eval, _APPEND, [key, _appended_key(key)], args)
+            )
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
             cluster.down(exc)
             await anyio.sleep(_RETRY)
             continue
-        cursor = last
-        if ended:
+        text = str(stored)
+        have = int(text.rstrip("!"))
+        if text.endswith("!"):
+            return  # the end is in: this batch, or a retry's earlier twin, put it there
+        if have < log.first_id - 1:
+            # What Redis holds stops before what the log still has (its copy expired):
+            # nothing can be appended that a reader could join on.
             return
-        next_at = anyio.current_time() + _BATCH_INTERVAL
+        # This batch, or events a timed-out append put in after all: go on from there.
+        cursor = have
+        if have == last:
+            next_at = anyio.current_time() + _BATCH_INTERVAL
 
 
 class RemoteLog(ChunkLog):
@@ -132,13 +166,12 @@ class RemoteLog(ChunkLog):
         client = self._cluster.client
         if client is None:
             raise OSError("Redis is not reachable")
-        with anyio.fail_after(_CALL_BOUND, shield=True):
-            self._add(await client.xrange(self._key, "-", "+"))
+        call = self._cluster.call
+        self._add(await call(partial(client.xrange, self._key, "-", "+")))
         with anyio.move_on_after(wait):
             while self.last_id < after and not self.closed:
                 await anyio.sleep(_POLL)
-                with anyio.fail_after(_CALL_BOUND, shield=True):
-                    found = await client.xread({self._key: self._entry})
+                found = await call(partial(client.xread, {self._key: self._entry}))
                 for entries in (found or {}).values():
                     self._add(entries)
         return self._entry != "0-0"
@@ -146,7 +179,13 @@ class RemoteLog(ChunkLog):
     def _add(self, entries: tuple[StreamEntry, ...]) -> None:
         for entry in entries:
             fields = entry.field_values
-            first, last = int(fields["first"]), int(fields["last"])
+            try:
+                first, last = int(fields["first"]), int(fields["last"])
+                data = fields["data"]
+            except (KeyError, ValueError, TypeError):
+                # Not an entry of ours (or damaged): nothing after it can be trusted.
+                self.broken = self.closed = True
+                return
             if self._entry == "0-0":
                 # The oldest entry kept: events before it were trimmed.
                 self.first_id, self.last_id = first, first - 1
@@ -154,7 +193,7 @@ class RemoteLog(ChunkLog):
                 self.broken = self.closed = True
                 return
             if last >= first:
-                self._append(last, str(fields["data"]).encode(), None)
+                self._append(last, str(data).encode(), None)
             self._entry = str(entry.identifier)
             if fields.get("end") == "1":
                 self.closed = True
@@ -169,11 +208,11 @@ class RemoteLog(ChunkLog):
         try:
             if client is None:
                 raise OSError("Redis is not reachable")
-            # Shielded (and bounded): a Redis call cancelled half-way costs coredis
-            # its connection, and the pool does not get it back.
-            with anyio.fail_after(_CALL_BOUND, shield=True):
-                found = await client.xread({self._key: self._entry})
-                expired = not found and not await client.exists([self._key])
+            # Bounded without being cancelled half-way: coredis does not give back the
+            # connection of a command cancelled mid-way.
+            call = self._cluster.call
+            found = await call(partial(client.xread, {self._key: self._entry}))
+            expired = not found and not await call(partial(client.exists, [self._key]))
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -305,6 +306,54 @@ async def test_resumes_on_either_instance_lose_and_double_nothing(anyio_backend:
     assert "".join(e.data["delta"] for e in seen if e.event == "token") == record.text
     assert cycles >= 200
     assert any(f"{sid} resumed after id" in line and "another instance" in line for line in b.lines)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+async def test_resumes_elsewhere_after_a_redis_stall_are_whole_or_a_503(anyio_backend: Any) -> None:
+    """Redis paused mid-stream (SIGSTOP) past GATEWAY_REDIS_TIMEOUT, so the owner's
+    appends time out and are retried while the ones that timed out are applied when it
+    wakes. Before: overlapping entries, and resumes elsewhere got 200 with ids 1-22 and
+    no end, or a 404. Now each of 200 resumes on the other instance replays every event
+    after its Last-Event-ID exactly once, in order, to the end, or answers 503."""
+    rng = random.Random(33)
+    sid = "session_resume_stall"
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        c.provider.config = SimulatorConfig(tokens=600, rate=150)
+        a = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        b = await c.gateway(GATEWAY_RESUME_WINDOW="10")
+        assert c.redis.process is not None
+        async with client.stream(
+            "POST", f"{a.url}/api/chat/stream", headers={"X-Session-Id": sid}, json=BODY
+        ) as response:
+            reader = EventReader(response)
+            await reader.until(lambda e: e.event == "token")
+            c.redis.process.send_signal(signal.SIGSTOP)
+            try:
+                # 2.7 s: past the bound on every Redis answer (0.5 s; the mirror's own
+                # was 2 s before), so the owner's appends time out and are retried.
+                await reader.tokens_at_least(len(reader.tokens) + 400)
+            finally:
+                c.redis.process.send_signal(signal.SIGCONT)
+            await reader.rest()
+        assert reader.events[-1].event == "done"
+        last = int(reader.events[-1].id or 0)
+        answers: dict[int, int] = {}
+        for _ in range(200):
+            after = rng.randrange(0, last)
+            response = await client.get(
+                f"{b.url}/api/chat/stream/{sid}", headers={"Last-Event-ID": str(after)}
+            )
+            answers[response.status_code] = answers.get(response.status_code, 0) + 1
+            if response.status_code == 503:
+                assert response.json()["error"]["code"] == "resume_unavailable"
+                assert response.headers["retry-after"] == "1"
+                continue
+            assert response.status_code == 200, response.text
+            ids = [int(line[4:]) for line in response.text.split("\n") if line.startswith("id: ")]
+            assert ids == list(range(after + 1, last + 1)), (after, ids[:5], ids[-5:])
+            assert "event: done" in response.text
+    assert set(answers) <= {200, 503}
+    assert answers.get(200, 0) > 0
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")

@@ -4,7 +4,8 @@ its log, a follower on another instance reads it (gateway/shared_log.py)."""
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -12,6 +13,7 @@ import coredis
 import pytest
 
 from gateway import shared_log
+from gateway.cluster import RedisTimeout
 from gateway.resume import EventLog
 from gateway.shared_log import RemoteLog, events_key, mirror
 
@@ -26,14 +28,40 @@ pytestmark = [
 ]
 
 
+_T = TypeVar("_T")
+
+
 class _Reachable:
     """The cluster as the mirror and the reader see it, Redis up throughout."""
 
     def __init__(self, client: coredis.Redis[str]) -> None:
         self.client = client
 
+    async def call(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        return await command()
+
     def down(self, exc: BaseException) -> None:
         raise AssertionError(f"Redis reported down: {exc!r}")
+
+
+class _LateAnswers(_Reachable):
+    """Redis applies each of the first ``late`` commands, but its answer comes too late
+    for the caller, as with a Redis that hung: the caller sees a timeout."""
+
+    def __init__(self, client: coredis.Redis[str], late: int) -> None:
+        super().__init__(client)
+        self.late = late
+        self.downs = 0
+
+    async def call(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        result = await command()
+        if self.late > 0:
+            self.late -= 1
+            raise RedisTimeout("Redis did not answer within 0.5 s")
+        return result
+
+    def down(self, exc: BaseException) -> None:
+        self.downs += 1
 
 
 def _event(n: int) -> bytes:
@@ -115,4 +143,63 @@ async def test_the_mirror_batches_what_comes_within_its_interval_and_appends_the
         got = remote.since(0)
         assert got is not None
         assert got[0] == b"".join(_event(n) for n in range(1, 52))
+        assert remote.closed
+
+
+async def test_an_append_applied_after_its_timeout_is_not_appended_twice(
+    anyio_backend: Any, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the mirror retried a batch whose timed-out XADD had been applied after
+    # all, and a resume elsewhere got events twice, or a 404, or gaps.
+    monkeypatch.setattr(shared_log, "_RETRY", 0.01)
+    client = coredis.Redis.from_url(redis.url, decode_responses=True)
+    async with client:
+        seq = [0]
+        log = EventLog(1 << 20, lambda: seq[0], lambda: pytest.fail("overflow"))
+        key = events_key("p", "late")
+        late = _LateAnswers(client, late=3)
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(mirror, late, key, log, 60.0)
+                for n in range(1, 31):
+                    seq[0] = n
+                    log.put_nowait(_event(n))
+                    await anyio.lowlevel.checkpoint()
+                seq[0] = 31
+                log.put_terminal(_event(31), None)
+        assert late.late == 0
+        assert late.downs == 3
+        remote = RemoteLog(_Reachable(client), key)
+        assert await remote.load(31, WAIT)
+        assert not remote.broken
+        got = remote.since(0)
+        assert got is not None
+        # Every event once, in order, and the end once.
+        assert got[0] == b"".join(_event(n) for n in range(1, 32))
+        assert remote.closed
+        ends = [e for e in await client.xrange(key, "-", "+") if e.field_values["end"] == "1"]
+        assert len(ends) == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        {"first": "1"},  # fields missing
+        {"first": "one", "last": "2", "data": "x", "end": "0"},  # not a number
+    ],
+)
+async def test_an_entry_that_cannot_be_read_breaks_the_log_not_the_reader(
+    anyio_backend: Any, redis: RedisServer, garbage: dict[str, str]
+) -> None:
+    # Before: KeyError or ValueError escaped: a 500 with a traceback on every resume of
+    # that stream elsewhere, and a follower cut off mid-chunk.
+    client = coredis.Redis.from_url(redis.url, decode_responses=True)
+    async with client:
+        key = events_key("p", "garbage")
+        await client.xadd(key, {"first": "1", "last": "1", "data": "ok", "end": "0"})
+        await client.xadd(key, garbage)
+        remote = RemoteLog(_Reachable(client), key)
+        with anyio.fail_after(WAIT):
+            assert await remote.load(1, 0)
+        assert remote.broken
         assert remote.closed
