@@ -119,7 +119,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         auth=Authenticator(settings),
         metrics=Metrics(enabled=settings.metrics),
         resume=(
-            ResumeStore(settings.resume_window, max_ended=settings.max_sessions)
+            ResumeStore(
+                settings.resume_window,
+                max_ended=settings.max_sessions,
+                max_ended_bytes=settings.resume_total_bytes,
+            )
             if settings.resume_window > 0
             else None
         ),

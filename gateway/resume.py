@@ -145,6 +145,22 @@ class EventLog(ChunkLog):
     async def put(self, data: bytes, mark: Mark | None = None) -> None:
         self.put_nowait(data, mark)
 
+    @property
+    def size(self) -> int:
+        """The bytes of events held."""
+        return self._bytes
+
+    def compact(self, keep: int) -> None:
+        """Let go of the events a client has written but the newest ``keep`` bytes of
+        them: an ended stream whose client read everything needs only what a resume of
+        its last events asks for (the client may not have received what was last
+        written to it), not the whole answer for the whole window."""
+        held = sum(len(c.data) for c in self._chunks if c.last <= self.written_id)
+        while self._chunks and self._chunks[0].last <= self.written_id and held > keep:
+            size = len(self._drop_oldest().data)
+            held -= size
+            self._bytes -= size
+
     def put_terminal(self, data: bytes, mark: Mark | None) -> None:
         """The terminal event, then close: it always goes in, over the limit if need
         be, so whoever follows learns how the stream ended."""
@@ -187,19 +203,31 @@ class _Entry:
     # Set while the stream runs; None once it ended (its log kept until ``expires``).
     session: Session | None
     expires: float
+    # An ended log's bytes, as counted in ``ResumeStore.ended_bytes``.
+    size: int = 0
+
+
+# What an ended stream's log keeps of the events its client has written.
+_WRITTEN_KEPT = 64 * 1024
 
 
 class ResumeStore:
     """This process's resumable streams: live ones, and ended ones until their window
-    is over (at most ``max_ended`` of those, the soonest to expire dropped first).
+    is over (at most ``max_ended`` of those, and at most ``max_ended_bytes`` of their
+    events, the soonest to expire dropped first). An ended log keeps of what its client
+    has written only the last ``_WRITTEN_KEPT`` bytes.
 
     A stream's start and end each purge, so the purge takes the ended entries from a
     heap by expiry: its cost does not grow with the thousands an hour's window can
     hold (a scan and sort of them all stalled the loop about 7 ms at 10,000)."""
 
-    def __init__(self, window: float, max_ended: int) -> None:
+    def __init__(self, window: float, max_ended: int, max_ended_bytes: int = 1 << 62) -> None:
         self.window = window
         self._max_ended = max_ended
+        self._max_ended_bytes = max_ended_bytes
+        # The bytes of events the ended logs held when they ended (less what was
+        # compacted), while they are kept.
+        self.ended_bytes = 0
         self._entries: dict[tuple[str, str], _Entry] = {}
         # Every ended entry, by expiry; one replaced or removed since is skipped
         # when it comes up.
@@ -223,6 +251,9 @@ class ResumeStore:
             else:
                 if entry.session is not None:
                     self._ended += 1
+                    log.compact(_WRITTEN_KEPT)
+                    entry.size = log.size
+                    self.ended_bytes += entry.size
                 entry.session = None
                 entry.expires = until
                 self._pushed += 1
@@ -239,11 +270,16 @@ class ResumeStore:
         entry = self._entries.pop(key, None)
         if entry is not None and entry.session is None:
             self._ended -= 1
+            self.ended_bytes -= entry.size
 
     def _purge(self) -> None:
         now = anyio.current_time()
         expiring = self._expiring
-        while expiring and (expiring[0][0] <= now or self._ended > self._max_ended):
+        while expiring and (
+            expiring[0][0] <= now
+            or self._ended > self._max_ended
+            or self.ended_bytes > self._max_ended_bytes
+        ):
             expires, _, key, entry = heapq.heappop(expiring)
             if self._entries.get(key) is entry and entry.expires == expires:
                 self._drop(key)

@@ -76,6 +76,8 @@ class Settings:
     # events are kept for a resume.
     resume_window: float = 0.0
     resume_buffer_bytes: int = 1024 * 1024
+    # ... and how many bytes of the ended streams' events a process keeps in all.
+    resume_total_bytes: int = 256 * 1024 * 1024
     # Bounds on what the gateway keeps of a provider's answers (docs/api.md).
     max_models_bytes: int = 1024 * 1024
     max_answer_bytes: int = 8 * 1024 * 1024
@@ -117,6 +119,7 @@ class Settings:
             "max_sessions",
             "max_models_bytes",
             "max_answer_bytes",
+            "resume_total_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)} must be >= 1")

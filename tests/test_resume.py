@@ -598,3 +598,40 @@ async def test_the_store_keeps_live_streams_and_the_latest_ended_within_the_wind
                 assert found is None, key
         # Nothing kept that no one can resume: memory is bounded by the window.
         assert {key for _, key in store._entries} == live | set(ended)
+
+
+def _kib_log(events: int, written: int) -> EventLog:
+    """A log of ``events`` events of about 1 KiB, ``written`` of them written to a client."""
+    seq = [0]
+    log = EventLog(1 << 24, lambda: seq[0], lambda: pytest.fail("overflow"))
+    for n in range(1, events + 1):
+        seq[0] = n
+        log.put_nowait(b"id: %d\nevent: token\ndata: %s\n\n" % (n, b"x" * 1000))
+    log.written_id = written
+    return log
+
+
+async def test_ended_logs_keep_a_tail_of_what_was_written_within_a_total_bound() -> None:
+    # Before: an ended stream kept its whole log (1 MiB) for the window even when its
+    # client had read everything; 600 streams held 590 MiB.
+    store = ResumeStore(60.0, max_ended=1000, max_ended_bytes=300 * 1024)
+    until = anyio.current_time() + 60
+    for i in range(10):
+        log = _kib_log(1024, written=1024)
+        store.add("p", f"s{i}", log, Session(f"s{i}", "m"))
+        store.ended("p", f"s{i}", log, until)
+        # What a resume of the last events needs, not the whole answer.
+        assert 60 * 1024 <= log.size <= 66 * 1024
+        assert log.resumable_after(1024)
+        assert log.resumable_after(1000)
+        assert not log.resumable_after(10)
+    # Ten such tails are over the total: the oldest went first.
+    assert store.ended_bytes <= 300 * 1024
+    assert store.get("p", "s9") is not None
+    assert store.get("p", "s0") is None
+    # A stream whose client left before reading it all keeps what it has not written.
+    log = _kib_log(200, written=50)
+    store.add("p", "parked", log, Session("parked", "m"))
+    store.ended("p", "parked", log, until)
+    assert log.resumable_after(50)
+    assert log.since(50) is not None
