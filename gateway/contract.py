@@ -21,6 +21,7 @@ import secrets
 import ssl
 import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -92,9 +93,19 @@ class _Failed(Exception):
     """A check's expectation did not hold; the message says which, with figures."""
 
 
+# What the kit holds of a deployment's answers: a body that is not a stream, one event
+# (the bytes before its blank line), the events of one stream. A deployment that
+# streams without end, or without event boundaries, fails a check instead of filling
+# the kit's memory (it took 3.1 GiB in 47 s before).
+_MAX_BODY = 64 * 1024
+_MAX_EVENT = 1024 * 1024
+_MAX_EVENTS = 10_000
+
+
 @dataclass
 class _Stream:
-    """One streamed answer, read by a task of its own."""
+    """One streamed answer, read by a task of its own. It keeps every terminal event
+    and the first ``_MAX_EVENTS`` others, and counts them all by kind."""
 
     nonce: str
     session_id: str
@@ -103,6 +114,7 @@ class _Stream:
     status: int | None = None
     body: bytes = b""
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
     # Token events per network read, and when the first token event arrived.
     reads: list[int] = field(default_factory=list)
     first_token_at: float | None = None
@@ -113,7 +125,13 @@ class _Stream:
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def count(self, kind: str) -> int:
-        return sum(1 for event, _ in self.events if event == kind)
+        return self.counts[kind]
+
+    def add(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        for event in events:
+            self.counts[event[0]] += 1
+            if len(self.events) < _MAX_EVENTS or event[0] in _TERMINAL:
+                self.events.append(event)
 
     def terminals(self) -> list[tuple[str, dict[str, Any]]]:
         return [(event, data) for event, data in self.events if event in _TERMINAL]
@@ -134,6 +152,17 @@ class _Stream:
     def _kinds(self) -> str:
         kinds = [event for event, _ in self.events]
         return ",".join(kinds[:3] + (["..."] if len(kinds) > 6 else []) + kinds[3:][-3:])
+
+
+async def _bounded_body(response: httpx.Response) -> bytes:
+    """A body that is not a stream, read up to ``_MAX_BODY``: what an error message
+    needs, however much the deployment sends."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= _MAX_BODY:
+            break
+    return bytes(body[:_MAX_BODY])
 
 
 def _parse_events(buffer: bytearray) -> list[tuple[str, dict[str, Any]]]:
@@ -202,7 +231,7 @@ class _Kit:
                 stream.status = response.status_code
                 stream._notify()
                 if response.status_code != 200:
-                    stream.body = await response.aread()
+                    stream.body = await _bounded_body(response)
                     return
                 # A disconnect cancels this scope: the response is then closed unread,
                 # which closes its connection.
@@ -210,12 +239,16 @@ class _Kit:
                     async for chunk in response.aiter_bytes():
                         buffer += chunk
                         events = _parse_events(buffer)
+                        if len(buffer) > _MAX_EVENT:
+                            stream.body = f"an event over {_MAX_EVENT} bytes".encode()
+                            return
                         tokens = sum(1 for event, _ in events if event == "token")
                         if tokens and stream.first_token_at is None:
                             stream.first_token_at = time.monotonic()
-                        stream.reads.append(tokens)
+                        if len(stream.reads) < _MAX_EVENTS:
+                            stream.reads.append(tokens)
                         if events:
-                            stream.events += events
+                            stream.add(events)
                             stream._notify()
         except httpx.HTTPError as exc:
             stream.body = f"{type(exc).__name__}: {exc}".encode()
@@ -227,7 +260,10 @@ class _Kit:
         self, stream: _Stream, key: str | None = None, base: str | None = None
     ) -> httpx.Response:
         url = f"{base or self.options.gateway}/api/chat/cancel/{stream.session_id}"
-        return await self.client.post(url, headers=self._headers(key))
+        async with self.client.stream("POST", url, headers=self._headers(key)) as response:
+            body = await _bounded_body(response)
+        # A response whose body is what was read: .text and .json() work on it.
+        return httpx.Response(response.status_code, headers=response.headers, content=body)
 
     # -- the provider's side ------------------------------------------------------
 
@@ -411,9 +447,9 @@ async def _duplicate_live_id(kit: _Kit) -> str:
             f"{kit.options.gateway}/api/chat/stream",
             headers={"x-session-id": stream.session_id, **kit._headers(None)},
             json={"messages": [{"role": "user", "content": f"Duplicate {stream.nonce}"}]},
-        ) as duplicate:
-            if duplicate.status_code != 200:
-                await duplicate.aread()
+        ) as response:
+            body = b"" if response.status_code == 200 else await _bounded_body(response)
+            duplicate = httpx.Response(response.status_code, headers=response.headers, content=body)
         await kit.cancel_closes_first(stream)
         await kit.stopped_once(stream, "cancel")
     if duplicate.status_code != 409:

@@ -6,17 +6,20 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
+from gateway.server import load_config
 
-from .harness import Harness
+from .harness import Harness, serve_until
 from .processes import ROOT, Nginx, free_port
 
 pytestmark = pytest.mark.anyio
@@ -241,3 +244,75 @@ def test_junit_xml_names_each_check() -> None:
     assert cases["c"].find("skipped") is not None
     assert suite.get("failures") == "1"
     assert suite.get("skipped") == "1"
+
+
+class _Endless:
+    """A deployment that answers every request with a 200 body without end: token
+    events, or (``blank_lines=False``) bytes with no event boundary. It writes until
+    the reader goes, or 256 MiB."""
+
+    def __init__(self, blank_lines: bool) -> None:
+        event = b'event: token\ndata: {"delta":"x"}\n\n'
+        self.chunk = event * 2000 if blank_lines else b"x" * 64 * 1024
+        self.written = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        gone = anyio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            # Until the reader goes: hypercorn's send() does not fail after it has.
+            while not gone.is_set() and self.written < 256 * 1024 * 1024:
+                await send({"type": "http.response.body", "body": self.chunk, "more_body": True})
+                self.written += len(self.chunk)
+                await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("blank_lines", [True, False])
+async def test_a_deployment_that_streams_without_end_fails_the_kit_within_its_bounds(
+    blank_lines: bool,
+) -> None:
+    # Before: the kit kept every byte (3.1 GiB in 47 s against such a server).
+    deployment = _Endless(blank_lines)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
+        [(_, port)] = await tg.start(serve_until, deployment, config, stop.wait)
+        tracemalloc.start()
+        try:
+            with anyio.fail_after(60):
+                results = await run_contract(
+                    ContractOptions(
+                        gateway=f"http://127.0.0.1:{port}",
+                        provider_port=free_port(),
+                        patience=1.0,
+                        only=("cancel_closes_provider", "one_terminal_event"),
+                    )
+                )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            stop.set()
+    assert [r.status for r in results] == ["fail", "fail"], report(results)
+    # What the process held at most meanwhile (the kit, and the deployment's side):
+    # measured 9.3 and 1.8 MiB, where the kit before this held 38.5 and 18.7 MiB after
+    # these 2 s, and kept growing for as long as a check waited.
+    assert peak < (24 if blank_lines else 8) * 1024 * 1024, peak
+    if not blank_lines:
+        # The kit stopped reading at its bound on one event and closed the stream.
+        assert deployment.written < 32 * 1024 * 1024, deployment.written
