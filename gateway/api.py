@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import Authenticator, check_bearer
 from .cluster import Cluster, is_redis_failure
@@ -31,6 +31,7 @@ from .errors import (
     CancelTimeout,
     CancelUnavailable,
     NotResumable,
+    PayloadTooLarge,
     ResumeUnavailable,
 )
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
@@ -485,7 +486,46 @@ async def _handle_client_disconnect(request: Request, exc: Exception) -> Respons
 
 async def _handle_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
+    if isinstance(exc, PayloadTooLarge):
+        return _Drained(error_response(exc), state_of(request).settings)
     return error_response(exc)
+
+
+# How much of an oversized body is read, and thrown away, after its 413.
+_DRAIN_BYTES = 64 * 1024 * 1024
+
+
+class _Drained(Response):
+    """An answer sent before the request body was read (a 413), then the rest of the
+    body read and thrown away, up to ``_DRAIN_BYTES`` and ``GATEWAY_BODY_TIMEOUT``:
+    closing with the body unread makes the kernel reset the connection, and a client
+    still sending gets the reset, not the answer (nginx's lingering close does the
+    same). The connection is closed after it."""
+
+    def __init__(self, answer: Response, settings: Settings) -> None:
+        self._answer = answer
+        self._within = settings.body_timeout
+        answer.headers["connection"] = "close"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def held(message: Message) -> None:
+            # The whole answer (its Content-Length says when it is), but not its end:
+            # hypercorn closes a `connection: close` response's connection at its end.
+            if message["type"] == "http.response.body":
+                message = {**message, "more_body": True}
+            await send(message)
+
+        await self._answer(scope, receive, held)
+        drained = 0
+        with anyio.move_on_after(self._within):
+            while drained < _DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client has gone
+                drained += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}

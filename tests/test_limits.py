@@ -6,9 +6,10 @@ import re
 from typing import Any
 
 import anyio
+import openai
 import pytest
 
-from .harness import WAIT, Harness, sim_config
+from .harness import WAIT, Harness, openai_client, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -248,3 +249,35 @@ async def test_content_length_with_transfer_encoding_is_400_and_closed() -> None
         assert answer.startswith(b"HTTP/1.1 400 ")
         assert b'"code":"ambiguous_framing"' in answer
         assert len(h.simulator.records) == 0
+
+
+@pytest.mark.parametrize("client", ["httpx", "openai"])
+async def test_an_oversized_body_gets_its_413_every_time_not_a_reset(client: str) -> None:
+    # Before: answered before the body was read, then closed with it unread: a client
+    # still sending (2 MiB, as httpx and the SDK send it) often got a connection reset.
+    big = "x" * (16 * 1024 * 1024)
+    async with (
+        Harness(sim_config(tokens=100_000, rate=100), max_body_bytes=1024 * 1024) as h,
+        h.stream("session_1700000000000_bystand") as bystander,
+    ):
+        await bystander.tokens_at_least(1)
+        for i in range(20):
+            if client == "httpx":
+                response = await h.client.post(
+                    "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": big}]},
+                    headers={"X-Session-Id": f"session_413_{i:02d}"},
+                )
+                _error(response, 413, "body_too_large", "larger than")
+            else:
+                async with openai_client(h) as sdk:
+                    with pytest.raises(openai.APIStatusError) as caught:
+                        await sdk.chat.completions.create(
+                            model="m", messages=[{"role": "user", "content": big}]
+                        )
+                assert caught.value.status_code == 413
+                assert caught.value.code == "body_too_large"
+        # The stream beside them went on.
+        await bystander.tokens_at_least(len(bystander.tokens) + 2)
+        assert (await h.cancel("session_1700000000000_bystand")).status_code == 200
+        await bystander.rest()
