@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -49,6 +50,7 @@ from coredis.response.types import PubSubMessage
 
 from .errors import CancelUnavailable, ResumeUnavailable
 from .logs import loggable
+from .settings import sentinel_service
 from .validation import SESSION_ID_RE
 
 __all__ = ["Cluster", "is_redis_failure"]
@@ -174,6 +176,8 @@ class Cluster:
         self._hung = False
         # Commands sent and not answered yet.
         self._outstanding = 0
+        # Until then, no claim in Redis does not mean no live stream (``_unsure``).
+        self._unsure_until = -math.inf
         self._client: coredis.Redis[str] | None = None
         self._claims: set[str] = set()
         # Streams that started while Redis was down: claimed once it is back.
@@ -212,8 +216,8 @@ class Cluster:
         delay = 0.05
         while not self._stop.is_set():
             try:
-                client = coredis.Redis.from_url(self._url, decode_responses=True)
-                async with client:
+                async with contextlib.AsyncExitStack() as stack:
+                    client = await self._connect(stack)
                     await client.ping()
                     channels = [self._cancel_channel(self.instance_id), self._reply_channel()]
                     if self.on_follow is not None:
@@ -251,6 +255,17 @@ class Cluster:
                 await self._stop.wait()
             delay = min(delay * 2, _BACKOFF_MAX)
 
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> coredis.Redis[str]:
+        """A client of the Redis at ``GATEWAY_REDIS_URL``, or of the primary that its
+        Sentinels name now (a failover then breaks the connection, and the next one
+        finds the promoted replica)."""
+        if not self._url.startswith("redis+sentinel://"):
+            client = coredis.Redis.from_url(self._url, decode_responses=True)
+            return await stack.enter_async_context(client)
+        hosts, service = sentinel_service(self._url)
+        sentinel = await stack.enter_async_context(coredis.Sentinel(hosts, decode_responses=True))
+        return await stack.enter_async_context(sentinel.primary_for(service))
+
     async def _consume(
         self, pubsub: PubSub[str], client: coredis.Redis[str], tg: TaskGroup
     ) -> None:
@@ -261,6 +276,8 @@ class Cluster:
         self.available = True
         self._hung = False
         if self._outage_logged:
+            # Back after an outage (not at the first connection): claims may be lost.
+            self._unsure()
             logger.info(
                 "[cluster] Redis reachable again; instance %s resubscribed", self.instance_id
             )
@@ -428,7 +445,15 @@ class Cluster:
         if self._hung and client is not None and tg is not None:
             self._hung = False
             self.available = True
+            self._unsure()
             tg.start_soon(self._after_hang, client)
+
+    def _unsure(self) -> None:
+        """Until every instance has had the time to claim its streams again, Redis's
+        "nobody holds this id" is not sure: the claims may have been lost with the
+        outage (a restart, a failover to a replica that had not got them, a pause past
+        their TTL), and each instance sets its own again when it is back."""
+        self._unsure_until = anyio.current_time() + self._claim_ttl + _BACKOFF_MAX
 
     async def _after_hang(self, client: coredis.Redis[str]) -> None:
         """Redis answers again: claim again what a pause past the TTL let expire."""
@@ -456,6 +481,10 @@ class Cluster:
             # A 404 only on Redis's word that no instance holds the id; a Redis that
             # does not answer is a 503.
             owner = await self._call(lambda: client.get(_claim_key(principal, session_id)))
+            if owner is None and anyio.current_time() < self._unsure_until:
+                # Redis is back from an outage, a failover or a pause, which may have
+                # lost the claims: an instance may not have set its own again yet.
+                raise CancelUnavailable(_UNAVAILABLE)
             if owner is None or owner == self.instance_id:
                 return False
             request = {

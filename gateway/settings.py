@@ -157,10 +157,14 @@ class Settings:
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ConfigError(f"GATEWAY_CORS_ORIGINS: {origin!r} is not an origin")
-        if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ConfigError("GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.redis_url is not None:
+            if self.redis_url.startswith("redis+sentinel://"):
+                sentinel_service(self.redis_url)  # raises ConfigError, naming the problem
+            elif not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigError(
+                    "GATEWAY_REDIS_URL must be a redis://, rediss://, unix:// or "
+                    "redis+sentinel:// URL"
+                )
         if self.metrics_key is not None:
             if len(self.metrics_key) < 16:
                 raise ConfigError("GATEWAY_METRICS_KEY must be at least 16 characters")
@@ -265,6 +269,27 @@ def _base_url(url: str) -> str:
     if parts.fragment:
         raise ConfigError(f"GATEWAY_UPSTREAM_URL must not have a #fragment, got {url!r}")
     return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+
+
+def sentinel_service(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``redis+sentinel://host:port[,host:port...]/service``: the Sentinels to ask, and
+    the name of the service whose primary they know."""
+    parts = urllib.parse.urlsplit(url)
+    service = parts.path.strip("/")
+    hosts: list[tuple[str, int]] = []
+    for node in parts.netloc.split(","):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(
+                f"GATEWAY_REDIS_URL: a Sentinel must be host:port, got {node!r} in {url!r}"
+            )
+        hosts.append((host.strip("[]"), int(port)))
+    if not service or "/" in service:
+        raise ConfigError(
+            f"GATEWAY_REDIS_URL must name the Sentinel service: "
+            f"redis+sentinel://host:port/<service>, got {url!r}"
+        )
+    return hosts, service
 
 
 def _env_name(field: str) -> str:

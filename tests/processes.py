@@ -170,15 +170,16 @@ class Gateway:
 
 class RedisServer:
     """`redis-server` on a free port, without persistence; stop() and start() again on
-    the same port."""
+    the same port. ``extra``: more of its options (``--replicaof HOST PORT``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra = extra
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
+        self._run(
             [
                 "redis-server",
                 "--port",
@@ -189,9 +190,12 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
-            ],
-            stdout=subprocess.DEVNULL,
+                *self.extra,
+            ]
         )
+
+    def _run(self, command: list[str]) -> None:
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + WAIT
         while True:
             try:
@@ -209,6 +213,28 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(WAIT)
             self.process = None
+
+
+class RedisSentinel(RedisServer):
+    """A Sentinel (`redis-server --sentinel`, Debian's binary) watching the primary at
+    ``primary_port`` as the service ``gw``; it fails over half a second after the
+    primary stops answering. Its config, which it rewrites, lives in ``directory``."""
+
+    SERVICE = "gw"
+
+    def __init__(self, primary_port: int, directory: Path) -> None:
+        super().__init__()
+        self.primary_port = primary_port
+        self.config = directory / f"sentinel-{self.port}.conf"
+
+    def start(self) -> None:
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary_port} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 500\n"
+            f"sentinel failover-timeout {self.SERVICE} 2000\n"
+        )
+        self._run(["redis-server", str(self.config), "--sentinel"])
 
 
 class Nginx:
