@@ -82,8 +82,17 @@ _BACKOFF_MAX = 2.0
 # While the link is unavailable, how often a probe asks Redis whether it answers.
 _PROBE_INTERVAL = 0.5
 
-# The message format's version: see docs/scaling.md for the rule that changes it.
+# The message format's version: see docs/scaling.md for the rule that changes it. A
+# release reads its own version and the one before, and writes ``SEND_VERSION``: the
+# older one while a newer is being introduced (until every instance reads it, a release
+# later), so a rolling upgrade between two adjacent releases loses no message. A reply
+# is written in the version of the request it answers.
 PROTOCOL_VERSION = 1
+SEND_VERSION = PROTOCOL_VERSION
+
+
+def accepted_versions() -> frozenset[int]:
+    return frozenset({PROTOCOL_VERSION - 1, PROTOCOL_VERSION}) - {0}
 # A valid message is a few hundred bytes; a larger one is not parsed at all.
 _MAX_MESSAGE_CHARS = 8192
 _MAX_PRINCIPAL_CHARS = 1024
@@ -155,7 +164,7 @@ def _parse(raw: object) -> dict[str, object]:
     if not isinstance(data, dict):
         raise _Malformed("not a JSON object")
     version = data.get("v")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    if isinstance(version, bool) or version not in accepted_versions():
         raise _Malformed(f"unknown version {loggable(version, 16)}")
     return data
 
@@ -488,7 +497,7 @@ class Cluster:
             if owner is None or owner == self.instance_id:
                 return False
             request = {
-                "v": PROTOCOL_VERSION,
+                "v": SEND_VERSION,
                 "id": request_id,
                 "reply_to": self.instance_id,
                 "principal": principal,
@@ -536,7 +545,7 @@ class Cluster:
             return
         assert self._local_cancel is not None
         ok = await self._local_cancel(principal, session_id)
-        reply = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": ok})
+        reply = json.dumps({"v": data["v"], "id": request_id, "ok": ok})
         try:
             await self._call(lambda: client.publish(self._reply_channel(reply_to), reply))
         except (coredis.exceptions.RedisError, OSError) as exc:
@@ -583,7 +592,7 @@ class Cluster:
             raise ResumeUnavailable(_RESUME_UNAVAILABLE)
         message = json.dumps(
             {
-                "v": PROTOCOL_VERSION,
+                "v": SEND_VERSION,
                 "type": kind,
                 "principal": principal,
                 "session_id": session_id,
@@ -610,7 +619,7 @@ class Cluster:
         if client is None:
             return
         message = {
-            "v": PROTOCOL_VERSION,
+            "v": SEND_VERSION,
             "type": "supersede",
             "principal": principal,
             "session_id": session_id,

@@ -488,6 +488,25 @@ async def test_a_failover_under_sentinel_answers_no_false_404_and_recovers(
             await anyio.to_thread.run_sync(server.stop)
 
 
+async def test_a_rolling_upgrade_keeps_cancels_crossing_between_releases(
+    anyio_backend: Any,
+) -> None:
+    """This release beside the next one as it introduces a format version 2 (reading
+    1 and 2, writing 1): a cancel crosses both ways. Before, an instance read its own
+    version only, and a cancel between two releases was a 503."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        old = await c.gateway()
+        new = await c.gateway(module="tests.next_release_gateway")
+        for owner, asker in ((old, new), (new, old)):
+            sid = f"session_upgrade_{owner is old}"
+            async with _stream(client, owner.url, sid) as lines:
+                answer = await client.post(f"{asker.url}/api/chat/cancel/{sid}")
+                assert answer.status_code == 200, answer.text
+                assert "event: stopped" in await _rest(lines)
+        for gateway in (old, new):
+            assert not any("ignored" in line for line in gateway.lines), gateway.lines
+
+
 async def test_a_failing_background_task_stops_the_instance_with_a_non_zero_exit(
     anyio_backend: Any,
 ) -> None:
