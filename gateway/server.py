@@ -7,6 +7,7 @@ the first request) and hands them to hypercorn as ``fd://`` binds.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 import socket
@@ -14,6 +15,7 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FunctionType
+from typing import Any
 
 import anyio
 import sniffio
@@ -117,9 +119,19 @@ def _close_at_eof() -> None:
     async def closed(wrapper: ProtocolWrapper, event: Closed) -> None:
         await handle(wrapper, event)
         # The connection's server, whose protocol_send the wrapper was given.
-        idle_task = getattr(getattr(wrapper.send, "__self__", None), "idle_task", None)
+        server: Any = getattr(wrapper.send, "__self__", None)
+        idle_task = getattr(server, "idle_task", None)
         if idle_task is not None:
             await idle_task.stop()
+        if type(server).__module__ == "hypercorn.asyncio.tcp_server":
+            # A client that sent its end with its request (half-closed) can send no
+            # other: once the answer still being written is done, hypercorn restarts
+            # the idle timer, and would wait out keep_alive_timeout for nothing. Its
+            # timeout, made to close at once, as it closes when it fires.
+            async def close_now() -> None:
+                await asyncio.shield(server._initiate_server_close())
+
+            server._idle_timeout = close_now
 
     def _handle(wrapper: ProtocolWrapper, event: Event) -> Awaitable[None]:
         # Any other event gets hypercorn's own coroutine: no frame of ours waits in the

@@ -104,3 +104,27 @@ async def test_an_idle_connection_is_still_closed_at_the_keep_alive_timeout() ->
                 with pytest.raises(anyio.EndOfStream):
                     await stream.receive()
         stop.set()
+
+
+@pytest.mark.anyio
+async def test_a_connection_half_closed_after_its_request_is_closed_once_answered() -> None:
+    # The client sends its request and its end of data at once (shutdown(SHUT_WR), as
+    # some load balancers and CLI clients do), then reads the answer. Before: hypercorn
+    # 0.18 on asyncio and uvloop kept the socket until keep_alive_timeout.
+    config = load_config(bind=["127.0.0.1:0"], keep_alive_timeout=60.0, accesslog=None)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        [(_, port)] = await tg.start(serve_until, _chunked_app, config, stop.wait)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nhost: gateway\r\n\r\n")
+            await stream.send_eof()
+            response = b""
+            with anyio.fail_after(WAIT):
+                while True:
+                    try:
+                        response += await stream.receive()
+                    except anyio.EndOfStream:
+                        break
+            assert response.startswith(b"HTTP/1.1 200 ")
+            assert response.endswith(b"0\r\n\r\n")
+        stop.set()
