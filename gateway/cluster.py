@@ -93,6 +93,8 @@ SEND_VERSION = PROTOCOL_VERSION
 
 def accepted_versions() -> frozenset[int]:
     return frozenset({PROTOCOL_VERSION - 1, PROTOCOL_VERSION}) - {0}
+
+
 # A valid message is a few hundred bytes; a larger one is not parsed at all.
 _MAX_MESSAGE_CHARS = 8192
 _MAX_PRINCIPAL_CHARS = 1024
