@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
-import anyio.lowlevel
+import anyio.abc
 import pytest
-from starlette.types import Receive, Scope, Send
 
-from . import replay
 from .harness import WAIT, Harness, end_lines, sim_config
 
 pytestmark = pytest.mark.anyio
@@ -22,52 +24,69 @@ _GAP = 0.1
 
 
 class LongAnswer:
-    """A provider whose answer is up to 64 MiB of content, in 64 KiB deltas of
-    two-byte characters; it stops writing when the reader goes."""
+    """A provider on a raw socket (hypercorn's Trio worker raises in its own connection
+    task when its client closes in the middle of long writes, which the gateway does
+    here by design): every request is answered with up to 64 MiB of content, in 64 KiB
+    deltas of two-byte characters, until the reader goes."""
 
     def __init__(self) -> None:
         self.written = 0
         self.ended = anyio.Event()
+        self.port = 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        chunk = {"choices": [{"index": 0, "delta": {"content": "é" * (_PIECE // 2)}}]}
-        event = b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
-        gone = anyio.Event()
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._answer)
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch)
-                # Until the reader goes: hypercorn's send() does not fail after it has.
-                while self.written < 64 * 1024 * 1024 and not gone.is_set():
-                    body = {"type": "http.response.body", "body": event, "more_body": True}
-                    await send(body)
+    async def _answer(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive()
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: *(\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                body += await stream.receive()
+            chunk = {"choices": [{"index": 0, "delta": {"content": "é" * (_PIECE // 2)}}]}
+            event = b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+            framed = b"%x\r\n%s\r\n" % (len(event), event)
+            try:
+                await stream.send(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                while self.written < 64 * 1024 * 1024:
+                    await stream.send(framed)
                     self.written += len(event)
-                    await anyio.lowlevel.checkpoint()
-                if not gone.is_set():
-                    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-                tg.cancel_scope.cancel()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the reader went
+            finally:
+                self.ended.set()
+
+
+@asynccontextmanager
+async def _long_answers(**settings: Any) -> AsyncIterator[tuple[LongAnswer, Harness]]:
+    provider = LongAnswer()
+    async with anyio.create_task_group() as tg:
+        await tg.start(provider.serve)
+        try:
+            async with Harness(
+                upstream_url=f"http://127.0.0.1:{provider.port}/v1", **settings
+            ) as h:
+                yield provider, h
         finally:
-            self.ended.set()
+            tg.cancel_scope.cancel()
 
 
 async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    provider = LongAnswer()
     bound = 2 * 1024 * 1024
     async with (
-        replay.replaying(provider, max_answer_bytes=bound) as h,
+        _long_answers(max_answer_bytes=bound) as (provider, h),
         Harness(sim_config(tokens=100_000, rate=100)) as other,
         other.stream("session_bound_bystander") as bystander,
     ):
@@ -101,9 +120,8 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
 
 async def test_a_streamed_answer_is_not_bounded() -> None:
     # Streamed, nothing is held: the same answer goes on past the bound.
-    provider = LongAnswer()
     async with (
-        replay.replaying(provider, max_answer_bytes=1024 * 1024) as h,
+        _long_answers(max_answer_bytes=1024 * 1024) as (_, h),
         h.stream("session_bound_streamed") as s,
     ):
         with anyio.fail_after(WAIT):
