@@ -48,7 +48,7 @@ from .settings import Settings
 from .shared_log import RemoteLog, events_key
 from .simulator import Simulator
 from .state import GatewayState, state_of
-from .stream import ChatStream, follow, new_follower
+from .stream import ChatStream, ClientFollower, follow, new_follower
 from .validation import (
     SESSION_ID_RE,
     ProviderRequest,
@@ -275,6 +275,7 @@ class _RemoteResumeResponse:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._watch, follower, tg.cancel_scope)
                 await follow(
                     self._state,
                     None,
@@ -291,6 +292,27 @@ class _RemoteResumeResponse:
             del cluster.followers[follower_id]
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
                 await cluster.tell_owner("detach", principal, session_id, follower_id)
+
+    async def _watch(self, follower: ClientFollower, scope: anyio.CancelScope) -> None:
+        """A client that stops reading, as the owner's watchdog does for its own: after
+        GATEWAY_SEND_TIMEOUT on one write, it is let go and the owner told, which parks
+        the stream for a resume. Under Trio the write itself may stay stuck (hypercorn
+        shields it) until the client reads or goes; nothing waits for it."""
+        bound = self._state.settings.send_timeout
+        while True:
+            started = follower.send_started
+            if started is None:
+                await anyio.sleep(bound)
+                continue
+            await anyio.sleep_until(started + bound)
+            if follower.send_started == started:
+                break
+        principal, session_id, follower_id = self._about
+        logger.info("[SSE] %s follower let go: its client stopped reading", session_id)
+        follower.abandon()
+        scope.cancel()  # the heartbeat, so that the owner's detach is the last word
+        with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
+            await self._cluster.tell_owner("detach", principal, session_id, follower_id)
 
     async def _heartbeat(self) -> None:
         """The owner lets a follower go that it has not heard of for a claim TTL."""

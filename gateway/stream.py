@@ -477,7 +477,7 @@ def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: flo
     return data
 
 
-class _Follower:
+class ClientFollower:
     """A client following a resumable stream's log: the first one, or a resume."""
 
     def __init__(self) -> None:
@@ -487,6 +487,9 @@ class _Follower:
         self.scope = anyio.CancelScope()
         # Ends its wait for the log to change, to see that it was superseded.
         self.wake: Callable[[], None] | None = None
+        # When its write under way began, for a follower of a stream on another
+        # instance: no watchdog here watches it (api.py's _RemoteResumeResponse does).
+        self.send_started: float | None = None
 
     def supersede(self) -> None:
         self.superseded = True
@@ -526,8 +529,8 @@ class _RemoteFollower:
         return now - self.seen > self._cluster.claim_ttl
 
 
-def new_follower() -> _Follower:
-    return _Follower()
+def new_follower() -> ClientFollower:
+    return ClientFollower()
 
 
 def follow_messages(
@@ -573,7 +576,7 @@ async def follow(
     *,
     body_send: Send | None = None,
     session_id: str = "",
-    follower: _Follower | None = None,
+    follower: ClientFollower | None = None,
 ) -> None:
     """Write ``log``'s events with ids above ``after`` to this client, then the new ones
     as they come, to the terminal event. ``session`` is None if the stream has ended.
@@ -581,7 +584,7 @@ async def follow(
     stream until a resume or the window's end (docs/resume.md). The body goes to
     ``body_send`` if given: the server's own (writer.SERVER_SEND)."""
     if follower is None:
-        follower = _Follower()
+        follower = ClientFollower()
     if session is not None:
         session.attach(follower)
     try:
@@ -628,7 +631,7 @@ async def _follow(
     log: EventLog | RemoteLog,
     send: Send,
     after: int,
-    follower: _Follower,
+    follower: ClientFollower,
 ) -> None:
     ping = gateway.settings.ping_interval or math.inf
     # The loop's own clock, read at every token (see Session.clock).
@@ -647,7 +650,10 @@ async def _follow(
             heard_at = clock()
             if session is not None:
                 session.send_started_at = heard_at
+            else:
+                follower.send_started = heard_at
             await send({"type": "http.response.body", "body": data, "more_body": True})
+            follower.send_started = None
             log.written_id = max(log.written_id, cursor)
             log.pinged = False  # needless after a write
             if session is not None:
@@ -663,7 +669,9 @@ async def _follow(
             return
         if log.pinged or (session is None and clock() >= heard_at + ping):
             log.pinged = False
+            follower.send_started = clock()
             await send({"type": "http.response.body", "body": PING, "more_body": True})
+            follower.send_started = None
             heard_at = clock()
             continue
         await log.changed()

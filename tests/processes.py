@@ -124,13 +124,14 @@ class Gateway:
                 self.lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
 
-    def wait_for(self, pattern: str) -> str:
+    def wait_for(self, pattern: str, count: int = 1) -> str:
+        """The ``count``-th line matching ``pattern``, once there is one."""
         deadline = time.monotonic() + WAIT
         with self._changed:
             while True:
-                for line in self.lines:
-                    if re.search(pattern, line):
-                        return line
+                found = [line for line in self.lines if re.search(pattern, line)]
+                if len(found) >= count:
+                    return found[count - 1]
                 left = deadline - time.monotonic()
                 assert left > 0, f"no line matching {pattern!r} in:\n" + "\n".join(self.lines)
                 self._changed.wait(left)

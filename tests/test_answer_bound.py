@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,18 +16,20 @@ import anyio
 import anyio.abc
 import pytest
 
-from .harness import WAIT, Harness, end_lines, sim_config
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, end_lines, sim_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 _PIECE = 64 * 1024
 _GAP = 0.1
+# The answer the provider would write if it were left to: the issue's 400 MiB.
+_ANSWER = 400 * 1024 * 1024
 
 
 class LongAnswer:
     """A provider on a raw socket (hypercorn's Trio worker raises in its own connection
     task when its client closes in the middle of long writes, which the gateway does
-    here by design): every request is answered with up to 64 MiB of content, in 64 KiB
+    here by design): every request is answered with up to 400 MiB of content, in 64 KiB
     deltas of two-byte characters, until the reader goes."""
 
     def __init__(self) -> None:
@@ -58,7 +61,7 @@ class LongAnswer:
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                     b"transfer-encoding: chunked\r\n\r\n"
                 )
-                while self.written < 64 * 1024 * 1024:
+                while self.written < _ANSWER:
                     await stream.send(framed)
                     self.written += len(event)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -92,12 +95,19 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
     ):
         await bystander.tokens_at_least(3)
         before = len(bystander.events)
-        with anyio.fail_after(WAIT):
-            response = await h.client.post(
-                "/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": "Write long."}]},
-                headers={"X-Session-Id": "session_bound_whole"},
-            )
+        # Everything Python allocates in this process while the answer is refused (the
+        # gateway, the bystander's and the client's buffers): the bound, not the answer.
+        tracemalloc.start()
+        try:
+            with anyio.fail_after(WAIT):
+                response = await h.client.post(
+                    "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "Write long."}]},
+                    headers={"X-Session-Id": "session_bound_whole"},
+                )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
         await bystander.tokens_at_least(len(bystander.tokens) + 3)
         assert (await other.cancel("session_bound_bystander")).status_code == 200
         await bystander.rest()
@@ -109,8 +119,10 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
     assert error["code"] == "answer_too_large"
     assert "GATEWAY_MAX_ANSWER_BYTES" in error["message"]
     # The provider was closed at the bound: it wrote the bound, a delta, and what the
-    # sockets' buffers took, not its 64 MiB.
+    # sockets' buffers took, not its 400 MiB.
     assert provider.written < bound + 16 * 1024 * 1024, provider.written
+    print(f"peak {peak / 2**20:.1f} MiB traced while a {bound / 2**20:.0f} MiB bound refused")
+    assert peak < 4 * bound, peak
     times = [e.at for e in bystander.events[before - 1 :] if e.event == "token"]
     gap = max(b - a for a, b in itertools.pairwise(times))
     assert gap < _GAP, gap

@@ -23,7 +23,7 @@ import pytest
 from gateway.server import load_config
 from gateway.simulator import Simulator, SimulatorConfig
 
-from .harness import read_chunks, serve_until, worker_class
+from .harness import ASYNCIO_AND_TRIO, read_chunks, serve_until, worker_class
 from .processes import (
     WAIT,
     Gateway,
@@ -372,6 +372,7 @@ def _claim_key(sid: str, principal: str = "anonymous") -> str:
     return f"gw:claim:{principal.encode().hex()}:{sid}"
 
 
+@ASYNCIO_AND_TRIO
 async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
     anyio_backend: Any,
 ) -> None:
@@ -396,6 +397,8 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
                     assert time.monotonic() - began < 1.0
                     health = (await client.get(f"{a.url}/healthz")).json()
                     assert health["cluster"] == "unavailable"
+                    gauge = (await client.get(f"{a.url}/metrics")).text
+                    assert "gateway_cluster_available 0.0" in gauge
                     began = time.monotonic()
                     async with _stream(client, a.url, "session_hang_third"):
                         assert time.monotonic() - began < 0.5
@@ -412,8 +415,10 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
                     await anyio.to_thread.run_sync(
                         a.wait_for, r"\[cluster\] Redis answers again; \d+ claims"
                     )
-                    assert time.monotonic() - woke < 2.0
                     assert (await client.get(f"{a.url}/healthz")).json()["cluster"] == "ok"
+                    gauge = (await client.get(f"{a.url}/metrics")).text
+                    assert "gateway_cluster_available 1.0" in gauge
+                    assert time.monotonic() - woke < 2.0
                     # Every live stream's claim is a's again, the ones made while Redis
                     # was away included.
                     redis = coredis.Redis.from_url(c.redis.url, decode_responses=True)
@@ -436,6 +441,7 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
             await c.provider.wait_until(lambda: c.provider.live == 0)
 
 
+@ASYNCIO_AND_TRIO
 async def test_a_failover_under_sentinel_answers_no_false_404_and_recovers(
     anyio_backend: Any, tmp_path: Path
 ) -> None:
@@ -488,6 +494,7 @@ async def test_a_failover_under_sentinel_answers_no_false_404_and_recovers(
             await anyio.to_thread.run_sync(server.stop)
 
 
+@ASYNCIO_AND_TRIO
 async def test_a_rolling_upgrade_keeps_cancels_crossing_between_releases(
     anyio_backend: Any,
 ) -> None:

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
 from gateway.server import load_config
 
-from .harness import Harness, serve_until
+from .harness import ASYNCIO_AND_TRIO, Harness, serve_until
 from .processes import ROOT, Nginx, free_port
 
 pytestmark = pytest.mark.anyio
@@ -286,6 +286,7 @@ class _Endless:
             tg.cancel_scope.cancel()
 
 
+@ASYNCIO_AND_TRIO
 @pytest.mark.parametrize("blank_lines", [True, False])
 async def test_a_deployment_that_streams_without_end_fails_the_kit_within_its_bounds(
     blank_lines: bool,

@@ -9,7 +9,7 @@ import anyio
 import openai
 import pytest
 
-from .harness import WAIT, Harness, openai_client, sim_config
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, openai_client, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -251,6 +251,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_closed() -> None
         assert len(h.simulator.records) == 0
 
 
+@ASYNCIO_AND_TRIO
 @pytest.mark.parametrize("client", ["httpx", "openai"])
 async def test_an_oversized_body_gets_its_413_every_time_not_a_reset(client: str) -> None:
     # Before: answered before the body was read, then closed with it unread: a client

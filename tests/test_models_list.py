@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import itertools
 import time
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -19,9 +20,9 @@ from starlette.types import Receive, Scope, Send
 from gateway import Simulator, SimulatorConfig
 
 from . import replay
-from .harness import WAIT
+from .harness import ASYNCIO_AND_TRIO, WAIT
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 # How long a stream on the same worker may go without a token while the list is read.
 _GAP = 0.1
@@ -77,25 +78,31 @@ class HostileModels:
             tg.cancel_scope.cancel()
 
 
-async def _list_beside_a_stream(provider: HostileModels, **settings: Any) -> tuple[Any, float]:
-    """List the models twice while a stream runs on the same gateway; the list, and the
-    longest gap between that stream's tokens meanwhile."""
+async def _list_beside_a_stream(provider: HostileModels, **settings: Any) -> tuple[Any, float, int]:
+    """List the models twice while a stream runs on the same gateway; the list, the
+    longest gap between that stream's tokens meanwhile, and the peak of what Python
+    allocated in this process (gateway, provider and clients) while listing."""
     async with (
         replay.replaying(provider, **settings) as h,
         h.stream("session_models_bystander") as s,
     ):
         await s.tokens_at_least(3)
         before = len(s.events)
-        with anyio.fail_after(WAIT):
-            first = await h.client.get("/v1/models")
-            second = await h.client.get("/v1/models")
+        tracemalloc.start()
+        try:
+            with anyio.fail_after(WAIT):
+                first = await h.client.get("/v1/models")
+                second = await h.client.get("/v1/models")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
         await s.tokens_at_least(len(s.tokens) + 3)
         assert (await h.cancel("session_models_bystander")).status_code == 200
         await s.rest()
     times = [e.at for e in s.events[before - 1 :] if e.event == "token"]
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
-    return first.json(), max(b - a for a, b in itertools.pairwise(times))
+    return first.json(), max(b - a for a, b in itertools.pairwise(times)), peak
 
 
 async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCaptureFixture) -> None:
@@ -105,10 +112,13 @@ async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCapture
     bomb = gzip.compress(b'{"data": [{"id": "x"}]' + b" " * (64 * 1024 * 1024) + b"}", 1)
     provider = HostileModels(bomb, [(b"content-encoding", b"gzip")])
     started = time.monotonic()
-    listing, gap = await _list_beside_a_stream(provider)
+    listing, gap, peak = await _list_beside_a_stream(provider)
     assert time.monotonic() - started < WAIT
     assert [m["id"] for m in listing["data"]] == ["sim-model"]
     assert gap < _GAP, gap
+    # The default bound is 1 MiB and the bomb is never inflated.
+    print(f"peak {peak / 2**20:.1f} MiB traced while listing a gzip bomb")
+    assert peak < 8 * 1024 * 1024, peak
     assert provider.asked == 1  # the failure is cached like a list
     assert any("gzip-encoded" in r.getMessage() for r in caplog.records)
 
@@ -116,9 +126,12 @@ async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCapture
 async def test_a_model_list_without_end_is_read_up_to_its_bound() -> None:
     # Before: read whole (a 1 GiB body took the gateway to 1,085 MiB).
     provider = HostileModels(endless=True)
-    listing, gap = await _list_beside_a_stream(provider, max_models_bytes=256 * 1024)
+    listing, gap, peak = await _list_beside_a_stream(provider, max_models_bytes=256 * 1024)
     assert [m["id"] for m in listing["data"]] == ["sim-model"]
     assert gap < _GAP, gap
+    # The provider's own 1 MiB writes and the sockets' buffers included.
+    print(f"peak {peak / 2**20:.1f} MiB traced while listing an endless body")
+    assert peak < 16 * 1024 * 1024, peak
     assert provider.asked == 1
     # The gateway stopped reading at the bound and closed: the provider could write
     # no more than the bound and the sockets' buffers took.
@@ -128,6 +141,6 @@ async def test_a_model_list_without_end_is_read_up_to_its_bound() -> None:
 async def test_a_model_list_nested_past_the_stack_is_no_list_not_a_500() -> None:
     # Before: RecursionError escaped, a 500 with a traceback on every call, not cached.
     provider = HostileModels(b"[" * 100_000 + b"]" * 100_000)
-    listing, _ = await _list_beside_a_stream(provider)
+    listing, _, _ = await _list_beside_a_stream(provider)
     assert [m["id"] for m in listing["data"]] == ["sim-model"]
     assert provider.asked == 1

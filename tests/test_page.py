@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -360,14 +361,18 @@ def test_a_refusal_thinking_in_parts_and_a_failed_generation_show_as_what_they_a
 ) -> None:
     # The simulator's provider modes (issue 32): OpenAI's refusal, Mistral's content
     # parts, OpenRouter's finish_reason "error".
-    for mode in ("refusal", "parts", "error"):
-        gw = _gateway(
+    modes = ("refusal", "parts", "error")
+    gateways = [
+        _gateway(
             gateway.worker,
             GATEWAY_MODEL=f"simulator-{mode}",
             GATEWAY_SIMULATOR_TOKENS="6",
             GATEWAY_SIMULATOR_REASONING_TOKENS="4",
         )
-        try:
+        for mode in modes
+    ]
+    try:
+        for mode, gw in zip(modes, gateways, strict=True):
             chat = ChatPage(context.new_page(), gw)
             chat.ask("Hello")
             answer = chat.answer()
@@ -402,8 +407,10 @@ def test_a_refusal_thinking_in_parts_and_a_failed_generation_show_as_what_they_a
                 # What arrived before the failure stays.
                 assert len(chat.answer_text().split()) == 6
             assert chat.errors() == []
-        finally:
-            gw.stop()
+    finally:
+        # Together: on Trio each waits out the browser's idle connections (docs/operations.md).
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(Gateway.stop, gateways))
 
 
 def test_a_duplicate_session_id_is_an_error_state_not_a_stop(chat: ChatPage) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import shutil
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,16 @@ from gateway import SimulatorConfig
 from gateway.resume import EventLog, ResumeStore
 from gateway.session import Mark, Session
 
-from .harness import WAIT, EventReader, Harness, LogWatch, SSEEvent, end_lines, sim_config
+from .harness import (
+    ASYNCIO_AND_TRIO,
+    WAIT,
+    EventReader,
+    Harness,
+    LogWatch,
+    SSEEvent,
+    end_lines,
+    sim_config,
+)
 from .test_cluster import BODY, _cluster
 
 pytestmark = pytest.mark.anyio
@@ -308,6 +318,7 @@ async def test_resumes_on_either_instance_lose_and_double_nothing(anyio_backend:
     assert any(f"{sid} resumed after id" in line and "another instance" in line for line in b.lines)
 
 
+@ASYNCIO_AND_TRIO
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
 async def test_resumes_elsewhere_after_a_redis_stall_are_whole_or_a_503(anyio_backend: Any) -> None:
     """Redis paused mid-stream (SIGSTOP) past GATEWAY_REDIS_TIMEOUT, so the owner's
@@ -375,6 +386,54 @@ async def test_a_follower_on_another_instance_pings_its_client_between_tokens(
             await s.rest()
     assert s.events[-1].event == "done"
     assert s.comments.count("ping") >= 2
+
+
+@ASYNCIO_AND_TRIO
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+async def test_a_follower_on_another_instance_that_stops_reading_is_let_go(
+    anyio_backend: Any,
+) -> None:
+    """A resume on b of a's stream whose client then reads nothing: b lets it go after
+    its GATEWAY_SEND_TIMEOUT and tells a, which parks the stream for a resume. Before,
+    nothing watched it: b's heartbeat kept the stream a's follower's for as long as the
+    client held its socket."""
+    sid = "session_resume_remote_stalled"
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        # 8 KiB tokens, 100 a second: the client's small buffer fills at once.
+        c.provider.config = SimulatorConfig(tokens=3000, rate=100, token_text="x" * 8192)
+        # A buffer that holds the whole answer: a parked stream's overflow would end it.
+        big = str(64 << 20)
+        a = await c.gateway(GATEWAY_RESUME_WINDOW="10", GATEWAY_RESUME_BUFFER_BYTES=big)
+        b = await c.gateway(
+            GATEWAY_RESUME_WINDOW="10", GATEWAY_RESUME_BUFFER_BYTES=big, GATEWAY_SEND_TIMEOUT="0.5"
+        )
+        async with client.stream(
+            "POST", f"{a.url}/api/chat/stream", headers={"X-Session-Id": sid}, json=BODY
+        ) as response:
+            reader = EventReader(response)
+            await reader.until(lambda e: e.event == "token")
+        parked = rf"\[SSE\] {sid} parked: the client left"
+        await anyio.to_thread.run_sync(a.wait_for, parked)
+        port = int(b.url.rsplit(":", 1)[1])
+        request = (
+            f"GET /api/chat/stream/{sid} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Last-Event-ID: {_last_id(reader.events)}\r\n\r\n"
+        ).encode()
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(("127.0.0.1", port))
+            stalled.sendall(request)
+            await anyio.to_thread.run_sync(a.wait_for, rf"\[SSE\] {sid} followed from instance")
+            await anyio.to_thread.run_sync(
+                b.wait_for, rf"\[SSE\] {sid} follower let go: its client stopped reading"
+            )
+            # The owner parked the stream again (b's heartbeat would have kept it)
+            await anyio.to_thread.run_sync(a.wait_for, parked, 2)
+            # and it is resumable: on a, from where the first client was.
+            async with _get(client, a.url, sid, _last_id(reader.events)) as again:
+                await again.tokens_at_least(2)
+            assert (await client.post(f"{a.url}/api/chat/cancel/{sid}")).status_code == 200
+        assert not any("Traceback" in line for line in a.lines + b.lines)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
