@@ -204,6 +204,9 @@ class Cluster:
         # Called with (type, principal, session id, follower id) for the messages
         # about resumed streams (set by the lifespan).
         self.on_follow: Callable[[str, str, str, str], None] | None = None
+        # Called with (principal, session id) for a stream live here whose claim
+        # another instance holds (set by the lifespan: it ends the stream here).
+        self.on_taken: Callable[[str, str], None] | None = None
         # The clients here following streams of other instances, by follower id.
         self.followers: dict[str, Any] = {}
         self.claim_ttl = claim_ttl
@@ -372,10 +375,13 @@ class Cluster:
                 self._reported.add(str(key))
                 logger.warning(
                     "[cluster] %s is live here and on instance %s, which claimed it while "
-                    "Redis was away; a cancel reaches that one",
+                    "Redis was away; a cancel reaches that one, so this one is ended",
                     loggable(str(key)),
                     loggable(str(owner)),
                 )
+            about = _parse_claim_key(str(key))
+            if about is not None and self.on_taken is not None:
+                self.on_taken(*about)
 
     async def _refresh_claims(self, client: coredis.Redis[str]) -> None:
         while True:
@@ -681,3 +687,14 @@ class Cluster:
 def _claim_key(principal: str, session_id: str) -> str:
     # Session ids are A-Za-z0-9_.:-; a principal may hold anything, so it is hex.
     return f"gw:claim:{principal.encode().hex()}:{session_id}"
+
+
+def _parse_claim_key(key: str) -> tuple[str, str] | None:
+    """(principal, session id) of one of this instance's own claim keys."""
+    if not key.startswith("gw:claim:"):
+        return None
+    principal, _, session_id = key.removeprefix("gw:claim:").partition(":")
+    try:
+        return bytes.fromhex(principal).decode(), session_id
+    except ValueError:
+        return None

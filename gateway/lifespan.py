@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from .cluster import Cluster
 from .logs import ensure_handler
 from .server import load_config, serve
+from .session import Failed
 from .simulator import Simulator, SimulatorConfig
 from .state import state_of
 from .stream import follow_messages
@@ -127,6 +128,14 @@ class Lifespan(AsyncContextManagerMixin):
             logger.info("[SSE] Cancel request forwarded for %s", session_id)
             return bool(await registry.stop(session_id, principal, wait))
 
+        def taken_elsewhere(principal: str, session_id: str) -> None:
+            # One live stream per id in the cluster, the one Redis names: a cancel
+            # from any instance reaches it, and would not reach this one.
+            session = registry.get(session_id, principal)
+            if session is not None:
+                session.fail(Failed("session_conflict", "the id is live on another instance"))
+
+        cluster.on_taken = taken_elsewhere
         if self._state.resume is not None:
             cluster.on_follow = follow_messages(self._state, cluster)
         with scope:

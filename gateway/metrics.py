@@ -38,6 +38,7 @@ OUTCOMES = (
     "shutdown",
     "upstream_error",
     "internal_error",
+    "session_conflict",
 )
 _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")

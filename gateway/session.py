@@ -207,6 +207,14 @@ class Session:
             await self.ended.wait()
         return self.ended.is_set()
 
+    def fail(self, failed: Failed) -> bool:
+        """End the stream with ``failed`` from outside its relay (the provider is closed,
+        the client gets the error); ``False`` if it already has an outcome."""
+        if not self.settle(failed):
+            return False
+        self.close_provider()
+        return True
+
     def client_left(self, reason: StopReason, detail: str | None = None) -> None:
         """The client is gone (disconnected, or stopped reading): nothing more can reach
         it, so no terminal event is written; stop the stream for ``reason``."""
@@ -279,7 +287,9 @@ class Session:
                 return f"timeout_{outcome.detail}"
             return "shutdown"
         assert isinstance(outcome, Failed)
-        return "internal_error" if outcome.code == "internal_error" else "upstream_error"
+        if outcome.code in ("internal_error", "session_conflict"):
+            return outcome.code
+        return "upstream_error"
 
     def usage(self) -> tuple[dict[str, object] | None, str]:
         """The usage to report, and where it comes from. A completed stream has exactly

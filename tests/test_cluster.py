@@ -442,6 +442,46 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
 
 
 @ASYNCIO_AND_TRIO
+async def test_an_id_live_on_two_instances_is_ended_where_redis_does_not_name_it(
+    anyio_backend: Any,
+) -> None:
+    """a's claim lost (as a pause past the TTL loses it, here for a alone) and the same id
+    started on b: once a finds its claim b's, it ends its own stream, so that the one
+    stream left is the one a cancel reaches. Before, a kept its stream, and a cancel
+    answered 200 from b while a's went on."""
+    async with _cluster(anyio_backend) as c, httpx.AsyncClient(timeout=WAIT) as client:
+        # Claims refreshed every second: a cannot take its key back between the
+        # deletion and b's claim, a few milliseconds apart.
+        a = await c.gateway(GATEWAY_CLAIM_TTL="3")
+        b = await c.gateway(GATEWAY_CLAIM_TTL="3")
+        sid = "session_live_twice"
+        redis = coredis.Redis.from_url(c.redis.url, decode_responses=True)
+        async with redis, _stream(client, a.url, sid) as on_a:
+            first = c.provider.records[-1]
+            await redis.delete([_claim_key(sid)])
+            async with _stream(client, b.url, sid) as on_b:
+                second = c.provider.records[-1]
+                # a's next refresh finds the id b's: a's stream ends with an error.
+                with anyio.fail_after(WAIT):
+                    rest = await _rest(on_a)
+                assert "event: error" in rest
+                assert '"code":"session_conflict"' in rest
+                assert first.outcome == "closed_by_client"
+                await anyio.to_thread.run_sync(
+                    a.wait_for, rf"{sid} is live here and on instance .* this one is ended"
+                )
+                metrics = (await client.get(f"{a.url}/metrics")).text
+                assert 'gateway_streams_ended_total{outcome="session_conflict"} 1.0' in metrics
+                # A cancel through a reaches b's stream, the only one left.
+                answer = await client.post(f"{a.url}/api/chat/cancel/{sid}")
+                assert answer.status_code == 200
+                assert second.outcome == "closed_by_client"
+                assert "event: stopped" in await _rest(on_b)
+        with anyio.fail_after(WAIT):
+            await c.provider.wait_until(lambda: c.provider.live == 0)
+
+
+@ASYNCIO_AND_TRIO
 async def test_a_failover_under_sentinel_answers_no_false_404_and_recovers(
     anyio_backend: Any, tmp_path: Path
 ) -> None:
