@@ -29,6 +29,23 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the uvloop runs of the tests marked ``asyncio_and_trio``."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("anyio_backend") if callspec is not None else None
+        uvloop = isinstance(backend, tuple) and bool(backend[1].get("use_uvloop"))
+        if uvloop and item.get_closest_marker("asyncio_and_trio") is not None:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def node_sdks() -> Path:
     """tests/sdk, with the JavaScript SDKs pinned in its package.json installed (``npm

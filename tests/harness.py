@@ -36,10 +36,10 @@ from gateway.state import state_of
 # Generous bound on any single wait in a test: a hang fails instead of stalling CI.
 WAIT = 10.0
 
-# The fault tests of issue 33 run on the two event loops its "done means" names, not a
-# third time on uvloop (asyncio with another loop: the same paths of ours), which keeps
-# `make test` within its ten minutes.
-ASYNCIO_AND_TRIO = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+# A test (or module) so marked runs on asyncio and Trio, not a third time on uvloop
+# (conftest.py): for what does not touch the loop's sockets, uvloop runs the same code of
+# ours, and the suite has ten minutes (tests/README.md).
+ASYNCIO_AND_TRIO = pytest.mark.asyncio_and_trio
 
 END_MARKERS = (
     " aborted by client/cancel ",

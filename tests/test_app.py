@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
-from .harness import Harness, LogWatch, end_lines, sim_config
+from .harness import ASYNCIO_AND_TRIO, Harness, LogWatch, end_lines, sim_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}]}
 

@@ -8,10 +8,10 @@ import anyio
 import httpx2 as httpx
 import pytest
 
-from .harness import WAIT, Harness, sim_config, worker_class
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, sim_config, worker_class
 from .processes import Gateway
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef00"

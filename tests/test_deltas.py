@@ -11,9 +11,9 @@ import pytest
 
 from gateway import SimulatorConfig
 
-from .harness import Harness, end_lines, sim_config, without_timings
+from .harness import ASYNCIO_AND_TRIO, Harness, end_lines, sim_config, without_timings
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 REASONER = "simulator-reasoner"
 TOOLS = [

@@ -11,7 +11,7 @@ import pytest
 
 from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, openai_client, sim_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 SID = "session_1700000000000_limits"
 

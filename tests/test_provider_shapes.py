@@ -17,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import parser as parser_module
 
 from . import replay
-from .harness import Harness, end_lines, openai_client, read_chunks, sim_config
+from .harness import ASYNCIO_AND_TRIO, Harness, end_lines, openai_client, read_chunks, sim_config
 
 pytestmark = [
+    ASYNCIO_AND_TRIO,
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:Async generator 'openai._streaming.:ResourceWarning"),
 ]

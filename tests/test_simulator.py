@@ -13,9 +13,9 @@ from openai.types.chat import (
     ChatCompletionFunctionToolParam,
 )
 
-from .harness import WAIT, Harness, read_chunks, sim_config
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, read_chunks, sim_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 BODY = {
     "model": "sim",

@@ -7,9 +7,9 @@ import time
 import anyio
 import pytest
 
-from .harness import Harness, end_lines, sim_config, without_timings
+from .harness import ASYNCIO_AND_TRIO, Harness, end_lines, sim_config, without_timings
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 
 async def test_completion_relays_every_delta_in_order(caplog: pytest.LogCaptureFixture) -> None:
