@@ -22,7 +22,7 @@ from gateway.server import load_config
 from .harness import ASYNCIO_AND_TRIO, Harness, serve_until
 from .processes import ROOT, Nginx, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 KEY_A, KEY_B = "contract-key-alice-0123", "contract-key-bob-456789"
 API_KEYS = (("alice", KEY_A), ("bob", KEY_B))
@@ -286,7 +286,6 @@ class _Endless:
             tg.cancel_scope.cancel()
 
 
-@ASYNCIO_AND_TRIO
 @pytest.mark.parametrize("blank_lines", [True, False])
 async def test_a_deployment_that_streams_without_end_fails_the_kit_within_its_bounds(
     blank_lines: bool,

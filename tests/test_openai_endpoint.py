@@ -13,9 +13,18 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk, ChatCompletionFunctionToolParam
 
-from .harness import WAIT, Harness, end_lines, openai_client, read_chunks, sim_config
+from .harness import (
+    ASYNCIO_AND_TRIO,
+    WAIT,
+    Harness,
+    end_lines,
+    openai_client,
+    read_chunks,
+    sim_config,
+)
 
 pytestmark = [
+    ASYNCIO_AND_TRIO,
     pytest.mark.anyio,
     # The SDK stops reading its SSE async generators at [DONE] and leaves them to the
     # garbage collector, which Trio reports (test_simulator.py has the same). Not ours.

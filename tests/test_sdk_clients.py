@@ -12,9 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from .harness import WAIT, Harness, sim_config
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, sim_config
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
 
 async def _run(
