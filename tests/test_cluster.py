@@ -466,6 +466,9 @@ async def test_an_id_live_on_two_instances_is_ended_where_redis_does_not_name_it
                     rest = await _rest(on_a)
                 assert "event: error" in rest
                 assert '"code":"session_conflict"' in rest
+                # Its provider closed (seen by the provider when its next write fails).
+                with anyio.fail_after(WAIT):
+                    await c.provider.wait_until(lambda: first.outcome != "streaming")
                 assert first.outcome == "closed_by_client"
                 await anyio.to_thread.run_sync(
                     a.wait_for, rf"{sid} is live here and on instance .* this one is ended"
