@@ -48,7 +48,7 @@ from .settings import Settings
 from .shared_log import RemoteLog, events_key
 from .simulator import Simulator
 from .state import GatewayState, state_of
-from .stream import ChatStream, ClientFollower, follow, new_follower
+from .stream import ChatStream, ClientFollower, follow
 from .validation import (
     SESSION_ID_RE,
     ProviderRequest,
@@ -270,7 +270,7 @@ class _RemoteResumeResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal, session_id, follower_id = self._about
         cluster = self._cluster
-        follower = new_follower()
+        follower = ClientFollower()
         cluster.followers[follower_id] = follower
         try:
             async with anyio.create_task_group() as tg:

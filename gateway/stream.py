@@ -42,7 +42,7 @@ from .upstream import UpstreamResponse, open_stream
 from .validation import ProviderRequest
 from .writer import SERVER_SEND, ClientWriter
 
-__all__ = ["ChatStream", "follow", "follow_messages", "new_follower"]
+__all__ = ["ChatStream", "ClientFollower", "follow", "follow_messages"]
 
 logger = logging.getLogger(__name__)
 
@@ -527,10 +527,6 @@ class _RemoteFollower:
 
     def expired(self, now: float) -> bool:
         return now - self.seen > self._cluster.claim_ttl
-
-
-def new_follower() -> ClientFollower:
-    return ClientFollower()
 
 
 def follow_messages(

@@ -8,10 +8,12 @@ check the wire format rather than agree with themselves.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import socket
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -80,6 +82,11 @@ class EventReader:
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
         return [e.data for e in self.events if e.event == "tool_call"]
+
+    def longest_token_gap(self, since: int) -> float:
+        """The longest time between two tokens from event ``since - 1`` on."""
+        times = [e.at for e in self.events[since - 1 :] if e.event == "token"]
+        return max(b - a for a, b in itertools.pairwise(times))
 
     async def next(self) -> SSEEvent | None:
         """The next event (comments are collected, not returned); None at the end."""
@@ -295,6 +302,24 @@ class Harness:
     def upstream_connections(self) -> int:
         """ESTABLISHED TCP connections from this process to the simulator."""
         return established_to(self.sim_port)
+
+
+@dataclasses.dataclass
+class TracedPeak:
+    bytes: int = 0
+
+
+@contextmanager
+def traced_peak() -> Iterator[TracedPeak]:
+    """The peak of what Python allocated in this process within the block (tracemalloc),
+    set when the block ends normally."""
+    traced = TracedPeak()
+    tracemalloc.start()
+    try:
+        yield traced
+        _, traced.bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
 
 
 async def serve_until(

@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
-import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +14,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, end_lines, sim_config
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, end_lines, sim_config, traced_peak
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
@@ -97,17 +95,13 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
         before = len(bystander.events)
         # Everything Python allocates in this process while the answer is refused (the
         # gateway, the bystander's and the client's buffers): the bound, not the answer.
-        tracemalloc.start()
-        try:
-            with anyio.fail_after(WAIT):
-                response = await h.client.post(
-                    "/v1/chat/completions",
-                    json={"messages": [{"role": "user", "content": "Write long."}]},
-                    headers={"X-Session-Id": "session_bound_whole"},
-                )
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        with traced_peak() as traced, anyio.fail_after(WAIT):
+            response = await h.client.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Write long."}]},
+                headers={"X-Session-Id": "session_bound_whole"},
+            )
+        peak = traced.bytes
         await bystander.tokens_at_least(len(bystander.tokens) + 3)
         assert (await other.cancel("session_bound_bystander")).status_code == 200
         await bystander.rest()
@@ -123,8 +117,7 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
     assert provider.written < bound + 16 * 1024 * 1024, provider.written
     print(f"peak {peak / 2**20:.1f} MiB traced while a {bound / 2**20:.0f} MiB bound refused")
     assert peak < 4 * bound, peak
-    times = [e.at for e in bystander.events[before - 1 :] if e.event == "token"]
-    gap = max(b - a for a, b in itertools.pairwise(times))
+    gap = bystander.longest_token_gap(before)
     assert gap < _GAP, gap
     [line] = end_lines(caplog.records, "session_bound_whole")
     assert "failed code=answer_too_large" in line

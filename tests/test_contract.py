@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tracemalloc
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -19,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
 from gateway.server import load_config
 
-from .harness import ASYNCIO_AND_TRIO, Harness, serve_until
+from .harness import ASYNCIO_AND_TRIO, Harness, serve_until, traced_peak
 from .processes import ROOT, Nginx, free_port
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
@@ -296,9 +295,8 @@ async def test_a_deployment_that_streams_without_end_fails_the_kit_within_its_bo
     async with anyio.create_task_group() as tg:
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
         [(_, port)] = await tg.start(serve_until, deployment, config, stop.wait)
-        tracemalloc.start()
         try:
-            with anyio.fail_after(60):
+            with traced_peak() as traced, anyio.fail_after(60):
                 results = await run_contract(
                     ContractOptions(
                         gateway=f"http://127.0.0.1:{port}",
@@ -307,10 +305,9 @@ async def test_a_deployment_that_streams_without_end_fails_the_kit_within_its_bo
                         only=("cancel_closes_provider", "one_terminal_event"),
                     )
                 )
-            _, peak = tracemalloc.get_traced_memory()
         finally:
-            tracemalloc.stop()
             stop.set()
+    peak = traced.bytes
     assert [r.status for r in results] == ["fail", "fail"], report(results)
     # What the process held at most meanwhile (the kit, and the deployment's side):
     # measured 9.3 and 1.8 MiB, where the kit before this held 38.5 and 18.7 MiB after

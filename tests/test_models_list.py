@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import itertools
 import time
-import tracemalloc
 from typing import Any
 
 import anyio
@@ -20,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import Simulator, SimulatorConfig
 
 from . import replay
-from .harness import ASYNCIO_AND_TRIO, WAIT
+from .harness import ASYNCIO_AND_TRIO, WAIT, traced_peak
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
@@ -88,21 +86,15 @@ async def _list_beside_a_stream(provider: HostileModels, **settings: Any) -> tup
     ):
         await s.tokens_at_least(3)
         before = len(s.events)
-        tracemalloc.start()
-        try:
-            with anyio.fail_after(WAIT):
-                first = await h.client.get("/v1/models")
-                second = await h.client.get("/v1/models")
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        with traced_peak() as traced, anyio.fail_after(WAIT):
+            first = await h.client.get("/v1/models")
+            second = await h.client.get("/v1/models")
         await s.tokens_at_least(len(s.tokens) + 3)
         assert (await h.cancel("session_models_bystander")).status_code == 200
         await s.rest()
-    times = [e.at for e in s.events[before - 1 :] if e.event == "token"]
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
-    return first.json(), max(b - a for a, b in itertools.pairwise(times)), peak
+    return first.json(), s.longest_token_gap(before), traced.bytes
 
 
 async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCaptureFixture) -> None:
