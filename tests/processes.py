@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,23 @@ class Gateway:
             assert time.monotonic() < deadline, f"no ended simulator stream for {session_id}"
             time.sleep(0.05)  # polling another process's state; there is no event to await
 
+    def _status(self, field: str) -> int:
+        """A memory figure of the process from /proc (``VmRSS``, ``VmHWM``), in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no {field} in /proc/{self.process.pid}/status")
+
+    def reset_peak_rss(self) -> int:
+        """Start measuring the process's peak resident memory afresh (Linux's
+        ``clear_refs`` 5 sets ``VmHWM`` to the current RSS); that RSS, in bytes."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        return self._status("VmRSS")
+
+    def peak_rss(self) -> int:
+        """The process's peak resident memory since ``reset_peak_rss``, in bytes."""
+        return self._status("VmHWM")
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -167,6 +184,36 @@ class Gateway:
         self._reader.join(WAIT)
         assert self.process.stdout is not None
         self.process.stdout.close()
+
+
+@asynccontextmanager
+async def gateway_process(worker: str, **settings: str) -> AsyncIterator[Gateway]:
+    """A ``Gateway`` started and stopped off the event loop (both block)."""
+    gateway = await anyio.to_thread.run_sync(lambda: Gateway(worker, **settings))
+    try:
+        yield gateway
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(gateway.stop)
+
+
+async def rss_growth(
+    worker: str, upstream_url: str, call: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+) -> tuple[httpx.Response, int]:
+    """A `gateway serve` process whose provider is ``upstream_url``: what ``call`` got
+    from it (its client's base URL the gateway), and how far the process's peak
+    resident memory rose over the call, in bytes."""
+    async with (
+        gateway_process(worker, GATEWAY_UPSTREAM_URL=upstream_url, GATEWAY_MODEL="sim-model") as g,
+        httpx.AsyncClient(base_url=g.url, timeout=WAIT) as client,
+    ):
+        assert (await client.get("/healthz")).status_code == 200
+        before = g.reset_peak_rss()
+        with anyio.fail_after(WAIT):
+            response = await call(client)
+        growth = g.peak_rss() - before
+    print(f"RSS {before / 2**20:.0f} MiB, peak +{growth / 2**20:.1f} MiB over the call")
+    return response, growth
 
 
 class RedisServer:

@@ -12,9 +12,19 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import httpx2 as httpx
 import pytest
 
-from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, end_lines, sim_config, traced_peak
+from .harness import (
+    ASYNCIO_AND_TRIO,
+    WAIT,
+    Harness,
+    end_lines,
+    sim_config,
+    traced_peak,
+    worker_class,
+)
+from .processes import rss_growth
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
@@ -121,6 +131,35 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
     assert gap < _GAP, gap
     [line] = end_lines(caplog.records, "session_bound_whole")
     assert "failed code=answer_too_large" in line
+
+
+async def test_the_gateway_process_refuses_a_400_mib_answer_within_its_default_bound(
+    anyio_backend: Any,
+) -> None:
+    # What the issue measured: the resident memory of a `gateway serve` process (55 MiB
+    # to 2 GiB before), here with the default bound, measured from /proc.
+    bound = 8 * 1024 * 1024
+    provider = LongAnswer()
+
+    async def ask(client: httpx.AsyncClient) -> httpx.Response:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Write long."}]},
+            headers={"X-Session-Id": "session_bound_process"},
+        )
+        await provider.ended.wait()
+        return response
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(provider.serve)
+        url = f"http://127.0.0.1:{provider.port}/v1"
+        response, growth = await rss_growth(worker_class(anyio_backend), url, ask)
+        tg.cancel_scope.cancel()
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "answer_too_large"
+    # The provider was closed at the bound, not after its 400 MiB.
+    assert provider.written < 2 * bound, provider.written
+    assert growth < 3 * bound, growth
 
 
 async def test_a_streamed_answer_is_not_bounded() -> None:

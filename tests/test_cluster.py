@@ -394,7 +394,8 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
                 # and later ones not at all.
                 began = time.monotonic()
                 async with _stream(client, a.url, started):
-                    assert time.monotonic() - began < 1.0
+                    first_bytes = time.monotonic() - began
+                    assert first_bytes < 1.0
                     health = (await client.get(f"{a.url}/healthz")).json()
                     assert health["cluster"] == "unavailable"
                     gauge = (await client.get(f"{a.url}/metrics")).text
@@ -407,7 +408,8 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
                     began = time.monotonic()
                     refused = await client.post(f"{b.url}/api/chat/cancel/{live}")
                     assert refused.status_code == 503
-                    assert time.monotonic() - began < 3.0
+                    refused_in = time.monotonic() - began
+                    assert refused_in < 3.0
                     # Paused past the claim TTL: the claims expire as Redis wakes.
                     await anyio.sleep(1.5)
                     c.redis.process.send_signal(signal.SIGCONT)
@@ -418,7 +420,12 @@ async def test_a_redis_that_hangs_past_the_claim_ttl_breaks_no_promise(
                     assert (await client.get(f"{a.url}/healthz")).json()["cluster"] == "ok"
                     gauge = (await client.get(f"{a.url}/metrics")).text
                     assert "gateway_cluster_available 1.0" in gauge
-                    assert time.monotonic() - woke < 2.0
+                    back_in = time.monotonic() - woke
+                    assert back_in < 2.0
+                    print(
+                        f"Redis paused: first bytes {first_bytes:.3f} s, cancel elsewhere 503 "
+                        f"in {refused_in:.2f} s; health back {back_in:.2f} s after SIGCONT"
+                    )
                     # Every live stream's claim is a's again, the ones made while Redis
                     # was away included.
                     redis = coredis.Redis.from_url(c.redis.url, decode_responses=True)
