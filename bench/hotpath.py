@@ -38,15 +38,15 @@ _WORDS = [b" w%d" % i for i in range(97)]
 
 
 async def _once(chunks: list[bytes], openai: bool) -> float:
-    from gateway.parser import ProviderStreamParser
-    from gateway.session import Session
-    from gateway.stream import ChatStream
+    from gateway.core.session import Session
+    from gateway.provider.parser import ProviderStreamParser
+    from gateway.web.stream import ChatStream
 
     session = Session("s", "m")
     sink: Any
     take: Any = None
     try:
-        from gateway.writer import ClientWriter
+        from gateway.web.writer import ClientWriter
     except ImportError:  # before the relay wrote to the client itself: the outbox
         from gateway.outbox import Outbox  # type: ignore[import-not-found, unused-ignore]
 
@@ -60,7 +60,7 @@ async def _once(chunks: list[bytes], openai: bool) -> float:
     extra: tuple[object, ...] = ()
     answer: Any = None
     if "answer" in params:
-        from gateway.formats import ChatCompletionChunks, GatewayEvents
+        from gateway.web.formats import ChatCompletionChunks, GatewayEvents
 
         answer = ChatCompletionChunks(include_usage=False) if openai else GatewayEvents()
         answer.start(session)
@@ -108,7 +108,7 @@ class _Replay:
 async def _transport_once(chunks: list[bytes]) -> float:
     import httpx2 as httpx
 
-    from gateway import transport
+    from gateway.provider import transport
 
     # Named H11Transport before step 7 (docs/benchmarks.md).
     names = vars(transport)
@@ -140,8 +140,8 @@ async def _transport_once(chunks: list[bytes]) -> float:
 
 
 async def _metrics_once(streams: int) -> float:
-    from gateway.metrics import Metrics
-    from gateway.session import Completed, Failed, Session, Stopped
+    from gateway.core.metrics import Metrics
+    from gateway.core.session import Completed, Failed, Session, Stopped
 
     metrics = Metrics()
     # A quarter each: completed with the provider's usage, cancelled (the Stop latency
@@ -173,8 +173,8 @@ async def _metrics_once(streams: int) -> float:
 
 
 def _resume_store_once(kept: int) -> tuple[float, float]:
-    from gateway.resume import EventLog, ResumeStore
-    from gateway.session import Session
+    from gateway.core.session import Session
+    from gateway.resume.log import EventLog, ResumeStore
 
     store = ResumeStore(3600.0, max_ended=kept)
     session = Session("s", "m")
@@ -197,7 +197,7 @@ def _resume_store_once(kept: int) -> tuple[float, float]:
 
 
 def _resume_log_once(tokens: int) -> float:
-    from gateway.resume import EventLog
+    from gateway.resume.log import EventLog
 
     seq = [0]
     log = EventLog(1 << 20, lambda: seq[0], lambda: None)

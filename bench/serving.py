@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from gateway.server import anyio_backend, load_config, serve
+from gateway.server.serve import anyio_backend, load_config, serve
 
 
 def main(create_app: Callable[[str], Any]) -> None:

@@ -1,18 +1,24 @@
-"""A streaming gateway for LLM chat that stops the provider the moment the user presses Stop."""
+"""A streaming gateway for LLM chat that stops the provider the moment the user presses Stop.
+
+The public names are the app factory, the settings and the error types; the parts
+(``web``, ``core``, ``provider``, ``resume``, ``cluster``, ``server``, ``tools``) are
+the gateway's own and may change (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
-from .api import create_app
-from .contract import CheckResult, ContractOptions, run_contract
 from .errors import (
+    AnswerTooLarge,
     APIError,
     BadRequest,
     CancelTimeout,
     CancelUnavailable,
     ConfigError,
     GatewayError,
+    NotResumable,
     PayloadTooLarge,
     RequestTimeout,
+    ResumeUnavailable,
     ServerBusy,
     SessionConflict,
     ShuttingDown,
@@ -25,43 +31,25 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
-from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
-from .parser import ProviderStreamParser
-from .registry import Registry
-from .server import load_config, serve
-from .session import Completed, Failed, Outcome, Session, Stopped
 from .settings import Settings
-from .simulator import Simulator, SimulatorConfig, StreamRecord
+from .web.routes import create_app
 
 __all__ = [
     "APIError",
-    "AnswerFormat",
+    "AnswerTooLarge",
     "BadRequest",
     "CancelTimeout",
     "CancelUnavailable",
-    "ChatCompletion",
-    "ChatCompletionChunks",
-    "CheckResult",
-    "Completed",
     "ConfigError",
-    "ContractOptions",
-    "Failed",
     "GatewayError",
-    "GatewayEvents",
-    "Outcome",
+    "NotResumable",
     "PayloadTooLarge",
-    "ProviderStreamParser",
-    "Registry",
     "RequestTimeout",
+    "ResumeUnavailable",
     "ServerBusy",
-    "Session",
     "SessionConflict",
     "Settings",
     "ShuttingDown",
-    "Simulator",
-    "SimulatorConfig",
-    "Stopped",
-    "StreamRecord",
     "TooManySessions",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -71,7 +59,4 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamUnavailable",
     "create_app",
-    "load_config",
-    "run_contract",
-    "serve",
 ]

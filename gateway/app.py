@@ -3,6 +3,6 @@ at import, so a bad setting stops hypercorn before it serves anything."""
 
 from __future__ import annotations
 
-from .api import create_app
+from .web.routes import create_app
 
 app = create_app()

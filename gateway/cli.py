@@ -15,13 +15,13 @@ import anyio
 from hypercorn.config import Config
 from starlette.applications import Starlette
 
-from .api import create_app
-from .contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
 from .errors import ConfigError
 from .logs import Formatter
-from .server import WORKER_CLASSES, anyio_backend, load_config, serve
+from .server.serve import WORKER_CLASSES, anyio_backend, load_config, serve
 from .settings import Settings
-from .state import state_of
+from .tools.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
+from .web.routes import create_app
+from .web.state import state_of
 
 __all__ = ["main", "run", "stop_streams_first"]
 

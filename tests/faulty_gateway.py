@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from gateway import cluster
 from gateway.cli import main
+from gateway.cluster import link as cluster
 
 
 async def _planted_bug(self: cluster.Cluster, client: Any, message: Any) -> None:

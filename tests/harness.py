@@ -29,11 +29,12 @@ from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from gateway import Settings, Simulator, SimulatorConfig, StreamRecord, create_app, load_config
+from gateway import Settings, create_app
 from gateway.cli import stop_streams_first
-from gateway.registry import Registry
-from gateway.server import serve
-from gateway.state import state_of
+from gateway.core.registry import Registry
+from gateway.server.serve import load_config, serve
+from gateway.tools.simulator import Simulator, SimulatorConfig, StreamRecord
+from gateway.web.state import state_of
 
 # Generous bound on any single wait in a test: a hang fails instead of stalling CI.
 WAIT = 10.0

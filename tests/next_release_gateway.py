@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from gateway import cluster
 from gateway.cli import main
+from gateway.cluster import link as cluster
 
 cluster.PROTOCOL_VERSION = 2
 cluster.SEND_VERSION = 1

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.server import load_config
+from gateway.server.serve import load_config
 
 from .harness import Harness, serve_until
 

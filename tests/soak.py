@@ -30,8 +30,8 @@ import anyio
 import httpx2 as httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.server import load_config
-from gateway.simulator import Simulator, SimulatorConfig
+from gateway.server.serve import load_config
+from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from .harness import established_to, serve_until
 from .processes import Gateway

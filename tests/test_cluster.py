@@ -20,8 +20,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from gateway.server import load_config
-from gateway.simulator import Simulator, SimulatorConfig
+from gateway.server.serve import load_config
+from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from .harness import ASYNCIO_AND_TRIO, read_chunks, serve_until, worker_class
 from .processes import (

@@ -15,8 +15,15 @@ import anyio.lowlevel
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
-from gateway.server import load_config
+from gateway.server.serve import load_config
+from gateway.tools.contract import (
+    CHECKS,
+    CheckResult,
+    ContractOptions,
+    junit_xml,
+    report,
+    run_contract,
+)
 
 from .harness import ASYNCIO_AND_TRIO, Harness, serve_until, traced_peak
 from .processes import ROOT, Nginx, free_port

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway import SimulatorConfig
+from gateway.tools.simulator import SimulatorConfig
 
 from .harness import ASYNCIO_AND_TRIO, Harness, end_lines, sim_config, without_timings
 

@@ -19,9 +19,10 @@ import pytest
 import trustme
 from playwright.sync_api import sync_playwright
 
-from gateway import Settings, Simulator, SimulatorConfig, create_app
-from gateway.contract import ContractOptions, report, run_contract
-from gateway.server import load_config
+from gateway import Settings, create_app
+from gateway.server.serve import load_config
+from gateway.tools.contract import ContractOptions, report, run_contract
+from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from .harness import serve_until, worker_class
 from .processes import ROOT, WAIT, Nginx, RedisServer, free_port, hypercorn_workers, until_up

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sse_starlette.event import JSONServerSentEvent
 
-from gateway.events import encode_event, encode_reasoning, encode_token, json_string, json_text
+from gateway.core.events import encode_event, encode_reasoning, encode_token, json_string, json_text
 
 DELTAS = [
     "Hello",

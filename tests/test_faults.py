@@ -11,8 +11,8 @@ import anyio
 import httpx2 as httpx
 import pytest
 
-from gateway.server import load_config
-from gateway.simulator import Simulator, SimulatorConfig
+from gateway.server.serve import load_config
+from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from .harness import (
     WAIT,

@@ -13,9 +13,9 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway import Settings, create_app
-from gateway.cluster import Cluster
-from gateway.lifespan import Lifespan
-from gateway.state import state_of
+from gateway.cluster.link import Cluster
+from gateway.web.lifespan import Lifespan
+from gateway.web.state import state_of
 
 from .processes import RedisServer
 
@@ -88,7 +88,7 @@ async def test_the_simulator_failing_to_start_closes_the_cluster_and_the_client(
         await _joined(app)
         raise _PlantedFailure("simulator start")
 
-    monkeypatch.setattr("gateway.lifespan.serve_simulator", fail)
+    monkeypatch.setattr("gateway.web.lifespan.serve_simulator", fail)
     with pytest.RaisesGroup(_PlantedFailure, allow_unwrapped=True, flatten_subgroups=True):
         async with Lifespan(app):
             pytest.fail("the start-up must fail")

@@ -16,9 +16,10 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import ConfigError, Settings, Simulator, SimulatorConfig
-from gateway.server import load_config
-from gateway.state import state_of
+from gateway import ConfigError, Settings
+from gateway.server.serve import load_config
+from gateway.tools.simulator import Simulator, SimulatorConfig
+from gateway.web.state import state_of
 
 from .harness import WAIT, Harness, end_lines, serve_until, sim_config, worker_class
 from .processes import free_port, hypercorn_workers, until_up

@@ -16,7 +16,8 @@ import httpx2 as httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from gateway import Simulator, SimulatorConfig, load_config
+from gateway.server.serve import load_config
+from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from . import replay
 from .harness import ASYNCIO_AND_TRIO, WAIT, serve_until, traced_peak, worker_class

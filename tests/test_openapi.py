@@ -14,7 +14,7 @@ from schemathesis.config import SchemathesisConfig
 from starlette.routing import Route
 
 from gateway import Settings, create_app
-from gateway.openapi import openapi
+from gateway.web.openapi import openapi
 
 from .processes import WAIT, Gateway
 

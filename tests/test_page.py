@@ -1,4 +1,4 @@
-"""The reference chat page and gateway/static/client.js in a real browser.
+"""The reference chat page and gateway/web/static/client.js in a real browser.
 
 Debian's Chromium, driven headless by Playwright, against `gateway serve` in its own
 process (demo mode: the built-in simulator behind it), on each worker class. What

@@ -10,13 +10,14 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from gateway import ProviderStreamParser, UpstreamError, UpstreamProtocolError, UpstreamStatusError
-from gateway import parser as parser_module
-from gateway.parser import (
+from gateway import UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from gateway.provider import parser as parser_module
+from gateway.provider.parser import (
     ContentPart,
     Delta,
     Extras,
     ParsedChunk,
+    ProviderStreamParser,
     Reasoning,
     Refusal,
     ToolCallDelta,

@@ -27,7 +27,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.transport import HTTP1Transport
+from gateway.provider.transport import HTTP1Transport
 
 from .harness import WAIT, Harness, sim_config
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import parser as parser_module
+from gateway.provider import parser as parser_module
 
 from . import replay
 from .harness import ASYNCIO_AND_TRIO, Harness, end_lines, openai_client, read_chunks, sim_config

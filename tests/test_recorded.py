@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from gateway.parser import ProviderStreamParser
+from gateway.provider.parser import ProviderStreamParser
 
 from . import replay
 from .harness import WAIT, Harness, openai_client, read_chunks

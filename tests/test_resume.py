@@ -19,9 +19,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway import SimulatorConfig
-from gateway.resume import EventLog, ResumeStore
-from gateway.session import Mark, Session
+from gateway.core.session import Mark, Session
+from gateway.resume.log import EventLog, ResumeStore
+from gateway.tools.simulator import SimulatorConfig
 
 from .harness import (
     ASYNCIO_AND_TRIO,

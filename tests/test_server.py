@@ -8,8 +8,8 @@ import pytest
 from anyio.abc import SocketStream
 from starlette.types import Receive, Scope, Send
 
-from gateway import ConfigError, load_config
-from gateway.server import is_hypercorn_setting
+from gateway import ConfigError
+from gateway.server.serve import is_hypercorn_setting, load_config
 
 from .harness import WAIT, serve_until
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.session import Completed, Failed, Session, Stopped
+from gateway.core.session import Completed, Failed, Session, Stopped
 
 pytestmark = pytest.mark.anyio
 
@@ -62,7 +62,7 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
         assert data["tokens_delivered"] == session.tokens_queued
 
     handler = _Lines()
-    logger = logging.getLogger("gateway.session")
+    logger = logging.getLogger("gateway.core.session")
     logger.addHandler(handler)
     try:
         session.log_end()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gateway import ConfigError, Settings
-from gateway.upstream import chat_url
+from gateway.provider.client import chat_url
 
 
 def test_defaults_run_the_simulator() -> None:

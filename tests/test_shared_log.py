@@ -12,10 +12,10 @@ import anyio.lowlevel
 import coredis
 import pytest
 
-from gateway import shared_log
-from gateway.cluster import RedisTimeout
-from gateway.resume import EventLog
-from gateway.shared_log import RemoteLog, events_key, mirror
+from gateway.cluster.link import RedisTimeout
+from gateway.resume import shared as shared_log
+from gateway.resume.log import EventLog
+from gateway.resume.shared import RemoteLog, events_key, mirror
 
 from .processes import WAIT, RedisServer
 

@@ -14,8 +14,8 @@ import pytest
 from anyio.abc import SocketStream
 
 from gateway import Settings
-from gateway.transport import BODY_EXTENSION, HTTP1Transport
-from gateway.upstream import create_client
+from gateway.provider.client import create_client
+from gateway.provider.transport import BODY_EXTENSION, HTTP1Transport
 
 from .harness import WAIT, Harness, sim_config
 

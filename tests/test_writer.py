@@ -14,11 +14,11 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import Settings, create_app
-from gateway.api import _Gateway, _Streaming
-from gateway.events import PING
-from gateway.formats import GatewayEvents
-from gateway.session import Session, Stopped
-from gateway.writer import SERVER_SEND, ClientWriter
+from gateway.core.events import PING
+from gateway.core.session import Session, Stopped
+from gateway.web.formats import GatewayEvents
+from gateway.web.routes import _Gateway, _Streaming
+from gateway.web.writer import SERVER_SEND, ClientWriter
 
 pytestmark = pytest.mark.anyio
 

@@ -1,10 +1,10 @@
-// Unit tests of gateway/static/client.js, run with `node --test tests/js/`.
+// Unit tests of gateway/web/static/client.js, run with `node --test tests/js/`.
 // The SSE parser and the chat state machine, fed by in-memory Responses: the
 // browser tests (tests/test_page.py) cover the same code against a real gateway.
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 
-import { SSEParser, historyFor, newSessionId, startChat } from "../../gateway/static/client.js";
+import { SSEParser, historyFor, newSessionId, startChat } from "../../gateway/web/static/client.js";
 
 function parseAll(chunks) {
   const parser = new SSEParser();

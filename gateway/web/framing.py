@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import BadRequest
+from ..errors import BadRequest
 from .responses import error_response
 
 __all__ = ["RefuseAmbiguousFraming"]

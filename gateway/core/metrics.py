@@ -22,7 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from .parser import token_counts
+from ..provider.parser import token_counts
 from .session import Completed, Failed, Session, Stopped
 
 __all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics"]

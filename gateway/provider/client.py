@@ -22,15 +22,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import anyio
 import httpx2 as httpx
 
-from .errors import (
+from ..errors import (
     UpstreamDisconnected,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from ..settings import Settings
 from .parser import provider_error_ids
-from .settings import Settings
 from .transport import BODY_EXTENSION, HTTP1Transport
 
 logger = logging.getLogger(__name__)

@@ -36,9 +36,12 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import TaskStatus
 from starlette.types import Message, Receive, Scope, Send
 
-__all__ = ["Simulator", "SimulatorConfig", "StreamRecord"]
+from ..server.serve import load_config, serve
+
+__all__ = ["Simulator", "SimulatorConfig", "StreamRecord", "serve_simulator"]
 
 _TEXT = (
     "When you press Stop, the gateway cancels one scope. That scope owns the task that "
@@ -551,3 +554,15 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def serve_simulator(
+    simulator: Simulator,
+    stop: Callable[[], Awaitable[object]],
+    *,
+    bind: str = "127.0.0.1:0",
+    task_status: TaskStatus[object] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The built-in simulator on ``bind`` (a free loopback port) until ``stop()`` returns."""
+    config = load_config(bind=[bind], graceful_timeout=1.0, accesslog=None, errorlog=None)
+    await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)

@@ -24,9 +24,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import Authenticator, check_bearer
-from .cluster import Cluster, is_redis_failure
-from .errors import (
+from ..cluster.link import Cluster, is_redis_failure
+from ..core.metrics import Metrics
+from ..core.registry import SESSION_ID_RE, Registry
+from ..core.session import Session
+from ..errors import (
     APIError,
     CancelTimeout,
     CancelUnavailable,
@@ -34,23 +36,20 @@ from .errors import (
     PayloadTooLarge,
     ResumeUnavailable,
 )
+from ..logs import loggable, use_format
+from ..resume.log import EventLog, ResumeStore
+from ..resume.shared import RemoteLog, events_key
+from ..settings import Settings
+from ..tools.simulator import Simulator
+from .auth import Authenticator, check_bearer
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
-from .logs import loggable, use_format
-from .metrics import Metrics
 from .openapi import openapi
-from .registry import Registry
 from .responses import error_json, error_response
-from .resume import EventLog, ResumeStore
-from .session import Session
-from .settings import Settings
-from .shared_log import RemoteLog, events_key
-from .simulator import Simulator
 from .state import GatewayState, state_of
 from .stream import ChatStream, ClientFollower, follow
 from .validation import (
-    SESSION_ID_RE,
     ProviderRequest,
     chat_payload,
     json_body,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-from .errors import AnswerTooLarge
-from .events import encode_event, encode_reasoning, encode_token, json_string, json_text
-from .parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
+from ..core.events import encode_event, encode_reasoning, encode_token, json_string, json_text
+from ..core.session import Completed, Failed, Session, Stopped
+from ..errors import AnswerTooLarge
+from ..provider.parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
 from .responses import error_body
-from .session import Completed, Failed, Session, Stopped
 
 __all__ = ["AnswerFormat", "ChatCompletion", "ChatCompletionChunks", "GatewayEvents"]
 

@@ -16,7 +16,7 @@ import trio
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from .errors import APIError
+from ..errors import APIError
 
 __all__ = ["CLIENT_GONE", "error_body", "error_json", "error_response"]
 

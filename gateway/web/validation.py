@@ -19,8 +19,9 @@ from typing import NoReturn, Required, TypedDict
 import anyio
 from starlette.requests import Request
 
-from .errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from .settings import Settings
+from ..core.registry import SESSION_ID_CHARS, SESSION_ID_RE
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from ..settings import Settings
 
 __all__ = [
     "FORWARDED_FIELDS",
@@ -36,9 +37,6 @@ __all__ = [
     "PENALTY",
     "RESPONSE_FORMATS",
     "ROLES",
-    "SESSION_ID_CHARS",
-    "SESSION_ID_PATTERN",
-    "SESSION_ID_RE",
     "TEMPERATURE",
     "TOOL_CHOICES",
     "TOOL_NAME_PATTERN",
@@ -53,10 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# What a client may name its session: safe in a log line, a header and a Redis key.
-SESSION_ID_CHARS = (8, 128)
-SESSION_ID_PATTERN = rf"^[A-Za-z0-9_.:-]{{{SESSION_ID_CHARS[0]},{SESSION_ID_CHARS[1]}}}$"
-SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # The content part types each role may send (OpenAI's Chat Completions API).
 PART_TYPES = {

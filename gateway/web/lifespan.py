@@ -24,14 +24,13 @@ from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 
-from .cluster import Cluster
-from .logs import ensure_handler
-from .server import load_config, serve
-from .session import Failed
-from .simulator import Simulator, SimulatorConfig
+from ..cluster.link import Cluster
+from ..core.session import Failed
+from ..logs import ensure_handler
+from ..provider.client import create_client
+from ..tools.simulator import Simulator, SimulatorConfig, serve_simulator
 from .state import state_of
 from .stream import follow_messages
-from .upstream import create_client
 
 __all__ = ["EXIT_BACKGROUND_FAILURE", "Lifespan"]
 
@@ -183,15 +182,3 @@ class _StartedOnce:
     def started(self, value: object = None) -> None:
         self.done = True
         self._inner.started(value)
-
-
-async def serve_simulator(
-    simulator: Simulator,
-    stop: Callable[[], Awaitable[object]],
-    *,
-    bind: str = "127.0.0.1:0",
-    task_status: TaskStatus[object] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """The built-in simulator on ``bind`` (a free loopback port) until ``stop()`` returns."""
-    config = load_config(bind=[bind], graceful_timeout=1.0, accesslog=None, errorlog=None)
-    await serve(simulator, config, shutdown_trigger=stop, task_status=task_status)

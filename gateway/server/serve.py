@@ -24,7 +24,7 @@ from hypercorn.config import Config
 from hypercorn.events import Closed, Event
 from starlette.types import ASGIApp
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["WORKER_CLASSES", "anyio_backend", "load_config", "serve"]
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from ..errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 
 __all__ = [
     "MAX_EXTRAS_BYTES",

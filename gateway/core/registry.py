@@ -8,13 +8,19 @@ the process.
 from __future__ import annotations
 
 import logging
+import re
 
-from .errors import ServerBusy, SessionConflict, ShuttingDown, TooManySessions
+from ..errors import ServerBusy, SessionConflict, ShuttingDown, TooManySessions
 from .session import Session
 
-__all__ = ["ANONYMOUS", "Registry"]
+__all__ = ["ANONYMOUS", "SESSION_ID_CHARS", "SESSION_ID_PATTERN", "SESSION_ID_RE", "Registry"]
 
 logger = logging.getLogger(__name__)
+
+# What a client may name its session: safe in a log line, a header and a Redis key.
+SESSION_ID_CHARS = (8, 128)
+SESSION_ID_PATTERN = rf"^[A-Za-z0-9_.:-]{{{SESSION_ID_CHARS[0]},{SESSION_ID_CHARS[1]}}}$"
+SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 
 # The one principal when the gateway authenticates nobody (GATEWAY_API_KEYS and
 # GATEWAY_PRINCIPAL_HEADER unset).

@@ -28,8 +28,8 @@ import anyio
 import coredis
 from coredis.response.types import StreamEntry
 
-from .cluster import is_redis_failure
-from .resume import ChunkLog, EventLog
+from ..cluster.link import is_redis_failure
+from .log import ChunkLog, EventLog
 
 __all__ = ["RemoteLog", "events_key", "mirror"]
 

@@ -31,8 +31,7 @@ import anyio
 import httpx2 as httpx
 from anyio.abc import TaskGroup
 
-from .lifespan import serve_simulator
-from .simulator import Simulator, SimulatorConfig, StreamRecord
+from .simulator import Simulator, SimulatorConfig, StreamRecord, serve_simulator
 
 __all__ = ["CHECKS", "CheckResult", "ContractOptions", "junit_xml", "report", "run_contract"]
 

@@ -16,9 +16,9 @@ import ipaddress
 
 from starlette.datastructures import Headers
 
-from .errors import BadRequest, Unauthorized
-from .registry import ANONYMOUS
-from .settings import Settings
+from ..core.registry import ANONYMOUS
+from ..errors import BadRequest, Unauthorized
+from ..settings import Settings
 
 __all__ = ["Authenticator", "check_bearer"]
 

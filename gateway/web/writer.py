@@ -18,12 +18,12 @@ import anyio
 from anyio.abc import TaskGroup
 from starlette.types import Send
 
+from ..core.session import Mark
 from .responses import CLIENT_GONE
-from .session import Mark
 
 if TYPE_CHECKING:
+    from ..core.session import Session
     from .formats import AnswerFormat
-    from .session import Session
 
 __all__ = ["SERVER_SEND", "ClientWriter"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from .events import PING
-from .session import Mark, Session
+from ..core.events import PING
+from ..core.session import Mark, Session
 
 __all__ = ["ChunkLog", "EventLog", "ResumeStore"]
 

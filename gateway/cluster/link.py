@@ -48,10 +48,10 @@ from anyio.abc import TaskGroup
 from coredis.patterns.pubsub import PubSub
 from coredis.response.types import PubSubMessage
 
-from .errors import CancelUnavailable, ResumeUnavailable
-from .logs import loggable
-from .settings import sentinel_service
-from .validation import SESSION_ID_RE
+from ..core.registry import SESSION_ID_RE
+from ..errors import CancelUnavailable, ResumeUnavailable
+from ..logs import loggable
+from ..settings import sentinel_service
 
 __all__ = ["Cluster", "is_redis_failure"]
 

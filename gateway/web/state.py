@@ -9,14 +9,14 @@ import httpx2 as httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 
+from ..cluster.link import Cluster
+from ..core.metrics import Metrics
+from ..core.registry import Registry
+from ..provider.client import ModelList
+from ..resume.log import ResumeStore
+from ..settings import Settings
+from ..tools.simulator import Simulator
 from .auth import Authenticator
-from .cluster import Cluster
-from .metrics import Metrics
-from .registry import Registry
-from .resume import ResumeStore
-from .settings import Settings
-from .simulator import Simulator
-from .upstream import ModelList
 
 __all__ = ["GatewayState", "state_of"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .settings import Settings
+from ..core.registry import SESSION_ID_PATTERN
+from ..settings import Settings
 from .validation import (
     IMAGE_DETAILS,
     MAX_MODEL_CHARS,
@@ -22,7 +23,6 @@ from .validation import (
     PENALTY,
     RESPONSE_FORMATS,
     ROLES,
-    SESSION_ID_PATTERN,
     TEMPERATURE,
     TOOL_CHOICES,
     TOOL_NAME_PATTERN,

@@ -21,10 +21,10 @@ import anyio
 import sniffio
 import trio
 
-from .errors import UpstreamError
+from ..errors import UpstreamError
 
 if TYPE_CHECKING:
-    from .upstream import UpstreamResponse
+    from ..provider.client import UpstreamResponse
 
 __all__ = ["Completed", "Failed", "Follower", "Mark", "Outcome", "Session", "StopReason", "Stopped"]
 

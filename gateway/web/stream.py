@@ -26,19 +26,26 @@ import anyio
 from anyio.abc import TaskGroup
 from starlette.types import Receive, Scope, Send
 
-from .cluster import Cluster
-from .errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
-from .events import PING, SUPERSEDED
+from ..cluster.link import Cluster
+from ..core.events import PING, SUPERSEDED
+from ..core.registry import ANONYMOUS
+from ..core.session import Completed, Failed, Session, Stopped
+from ..errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
+from ..logs import loggable
+from ..provider.client import UpstreamResponse, open_stream
+from ..provider.parser import (
+    ContentPart,
+    Delta,
+    ProviderStreamParser,
+    Reasoning,
+    Refusal,
+    ToolCallDelta,
+)
+from ..resume.log import EventLog
+from ..resume.shared import RemoteLog, events_key, mirror
 from .formats import AnswerFormat, GatewayEvents
-from .logs import loggable
-from .parser import ContentPart, Delta, ProviderStreamParser, Reasoning, Refusal, ToolCallDelta
-from .registry import ANONYMOUS
 from .responses import CLIENT_GONE, error_response
-from .resume import EventLog
-from .session import Completed, Failed, Session, Stopped
-from .shared_log import RemoteLog, events_key, mirror
 from .state import GatewayState
-from .upstream import UpstreamResponse, open_stream
 from .validation import ProviderRequest
 from .writer import SERVER_SEND, ClientWriter
 
