@@ -3,6 +3,9 @@ at import, so a bad setting stops hypercorn before it serves anything."""
 
 from __future__ import annotations
 
+from .server.keepalive import install
 from .web.routes import create_app
 
+# Plain `hypercorn gateway.app:app` serves with the fix as `gateway serve` does.
+install()
 app = create_app()

@@ -1,17 +1,25 @@
 from __future__ import annotations
 
+import contextlib
+import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import SocketStream
+from hypercorn.asyncio.tcp_server import TCPServer as AsyncioTCPServer
+from hypercorn.trio.tcp_server import TCPServer as TrioTCPServer
 from starlette.types import Receive, Scope, Send
 
 from gateway import ConfigError
+from gateway.server import keepalive
 from gateway.server.serve import is_hypercorn_setting, load_config
+from gateway.tools.simulator import Simulator
 
-from .harness import WAIT, serve_until
+from .harness import ASYNCIO_AND_TRIO, WAIT, serve_until, worker_class
+from .processes import free_port, hypercorn_workers, until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,3 +136,62 @@ async def test_a_connection_half_closed_after_its_request_is_closed_once_answere
             assert response.startswith(b"HTTP/1.1 200 ")
             assert response.endswith(b"0\r\n\r\n")
         stop.set()
+
+
+def test_the_installed_hypercorn_has_what_the_keep_alive_fix_patches() -> None:
+    assert keepalive.missing() == []
+
+
+@pytest.mark.parametrize(
+    ("server", "attribute"),
+    [
+        (AsyncioTCPServer, "_idle_timeout"),
+        (AsyncioTCPServer, "protocol_send"),
+        (TrioTCPServer, "protocol_send"),
+    ],
+)
+def test_a_hypercorn_without_what_the_fix_patches_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, server: type[Any], attribute: str
+) -> None:
+    monkeypatch.delattr(server, attribute)
+    with pytest.raises(ConfigError, match=f"{server.__module__}.TCPServer.{attribute}"):
+        keepalive.install()
+
+
+@pytest.mark.anyio
+@ASYNCIO_AND_TRIO
+async def test_plain_hypercorn_serving_the_app_has_the_fix(
+    anyio_backend: Any, tmp_path: Path
+) -> None:
+    # The documented production command, not `gateway serve`: a client that closes
+    # after its answer is closed at once, not after the 60 s keep-alive. (Without the
+    # fix it is the asyncio worker that waits; Trio's closes this one by itself.)
+    port = free_port()
+    config = tmp_path / "hypercorn.toml"
+    config.write_text(f'bind = ["127.0.0.1:{port}"]\nkeep_alive_timeout = 60\nworkers = 1\n')
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        # A provider of its own, not the demo simulator (whose serving installs the fix).
+        provider = load_config(bind=["127.0.0.1:0"], accesslog=None)
+        [(_, provider_port)] = await tg.start(serve_until, Simulator(), provider, stop.wait)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env["GATEWAY_UPSTREAM_URL"] = f"http://127.0.0.1:{provider_port}/v1"
+        env["GATEWAY_MODEL"] = "sim-model"
+        async with hypercorn_workers(worker_class(anyio_backend), port, env, config=config):
+            await until_up(f"http://127.0.0.1:{port}")
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n")
+                response = b""
+                while b"\r\n\r\n" not in response:
+                    response += await stream.receive()
+                assert response.startswith(b"HTTP/1.1 200 ")
+                await stream.send_eof()
+                with anyio.fail_after(WAIT):
+                    await _read_to_end(stream)
+        stop.set()
+
+
+async def _read_to_end(stream: SocketStream) -> None:
+    with contextlib.suppress(anyio.EndOfStream):
+        while True:
+            await stream.receive()

@@ -7,7 +7,6 @@ the first request) and hands them to hypercorn as ``fd://`` binds.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import inspect
 import socket
@@ -15,16 +14,15 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FunctionType
-from typing import Any
 
 import anyio
 import sniffio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event
 from starlette.types import ASGIApp
 
 from ..errors import ConfigError
+from .keepalive import install
 
 __all__ = ["WORKER_CLASSES", "anyio_backend", "load_config", "serve"]
 
@@ -88,7 +86,7 @@ async def serve(
     sockets, addresses = _bind(config.bind, config.backlog)
     config.bind = [f"fd://{sock.detach()}" for sock in sockets]
     task_status.started(addresses)
-    _close_at_eof()
+    install()
     if sniffio.current_async_library() == "trio":
         import hypercorn.trio
 
@@ -97,51 +95,6 @@ async def serve(
         import hypercorn.asyncio
 
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
-
-
-def _close_at_eof() -> None:
-    """Make a connection that the client closed while idle close at once, on every
-    hypercorn server in the process from now on.
-
-    In hypercorn 0.18 a connection's keep-alive timer is a task in the connection's own
-    task group, and the end of the client's data does not stop it: the task group then
-    waits out ``keep_alive_timeout`` before the socket is closed, its objects all kept
-    alive meanwhile (a socket in CLOSE_WAIT for each client that closed). Once the
-    connection's protocol has handled its close, as the reading does at the client's
-    end, the timer is stopped, and the connection closes as it would on a timeout.
-    """
-    from hypercorn.protocol import ProtocolWrapper
-
-    handle = ProtocolWrapper.handle
-    if getattr(handle, "_closes_at_eof", False):
-        return
-
-    async def closed(wrapper: ProtocolWrapper, event: Closed) -> None:
-        await handle(wrapper, event)
-        # The connection's server, whose protocol_send the wrapper was given.
-        server: Any = getattr(wrapper.send, "__self__", None)
-        idle_task = getattr(server, "idle_task", None)
-        if idle_task is not None:
-            await idle_task.stop()
-        if type(server).__module__ == "hypercorn.asyncio.tcp_server":
-            # A client that sent its end with its request (half-closed) can send no
-            # other: once the answer still being written is done, hypercorn restarts
-            # the idle timer, and would wait out keep_alive_timeout for nothing. Its
-            # timeout, made to close at once, as it closes when it fires.
-            async def close_now() -> None:
-                await asyncio.shield(server._initiate_server_close())
-
-            server._idle_timeout = close_now
-
-    def _handle(wrapper: ProtocolWrapper, event: Event) -> Awaitable[None]:
-        # Any other event gets hypercorn's own coroutine: no frame of ours waits in the
-        # reads, nor shows in a traceback of hypercorn's when it cancels them.
-        if isinstance(event, Closed):
-            return closed(wrapper, event)
-        return handle(wrapper, event)
-
-    _handle._closes_at_eof = True  # type: ignore[attr-defined]
-    ProtocolWrapper.handle = _handle  # type: ignore[method-assign,assignment]
 
 
 def _bind(binds: list[str], backlog: int) -> tuple[list[socket.socket], list[tuple[str, int]]]:
