@@ -13,7 +13,7 @@ machine, so it is how a change to the token path is checked (docs/benchmarks.md)
 ``--openai`` encodes the chunks as ``/v1/chat/completions`` does; ``--metrics`` measures
 instead what metrics.py adds per stream (it does no per-token work: it counts a stream
 when it starts and when it ends), for streams that end each way; ``--transport``
-measures instead the provider transport's ``receive()`` per chunk (gateway/transport.py:
+measures instead the provider transport's ``receive()`` per chunk (gateway/provider/transport.py:
 the HTTP/1.1 chunked body parsed), fed from memory as the socket would;
 ``--resume`` measures instead what resume adds: the ``ResumeStore``'s cost to a stream
 (its start and its end) while it holds 10,000 ended streams within their window, the
@@ -155,7 +155,7 @@ async def _metrics_once(streams: int) -> float:
     sessions = []
     for i in range(streams):
         session = Session("s", "m")
-        session.tokens_queued = 300
+        session.tokens_delivered = 300
         session.first_delta_at = session.started_at + 0.2
         end = ends[i % 4]
         if end is None:

@@ -1,12 +1,15 @@
 """The gateway's exceptions: one small hierarchy.
 
-``httpx`` errors are mapped to ``UpstreamError`` subclasses in ``upstream.py`` and
-nowhere else (and h11's and the socket's to httpx's in ``transport.py``). What the
+``httpx`` errors are mapped to ``UpstreamError`` subclasses in ``provider/client.py`` and
+nowhere else (and h11's and the socket's to httpx's in ``provider/transport.py``). What the
 HTTP API answers with is an ``APIError``: its status and a stable ``code``, rendered
 once, by ``responses.error_response``.
 """
 
 from __future__ import annotations
+
+import anyio
+import trio
 
 
 class GatewayError(Exception):
@@ -169,3 +172,14 @@ class AnswerTooLarge(UpstreamError):
     ``GATEWAY_MAX_ANSWER_BYTES``: the stream ends, the provider is closed."""
 
     code = "answer_too_large"
+
+
+# What writing to a client that has gone away raises. BusyResourceError: hypercorn's
+# Trio worker closes a connection whose request body was left unread while the answer
+# is still being written (seen answering 413 to a body still arriving).
+CLIENT_GONE = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    trio.BusyResourceError,
+)

@@ -12,7 +12,7 @@ leaked slot makes one of them fail with PoolTimeout.
 
 httpx 0.28.1 / httpcore 1.0.9 leaks every slot in phase B on each run (measured:
 10 of 10 slots stuck CONNECTING after 2,000 requests, 8 of 8 runs); httpx2 leaks none.
-The gateway's own transport (gateway/transport.py), used on the hot path, must
+The gateway's own transport (gateway/provider/transport.py), used on the hot path, must
 pass the same test.
 """
 

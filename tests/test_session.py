@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.core.report import end_record, log_end, terminal_event
 from gateway.core.session import Completed, Failed, Session, Stopped
 
 pytestmark = pytest.mark.anyio
@@ -35,7 +36,7 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
     first = None
     for kind, reason in actions:
         if kind == "token":
-            session.tokens_queued += 1
+            session.tokens_delivered += 1
             continue
         if kind == "stop":
             outcome: Stopped | Completed | Failed = Stopped(reason)  # type: ignore[arg-type]
@@ -55,17 +56,17 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
     assert session.scope is not None
     assert session.scope.cancel_called == isinstance(expected, Stopped)
 
-    event, data = session.terminal_event()
+    event, data = terminal_event(session)
     assert event == {Completed: "done", Stopped: "stopped", Failed: "error"}[type(expected)]
     if isinstance(expected, Stopped):
         assert data["reason"] == expected.reason
-        assert data["tokens_delivered"] == session.tokens_queued
+        assert data["tokens_delivered"] == session.tokens_delivered
 
     handler = _Lines()
-    logger = logging.getLogger("gateway.core.session")
+    logger = logging.getLogger("gateway.core.report")
     logger.addHandler(handler)
     try:
-        session.log_end()
+        log_end(session)
     finally:
         logger.removeHandler(handler)
     assert len(handler.lines) == 1
@@ -74,10 +75,10 @@ async def test_the_first_outcome_wins_and_one_line_is_written(
 
 async def test_the_end_record_says_where_its_usage_comes_from() -> None:
     completed = Session("session_usage_1", "m", "alice")
-    completed.tokens_queued = 4
+    completed.tokens_delivered = 4
     usage: dict[str, object] = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     completed.settle(Completed("stop", usage))
-    record = completed.end_record(anyio.current_time())
+    record = end_record(completed, anyio.current_time())
     assert (record["usage"], record["usage_source"]) == (usage, "provider")
     assert (record["outcome"], record["reason"], record["principal"]) == (
         "completed",
@@ -86,10 +87,10 @@ async def test_the_end_record_says_where_its_usage_comes_from() -> None:
     )
 
     stopped = Session("session_usage_2", "m")
-    stopped.tokens_queued, stopped.reasoning_queued, stopped.tool_calls_queued = 3, 5, 2
-    stopped.refusal_queued = 1
+    stopped.tokens_delivered, stopped.reasoning_delivered, stopped.tool_calls_delivered = 3, 5, 2
+    stopped.refusal_delivered = 1
     stopped.cancel("timeout", "idle")
-    record = stopped.end_record(anyio.current_time())
+    record = end_record(stopped, anyio.current_time())
     assert record["usage_source"] == "estimated"
     # Deltas are counted as deltas, never as tokens (issue 32): no token count is known.
     assert record["usage"] == {
@@ -105,14 +106,14 @@ async def test_the_end_record_says_where_its_usage_comes_from() -> None:
 
     # A completed stream whose provider sent no usage reports none, not an estimate.
     silent = Session("session_usage_3", "m")
-    silent.tokens_queued = 3
+    silent.tokens_delivered = 3
     silent.settle(Completed("stop", None))
-    record = silent.end_record(anyio.current_time())
+    record = end_record(silent, anyio.current_time())
     assert (record["usage"], record["usage_source"]) == (None, "none")
     # Nor does a failed one.
     failed = Session("session_usage_4", "m")
     failed.settle(Failed("upstream_error", "provider ended the answer with an error", detail="X"))
-    record = failed.end_record(anyio.current_time())
+    record = end_record(failed, anyio.current_time())
     assert (record["usage"], record["usage_source"], record["detail"]) == (None, "none", "X")
 
 

@@ -1,5 +1,5 @@
 """A resumable stream's events through a real redis-server: the owner's mirror appends
-its log, a follower on another instance reads it (gateway/shared_log.py)."""
+its log, a follower on another instance reads it (gateway/resume/shared.py)."""
 
 from __future__ import annotations
 

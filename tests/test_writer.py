@@ -55,25 +55,25 @@ async def test_chunks_go_in_order_after_the_start_and_count_once_written() -> No
     await writer.start()
     assert client.messages[0]["type"] == "http.response.start"
     assert (b"x-session-id", b"s") in client.messages[0]["headers"]
-    await writer.put(b"a", (1, 0, 0, 0))
-    await writer.put(b"b")  # no mark: the count stays
+    await writer.write(b"a", (1, 0, 0, 0))
+    await writer.write(b"b")  # no mark: the count stays
     assert session.sent == (1, 0, 0, 0)
-    await writer.put(b"c", (2, 1, 0, 0))
-    await writer.end()
-    assert client.bodies() == [b"a", b"b", b"c", b""]
-    assert client.messages[-1]["more_body"] is False
+    await writer.write(b"c", (2, 1, 0, 0))
     assert session.sent == (2, 1, 0, 0)
+    await writer.finish(lambda: b"t", relayed=True)
+    assert client.bodies() == [b"a", b"b", b"c", b"t", b""]
+    assert client.messages[-1]["more_body"] is False
     assert session.send_started_at is None
 
 
 async def test_a_send_cut_short_counts_nothing() -> None:
     session, client, writer = _writer()
     await writer.start()
-    await writer.put(b"a", (1, 0, 0, 0))
+    await writer.write(b"a", (1, 0, 0, 0))
     client.gate = anyio.Event()
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(writer.put, b"b", (2, 0, 0, 0))
+            tg.start_soon(writer.write, b"b", (2, 0, 0, 0))
             await client.blocked.wait()
             assert session.send_started_at is not None
             scope.cancel()
@@ -86,13 +86,13 @@ async def test_a_client_gone_mid_write_stops_the_stream() -> None:
     session, client, writer = _writer()
     await writer.start()
     client.fail = anyio.BrokenResourceError()
-    await writer.put(b"a", (1, 0, 0, 0))
+    await writer.write(b"a", (1, 0, 0, 0))
     assert session.client_gone
     assert session.outcome == Stopped("disconnect", None)
     assert session.sent == (0, 0, 0, 0)
     client.fail = None
-    await writer.put(b"b", (2, 0, 0, 0))
-    await writer.end()
+    await writer.write(b"b", (2, 0, 0, 0))
+    await writer.finish(lambda: b"terminal", relayed=True)
     assert client.bodies() == []  # nothing more is written to a client that left
 
 
@@ -102,24 +102,24 @@ async def test_a_ping_is_written_only_between_writes_and_never_beside_one() -> N
     async with anyio.create_task_group() as tg:
         writer.pings = tg
         client.gate = anyio.Event()
-        tg.start_soon(writer.put, b"a", (1, 0, 0, 0))
+        tg.start_soon(writer.write, b"a", (1, 0, 0, 0))
         await client.blocked.wait()
         with pytest.raises(anyio.WouldBlock):
-            writer.put_nowait(PING)  # a write under way: the ping is needless
+            writer.write_nowait(PING)  # a write under way: the ping is needless
         client.gate.set()
         await anyio.wait_all_tasks_blocked()
-        # Idle: the ping goes out from a task of its own, and a put waits for it.
+        # Idle: the ping goes out from a task of its own, and a write waits for it.
         client.gate = anyio.Event()
         client.blocked = anyio.Event()
-        writer.put_nowait(PING)
+        writer.write_nowait(PING)
         await client.blocked.wait()
         done = anyio.Event()
 
-        async def put_then_mark() -> None:
-            await writer.put(b"b", (2, 0, 0, 0))
+        async def write_then_mark() -> None:
+            await writer.write(b"b", (2, 0, 0, 0))
             done.set()
 
-        tg.start_soon(put_then_mark)
+        tg.start_soon(write_then_mark)
         await anyio.wait_all_tasks_blocked()
         assert not done.is_set()
         client.gate.set()
@@ -134,7 +134,7 @@ async def test_no_ping_once_closed() -> None:
         writer.pings = tg
         writer.close()
         with pytest.raises(anyio.WouldBlock):
-            writer.put_nowait(PING)
+            writer.write_nowait(PING)
     assert client.bodies() == []
 
 

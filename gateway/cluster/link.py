@@ -207,8 +207,6 @@ class Cluster:
         # Called with (principal, session id) for a stream live here whose claim
         # another instance holds (set by the lifespan: it ends the stream here).
         self.on_taken: Callable[[str, str], None] | None = None
-        # The clients here following streams of other instances, by follower id.
-        self.followers: dict[str, Any] = {}
         self.claim_ttl = claim_ttl
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ from sse_starlette.event import ServerSentEvent
 
 __all__ = [
     "PING",
+    "SSE_MEDIA_TYPE",
     "SUPERSEDED",
     "encode_event",
     "encode_reasoning",
@@ -18,6 +19,8 @@ __all__ = [
     "json_string",
     "json_text",
 ]
+
+SSE_MEDIA_TYPE = b"text/event-stream; charset=utf-8"
 
 _SEP = "\n"
 

@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from ..provider.parser import token_counts
+from .report import outcome_label
 from .session import Completed, Failed, Session, Stopped
 
 __all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics"]
@@ -142,11 +143,11 @@ class Metrics:
     def stream_ended(self, session: Session, now: float) -> None:
         if not self.enabled:
             return
-        outcome = session.outcome_label()
+        outcome = outcome_label(session)
         self.live.dec()
         self.ended.labels(outcome).inc()
         self.duration.labels(outcome).observe(now - session.started_at)
-        for kind, count in zip(_KINDS, session.queued(), strict=True):
+        for kind, count in zip(_KINDS, session.delivered(), strict=True):
             if count:
                 self.deltas.labels(kind).inc(count)
         if session.first_delta_at is not None:

@@ -88,6 +88,38 @@ class Session:
     through ``clock``.
     """
 
+    __slots__ = (
+        "_ended",
+        "_over",
+        "attached",
+        "client_gone",
+        "clock",
+        "first_at",
+        "first_delta_at",
+        "id",
+        "last_delta_at",
+        "last_ping_at",
+        "last_write_at",
+        "model",
+        "outcome",
+        "parked_at",
+        "principal",
+        "provider_closed_at",
+        "reasoning_delivered",
+        "refusal_delivered",
+        "response_started",
+        "resumable",
+        "scope",
+        "send_started_at",
+        "sent",
+        "seq",
+        "started_at",
+        "stopped_at",
+        "tokens_delivered",
+        "tool_calls_delivered",
+        "upstream",
+    )
+
     def __init__(self, session_id: str, model: str, principal: str = "anonymous") -> None:
         self.id = session_id
         self.model = model
@@ -103,10 +135,10 @@ class Session:
         # Token, reasoning, tool-call and refusal events encoded for the client; all of
         # them precede the terminal event. After a hard cancel, the ones whose write
         # completed (``sent``).
-        self.tokens_queued = 0
-        self.reasoning_queued = 0
-        self.tool_calls_queued = 0
-        self.refusal_queued = 0
+        self.tokens_delivered = 0
+        self.reasoning_delivered = 0
+        self.tool_calls_delivered = 0
+        self.refusal_delivered = 0
         # The counts the completed writes to the client carried.
         self.sent: Mark = (0, 0, 0, 0)
         self.seq = 0
@@ -154,21 +186,21 @@ class Session:
         if self._ended is not None:
             self._ended.set()
 
-    def queued(self) -> Mark:
+    def delivered(self) -> Mark:
         return (
-            self.tokens_queued,
-            self.reasoning_queued,
-            self.tool_calls_queued,
-            self.refusal_queued,
+            self.tokens_delivered,
+            self.reasoning_delivered,
+            self.tool_calls_delivered,
+            self.refusal_delivered,
         )
 
     def count_only_sent(self) -> None:
         """The writes were cut short (or a follower left): only what went out counts."""
         (
-            self.tokens_queued,
-            self.reasoning_queued,
-            self.tool_calls_queued,
-            self.refusal_queued,
+            self.tokens_delivered,
+            self.reasoning_delivered,
+            self.tool_calls_delivered,
+            self.refusal_delivered,
         ) = self.sent
 
     def first_delta_ms(self) -> dict[str, int]:
@@ -245,173 +277,6 @@ class Session:
             return False
         self.outcome = outcome
         return True
-
-    def terminal_event(self) -> tuple[str, dict[str, object]]:
-        outcome = self.outcome
-        if isinstance(outcome, Completed):
-            return "done", {
-                "status": "completed",
-                "finish_reason": outcome.finish_reason,
-                "usage": outcome.usage,
-                "first_delta_ms": self.first_delta_ms(),
-            }
-        if isinstance(outcome, Stopped):
-            data: dict[str, object] = {"status": "stopped", "reason": outcome.reason}
-            if outcome.detail is not None:
-                data["detail"] = outcome.detail
-            data["tokens_delivered"] = self.tokens_queued
-            data["reasoning_delivered"] = self.reasoning_queued
-            data["tool_calls_delivered"] = self.tool_calls_queued
-            data["refusal_delivered"] = self.refusal_queued
-            data["first_delta_ms"] = self.first_delta_ms()
-            return "stopped", data
-        assert outcome is not None
-        data = {"status": "error", "code": outcome.code, "message": outcome.message}
-        if outcome.detail is not None:
-            data["detail"] = outcome.detail
-        if outcome.upstream_status is not None:
-            data["upstream_status"] = outcome.upstream_status
-        return "error", data
-
-    def outcome_label(self) -> str:
-        """The outcome as one word: the ``outcome`` of metrics and JSON logs."""
-        outcome = self.outcome
-        if isinstance(outcome, Completed):
-            return "completed"
-        if isinstance(outcome, Stopped):
-            if outcome.reason == "cancel":
-                return "cancelled"
-            if outcome.reason == "disconnect":
-                return "disconnected"
-            if outcome.reason == "timeout":
-                return f"timeout_{outcome.detail}"
-            return "shutdown"
-        assert isinstance(outcome, Failed)
-        if outcome.code in ("internal_error", "session_conflict"):
-            return outcome.code
-        return "upstream_error"
-
-    def usage(self) -> tuple[dict[str, object] | None, str]:
-        """The usage to report, and where it comes from. A completed stream has exactly
-        what the provider sent (``"provider"``), or nothing (``"none"``); so has a
-        failed one. A stopped stream never gets the provider's usage, which comes last:
-        it has the gateway's own figures (``"estimated"``), which know no token counts
-        and say how many deltas reached the client (a delta is not a token)."""
-        outcome = self.outcome
-        if isinstance(outcome, Completed):
-            return outcome.usage, "none" if outcome.usage is None else "provider"
-        if not isinstance(outcome, Stopped):
-            return None, "none"
-        estimate: dict[str, object] = {
-            "prompt_tokens": None,
-            "completion_tokens": None,
-            "total_tokens": None,
-            "estimated": True,
-            "deltas_delivered": sum(self.queued()),
-        }
-        return estimate, "estimated"
-
-    def end_record(self, now: float) -> dict[str, object]:
-        """The end line's fields, for the JSON log format (docs/observability.md)."""
-        outcome = self.outcome
-        usage, source = self.usage()
-        record: dict[str, object] = {
-            "session_id": self.id,
-            "principal": self.principal,
-            "model": self.model,
-            "outcome": self.outcome_label(),
-            "reason": outcome.reason if isinstance(outcome, Stopped) else None,
-            "tokens_delivered": self.tokens_queued,
-            "reasoning_delivered": self.reasoning_queued,
-            "tool_calls_delivered": self.tool_calls_queued,
-            "refusal_delivered": self.refusal_queued,
-            "usage": usage,
-            "usage_source": source,
-            "duration_ms": round((now - self.started_at) * 1000),
-            "time_to_first_delta_ms": (
-                None
-                if self.first_delta_at is None
-                else round((self.first_delta_at - self.started_at) * 1000)
-            ),
-            "provider_close_ms": None,
-        }
-        if self.stopped_at is not None and self.provider_closed_at is not None:
-            close = max(0.0, self.provider_closed_at - self.stopped_at)
-            record["provider_close_ms"] = round(close * 1000, 3)
-        if isinstance(outcome, Failed):
-            record["code"] = outcome.code
-            if outcome.detail is not None:
-                record["detail"] = outcome.detail
-        return record
-
-    def log_end(self) -> None:
-        """Write the session's one end-of-life line (a stop is INFO, never ERROR)."""
-        outcome = self.outcome
-        now = anyio.current_time()
-        after = round((now - self.started_at) * 1000)
-        extra = {"gateway": self.end_record(now)}
-        if isinstance(outcome, Completed):
-            logger.info(
-                "[SSE] %s completed in %dms %s", self.id, after, self._counts(), extra=extra
-            )
-        elif isinstance(outcome, Stopped):
-            detail = f" detail={outcome.detail}" if outcome.detail else ""
-            if outcome.reason in ("cancel", "disconnect"):
-                logger.info(
-                    "[SSE] %s aborted by client/cancel reason=%s%s %s after=%dms",
-                    self.id,
-                    outcome.reason,
-                    detail,
-                    self._counts(),
-                    after,
-                    extra=extra,
-                )
-            elif outcome.reason == "timeout":
-                logger.info(
-                    "[SSE] %s timed out reason=%s %s after=%dms",
-                    self.id,
-                    outcome.detail,
-                    self._counts(),
-                    after,
-                    extra=extra,
-                )
-            else:
-                logger.info(
-                    "[SSE] %s stopped reason=%s %s after=%dms",
-                    self.id,
-                    outcome.reason,
-                    self._counts(),
-                    after,
-                    extra=extra,
-                )
-        elif isinstance(outcome, Failed):
-            status = (
-                f" upstream_status={outcome.upstream_status}" if outcome.upstream_status else ""
-            )
-            for name, value in (outcome.provider_error or {}).items():
-                status += f" provider_{name}={value}"
-            logger.warning(
-                "[SSE] %s failed code=%s%s %s after=%dms: %s",
-                self.id,
-                outcome.code,
-                status,
-                self._counts(),
-                after,
-                outcome.message,
-                extra=extra,
-            )
-
-    def _counts(self) -> str:
-        text = f"tokens={self.tokens_queued}"
-        if self.reasoning_queued:
-            text += f" reasoning={self.reasoning_queued}"
-        if self.tool_calls_queued:
-            text += f" tool_calls={self.tool_calls_queued}"
-        if self.refusal_queued:
-            text += f" refusal={self.refusal_queued}"
-        for kind, ms in self.first_delta_ms().items():
-            text += f" first_{kind}_ms={ms}"
-        return text
 
 
 def _current_clock() -> Callable[[], float]:

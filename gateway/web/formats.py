@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import time
 
-from ..core.events import encode_event, encode_reasoning, encode_token, json_string, json_text
+from ..core.events import (
+    SSE_MEDIA_TYPE,
+    encode_event,
+    encode_reasoning,
+    encode_token,
+    json_string,
+    json_text,
+)
+from ..core.report import reported_usage, terminal_event
 from ..core.session import Completed, Failed, Session, Stopped
 from ..errors import AnswerTooLarge
 from ..provider.parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
@@ -17,7 +25,6 @@ from .responses import error_body
 
 __all__ = ["AnswerFormat", "ChatCompletion", "ChatCompletionChunks", "GatewayEvents"]
 
-_SSE = b"text/event-stream; charset=utf-8"
 _JSON = b"application/json"
 # OpenAI has no finish reason for a stop; clients that check for known ones see "other".
 CANCELLED = "cancelled"
@@ -25,10 +32,12 @@ CANCELLED = "cancelled"
 
 class AnswerFormat:
     """The bytes of one answer. ``streaming`` formats start the response at once;
-    the others wait for the outcome, which decides the status."""
+    the others wait for the outcome, which decides the status. ``resumable`` formats
+    can be resumed after a dropped connection (``GATEWAY_RESUME_WINDOW``)."""
 
     streaming = True
-    media_type = _SSE
+    resumable = False
+    media_type = SSE_MEDIA_TYPE
 
     def start(self, session: Session) -> bytes:
         raise NotImplementedError
@@ -52,6 +61,8 @@ class AnswerFormat:
 class GatewayEvents(AnswerFormat):
     """``POST /api/chat/stream``: start, token, reasoning, refusal, tool_call,
     content_part and extra, then done, stopped or error (docs/api.md)."""
+
+    resumable = True
 
     def __init__(self) -> None:
         # The provider's extras last told the client: told again only when they change
@@ -84,14 +95,14 @@ class GatewayEvents(AnswerFormat):
         return encode_event("extra", session.next_seq(), extras)
 
     def terminal(self, session: Session) -> bytes:
-        event, data = session.terminal_event()
+        event, data = terminal_event(session)
         return encode_event(event, session.next_seq(), data)
 
 
 def _gateway_report(session: Session) -> dict[str, object]:
     """Why the gateway ended an answer, and what of it reached the client: the
     ``stopped`` event's data, less what OpenAI's format says otherwise."""
-    _, data = session.terminal_event()
+    _, data = terminal_event(session)
     return {k: v for k, v in data.items() if k not in ("status", "first_delta_ms")}
 
 
@@ -190,7 +201,7 @@ class ChatCompletionChunks(AnswerFormat):
             assert isinstance(outcome, Stopped)
             extra["gateway"] = _gateway_report(session)
             out = self._chunk({}, CANCELLED, **extra)
-        usage, _ = session.usage()
+        usage, _ = reported_usage(session)
         if self._include_usage and usage is not None:
             out += _data({**self._meta, "choices": [], "usage": usage, **extra})
         return out + b"data: [DONE]\n\n"
@@ -335,7 +346,7 @@ class ChatCompletion(AnswerFormat):
             assert isinstance(outcome, Stopped)
             finish_reason = CANCELLED
             answer["gateway"] = _gateway_report(session)
-        answer_usage, _ = session.usage()
+        answer_usage, _ = reported_usage(session)
         choice = {
             **self._extras["choice"],
             "index": 0,

@@ -28,9 +28,9 @@ from ..cluster.link import Cluster
 from ..core.session import Failed
 from ..logs import ensure_handler
 from ..provider.client import create_client
+from ..resume.follow import follow_messages
 from ..tools.simulator import Simulator, SimulatorConfig, serve_simulator
 from .state import state_of
-from .stream import follow_messages
 
 __all__ = ["EXIT_BACKGROUND_FAILURE", "Lifespan"]
 
@@ -136,7 +136,9 @@ class Lifespan(AsyncContextManagerMixin):
 
         cluster.on_taken = taken_elsewhere
         if self._state.resume is not None:
-            cluster.on_follow = follow_messages(self._state, cluster)
+            cluster.on_follow = follow_messages(
+                self._state.registry, self._state.settings, cluster, self._state.followers
+            )
         with scope:
             await cluster.run(cancel_here, task_status=task_status)
 

@@ -11,26 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-import anyio
-import trio
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from ..errors import APIError
+from ..errors import CLIENT_GONE, APIError
 
-__all__ = ["CLIENT_GONE", "error_body", "error_json", "error_response"]
+__all__ = ["error_body", "error_json", "error_response"]
 
 logger = logging.getLogger(__name__)
-
-# What writing to a client that has gone away raises. BusyResourceError: hypercorn's
-# Trio worker closes a connection whose request body was left unread while the answer
-# is still being written (seen answering 413 to a body still arriving).
-CLIENT_GONE = (
-    OSError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    trio.BusyResourceError,
-)
 
 
 class _ErrorResponse(JSONResponse):

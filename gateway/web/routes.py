@@ -7,7 +7,6 @@ path in session.py and registry.py.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,21 +23,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..cluster.link import Cluster, is_redis_failure
+from ..cluster.link import Cluster
 from ..core.metrics import Metrics
 from ..core.registry import SESSION_ID_RE, Registry
-from ..core.session import Session
 from ..errors import (
     APIError,
     CancelTimeout,
     CancelUnavailable,
-    NotResumable,
     PayloadTooLarge,
-    ResumeUnavailable,
 )
 from ..logs import loggable, use_format
-from ..resume.log import EventLog, ResumeStore
-from ..resume.shared import RemoteLog, events_key
+from ..resume.log import ResumeStore
 from ..settings import Settings
 from ..tools.simulator import Simulator
 from .auth import Authenticator, check_bearer
@@ -47,13 +42,13 @@ from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
 from .openapi import openapi
 from .responses import error_json, error_response
-from .state import GatewayState, state_of
-from .stream import ChatStream, ClientFollower, follow
+from .resume_routes import chat_resume
+from .state import GatewayState, principal_of, state_of
+from .stream import ChatStream
 from .validation import (
     ProviderRequest,
     chat_payload,
     json_body,
-    last_event_id_from,
     new_session_id,
     session_id_from,
     stream_options,
@@ -88,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=middleware,
         routes=[
             Route("/api/chat/stream", _Streaming(_chat_stream), methods=["POST"]),
-            Route("/api/chat/stream/{session_id}", _Streaming(_chat_resume), methods=["GET"]),
+            Route("/api/chat/stream/{session_id}", _Streaming(chat_resume), methods=["GET"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
             Route("/v1/chat/completions", _Streaming(_chat_completions), methods=["POST"]),
             Route("/v1/models", _models, methods=["GET"]),
@@ -169,176 +164,19 @@ class _Streaming:
         await response(scope, receive, send)
 
 
-def _principal(request: Request) -> str:
-    return state_of(request).auth.principal(
-        request.headers, request.client.host if request.client else None
-    )
-
-
 async def _chat_stream(request: Request) -> ASGIApp:
     state = state_of(request)
-    principal = _principal(request)
+    principal = principal_of(request)
     session_id = session_id_from(request.headers.get("x-session-id"))
     body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
     payload = chat_payload(body, state.settings)
     return _stream(request, principal, session_id, payload, GatewayEvents())
 
 
-async def _chat_resume(request: Request) -> ASGIApp:
-    """Pick a resumable stream up again after ``Last-Event-ID`` (docs/resume.md)."""
-    state = state_of(request)
-    principal = _principal(request)
-    session_id = request.path_params["session_id"]
-    after = last_event_id_from(request.headers.get("last-event-id"))
-    found = None
-    if state.resume is not None and SESSION_ID_RE.fullmatch(session_id):
-        found = state.resume.get(principal, session_id)
-    if found is None and state.cluster is not None and state.resume is not None:
-        return await _resume_elsewhere(state, state.cluster, principal, session_id, after)
-    if found is None:
-        # Another principal's stream answers exactly like an unknown one.
-        raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
-    log, session = found
-    if not log.resumable_after(after):
-        raise NotResumable(
-            f"the events after id {after} are not held (they are {log.first_id}-{log.last_id})"
-        )
-    logger.info("[SSE] %s resumed after id %d", loggable(session_id), after)
-    return _ResumeResponse(state, session, log, after)
-
-
-async def _resume_elsewhere(
-    state: GatewayState, cluster: Cluster, principal: str, session_id: str, after: int
-) -> ASGIApp:
-    """A stream of another instance: its events from Redis, and its owner told that
-    this client follows it (or the client gets a 503 if Redis cannot be reached)."""
-    if cluster.client is None or not cluster.available:
-        raise _resume_unavailable("the stream may live on another instance; Redis is unreachable")
-    log = RemoteLog(cluster, events_key(principal, session_id))
-    try:
-        # Only a live stream's owner may still be appending what the client has seen.
-        live = await cluster.owner(principal, session_id) is not None
-        held = await log.load(after, _CATCH_UP if live else 0)
-    except Exception as exc:
-        if not is_redis_failure(exc):
-            raise
-        cluster.down(exc)
-        raise _resume_unavailable("Redis failed while reading the stream") from exc
-    if log.broken:
-        # A gap or an entry that cannot be read: what would be replayed is not sure.
-        raise _resume_unavailable("the stream's events in Redis cannot be read whole")
-    if live and after > log.last_id:
-        # Live, and its owner has not appended the client's events yet: not gone.
-        raise _resume_unavailable("the stream's newest events have not reached Redis yet")
-    if not held or not log.resumable_after(after):
-        raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
-    follower_id = cluster.new_follower_id()
-    if not log.closed:
-        await cluster.tell_owner("attach", principal, session_id, follower_id)
-    logger.info(
-        "[SSE] %s resumed after id %d (its stream lives on another instance)",
-        loggable(session_id),
-        after,
-    )
-    return _RemoteResumeResponse(state, cluster, log, (principal, session_id, follower_id), after)
-
-
-# How long a resume on another instance waits for the owner's last events to reach Redis.
-_CATCH_UP = 1.0
-
-
-def _resume_unavailable(message: str) -> ResumeUnavailable:
-    """503: the answer is "try again", not "gone"; a second is about how long the
-    owner's next append, or Redis coming back, takes."""
-    return ResumeUnavailable(message, headers={"Retry-After": "1"})
-
-
-class _RemoteResumeResponse:
-    def __init__(
-        self,
-        state: GatewayState,
-        cluster: Cluster,
-        log: RemoteLog,
-        about: tuple[str, str, str],
-        after: int,
-    ) -> None:
-        self._state, self._cluster, self._log = state, cluster, log
-        self._about = about
-        self._after = after
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        principal, session_id, follower_id = self._about
-        cluster = self._cluster
-        follower = ClientFollower()
-        cluster.followers[follower_id] = follower
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat)
-                tg.start_soon(self._watch, follower, tg.cancel_scope)
-                await follow(
-                    self._state,
-                    None,
-                    self._log,
-                    receive,
-                    send,
-                    self._after,
-                    body_send=scope.get(SERVER_SEND),
-                    session_id=session_id,
-                    follower=follower,
-                )
-                tg.cancel_scope.cancel()
-        finally:
-            del cluster.followers[follower_id]
-            with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
-                await cluster.tell_owner("detach", principal, session_id, follower_id)
-
-    async def _watch(self, follower: ClientFollower, scope: anyio.CancelScope) -> None:
-        """A client that stops reading, as the owner's watchdog does for its own: after
-        GATEWAY_SEND_TIMEOUT on one write, it is let go and the owner told, which parks
-        the stream for a resume. Under Trio the write itself may stay stuck (hypercorn
-        shields it) until the client reads or goes; nothing waits for it."""
-        bound = self._state.settings.send_timeout
-        while True:
-            started = follower.send_started
-            if started is None:
-                await anyio.sleep(bound)
-                continue
-            await anyio.sleep_until(started + bound)
-            if follower.send_started == started:
-                break
-        principal, session_id, follower_id = self._about
-        logger.info("[SSE] %s follower let go: its client stopped reading", session_id)
-        follower.abandon()
-        scope.cancel()  # the heartbeat, so that the owner's detach is the last word
-        with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
-            await self._cluster.tell_owner("detach", principal, session_id, follower_id)
-
-    async def _heartbeat(self) -> None:
-        """The owner lets a follower go that it has not heard of for a claim TTL."""
-        while True:
-            await anyio.sleep(self._cluster.claim_ttl / 3)
-            with contextlib.suppress(ResumeUnavailable):
-                await self._cluster.tell_owner("attach", *self._about)
-
-
-class _ResumeResponse:
-    def __init__(
-        self, state: GatewayState, session: Session | None, log: EventLog, after: int
-    ) -> None:
-        self._args = (state, session, log)
-        self._after = after
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state, session, log = self._args
-        await follow(
-            state, session, log, receive, send, self._after, body_send=scope.get(SERVER_SEND)
-        )
-
-
 async def _chat_completions(request: Request) -> ASGIApp:
     """OpenAI's Chat Completions endpoint, on the same sessions and cancellation path."""
     state = state_of(request)
-    principal = _principal(request)
+    principal = principal_of(request)
     given = request.headers.get("x-session-id")
     session_id = new_session_id() if given is None else session_id_from(given)
     body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
@@ -374,7 +212,7 @@ def _stream(
 async def _models(request: Request) -> Response:
     """The configured model first, then the provider's own list when it answers one."""
     state = state_of(request)
-    _principal(request)
+    principal_of(request)
     ids = [state.settings.model]
     listed = await state.models.ids(
         state.client, state.upstream_url, state.settings.max_models_bytes
@@ -385,7 +223,7 @@ async def _models(request: Request) -> Response:
 
 
 async def _chat_cancel(request: Request) -> Response:
-    principal = _principal(request)
+    principal = principal_of(request)
     session_id = request.path_params["session_id"]
     logger.info("[SSE] Cancel request received for %s", loggable(session_id))
     state = state_of(request)
@@ -425,7 +263,7 @@ def _simulator(request: Request) -> Simulator | None:
 
 async def _demo_provider(request: Request) -> Response:
     """What the built-in simulator did for a session: the token saving made visible."""
-    principal = _principal(request)
+    principal = principal_of(request)
     simulator = _simulator(request)
     if simulator is None:
         raise HTTPException(404, "demo mode is off: the gateway talks to a real provider")

@@ -13,12 +13,13 @@ from ..cluster.link import Cluster
 from ..core.metrics import Metrics
 from ..core.registry import Registry
 from ..provider.client import ModelList
+from ..resume.follow import ClientFollower
 from ..resume.log import ResumeStore
 from ..settings import Settings
 from ..tools.simulator import Simulator
 from .auth import Authenticator
 
-__all__ = ["GatewayState", "state_of"]
+__all__ = ["GatewayState", "principal_of", "state_of"]
 
 
 @dataclass(eq=False)
@@ -32,6 +33,8 @@ class GatewayState:
     models: ModelList = field(default_factory=ModelList)
     # With GATEWAY_RESUME_WINDOW > 0: the resumable streams (resume.py).
     resume: ResumeStore | None = None
+    # The clients here following streams of other instances, by follower id.
+    followers: dict[str, ClientFollower] = field(default_factory=dict)
     # Set by the lifespan: the provider client, the provider's base URL (the built-in
     # simulator's in demo mode) and, in demo mode, the simulator.
     _client: httpx.AsyncClient | None = field(default=None, repr=False)
@@ -62,3 +65,10 @@ def state_of(app: Starlette | Request) -> GatewayState:
         app = app.app
     state: GatewayState = app.state.gateway
     return state
+
+
+def principal_of(request: Request) -> str:
+    """The principal a request is made for (auth.py)."""
+    return state_of(request).auth.principal(
+        request.headers, request.client.host if request.client else None
+    )

@@ -19,17 +19,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
 from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup
 from starlette.types import Receive, Scope, Send
 
-from ..cluster.link import Cluster
-from ..core.events import PING, SUPERSEDED
+from ..core.events import PING
 from ..core.registry import ANONYMOUS
-from ..core.session import Completed, Failed, Session, Stopped
+from ..core.report import log_end
+from ..core.session import Completed, Failed, Session
+from ..core.sink import Sink
 from ..errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
 from ..logs import loggable
 from ..provider.client import UpstreamResponse, open_stream
@@ -41,22 +41,20 @@ from ..provider.parser import (
     Refusal,
     ToolCallDelta,
 )
-from ..resume.log import EventLog
-from ..resume.shared import RemoteLog, events_key, mirror
+from ..resume.follow import log_parked
+from ..resume.stream import ResumableStream
 from .formats import AnswerFormat, GatewayEvents
-from .responses import CLIENT_GONE, error_response
+from .responses import error_response
 from .state import GatewayState
 from .validation import ProviderRequest
 from .writer import SERVER_SEND, ClientWriter
 
-__all__ = ["ChatStream", "ClientFollower", "follow", "follow_messages"]
+__all__ = ["ChatStream"]
 
 logger = logging.getLogger(__name__)
 
 # After [DONE], how long to wait for the body's last bytes so the connection can be reused.
 _DRAIN_TIMEOUT = 1.0
-# At a resumable stream's end, how long its last events may take to reach Redis.
-_MIRROR_WAIT = 2.0
 
 
 class ChatStream:
@@ -79,9 +77,6 @@ class ChatStream:
         self._session_id = session_id
         self._payload = payload
         self._upstream_headers = upstream_headers
-        # Set once a resumable stream's events are all in Redis (with a cluster only:
-        # made then, as nothing else waits for it).
-        self._mirrored: anyio.Event | None = None
         # The watchdog's wait, which the relay's end cancels (the wait is for the
         # client's next message, not for the relay).
         self._waiting: anyio.CancelScope | None = None
@@ -104,35 +99,22 @@ class ChatStream:
                 await error_response(conflict)(scope, receive, send)
                 return
             store = self._gateway.resume
-            if store is not None and isinstance(self._answer, GatewayEvents):
+            if store is not None and self._answer.resumable:
                 # Resumable: the client follows the stream's log, and may come back.
-                session.resumable = True
-                log = EventLog(
-                    self._gateway.settings.resume_buffer_bytes,
-                    lambda: session.seq,
-                    lambda: session.client_left("disconnect"),
+                resumable = ResumableStream(
+                    session, self._gateway.settings, store, self._gateway.cluster
                 )
-                store.add(session.principal, session.id, log, session)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(
-                        partial(follow, body_send=scope.get(SERVER_SEND)),
-                        self._gateway,
-                        session,
-                        log,
-                        receive,
-                        send,
-                        0,
-                    )
-                    cluster = self._gateway.cluster
-                    if cluster is not None:
-                        # For a resume on another instance: the events, in Redis.
-                        key = events_key(session.principal, session.id)
-                        self._mirrored = anyio.Event()
-                        tg.start_soon(self._mirror, cluster, key, log, self._mirrored)
-                    await self._run(session, log, tg)
-                    tg.cancel_scope.cancel()
+                await resumable.run(
+                    receive, send, scope.get(SERVER_SEND), partial(self._run, session)
+                )
                 return
-            writer = ClientWriter(session, self._answer, send, scope.get(SERVER_SEND))
+            writer = ClientWriter(
+                session,
+                self._answer,
+                send,
+                scope.get(SERVER_SEND),
+                self._gateway.settings.send_timeout,
+            )
             async with anyio.create_task_group() as tg:
                 writer.pings = tg
                 await self._run(session, writer, tg, receive)
@@ -148,7 +130,7 @@ class ChatStream:
     async def _run(
         self,
         session: Session,
-        sink: ClientWriter | EventLog,
+        sink: Sink,
         tg: TaskGroup,
         receive: Receive | None = None,
     ) -> None:
@@ -163,11 +145,10 @@ class ChatStream:
         relayed = anyio.Event()
         relaying = False
         try:
-            if isinstance(sink, ClientWriter):
-                await sink.start()
+            await sink.start()
             start = self._answer.start(session)
             if start:
-                await sink.put(start)
+                await sink.write(start)
             tg.start_soon(self._relay, session, sink, relayed)
             relaying = True
             await self._watch(session, sink, relayed, receive)
@@ -184,81 +165,22 @@ class ChatStream:
                     session.close_provider()
                 await self._finish(session, sink, relayed)
 
-    async def _finish(
-        self, session: Session, sink: ClientWriter | EventLog, relayed: anyio.Event
-    ) -> None:
+    async def _finish(self, session: Session, sink: Sink, relayed: anyio.Event) -> None:
         """Cleanup every trigger ends in; the provider's connection is closed already."""
-        bound = self._gateway.settings.send_timeout
         if not relayed.is_set():
             # Aborted, the relay ends at once, unless it is writing to a client that
             # does not read: that write has the send timeout to end.
-            with anyio.move_on_after(bound):
+            with anyio.move_on_after(self._gateway.settings.send_timeout):
                 await relayed.wait()
-        if isinstance(sink, EventLog):
-            await self._finish_log(session, sink)
-            self._end(session)
-            if self._gateway.cluster is not None:
-                await self._gateway.cluster.release(session.principal, session.id)
-            return
-        if not relayed.is_set() or sink.interrupted:
-            # What the relay was writing may not have gone: count what did.
-            session.count_only_sent()
-        if relayed.is_set() and not session.client_gone:
-            with anyio.move_on_after(bound):
-                await sink.put(self._answer.terminal(session), session.queued())
-                await sink.end()
-        sink.close()
-        self._end(session)
+        await sink.finish(partial(self._answer.terminal, session), relayed.is_set())
+        self._gateway.registry.remove(session)
+        log_end(session)
+        self._gateway.metrics.stream_ended(session, anyio.current_time())
+        session.end()
         if self._gateway.cluster is not None:
             await self._gateway.cluster.release(session.principal, session.id)
 
-    def _end(self, session: Session) -> None:
-        self._gateway.registry.remove(session)
-        session.log_end()
-        self._gateway.metrics.stream_ended(session, anyio.current_time())
-        session.end()
-
-    async def _mirror(self, cluster: Cluster, key: str, log: EventLog, done: anyio.Event) -> None:
-        try:
-            await mirror(cluster, key, log, self._gateway.settings.resume_window)
-        finally:
-            done.set()
-
-    async def _finish_log(self, session: Session, log: EventLog) -> None:
-        """A resumable stream's end: its terminal event goes into the log for whoever
-        follows it, now or by a resume within the window. A stream stopped because its
-        client was gone too long (or the buffer overflowed) has no one to tell."""
-        outcome = session.outcome
-        abandoned = isinstance(outcome, Stopped) and outcome.reason == "disconnect"
-        if abandoned:
-            session.count_only_sent()
-            log.close()
-        else:
-            log.put_terminal(self._answer.terminal(session), session.queued())
-        follower = session.attached
-        if follower is not None:
-            with anyio.move_on_after(self._gateway.settings.send_timeout):
-                await follower.done.wait()
-        cluster = self._gateway.cluster
-        if cluster is not None:
-            if self._mirrored is not None:
-                # A follower on another instance gets the terminal event through Redis.
-                with anyio.move_on_after(_MIRROR_WAIT):
-                    await self._mirrored.wait()
-            if abandoned:
-                await cluster.forget(events_key(session.principal, session.id))
-        store = self._gateway.resume
-        assert store is not None
-        if abandoned:
-            until = None
-        else:
-            start = session.parked_at if session.parked_at is not None else anyio.current_time()
-            until = start + store.window
-        store.ended(session.principal, session.id, log, until)
-
-    async def _relay(
-        self, session: Session, sink: ClientWriter | EventLog, done: anyio.Event
-    ) -> None:
+    async def _relay(self, session: Session, sink: Sink, done: anyio.Event) -> None:
         """The relay's task: read the provider's stream into ``sink`` until it ends, and
         settle the outcome, unless a stop did first (the stop closed the provider). One
         function, not a task calling a reader: a token resumes one frame fewer."""
@@ -335,7 +257,7 @@ class ChatStream:
     @staticmethod
     async def _deliver(
         session: Session,
-        sink: ClientWriter | EventLog,
+        sink: Sink,
         answer: AnswerFormat,
         deltas: list[Delta],
         plain: bool,
@@ -354,16 +276,16 @@ class ChatStream:
                 session.first_at["content"] = now
             contents: list[str] = deltas  # type: ignore[assignment]  # plain: all text
             body = answer.contents(session, contents)
-            session.tokens_queued += len(contents)
+            session.tokens_delivered += len(contents)
         else:
             body = b"".join(_encode_delta(session, answer, delta, now) for delta in deltas)
         if body:  # an answer assembled whole (ChatCompletion) writes nothing yet
-            await sink.put(body, session.queued())
+            await sink.write(body, session.delivered())
 
     async def _watch(
         self,
         session: Session,
-        sink: ClientWriter | EventLog,
+        sink: Sink,
         relayed: anyio.Event,
         receive: Receive | None,
     ) -> None:
@@ -419,7 +341,7 @@ class ChatStream:
                 gone = session.attached
                 if gone is not None and gone.expired(now):
                     session.detach(gone, now)
-                    _log_parked(session, s.resume_window)
+                    log_parked(session, s.resume_window)
                 if session.attached is None and session.parked_at is not None:
                     park_until = session.parked_at + s.resume_window
                     if now >= park_until:
@@ -437,7 +359,7 @@ class ChatStream:
                 if now >= ping_at:
                     # A write under way makes a ping needless.
                     with contextlib.suppress(anyio.WouldBlock):
-                        sink.put_nowait(PING)
+                        sink.write_nowait(PING)
                     session.last_ping_at = now
                     ping_at = now + s.ping_interval
                 wake = min(wake, ping_at)
@@ -456,23 +378,23 @@ class ChatStream:
 def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: float) -> bytes:
     if isinstance(delta, str):
         kind = "content"
-        session.tokens_queued += 1
+        session.tokens_delivered += 1
         data = answer.contents(session, [delta])
     elif isinstance(delta, ToolCallDelta):
         kind = "tool_call"
-        session.tool_calls_queued += 1
+        session.tool_calls_delivered += 1
         data = answer.delta(session, delta)
     elif isinstance(delta, Reasoning):
         kind = "reasoning"
-        session.reasoning_queued += 1
+        session.reasoning_delivered += 1
         data = answer.delta(session, delta)
     elif isinstance(delta, Refusal):
         kind = "refusal"
-        session.refusal_queued += 1
+        session.refusal_delivered += 1
         data = answer.delta(session, delta)
     elif isinstance(delta, ContentPart):
         kind = "content"
-        session.tokens_queued += 1
+        session.tokens_delivered += 1
         data = answer.delta(session, delta)
     else:
         # The provider's extras: passed on, but no delta of the answer.
@@ -482,200 +404,3 @@ def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: flo
         session.first_delta_at = now
     session.last_delta_at = now
     return data
-
-
-class ClientFollower:
-    """A client following a resumable stream's log: the first one, or a resume."""
-
-    def __init__(self) -> None:
-        self.superseded = False
-        self.done = anyio.Event()
-        # Cancelled when the follower is let go (a stuck send).
-        self.scope = anyio.CancelScope()
-        # Ends its wait for the log to change, to see that it was superseded.
-        self.wake: Callable[[], None] | None = None
-        # When its write under way began, for a follower of a stream on another
-        # instance: no watchdog here watches it (api.py's _RemoteResumeResponse does).
-        self.send_started: float | None = None
-
-    def supersede(self) -> None:
-        self.superseded = True
-        if self.wake is not None:
-            self.wake()
-
-    def abandon(self) -> None:
-        self.scope.cancel()
-
-    def expired(self, now: float) -> bool:
-        return False
-
-
-class _RemoteFollower:
-    """A client following this stream from another instance, where its resume landed:
-    it reads the stream's events from Redis (shared_log.py), and its instance says so
-    every third of the claim TTL."""
-
-    def __init__(
-        self, cluster: Cluster, principal: str, session_id: str, follower_id: str, now: float
-    ) -> None:
-        self._cluster = cluster
-        self._about = (principal, session_id, follower_id)
-        self.id = follower_id
-        self.seen = now
-        # Nothing here waits for its writes: the terminal event reaches it through Redis.
-        self.done = anyio.Event()
-        self.done.set()
-
-    def supersede(self) -> None:
-        self._cluster.spawn(self._cluster.tell_follower, *self._about)
-
-    def abandon(self) -> None:
-        pass
-
-    def expired(self, now: float) -> bool:
-        return now - self.seen > self._cluster.claim_ttl
-
-
-def follow_messages(
-    gateway: GatewayState, cluster: Cluster
-) -> Callable[[str, str, str, str], None]:
-    """What the cluster does with a message about a follower (cluster.on_follow)."""
-
-    def on_follow(kind: str, principal: str, session_id: str, follower_id: str) -> None:
-        now = anyio.current_time()
-        if kind == "supersede":
-            local = cluster.followers.get(follower_id)
-            if local is not None:
-                local.supersede()
-            return
-        session = gateway.registry.get(session_id, principal)
-        if session is None or not session.resumable or session.outcome is not None:
-            return
-        current = session.attached
-        if kind == "attach":
-            if isinstance(current, _RemoteFollower) and current.id == follower_id:
-                current.seen = now
-                return
-            session.attach(_RemoteFollower(cluster, principal, session_id, follower_id, now))
-            logger.info("[SSE] %s followed from instance %s", session.id, follower_id.split("/")[0])
-        elif isinstance(current, _RemoteFollower) and current.id == follower_id:
-            session.detach(current, now)
-            _log_parked(session, gateway.settings.resume_window)
-
-    return on_follow
-
-
-def _log_parked(session: Session, window: float) -> None:
-    logger.info("[SSE] %s parked: the client left, resumable for %gs", session.id, window)
-
-
-async def follow(
-    gateway: GatewayState,
-    session: Session | None,
-    log: EventLog | RemoteLog,
-    receive: Receive,
-    send: Send,
-    after: int,
-    *,
-    body_send: Send | None = None,
-    session_id: str = "",
-    follower: ClientFollower | None = None,
-) -> None:
-    """Write ``log``'s events with ids above ``after`` to this client, then the new ones
-    as they come, to the terminal event. ``session`` is None if the stream has ended.
-    A newer client on the session supersedes this one; this one leaving parks the
-    stream until a resume or the window's end (docs/resume.md). The body goes to
-    ``body_send`` if given: the server's own (writer.SERVER_SEND)."""
-    if follower is None:
-        follower = ClientFollower()
-    if session is not None:
-        session.attach(follower)
-    try:
-        with follower.scope:
-            async with anyio.create_task_group() as tg:
-
-                async def listen() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(listen)
-                if session is not None:
-                    session_id = session.id
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", GatewayEvents.media_type),
-                            (b"cache-control", b"no-store"),
-                            (b"x-accel-buffering", b"no"),
-                            (b"x-session-id", session_id.encode()),
-                            (b"x-resume-window", b"%g" % gateway.settings.resume_window),
-                        ],
-                    }
-                )
-                body = body_send or send
-                await _follow(gateway, session, log, body, after, follower)
-                await body({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-    except CLIENT_GONE:
-        pass
-    finally:
-        follower.done.set()
-        parked = session is not None and session.detach(follower, anyio.current_time())
-        if parked and session is not None and session.outcome is None:
-            _log_parked(session, gateway.settings.resume_window)
-
-
-async def _follow(
-    gateway: GatewayState,
-    session: Session | None,
-    log: EventLog | RemoteLog,
-    send: Send,
-    after: int,
-    follower: ClientFollower,
-) -> None:
-    ping = gateway.settings.ping_interval or math.inf
-    # The loop's own clock, read at every token (see Session.clock).
-    clock = anyio.current_time if session is None else session.clock
-    cursor = after
-    follower.wake = log.wake
-    # When the client last heard from the stream. With the stream on this instance,
-    # its watchdog asks for the pings (``log.pinged``). A follower of a stream on
-    # another instance (``session`` None) has no watchdog here: it keeps the time
-    # itself, woken by its log at every poll.
-    heard_at = clock()
-    while not follower.superseded:
-        got = log.since(cursor)
-        if got is not None:
-            data, cursor, mark = got
-            heard_at = clock()
-            if session is not None:
-                session.send_started_at = heard_at
-            else:
-                follower.send_started = heard_at
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-            follower.send_started = None
-            log.written_id = max(log.written_id, cursor)
-            log.pinged = False  # needless after a write
-            if session is not None:
-                if mark is not None:
-                    session.sent = mark
-                session.send_started_at = None
-                # The watchdog's next ping counts from here. Not ``last_write_at``:
-                # that defers the provider's idle timeout, and a follower's writes do
-                # not hold the provider up.
-                session.last_ping_at = heard_at
-            continue
-        if log.closed:
-            return
-        if log.pinged or (session is None and clock() >= heard_at + ping):
-            log.pinged = False
-            follower.send_started = clock()
-            await send({"type": "http.response.body", "body": PING, "more_body": True})
-            follower.send_started = None
-            heard_at = clock()
-            continue
-        await log.changed()
-    await send({"type": "http.response.body", "body": SUPERSEDED, "more_body": True})

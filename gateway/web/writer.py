@@ -12,6 +12,7 @@ by a short task of its own, and the two never write at the same time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -19,7 +20,7 @@ from anyio.abc import TaskGroup
 from starlette.types import Send
 
 from ..core.session import Mark
-from .responses import CLIENT_GONE
+from ..errors import CLIENT_GONE
 
 if TYPE_CHECKING:
     from ..core.session import Session
@@ -38,9 +39,16 @@ class ClientWriter:
     """Writes a stream's chunks to its client, one ``send`` each, counting what went."""
 
     def __init__(
-        self, session: Session, answer: AnswerFormat, send: Send, body_send: Send | None = None
+        self,
+        session: Session,
+        answer: AnswerFormat,
+        send: Send,
+        body_send: Send | None = None,
+        send_timeout: float = 10.0,
     ) -> None:
         self._session = session
+        # How long the terminal event and the response's end may take to go.
+        self._send_timeout = send_timeout
         self._answer = answer
         self._send = send
         self._send_body = body_send or send
@@ -60,7 +68,7 @@ class ClientWriter:
             except CLIENT_GONE:
                 self._session.client_left("disconnect")
 
-    async def put(self, data: bytes, mark: Mark | None = None) -> None:
+    async def write(self, data: bytes, mark: Mark | None = None) -> None:
         """Write ``data`` to the client; ``mark`` counts as delivered once it has gone.
         Waits while the client is slow to read: the back-pressure the provider feels."""
         session = self._session
@@ -92,7 +100,7 @@ class ClientWriter:
             session.sent = mark
         session.last_write_at = session.clock()
 
-    def put_nowait(self, data: bytes, mark: Mark | None = None) -> None:
+    def write_nowait(self, data: bytes, mark: Mark | None = None) -> None:
         """A ping: written by a task of its own, unless a write is under way (which
         makes the ping needless); ``anyio.WouldBlock`` then."""
         if self._busy or self._closed or self._session.client_gone or self.pings is None:
@@ -100,7 +108,20 @@ class ClientWriter:
         self._busy = True
         self.pings.start_soon(self._ping, data)
 
-    async def end(self) -> None:
+    async def finish(self, terminal: Callable[[], bytes], relayed: bool) -> None:
+        """The terminal event and the response's end, unless the client is gone or the
+        relay is still stuck in a write, each bounded by the send timeout."""
+        session = self._session
+        if not relayed or self.interrupted:
+            # What the relay was writing may not have gone: count what did.
+            session.count_only_sent()
+        if relayed and not session.client_gone:
+            with anyio.move_on_after(self._send_timeout):
+                await self.write(terminal(), session.delivered())
+                await self._end()
+        self.close()
+
+    async def _end(self) -> None:
         """The response's end, once the terminal event is written."""
         session = self._session
         while self._busy:
