@@ -1,16 +1,21 @@
 # `make run`: install into .venv and start the gateway with its built-in provider simulator.
 # `make test`: install what the tests need and run ruff, mypy and the whole suite.
+# `make check`: the fast lane while editing: ruff, mypy and the tests that need no
+# process, browser, nginx, Prometheus, Redis or second gateway (not marked `slow`).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench soak lint typecheck jstest pytest clean
+.PHONY: run test check bench soak lint typecheck jstest pytest clean
 
 run: $(VENV)/.installed
 	$(BIN)/gateway serve
 
 test: $(VENV)/.installed-dev lint typecheck jstest pytest
+
+check: $(VENV)/.installed-dev lint typecheck
+	$(BIN)/pytest -m "not slow" -n 4 -q
 
 # 10,000 streams with random fates on each worker class, then the books must balance
 # (docs/reliability.md; about 2 minutes). `make test` runs a short version.
@@ -23,8 +28,8 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.run
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check gateway tests bench scripts
-	$(BIN)/ruff format --check gateway tests bench scripts
+	$(BIN)/ruff check gateway tests bench support scripts
+	$(BIN)/ruff format --check gateway tests bench support scripts
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
@@ -34,7 +39,8 @@ typecheck: $(VENV)/.installed-dev
 # its own on a free port); node runs the client's unit tests.
 pytest: $(VENV)/.installed-dev
 	scripts/ensure-apt.sh chromium redis-server prometheus nginx
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow" -n 4
+	$(BIN)/pytest -m slow
 
 jstest:
 	command -v node >/dev/null || scripts/ensure-apt.sh nodejs

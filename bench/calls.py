@@ -24,7 +24,9 @@ from pathlib import Path
 import anyio
 import uvloop
 
-from .run import ROOT, Bench, _server
+from support.processes import ROOT
+
+from .run import Bench, _server
 
 # Runs in the server's process: the profiler on and off by signal, the stats to a file.
 _HOOK = """

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import uvloop
 
-from .run import ROOT, Bench, _server, _summary_ms
+from support.processes import ROOT
+
+from .run import Bench, _server, _summary_ms
 
 # Runs in the server's process: time each collection, write the pauses at exit.
 _HOOK = """

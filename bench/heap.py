@@ -20,7 +20,9 @@ import sys
 
 import uvloop
 
-from .run import ROOT, Bench, _free_port, _server
+from support.processes import ROOT, free_port
+
+from .run import Bench, _server
 
 # Runs in the server's process: on each request file, a census into its answer file.
 _HOOK = """
@@ -68,7 +70,7 @@ async def run(server: str, worker: str, streams: int) -> list[dict[str, int]]:
     )
     assert provider.stdout is not None
     bench = Bench(int((await provider.stdout.readline()).split()[1]))
-    heap_port = _free_port()
+    heap_port = free_port()
     try:
         async with _server(
             server,

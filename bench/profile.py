@@ -22,7 +22,9 @@ from pathlib import Path
 
 import uvloop
 
-from .run import ROOT, Bench, _server
+from support.processes import ROOT
+
+from .run import Bench, _server
 
 
 def _frame(frame: str) -> str:

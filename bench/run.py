@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,31 +34,16 @@ from typing import Any
 
 import uvloop
 
+from support.processes import ROOT, cpu_seconds, free_port, proc_status, redis_command
+
 from .client import Control, SSEStream, open_stream
 from .report import render
 
-ROOT = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RATE = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    return proc_status(pid, "VmRSS") // 1024
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -101,7 +85,7 @@ async def _server(
 ) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
     """The server under test in its own process; ``main`` replaces ``-m gateway`` or
     ``-m bench.<impl>`` (bench/gcpauses.py and bench/heap.py run it under a hook)."""
-    port = _free_port()
+    port = free_port()
     upstream = f"http://127.0.0.1:{provider_port}/v1"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     if impl == "gateway":
@@ -238,9 +222,9 @@ class Bench:
         self, pid: int, streams: list[SSEStream], window: float
     ) -> dict[str, float]:
         """Counted at the client: a saturated server relays fewer than the provider sends."""
-        cpu0, got0, t0 = _cpu_seconds(pid), sum(s.tokens for s in streams), time.monotonic()
+        cpu0, got0, t0 = cpu_seconds(pid), sum(s.tokens for s in streams), time.monotonic()
         await asyncio.sleep(window)
-        cpu1, got1, t1 = _cpu_seconds(pid), sum(s.tokens for s in streams), time.monotonic()
+        cpu1, got1, t1 = cpu_seconds(pid), sum(s.tokens for s in streams), time.monotonic()
         tokens = got1 - got0
         return {
             "us_per_token": round((cpu1 - cpu0) * 1e6 / max(tokens, 1), 1),
@@ -334,17 +318,9 @@ async def measure_variant(
 @contextlib.asynccontextmanager
 async def _redis() -> AsyncIterator[str]:
     """A redis-server of its own, without persistence; yields its URL."""
-    redis_port = _free_port()
+    redis_port = free_port()
     redis = await asyncio.create_subprocess_exec(
-        "redis-server",
-        "--port",
-        str(redis_port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
+        *redis_command(redis_port),
         stdout=subprocess.DEVNULL,
     )
     try:

@@ -22,7 +22,8 @@ import anyio
 import httpx2 as httpx
 from anyio.abc import Process
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.processes import ROOT, free_port, proc_status, redis_command
+
 WAIT = 10.0
 
 
@@ -74,13 +75,6 @@ async def until_up(url: str, verify: Any = True) -> None:
             except httpx.TransportError:
                 pass
             await anyio.sleep(0.05)  # a starting process: nothing to await
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Gateway:
@@ -157,22 +151,15 @@ class Gateway:
             assert time.monotonic() < deadline, f"no ended simulator stream for {session_id}"
             time.sleep(0.05)  # polling another process's state; there is no event to await
 
-    def _status(self, field: str) -> int:
-        """A memory figure of the process from /proc (``VmRSS``, ``VmHWM``), in bytes."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError(f"no {field} in /proc/{self.process.pid}/status")
-
     def reset_peak_rss(self) -> int:
         """Start measuring the process's peak resident memory afresh (Linux's
         ``clear_refs`` 5 sets ``VmHWM`` to the current RSS); that RSS, in bytes."""
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
-        return self._status("VmRSS")
+        return proc_status(self.process.pid, "VmRSS")
 
     def peak_rss(self) -> int:
         """The process's peak resident memory since ``reset_peak_rss``, in bytes."""
-        return self._status("VmHWM")
+        return proc_status(self.process.pid, "VmHWM")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -227,20 +214,7 @@ class RedisServer:
         self.extra = extra
 
     def start(self) -> None:
-        self._run(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *self.extra,
-            ]
-        )
+        self._run(redis_command(self.port, *self.extra))
 
     def _run(self, command: list[str]) -> None:
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)

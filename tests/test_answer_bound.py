@@ -92,6 +92,8 @@ async def _long_answers(**settings: Any) -> AsyncIterator[tuple[LongAnswer, Harn
             tg.cancel_scope.cancel()
 
 
+# Timed against a bound (100 ms): alone on the machine, in make test's serial half.
+@pytest.mark.slow
 async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -133,6 +135,7 @@ async def test_a_whole_answer_over_the_bound_is_an_error_and_the_provider_closed
     assert "failed code=answer_too_large" in line
 
 
+@pytest.mark.slow
 async def test_the_gateway_process_refuses_a_400_mib_answer_within_its_default_bound(
     anyio_backend: Any,
 ) -> None:

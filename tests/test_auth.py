@@ -146,6 +146,7 @@ async def test_every_route_refuses_wrong_keys_without_disturbing_a_stream() -> N
         await s.rest()
 
 
+@pytest.mark.slow
 async def test_keys_never_reach_the_logs_or_the_access_log(anyio_backend: Any) -> None:
     gateway = await anyio.to_thread.run_sync(
         lambda: Gateway(

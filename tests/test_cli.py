@@ -87,6 +87,7 @@ async def _stream(client: httpx.AsyncClient, session_id: str) -> Any:
     )
 
 
+@pytest.mark.slow
 async def test_gateway_serve_stops_streams_then_exits_on_sigterm(
     anyio_backend: Any, free_tcp_port: int
 ) -> None:
@@ -121,6 +122,7 @@ async def test_gateway_serve_stops_streams_then_exits_on_sigterm(
     assert "Traceback" not in output.text
 
 
+@pytest.mark.slow
 async def test_plain_hypercorn_cli_streams_cancels_and_stops(
     anyio_backend: Any, free_tcp_port: int, tmp_path: Path
 ) -> None:
@@ -176,6 +178,7 @@ async def test_plain_hypercorn_cli_streams_cancels_and_stops(
     assert not re.search(r" ERROR gateway", output.text), output.text
 
 
+@pytest.mark.slow
 async def test_plain_hypercorn_without_a_config_still_writes_the_sse_lines(
     anyio_backend: Any, free_tcp_port: int
 ) -> None:
@@ -231,6 +234,7 @@ async def test_gateway_serve_refuses_several_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["gateway serve", "hypercorn --config", "hypercorn"])
+@pytest.mark.slow
 async def test_json_logs_carry_the_end_record_however_the_gateway_runs(
     how: str, anyio_backend: Any, free_tcp_port: int
 ) -> None:

@@ -22,18 +22,13 @@ import pytest
 
 from gateway.server.serve import load_config
 from gateway.tools.simulator import Simulator, SimulatorConfig
+from support.processes import free_port
 
 from .harness import ASYNCIO_AND_TRIO, read_chunks, serve_until, worker_class
-from .processes import (
-    WAIT,
-    Gateway,
-    RedisSentinel,
-    RedisServer,
-    free_port,
-    hypercorn_workers,
-)
+from .processes import WAIT, Gateway, RedisSentinel, RedisServer, hypercorn_workers
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.anyio,
     pytest.mark.skipif(
         shutil.which("redis-server") is None,

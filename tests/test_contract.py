@@ -24,9 +24,10 @@ from gateway.tools.contract import (
     report,
     run_contract,
 )
+from support.processes import ROOT, free_port
 
 from .harness import ASYNCIO_AND_TRIO, Harness, serve_until, traced_peak
-from .processes import ROOT, Nginx, free_port
+from .processes import Nginx
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
 
@@ -151,6 +152,7 @@ async def test_a_broken_gateway_fails_the_right_check(wrap: Any, fails: str, pas
 
 
 @pytest.mark.skipif(Nginx.missing(), reason="Debian's nginx is not installed (make test does)")
+@pytest.mark.slow
 async def test_a_buffering_proxy_fails_unbuffered(tmp_path: Path) -> None:
     """nginx compressing the event stream with buffering on (and told to ignore the
     gateway's X-Accel-Buffering): a common way to hold events back."""

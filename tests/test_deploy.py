@@ -23,11 +23,13 @@ from gateway import Settings, create_app
 from gateway.server.serve import load_config
 from gateway.tools.contract import ContractOptions, report, run_contract
 from gateway.tools.simulator import Simulator, SimulatorConfig
+from support.processes import ROOT, free_port
 
 from .harness import serve_until, worker_class
-from .processes import ROOT, WAIT, Nginx, RedisServer, free_port, hypercorn_workers, until_up
+from .processes import WAIT, Nginx, RedisServer, hypercorn_workers, until_up
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.anyio,
     pytest.mark.skipif(
         Nginx.missing() or shutil.which("redis-server") is None,

@@ -28,6 +28,7 @@ from .processes import Gateway
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.slow
 async def test_sigterm_with_500_live_streams(anyio_backend: Any) -> None:
     worker = worker_class(anyio_backend)  # the gateway's worker class follows the test's
     streams = 500

@@ -20,6 +20,7 @@ from gateway.web.state import state_of
 from .processes import RedisServer
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.anyio,
     pytest.mark.skipif(
         shutil.which("redis-server") is None,

@@ -20,9 +20,10 @@ from gateway import ConfigError, Settings
 from gateway.server.serve import load_config
 from gateway.tools.simulator import Simulator, SimulatorConfig
 from gateway.web.state import state_of
+from support.processes import free_port
 
 from .harness import WAIT, Harness, end_lines, serve_until, sim_config, worker_class
-from .processes import free_port, hypercorn_workers, until_up
+from .processes import hypercorn_workers, until_up
 
 pytestmark = pytest.mark.anyio
 
@@ -188,6 +189,7 @@ def test_a_metrics_key_of_whitespace_is_refused_not_read_as_open(key: str) -> No
         Settings(metrics_key=key)
 
 
+@pytest.mark.slow
 async def test_two_workers_behind_one_port_report_the_sum(
     anyio_backend: Any, tmp_path: Path
 ) -> None:
@@ -240,6 +242,7 @@ async def test_two_workers_behind_one_port_report_the_sum(
 # The exposition is the same on every backend (the known mix checks each); this is
 # about Prometheus reading it, so one backend is enough (5 s each).
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.slow
 async def test_a_real_prometheus_scrapes_the_gateway(tmp_path: Path) -> None:
     key = "metrics-key-0123456789"
     async with Harness(sim_config(tokens=3, rate=0), metrics_key=key) as h:

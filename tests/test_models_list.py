@@ -100,6 +100,8 @@ async def _list_beside_a_stream(provider: HostileModels, **settings: Any) -> tup
     return first.json(), s.longest_token_gap(before), traced.bytes
 
 
+# Timed against a bound (100 ms): alone on the machine, in make test's serial half.
+@pytest.mark.slow
 async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCaptureFixture) -> None:
     # A valid list hidden in 64 MiB of spaces, gzipped to a few hundred KB. Before, such
     # a list was decoded: with 256 MiB the gateway went to 844 MiB and every stream on
@@ -118,6 +120,7 @@ async def test_a_gzip_bombed_model_list_is_not_decoded(caplog: pytest.LogCapture
     assert any("gzip-encoded" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 async def test_the_gateway_process_lists_a_gzip_bomb_within_its_bound(anyio_backend: Any) -> None:
     # What the issue measured (844 MiB before): the resident memory of a `gateway serve`
     # process, from /proc, with the default bound.
@@ -140,6 +143,8 @@ async def test_the_gateway_process_lists_a_gzip_bomb_within_its_bound(anyio_back
     assert growth < 4 * 1024 * 1024, growth
 
 
+# Timed against a bound (100 ms): alone on the machine, in make test's serial half.
+@pytest.mark.slow
 async def test_a_model_list_without_end_is_read_up_to_its_bound() -> None:
     # Before: read whole (a 1 GiB body took the gateway to 1,085 MiB).
     provider = HostileModels(endless=True)

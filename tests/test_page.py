@@ -28,16 +28,22 @@ from playwright.sync_api import (
 )
 from playwright.sync_api import Request as PWRequest
 
-from .processes import WAIT, Gateway, TcpProxy, free_port
+from support.processes import free_port
+
+from .processes import WAIT, Gateway, TcpProxy
 
 CHROMIUM = "/usr/bin/chromium"
 # Long enough that a stopped answer has generated far fewer than planned; fast
 # enough that a completed one takes about two seconds.
 TOKENS, RATE = 80, 40.0
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed (make test does)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which(CHROMIUM) is None,
+        reason="Debian's chromium is not installed (make test does)",
+    ),
+]
 
 
 def _gateway(worker: str, **settings: str) -> Gateway:

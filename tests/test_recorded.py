@@ -300,6 +300,7 @@ _VERCEL_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls"
 
 @pytest.mark.parametrize("sdk", ["openai", "vercel"])
 @pytest.mark.parametrize("name", JS_CASES)
+@pytest.mark.slow
 async def test_the_js_sdks_read_content_parts_and_tool_calls(
     node_sdks: Path, sdk: str, name: str
 ) -> None:

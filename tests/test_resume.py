@@ -285,6 +285,7 @@ async def _get(
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+@pytest.mark.slow
 async def test_resumes_on_either_instance_lose_and_double_nothing(anyio_backend: Any) -> None:
     rng = random.Random(11)
     sid = "session_resume_cluster"
@@ -320,6 +321,7 @@ async def test_resumes_on_either_instance_lose_and_double_nothing(anyio_backend:
 
 @ASYNCIO_AND_TRIO
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+@pytest.mark.slow
 async def test_resumes_elsewhere_after_a_redis_stall_are_whole_or_a_503(anyio_backend: Any) -> None:
     """Redis paused mid-stream (SIGSTOP) past GATEWAY_REDIS_TIMEOUT, so the owner's
     appends time out and are retried while the ones that timed out are applied when it
@@ -368,6 +370,7 @@ async def test_resumes_elsewhere_after_a_redis_stall_are_whole_or_a_503(anyio_ba
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+@pytest.mark.slow
 async def test_a_follower_on_another_instance_pings_its_client_between_tokens(
     anyio_backend: Any,
 ) -> None:
@@ -390,6 +393,7 @@ async def test_a_follower_on_another_instance_pings_its_client_between_tokens(
 
 @ASYNCIO_AND_TRIO
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+@pytest.mark.slow
 async def test_a_follower_on_another_instance_that_stops_reading_is_let_go(
     anyio_backend: Any,
 ) -> None:
@@ -437,6 +441,7 @@ async def test_a_follower_on_another_instance_that_stops_reading_is_let_go(
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+@pytest.mark.slow
 async def test_across_instances_newer_wins_a_stop_works_and_redis_down_is_503(
     anyio_backend: Any,
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, sim_config
 
-pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
+pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO, pytest.mark.slow]
 
 
 async def _run(

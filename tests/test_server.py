@@ -17,9 +17,10 @@ from gateway import ConfigError
 from gateway.server import keepalive
 from gateway.server.serve import is_hypercorn_setting, load_config
 from gateway.tools.simulator import Simulator
+from support.processes import free_port
 
 from .harness import ASYNCIO_AND_TRIO, WAIT, serve_until, worker_class
-from .processes import free_port, hypercorn_workers, until_up
+from .processes import hypercorn_workers, until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,6 +161,7 @@ def test_a_hypercorn_without_what_the_fix_patches_stops_the_start(
 
 @pytest.mark.anyio
 @ASYNCIO_AND_TRIO
+@pytest.mark.slow
 async def test_plain_hypercorn_serving_the_app_has_the_fix(
     anyio_backend: Any, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from gateway.resume.shared import RemoteLog, events_key, mirror
 from .processes import WAIT, RedisServer
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.anyio,
     pytest.mark.skipif(
         shutil.which("redis-server") is None,

@@ -8,6 +8,8 @@ import pytest
 
 from .soak import FATES, failures, soak
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("worker", ["asyncio", "uvloop", "trio"])
 def test_short_soak_balances_the_books(worker: str) -> None:
