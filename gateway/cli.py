@@ -19,7 +19,10 @@ from .errors import ConfigError
 from .logs import Formatter
 from .server.serve import WORKER_CLASSES, anyio_backend, load_config, serve
 from .settings import Settings
-from .tools.contract import CHECKS, CheckResult, ContractOptions, junit_xml, report, run_contract
+from .tools.contract.checks import CHECKS
+from .tools.contract.kit import CheckResult, ContractOptions
+from .tools.contract.report import junit_xml, report
+from .tools.contract.run import run_contract
 from .web.routes import create_app
 from .web.state import state_of
 
@@ -133,8 +136,8 @@ def run(app: Starlette, config: Config) -> None:
 
 
 def _freeze_startup_heap(backend: str) -> None:
-    """Keep what start-up built (modules, classes, functions: about 75,000 objects)
-    out of every garbage collection: it lives as long as the process, and a full
+    """Keep what start-up built (modules, classes, functions) out of every garbage
+    collection: it lives as long as the process, and a full
     collection that walked it paused the event loop for tens of milliseconds under
     load (docs/benchmarks.md, "The cancel p99 tail"). Objects frozen are still freed
     when their last reference goes; only cycles among them would stay."""

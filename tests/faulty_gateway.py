@@ -8,14 +8,14 @@ import sys
 from typing import Any
 
 from gateway.cli import main
-from gateway.cluster import link as cluster
+from gateway.cluster.instance import Cluster
 
 
-async def _planted_bug(self: cluster.Cluster, client: Any, message: Any) -> None:
+async def _planted_bug(self: Any, client: Any, message: Any) -> None:
     raise RuntimeError("planted bug in the message handler")
 
 
-cluster.Cluster._on_message = _planted_bug  # type: ignore[method-assign]
+Cluster._on_message = _planted_bug  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 
 from gateway.cli import main
-from gateway.cluster import link as cluster
+from gateway.cluster import messages
 
-cluster.PROTOCOL_VERSION = 2
-cluster.SEND_VERSION = 1
+messages.PROTOCOL_VERSION = 2
+messages.SEND_VERSION = 1
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,14 +16,10 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.server.serve import load_config
-from gateway.tools.contract import (
-    CHECKS,
-    CheckResult,
-    ContractOptions,
-    junit_xml,
-    report,
-    run_contract,
-)
+from gateway.tools.contract.checks import CHECKS
+from gateway.tools.contract.kit import CheckResult, ContractOptions
+from gateway.tools.contract.report import junit_xml, report
+from gateway.tools.contract.run import run_contract
 from support.processes import ROOT, free_port
 
 from .harness import ASYNCIO_AND_TRIO, Harness, serve_until, traced_peak

@@ -21,7 +21,9 @@ from playwright.sync_api import sync_playwright
 
 from gateway import Settings, create_app
 from gateway.server.serve import load_config
-from gateway.tools.contract import ContractOptions, report, run_contract
+from gateway.tools.contract.kit import ContractOptions
+from gateway.tools.contract.report import report
+from gateway.tools.contract.run import run_contract
 from gateway.tools.simulator import Simulator, SimulatorConfig
 from support.processes import ROOT, free_port
 

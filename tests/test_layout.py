@@ -28,7 +28,7 @@ MAY_IMPORT = {
 def part_of(module: str) -> str:
     """``gateway.core.session`` → ``core``; a module at the top → ``base`` or ``top``."""
     names = module.split(".")
-    if len(names) > 2:
+    if len(names) > 2 or (len(names) == 2 and (PACKAGE / names[1]).is_dir()):
         return names[1]
     return "base" if names[-1] in BASE else "top"
 
@@ -53,9 +53,11 @@ def imported(path: Path) -> set[str]:
             else:
                 source = node.module or ""
             if source == "gateway" or source.startswith("gateway."):
-                # ``from . import x``: x may be a module of the package.
-                found |= {f"{source}.{a.name}" for a in node.names} if not node.module else set()
-                found.add(source)
+                if node.module is None:
+                    # ``from . import x``: a module of the package.
+                    found |= {f"{source}.{a.name}" for a in node.names}
+                else:
+                    found.add(source)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("gateway.")}
     return found

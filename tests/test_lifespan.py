@@ -13,7 +13,7 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway import Settings, create_app
-from gateway.cluster.link import Cluster
+from gateway.cluster.instance import Cluster
 from gateway.web.lifespan import Lifespan
 from gateway.web.state import state_of
 

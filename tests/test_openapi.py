@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from gateway import Settings, create_app
 from gateway.web.openapi import openapi
+from gateway.web.validation import FORWARDED_FIELDS
 
 from .processes import WAIT, Gateway
 
@@ -27,6 +28,12 @@ SCHEMA = schemathesis.openapi.from_dict(
         {"checks": {"negative_data_rejection": {"expected-statuses": _REFUSALS}}}
     ),
 )
+
+
+def test_the_chat_body_describes_every_field_forwarded_to_the_provider() -> None:
+    chat = openapi(Settings())["paths"]["/api/chat/stream"]["post"]["requestBody"]
+    described = chat["content"]["application/json"]["schema"]["properties"]
+    assert set(described) == {"messages", "model", *FORWARDED_FIELDS}
 
 
 def test_every_route_is_described_and_nothing_else() -> None:
@@ -55,6 +62,7 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
     assert not any("Traceback" in line for line in gw.lines), "\n".join(gw.lines)
 
 
+@pytest.mark.slow
 def test_the_served_description_is_the_one_tested(gateway: Gateway) -> None:
     served = httpx.get(f"{gateway.url}/openapi.json", timeout=WAIT).json()
     assert served == openapi(Settings())
@@ -66,5 +74,6 @@ def test_the_served_description_is_the_one_tested(gateway: Gateway) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.slow
 def test_the_api_matches_its_description(case: Any, gateway: Gateway) -> None:
     case.call_and_validate(base_url=gateway.url, timeout=WAIT)

@@ -6,7 +6,7 @@ stream's end), a client that has gone calls ``client_left``, every timeout and s
 shutdown call ``cancel``. The first outcome wins, whether a stop, a completion or a
 failure; later ones are ignored. A cancel closes the provider's connection itself,
 at once, wherever the relay is; what the stream does then (write the terminal event,
-log one line, set ``ended``) is ``ChatStream._finish`` in stream.py.
+log one line, set ``ended``) is ``ChatStream._finish`` in web/stream.py.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ Outcome = Completed | Stopped | Failed
 
 
 class Follower(Protocol):
-    """A client reading a resumable stream (stream.py)."""
+    """A client reading a resumable stream (resume/follow.py)."""
 
     done: anyio.Event
 
@@ -90,7 +90,7 @@ class Session:
 
     __slots__ = (
         "_ended",
-        "_over",
+        "_has_ended",
         "attached",
         "client_gone",
         "clock",
@@ -124,7 +124,7 @@ class Session:
         self.id = session_id
         self.model = model
         self.principal = principal
-        # The provider's opening runs in it (stream.py), which drops it once open.
+        # The provider's opening runs in it (web/stream.py), which drops it once open.
         self.scope: anyio.CancelScope | None = anyio.CancelScope()
         # The provider's response while it is read: the cancel path closes it itself,
         # so the provider sees EOF however busy the relay is (writing to a slow client).
@@ -163,7 +163,7 @@ class Session:
         # most streams end with nobody waiting, and an event is three objects more
         # for the garbage collector to walk while the stream lives.
         self._ended: anyio.Event | None = None
-        self._over = False
+        self._has_ended = False
         # A resumable stream (docs/resume.md): the client following it, if any, and
         # since when nobody has (parked).
         self.resumable = False
@@ -176,13 +176,13 @@ class Session:
         written, id free."""
         if self._ended is None:
             self._ended = anyio.Event()
-            if self._over:
+            if self._has_ended:
                 self._ended.set()
         return self._ended
 
     def end(self) -> None:
         """The stream has ended: ``ended`` is set, now or when it is made."""
-        self._over = True
+        self._has_ended = True
         if self._ended is not None:
             self._ended.set()
 
@@ -281,8 +281,8 @@ class Session:
 
 def _current_clock() -> Callable[[], float]:
     """``anyio.current_time`` for the running event loop, as the loop's own function:
-    the same values without anyio asking which library runs at every call (1.4 µs,
-    ten times the read itself; the token path reads the time three times)."""
+    the same values without anyio asking which library runs at every call, which
+    costs several times the read itself; the token path reads the time three times."""
     if sniffio.current_async_library() == "trio":
         return trio.current_time
     return asyncio.get_running_loop().time

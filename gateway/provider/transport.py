@@ -6,7 +6,7 @@ httptools (llhttp, in C) parses the response, as the token path's first step: a 
 costs one socket read and one parser call (docs/benchmarks.md, step 7). A read hands
 over every body byte already parsed, so deltas that arrive together leave together.
 
-HTTP/1.1 only, by design (see upstream.py). Closing a response before its end closes
+HTTP/1.1 only, by design (see client.py). Closing a response before its end closes
 the socket at once, so the provider sees EOF. Connections whose response was read to
 its end go back to a small idle pool.
 """

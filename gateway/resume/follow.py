@@ -11,13 +11,13 @@ from collections.abc import Callable
 import anyio
 from starlette.types import Receive, Send
 
-from ..cluster.link import Cluster
 from ..core.events import PING, SSE_MEDIA_TYPE, SUPERSEDED
 from ..core.registry import Registry
 from ..core.session import Session
 from ..errors import CLIENT_GONE
 from ..settings import Settings
 from .log import EventLog
+from .messages import FollowMessages
 from .shared import RemoteLog
 
 __all__ = ["ClientFollower", "follow", "follow_messages", "log_parked"]
@@ -36,7 +36,7 @@ class ClientFollower:
         # Ends its wait for the log to change, to see that it was superseded.
         self.wake: Callable[[], None] | None = None
         # When its write under way began, for a follower of a stream on another
-        # instance: no watchdog here watches it (api.py's _RemoteResumeResponse does).
+        # instance: no watchdog here watches it (web/resume_routes.py's _RemoteResumeResponse does).
         self.send_started: float | None = None
 
     def supersede(self) -> None:
@@ -53,13 +53,18 @@ class ClientFollower:
 
 class _RemoteFollower:
     """A client following this stream from another instance, where its resume landed:
-    it reads the stream's events from Redis (shared_log.py), and its instance says so
+    it reads the stream's events from Redis (resume/shared.py), and its instance says so
     every third of the claim TTL."""
 
     def __init__(
-        self, cluster: Cluster, principal: str, session_id: str, follower_id: str, now: float
+        self,
+        messages: FollowMessages,
+        principal: str,
+        session_id: str,
+        follower_id: str,
+        now: float,
     ) -> None:
-        self._cluster = cluster
+        self._messages = messages
         self._about = (principal, session_id, follower_id)
         self.id = follower_id
         self.seen = now
@@ -68,22 +73,22 @@ class _RemoteFollower:
         self.done.set()
 
     def supersede(self) -> None:
-        self._cluster.spawn(self._cluster.tell_follower, *self._about)
+        self._messages.supersede(*self._about)
 
     def abandon(self) -> None:
         pass
 
     def expired(self, now: float) -> bool:
-        return now - self.seen > self._cluster.claim_ttl
+        return now - self.seen > self._messages.cluster.claim_ttl
 
 
 def follow_messages(
     registry: Registry,
     settings: Settings,
-    cluster: Cluster,
+    messages: FollowMessages,
     followers: dict[str, ClientFollower],
 ) -> Callable[[str, str, str, str], None]:
-    """What the cluster does with a message about a follower (cluster.on_follow)."""
+    """What this instance does with a message about a follower (messages.on_follow)."""
 
     def on_follow(kind: str, principal: str, session_id: str, follower_id: str) -> None:
         now = anyio.current_time()
@@ -100,7 +105,7 @@ def follow_messages(
             if isinstance(current, _RemoteFollower) and current.id == follower_id:
                 current.seen = now
                 return
-            session.attach(_RemoteFollower(cluster, principal, session_id, follower_id, now))
+            session.attach(_RemoteFollower(messages, principal, session_id, follower_id, now))
             logger.info("[SSE] %s followed from instance %s", session.id, follower_id.split("/")[0])
         elif isinstance(current, _RemoteFollower) and current.id == follower_id:
             session.detach(current, now)

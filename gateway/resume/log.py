@@ -34,7 +34,7 @@ class _Chunk:
 
 class ChunkLog:
     """A stream's events by id, in chunks as they were written: what a follower reads,
-    from this process's ``EventLog`` or from Redis (``shared_log.RemoteLog``)."""
+    from this process's ``EventLog`` or from Redis (``shared.RemoteLog``)."""
 
     def __init__(self) -> None:
         self._chunks: deque[_Chunk] = deque()
@@ -177,7 +177,7 @@ class EventLog(ChunkLog):
 
     async def wait_closed(self) -> None:
         """Until the log is closed: what the Redis mirror waits for while a batch grows,
-        woken once at the end instead of at every event (shared_log.py)."""
+        woken once at the end instead of at every event (shared.py)."""
         if not self.closed:
             if self._closing is None:
                 self._closing = anyio.Event()
@@ -219,7 +219,7 @@ class ResumeStore:
 
     A stream's start and end each purge, so the purge takes the ended entries from a
     heap by expiry: its cost does not grow with the thousands an hour's window can
-    hold (a scan and sort of them all stalled the loop about 7 ms at 10,000)."""
+    hold (a scan and sort of them all stalled the loop: docs/benchmarks.md, step 14)."""
 
     def __init__(self, window: float, max_ended: int, max_ended_bytes: int = 1 << 62) -> None:
         self.window = window

@@ -13,7 +13,7 @@ import anyio
 from anyio.abc import TaskGroup
 from starlette.types import Receive, Send
 
-from ..cluster.link import Cluster
+from ..cluster.instance import Cluster
 from ..core.session import Mark, Session, Stopped
 from ..core.sink import Sink
 from ..settings import Settings

@@ -127,7 +127,7 @@ def _tool_call_json(delta: ToolCallDelta) -> dict[str, object]:
     function["arguments"] = delta.arguments
     call["function"] = function
     if delta.extras is not None:
-        call.update(delta.extras)  # never one of the names above (parser.py)
+        call.update(delta.extras)  # never one of the names above (provider/parser.py)
     return call
 
 

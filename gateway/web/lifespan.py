@@ -24,7 +24,7 @@ from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 
-from ..cluster.link import Cluster
+from ..cluster.instance import Cluster
 from ..core.session import Failed
 from ..logs import ensure_handler
 from ..provider.client import create_client
@@ -135,9 +135,12 @@ class Lifespan(AsyncContextManagerMixin):
                 session.fail(Failed("session_conflict", "the id is live on another instance"))
 
         cluster.on_taken = taken_elsewhere
-        if self._state.resume is not None:
-            cluster.on_follow = follow_messages(
-                self._state.registry, self._state.settings, cluster, self._state.followers
+        if self._state.follow is not None:
+            self._state.follow.on_follow = follow_messages(
+                self._state.registry,
+                self._state.settings,
+                self._state.follow,
+                self._state.followers,
             )
         with scope:
             await cluster.run(cancel_here, task_status=task_status)

@@ -6,11 +6,14 @@ route is described, and schemathesis checks the running gateway against it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.registry import SESSION_ID_PATTERN
 from ..settings import Settings
 from .validation import (
+    FORWARDED_FIELDS,
     IMAGE_DETAILS,
     MAX_MODEL_CHARS,
     MAX_SHORT_CHARS,
@@ -184,7 +187,7 @@ _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "required": True}}
 def _forwarded() -> dict[str, Any]:
     """The top-level fields forwarded to the provider (validation.FORWARDED_FIELDS)."""
     short = {"type": "string", "minLength": 1, "maxLength": MAX_SHORT_CHARS}
-    return {
+    fields = {
         "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": _TOOL},
         "tool_choice": {"anyOf": [{"enum": list(TOOL_CHOICES)}, _function({"name": _STRING})]},
         "parallel_tool_calls": {"type": "boolean"},
@@ -216,9 +219,26 @@ def _forwarded() -> dict[str, Any]:
         "user": short,
         "n": {"const": 1},
     }
+    if set(fields) != set(FORWARDED_FIELDS):
+        # A field validation forwards but this does not describe, or the reverse.
+        raise RuntimeError(
+            "openapi.py and validation.FORWARDED_FIELDS disagree: "
+            f"{sorted(set(fields) ^ set(FORWARDED_FIELDS))}"
+        )
+    return fields
 
 
-def openapi(settings: Settings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Context:
+    settings: Settings
+    security: list[dict[str, list[str]]]
+    unauthorized: dict[str, Any]
+    chat: dict[str, Any]
+    refusals: dict[str, Any]
+
+
+def _context(settings: Settings) -> _Context:
+    """What several paths share: who may call, the chat body, the refusals."""
     authenticated = bool(settings.api_keys)
     security: list[dict[str, list[str]]] = [{"bearer": []}] if authenticated else []
     unauthorized = {"401": _error("no principal: a missing or wrong key, or an untrusted peer")}
@@ -253,6 +273,369 @@ def openapi(settings: Settings) -> dict[str, Any]:
         ),
         "503": _error("shutting down, or GATEWAY_MAX_SESSIONS live streams already"),
     }
+    return _Context(settings, security, unauthorized, chat, refusals)
+
+
+def _chat_stream(c: _Context) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Stream one answer as Server-Sent Events",
+            "security": c.security,
+            "parameters": [
+                {
+                    "name": "X-Session-Id",
+                    "in": "header",
+                    "required": True,
+                    "schema": _SESSION_ID,
+                }
+            ],
+            "requestBody": _json_body(c.chat),
+            "responses": {
+                "200": {
+                    "description": "events: start; token, reasoning, refusal, "
+                    "tool_call, content_part and extra, in the provider's order; then "
+                    "one of done, stopped, error",
+                    "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
+                    "content": {"text/event-stream": {"schema": _EVENT}},
+                },
+                **c.refusals,
+            },
+        }
+    }
+
+
+def _chat_completions(c: _Context) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "OpenAI's Chat Completions, with the gateway's Stop",
+            "security": c.security,
+            "parameters": [
+                {
+                    "name": "X-Session-Id",
+                    "in": "header",
+                    "required": False,
+                    "schema": _SESSION_ID,
+                }
+            ],
+            "requestBody": _json_body(
+                {
+                    **c.chat,
+                    "properties": {
+                        **c.chat["properties"],
+                        "stream": {"type": ["boolean", "null"]},
+                        "stream_options": {
+                            "type": ["object", "null"],
+                            "properties": {"include_usage": {"type": ["boolean", "null"]}},
+                        },
+                    },
+                }
+            ),
+            "responses": {
+                "200": {
+                    "description": "stream: true: chat.completion.chunk events "
+                    "(content, reasoning_content or reasoning, refusal, tool_calls; "
+                    "the provider's extra fields as it sent them), then [DONE]; else "
+                    "one chat.completion object",
+                    "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
+                    "content": {
+                        "text/event-stream": {"schema": _CHUNK_EVENT},
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["id", "object", "choices"],
+                                "properties": {"object": {"const": "chat.completion"}},
+                            }
+                        },
+                    },
+                },
+                **c.refusals,
+                "502": _error(
+                    "stream: false and the provider failed, or the answer grew "
+                    "over GATEWAY_MAX_ANSWER_BYTES"
+                ),
+            },
+        }
+    }
+
+
+def _models(c: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "GATEWAY_MODEL, then the provider's own list if it has one",
+            "security": c.security,
+            "responses": {
+                "400": _AMBIGUOUS,
+                "200": {
+                    "description": "the models",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["object", "data"],
+                                "properties": {
+                                    "object": {"const": "list"},
+                                    "data": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["id"],
+                                            "properties": {"id": {"type": "string"}},
+                                        },
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                **c.unauthorized,
+            },
+        }
+    }
+
+
+def _chat_resume(c: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": (
+                "Resume a stream after a dropped connection: every event after "
+                "Last-Event-ID, then the live ones (GATEWAY_RESUME_WINDOW; docs/resume.md)"
+            ),
+            "security": c.security,
+            "parameters": [
+                _SESSION_ID_IN_PATH,
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": (
+                        "the events after Last-Event-ID, ids unchanged; a client "
+                        "superseded by a newer one gets stopped (reason superseded)"
+                    ),
+                    "content": {"text/event-stream": {"schema": _EVENT}},
+                },
+                "400": _error("Last-Event-ID is not a number"),
+                **c.unauthorized,
+                "404": _error(
+                    "not_resumable: no stream of this principal to resume with that "
+                    "id (unknown, expired, its events gone, or resume off)"
+                ),
+                "503": _error(
+                    "resume_unavailable: the stream may live on another instance, "
+                    "and Redis cannot be reached"
+                ),
+            },
+        }
+    }
+
+
+def _chat_cancel(c: _Context) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Stop a live stream; answered once the provider is closed",
+            "security": c.security,
+            "parameters": [_SESSION_ID_IN_PATH],
+            "responses": {
+                "400": _AMBIGUOUS,
+                "200": {
+                    "description": "stopped",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["ok", "cancelled", "session_id"],
+                                "properties": {
+                                    "ok": {"const": True},
+                                    "cancelled": {"const": True},
+                                    "session_id": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                **c.unauthorized,
+                "404": {
+                    "description": "no live stream of this principal has that id",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["ok", "reason"],
+                                "properties": {
+                                    "ok": {"const": False},
+                                    "reason": {"const": "not_found"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "503": _error(
+                    "cancel_unavailable: the stream may live on another instance "
+                    "and Redis cannot be reached (docs/scaling.md)"
+                ),
+                "504": _error("the stream did not end within GATEWAY_CANCEL_WAIT"),
+            },
+        }
+    }
+
+
+def _demo_provider(c: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "Demo mode: what the built-in simulator did for a session",
+            "security": c.security,
+            "parameters": [_SESSION_ID_IN_PATH],
+            "responses": {
+                "200": {
+                    "description": "the simulator's record",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": [
+                                    "session_id",
+                                    "planned",
+                                    "generated",
+                                    "outcome",
+                                ],
+                                "properties": {
+                                    "session_id": {"type": "string"},
+                                    "planned": {"type": "integer"},
+                                    "generated": {"type": "integer"},
+                                    "outcome": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                **c.unauthorized,
+                "400": _AMBIGUOUS,
+                "404": _error("not in demo mode, or no stream for that id"),
+            },
+        }
+    }
+
+
+def _healthz(_: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "Liveness, and the number of live streams",
+            "responses": {
+                "200": {"$ref": "#/components/responses/Health"},
+                "503": {"$ref": "#/components/responses/Health"},
+            },
+        }
+    }
+
+
+def _metrics(c: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "Prometheus metrics (docs/observability.md)",
+            "security": [{"bearer": []}] if c.settings.metrics_key else [],
+            "responses": {
+                "200": {
+                    "description": "Prometheus's text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "400": _error("the Authorization header was sent more than once"),
+                "401": _error("GATEWAY_METRICS_KEY is set and was not presented"),
+                "404": _error("GATEWAY_METRICS=off"),
+            },
+        }
+    }
+
+
+def _openapi(_: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "This description",
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    }
+
+
+def _index(_: _Context) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "The reference chat page",
+            "responses": {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+
+
+# Every path of the API and the builder of its description, in the order served.
+_PATHS: dict[str, Callable[[_Context], dict[str, Any]]] = {
+    "/api/chat/stream": _chat_stream,
+    "/v1/chat/completions": _chat_completions,
+    "/v1/models": _models,
+    "/api/chat/stream/{session_id}": _chat_resume,
+    "/api/chat/cancel/{session_id}": _chat_cancel,
+    "/api/demo/provider/{session_id}": _demo_provider,
+    "/healthz": _healthz,
+    "/metrics": _metrics,
+    "/openapi.json": _openapi,
+    "/": _index,
+}
+
+_COMPONENTS: dict[str, Any] = {
+    "schemas": {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message", "type", "param"],
+                    "properties": {
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        }
+    },
+    "responses": {
+        "Health": {
+            "description": "ok, or shutting_down (503)",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["status", "sessions"],
+                        "properties": {
+                            "status": {"enum": ["ok", "shutting_down"]},
+                            "sessions": {"type": "integer", "minimum": 0},
+                            "instance": {"type": "string"},
+                            "cluster": {"enum": ["ok", "unavailable"]},
+                        },
+                    }
+                }
+            },
+        }
+    },
+    "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+}
+
+
+def openapi(settings: Settings) -> dict[str, Any]:
+    c = _context(settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -261,318 +644,6 @@ def openapi(settings: Settings) -> dict[str, Any]:
             "description": "A streaming gateway for LLM chat that stops the provider "
             "the moment the user presses Stop. See docs/api.md.",
         },
-        "paths": {
-            "/api/chat/stream": {
-                "post": {
-                    "summary": "Stream one answer as Server-Sent Events",
-                    "security": security,
-                    "parameters": [
-                        {
-                            "name": "X-Session-Id",
-                            "in": "header",
-                            "required": True,
-                            "schema": _SESSION_ID,
-                        }
-                    ],
-                    "requestBody": _json_body(chat),
-                    "responses": {
-                        "200": {
-                            "description": "events: start; token, reasoning, refusal, "
-                            "tool_call, content_part and extra, in the provider's order; then "
-                            "one of done, stopped, error",
-                            "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
-                            "content": {"text/event-stream": {"schema": _EVENT}},
-                        },
-                        **refusals,
-                    },
-                }
-            },
-            "/v1/chat/completions": {
-                "post": {
-                    "summary": "OpenAI's Chat Completions, with the gateway's Stop",
-                    "security": security,
-                    "parameters": [
-                        {
-                            "name": "X-Session-Id",
-                            "in": "header",
-                            "required": False,
-                            "schema": _SESSION_ID,
-                        }
-                    ],
-                    "requestBody": _json_body(
-                        {
-                            **chat,
-                            "properties": {
-                                **chat["properties"],
-                                "stream": {"type": ["boolean", "null"]},
-                                "stream_options": {
-                                    "type": ["object", "null"],
-                                    "properties": {"include_usage": {"type": ["boolean", "null"]}},
-                                },
-                            },
-                        }
-                    ),
-                    "responses": {
-                        "200": {
-                            "description": "stream: true: chat.completion.chunk events "
-                            "(content, reasoning_content or reasoning, refusal, tool_calls; "
-                            "the provider's extra fields as it sent them), then [DONE]; else "
-                            "one chat.completion object",
-                            "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
-                            "content": {
-                                "text/event-stream": {"schema": _CHUNK_EVENT},
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["id", "object", "choices"],
-                                        "properties": {"object": {"const": "chat.completion"}},
-                                    }
-                                },
-                            },
-                        },
-                        **refusals,
-                        "502": _error(
-                            "stream: false and the provider failed, or the answer grew "
-                            "over GATEWAY_MAX_ANSWER_BYTES"
-                        ),
-                    },
-                }
-            },
-            "/v1/models": {
-                "get": {
-                    "summary": "GATEWAY_MODEL, then the provider's own list if it has one",
-                    "security": security,
-                    "responses": {
-                        "400": _AMBIGUOUS,
-                        "200": {
-                            "description": "the models",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["object", "data"],
-                                        "properties": {
-                                            "object": {"const": "list"},
-                                            "data": {
-                                                "type": "array",
-                                                "items": {
-                                                    "type": "object",
-                                                    "required": ["id"],
-                                                    "properties": {"id": {"type": "string"}},
-                                                },
-                                            },
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        **unauthorized,
-                    },
-                }
-            },
-            "/api/chat/stream/{session_id}": {
-                "get": {
-                    "summary": (
-                        "Resume a stream after a dropped connection: every event after "
-                        "Last-Event-ID, then the live ones (GATEWAY_RESUME_WINDOW; docs/resume.md)"
-                    ),
-                    "security": security,
-                    "parameters": [
-                        _SESSION_ID_IN_PATH,
-                        {
-                            "name": "Last-Event-ID",
-                            "in": "header",
-                            "required": False,
-                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                        },
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": (
-                                "the events after Last-Event-ID, ids unchanged; a client "
-                                "superseded by a newer one gets stopped (reason superseded)"
-                            ),
-                            "content": {"text/event-stream": {"schema": _EVENT}},
-                        },
-                        "400": _error("Last-Event-ID is not a number"),
-                        **unauthorized,
-                        "404": _error(
-                            "not_resumable: no stream of this principal to resume with that "
-                            "id (unknown, expired, its events gone, or resume off)"
-                        ),
-                        "503": _error(
-                            "resume_unavailable: the stream may live on another instance, "
-                            "and Redis cannot be reached"
-                        ),
-                    },
-                }
-            },
-            "/api/chat/cancel/{session_id}": {
-                "post": {
-                    "summary": "Stop a live stream; answered once the provider is closed",
-                    "security": security,
-                    "parameters": [_SESSION_ID_IN_PATH],
-                    "responses": {
-                        "400": _AMBIGUOUS,
-                        "200": {
-                            "description": "stopped",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["ok", "cancelled", "session_id"],
-                                        "properties": {
-                                            "ok": {"const": True},
-                                            "cancelled": {"const": True},
-                                            "session_id": {"type": "string"},
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        **unauthorized,
-                        "404": {
-                            "description": "no live stream of this principal has that id",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["ok", "reason"],
-                                        "properties": {
-                                            "ok": {"const": False},
-                                            "reason": {"const": "not_found"},
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        "503": _error(
-                            "cancel_unavailable: the stream may live on another instance "
-                            "and Redis cannot be reached (docs/scaling.md)"
-                        ),
-                        "504": _error("the stream did not end within GATEWAY_CANCEL_WAIT"),
-                    },
-                }
-            },
-            "/api/demo/provider/{session_id}": {
-                "get": {
-                    "summary": "Demo mode: what the built-in simulator did for a session",
-                    "security": security,
-                    "parameters": [_SESSION_ID_IN_PATH],
-                    "responses": {
-                        "200": {
-                            "description": "the simulator's record",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": [
-                                            "session_id",
-                                            "planned",
-                                            "generated",
-                                            "outcome",
-                                        ],
-                                        "properties": {
-                                            "session_id": {"type": "string"},
-                                            "planned": {"type": "integer"},
-                                            "generated": {"type": "integer"},
-                                            "outcome": {"type": "string"},
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        **unauthorized,
-                        "400": _AMBIGUOUS,
-                        "404": _error("not in demo mode, or no stream for that id"),
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness, and the number of live streams",
-                    "responses": {
-                        "200": {"$ref": "#/components/responses/Health"},
-                        "503": {"$ref": "#/components/responses/Health"},
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics (docs/observability.md)",
-                    "security": [{"bearer": []}] if settings.metrics_key else [],
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus's text exposition format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                        "400": _error("the Authorization header was sent more than once"),
-                        "401": _error("GATEWAY_METRICS_KEY is set and was not presented"),
-                        "404": _error("GATEWAY_METRICS=off"),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This description",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-            "/": {
-                "get": {
-                    "summary": "The reference chat page",
-                    "responses": {
-                        "200": {
-                            "description": "HTML",
-                            "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-        },
-        "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message", "type", "param"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "param": {"type": ["string", "null"]},
-                            },
-                        }
-                    },
-                }
-            },
-            "responses": {
-                "Health": {
-                    "description": "ok, or shutting_down (503)",
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["status", "sessions"],
-                                "properties": {
-                                    "status": {"enum": ["ok", "shutting_down"]},
-                                    "sessions": {"type": "integer", "minimum": 0},
-                                    "instance": {"type": "string"},
-                                    "cluster": {"enum": ["ok", "unavailable"]},
-                                },
-                            }
-                        }
-                    },
-                }
-            },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
+        "paths": {path: build(c) for path, build in _PATHS.items()},
+        "components": _COMPONENTS,
     }

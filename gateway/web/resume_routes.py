@@ -12,13 +12,14 @@ import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..cluster.link import Cluster, is_redis_failure
+from ..cluster.link import is_redis_failure
 from ..core.registry import SESSION_ID_RE
 from ..core.session import Session
 from ..errors import NotResumable, ResumeUnavailable
 from ..logs import loggable
 from ..resume.follow import ClientFollower, follow
 from ..resume.log import EventLog
+from ..resume.messages import FollowMessages
 from ..resume.shared import RemoteLog, events_key
 from .state import GatewayState, principal_of, state_of
 from .validation import last_event_id_from
@@ -38,8 +39,8 @@ async def chat_resume(request: Request) -> ASGIApp:
     found = None
     if state.resume is not None and SESSION_ID_RE.fullmatch(session_id):
         found = state.resume.get(principal, session_id)
-    if found is None and state.cluster is not None and state.resume is not None:
-        return await _resume_elsewhere(state, state.cluster, principal, session_id, after)
+    if found is None and state.follow is not None:
+        return await _resume_elsewhere(state, state.follow, principal, session_id, after)
     if found is None:
         # Another principal's stream answers exactly like an unknown one.
         raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
@@ -53,10 +54,11 @@ async def chat_resume(request: Request) -> ASGIApp:
 
 
 async def _resume_elsewhere(
-    state: GatewayState, cluster: Cluster, principal: str, session_id: str, after: int
+    state: GatewayState, messages: FollowMessages, principal: str, session_id: str, after: int
 ) -> ASGIApp:
     """A stream of another instance: its events from Redis, and its owner told that
     this client follows it (or the client gets a 503 if Redis cannot be reached)."""
+    cluster = messages.cluster
     if cluster.client is None or not cluster.available:
         raise _resume_unavailable("the stream may live on another instance; Redis is unreachable")
     log = RemoteLog(cluster, events_key(principal, session_id))
@@ -77,15 +79,16 @@ async def _resume_elsewhere(
         raise _resume_unavailable("the stream's newest events have not reached Redis yet")
     if not held or not log.resumable_after(after):
         raise NotResumable("no resumable stream has this id (unknown, ended, or expired)")
-    follower_id = cluster.new_follower_id()
+    follower_id = messages.new_follower_id()
     if not log.closed:
-        await cluster.tell_owner("attach", principal, session_id, follower_id)
+        await messages.tell_owner("attach", principal, session_id, follower_id)
     logger.info(
         "[SSE] %s resumed after id %d (its stream lives on another instance)",
         loggable(session_id),
         after,
     )
-    return _RemoteResumeResponse(state, cluster, log, (principal, session_id, follower_id), after)
+    about = (principal, session_id, follower_id)
+    return _RemoteResumeResponse(state, messages, log, about, after)
 
 
 # How long a resume on another instance waits for the owner's last events to reach Redis.
@@ -102,18 +105,17 @@ class _RemoteResumeResponse:
     def __init__(
         self,
         state: GatewayState,
-        cluster: Cluster,
+        messages: FollowMessages,
         log: RemoteLog,
         about: tuple[str, str, str],
         after: int,
     ) -> None:
-        self._state, self._cluster, self._log = state, cluster, log
+        self._state, self._messages, self._log = state, messages, log
         self._about = about
         self._after = after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal, session_id, follower_id = self._about
-        cluster = self._cluster
         follower = ClientFollower()
         self._state.followers[follower_id] = follower
         try:
@@ -135,7 +137,7 @@ class _RemoteResumeResponse:
         finally:
             del self._state.followers[follower_id]
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
-                await cluster.tell_owner("detach", principal, session_id, follower_id)
+                await self._messages.tell_owner("detach", principal, session_id, follower_id)
 
     async def _watch(self, follower: ClientFollower, scope: anyio.CancelScope) -> None:
         """A client that stops reading, as the owner's watchdog does for its own: after
@@ -156,14 +158,14 @@ class _RemoteResumeResponse:
         follower.abandon()
         scope.cancel()  # the heartbeat, so that the owner's detach is the last word
         with anyio.move_on_after(1.0, shield=True), contextlib.suppress(ResumeUnavailable):
-            await self._cluster.tell_owner("detach", principal, session_id, follower_id)
+            await self._messages.tell_owner("detach", principal, session_id, follower_id)
 
     async def _heartbeat(self) -> None:
         """The owner lets a follower go that it has not heard of for a claim TTL."""
         while True:
-            await anyio.sleep(self._cluster.claim_ttl / 3)
+            await anyio.sleep(self._messages.cluster.claim_ttl / 3)
             with contextlib.suppress(ResumeUnavailable):
-                await self._cluster.tell_owner("attach", *self._about)
+                await self._messages.tell_owner("attach", *self._about)
 
 
 class _ResumeResponse:

@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` builds one; ``gateway.app:app`` is one built from the environment.
 Request validation is in validation.py, the lifespan in lifespan.py, the cancellation
-path in session.py and registry.py.
+path in core/session.py and core/registry.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..cluster.link import Cluster
+from ..cluster.instance import Cluster
 from ..core.metrics import Metrics
 from ..core.registry import SESSION_ID_RE, Registry
 from ..errors import (
@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..logs import loggable, use_format
 from ..resume.log import ResumeStore
+from ..resume.messages import FollowMessages
 from ..settings import Settings
 from ..tools.simulator import Simulator
 from .auth import Authenticator, check_bearer
@@ -103,7 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=Lifespan,
     )
     authenticated = bool(settings.api_keys or settings.principal_header)
-    app.state.gateway = GatewayState(
+    state = app.state.gateway = GatewayState(
         settings=settings,
         registry=Registry(
             max_sessions=settings.max_sessions,
@@ -134,6 +135,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             else None
         ),
     )
+    if state.cluster is not None and state.resume is not None:
+        # Resumes across instances (docs/resume.md).
+        state.follow = FollowMessages(state.cluster)
     # A level, not a handler: where the lines go is the operator's logging config.
     logging.getLogger("gateway").setLevel(settings.log_level_number)
     use_format(settings.log_format)
@@ -152,7 +156,7 @@ class _Streaming:
     """The endpoint of a route that streams, as a plain ASGI app. The route of a
     function (Starlette's ``request_response``) keeps its request, a second layer of
     exception handling (the application's ExceptionMiddleware has the same handlers)
-    and their closures alive while the response runs: 19 objects per stream for the
+    and their closures alive while the response runs: objects per stream for the
     garbage collector to walk (docs/benchmarks.md, step 20). Here the request is let
     go once the handler returns."""
 

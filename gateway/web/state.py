@@ -9,12 +9,13 @@ import httpx2 as httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from ..cluster.link import Cluster
+from ..cluster.instance import Cluster
 from ..core.metrics import Metrics
 from ..core.registry import Registry
 from ..provider.client import ModelList
 from ..resume.follow import ClientFollower
 from ..resume.log import ResumeStore
+from ..resume.messages import FollowMessages
 from ..settings import Settings
 from ..tools.simulator import Simulator
 from .auth import Authenticator
@@ -31,10 +32,12 @@ class GatewayState:
     cluster: Cluster | None
     metrics: Metrics
     models: ModelList = field(default_factory=ModelList)
-    # With GATEWAY_RESUME_WINDOW > 0: the resumable streams (resume.py).
+    # With GATEWAY_RESUME_WINDOW > 0: the resumable streams (resume/log.py).
     resume: ResumeStore | None = None
     # The clients here following streams of other instances, by follower id.
     followers: dict[str, ClientFollower] = field(default_factory=dict)
+    # With resume and a cluster: the messages about resumes across instances.
+    follow: FollowMessages | None = None
     # Set by the lifespan: the provider client, the provider's base URL (the built-in
     # simulator's in demo mode) and, in demo mode, the simulator.
     _client: httpx.AsyncClient | None = field(default=None, repr=False)

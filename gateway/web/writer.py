@@ -4,7 +4,7 @@ The relay reads the provider, encodes the deltas and writes them here, all in on
 task: a token costs one wake-up. A relay blocked writing to a client that stopped
 reading does not hold the provider: the cancel path closes the provider's connection
 itself (``Session.cancel``), and the stream's end is not kept waiting on the write
-longer than the send timeout (stream.py).
+longer than the send timeout (stream.py, the Sink protocol of core/sink.py).
 
 Pings come from the watchdog while the relay waits for the provider: each is written
 by a short task of its own, and the two never write at the same time.

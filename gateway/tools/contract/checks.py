@@ -1,0 +1,269 @@
+"""The checks of the cancel contract, in the order they run: each drives the ``Kit``
+and returns its figures, or raises ``CheckFailed`` saying what broke."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+
+from ..simulator import SimulatorConfig
+from .kit import CheckFailed, Kit, Readers, Stream, bounded_body
+
+__all__ = ["CHECKS", "Check"]
+
+# The unbuffered check: the answer's pace, and how late its first event may be.
+_PACE = 20.0
+_FIRST_EVENT_BOUND = 1.0
+_OWN_READ_SHARE = 0.9
+
+# -- the checks -------------------------------------------------------------------
+
+Check = Callable[[Kit], Awaitable[str]]
+
+
+def _ms(values: list[float]) -> str:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return f"p50 {statistics.median(ordered) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+
+
+async def _cancel_closes_provider(kit: Kit) -> str:
+    latencies = []
+    for _ in range(kit.options.samples):
+        async with Readers() as tg:
+            stream = await kit.started(tg)
+            latencies.append(await kit.cancel_closes_first(stream))
+            await kit.stopped_once(stream, "cancel")
+    return f"{len(latencies)} of {kit.options.samples} closed before the 200; {_ms(latencies)}"
+
+
+async def _disconnect_closes_provider(kit: Kit) -> str:
+    latencies = []
+    for _ in range(kit.options.samples):
+        async with Readers() as tg:
+            stream = await kit.started(tg)
+            left = time.monotonic()
+            stream.left = True
+            stream.scope.cancel()
+            record = await kit.closed(stream)
+            assert record.ended_at is not None
+            latencies.append(max(0.0, record.ended_at - left))
+    return f"{len(latencies)} of {kit.options.samples} closed; {_ms(latencies)}"
+
+
+async def _stop_at(kit: Kit, config: SimulatorConfig, ready: str, **body: Any) -> str:
+    """Cancel once ``ready`` holds; the provider closed before the 200, one stopped event
+    with exact counts."""
+    kit.sim.config = config
+    async with Readers() as tg:
+        stream = await kit.open(tg, **body)
+        if ready in ("headers", "first_token"):
+            # The provider has the request: it holds its headers back, or it has sent
+            # them and is quiet (keep-alive comments only) before its first token.
+            await kit.record(stream, lambda r: True)
+        else:
+            await stream.until(lambda s: s.count(ready) >= 2, f"two {ready} events")
+        latency = await kit.cancel_closes_first(stream)
+        data = await kit.stopped_once(stream, "cancel")
+    return f"closed {latency * 1000:.1f} ms after the cancel; stopped with {_delivered(data)}"
+
+
+def _delivered(data: dict[str, Any]) -> str:
+    return (
+        f"tokens={data.get('tokens_delivered')} reasoning={data.get('reasoning_delivered')} "
+        f"tool_calls={data.get('tool_calls_delivered')}"
+    )
+
+
+async def _cancel_waiting_for_headers(kit: Kit) -> str:
+    return await _stop_at(kit, SimulatorConfig(tokens=10, headers_delay=60), "headers")
+
+
+async def _cancel_before_first_token(kit: Kit) -> str:
+    config = SimulatorConfig(tokens=10, queue_seconds=60, keepalive_interval=0.2)
+    return await _stop_at(kit, config, "first_token")
+
+
+async def _cancel_during_reasoning(kit: Kit) -> str:
+    config = SimulatorConfig(tokens=10, rate=_PACE, reasoning_tokens=10_000, reasoner=True)
+    return await _stop_at(kit, config, "reasoning")
+
+
+async def _cancel_during_tool_call(kit: Kit) -> str:
+    config = SimulatorConfig(rate=_PACE, tool_fragment_chars=1)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "search",
+                "description": "Search the web.",
+                "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+            },
+        }
+    ]
+    return await _stop_at(kit, config, "tool_call", tools=tools)
+
+
+async def _not_found(kit: Kit) -> str:
+    async with Readers() as tg:
+        stream = await kit.started(tg)
+        await kit.cancel_closes_first(stream)
+        await kit.stopped_once(stream, "cancel")
+        again = await kit.cancel(stream)
+    unknown = await kit.cancel(Stream("", f"contract-unknown-{secrets.token_hex(8)}"))
+    for what, response in (("a second cancel", again), ("an unknown id", unknown)):
+        code = _error_code(response)
+        if response.status_code != 404 or code != "not_found":
+            raise CheckFailed(f"{what}: {response.status_code} {code!r}, expected 404 'not_found'")
+    return "second cancel 404 not_found; unknown id 404 not_found"
+
+
+async def _duplicate_live_id(kit: Kit) -> str:
+    async with Readers() as tg:
+        stream = await kit.started(tg)
+        # Streamed: a gateway that wrongly accepts it would answer without end.
+        async with kit.client.stream(
+            "POST",
+            f"{kit.options.gateway}/api/chat/stream",
+            headers={"x-session-id": stream.session_id, **kit._headers(None)},
+            json={"messages": [{"role": "user", "content": f"Duplicate {stream.nonce}"}]},
+        ) as response:
+            body = b"" if response.status_code == 200 else await bounded_body(response)
+            duplicate = httpx.Response(response.status_code, headers=response.headers, content=body)
+        await kit.cancel_closes_first(stream)
+        await kit.stopped_once(stream, "cancel")
+    if duplicate.status_code != 409:
+        raise CheckFailed(f"a second stream on a live id: {duplicate.status_code}, expected 409")
+    return f"409 {_error_code(duplicate)}"
+
+
+async def _keepalives_do_not_hold(kit: Kit) -> str:
+    idle = kit.options.idle_timeout
+    assert idle is not None
+    # Two tokens, then nothing but the provider's keep-alive comments.
+    kit.sim.config = SimulatorConfig(
+        tokens=100, rate=0, stall_after=2, keepalive_interval=min(idle / 4, 1.0)
+    )
+    async with Readers() as tg:
+        stream = await kit.open(tg)
+        with anyio.move_on_after(idle + kit.patience):
+            await stream.done.wait()
+        data = await kit.stopped_once(stream, "timeout")
+    record = await kit.closed(stream)
+    assert record.ended_at is not None
+    assert record.last_token_at is not None
+    after = record.ended_at - record.last_token_at
+    if after > idle + 2.0:
+        raise CheckFailed(
+            f"the provider was closed {after:.2f} s after its last token (idle {idle} s)"
+        )
+    return f"stopped ({data.get('detail')}), provider closed {after:.2f} s after its last token"
+
+
+async def _other_principal_cannot_cancel(kit: Kit) -> str:
+    async with Readers() as tg:
+        stream = await kit.started(tg)
+        response = await kit.cancel(stream, key=kit.options.second_key)
+        seen = stream.count("token")
+        await stream.until(lambda s: s.count("token") >= seen + 2, "tokens after the cancel")
+        record = await kit.record(stream, lambda r: True)
+        going = record.outcome == "streaming"
+        await kit.cancel_closes_first(stream)
+        await kit.stopped_once(stream, "cancel")
+    if response.status_code != 404:
+        raise CheckFailed(f"another principal's cancel: {response.status_code}, expected 404")
+    if not going:
+        raise CheckFailed(f"the provider's stream ended ({record.outcome}) after a refused cancel")
+    return "404, and the stream went on"
+
+
+async def _peer_cancel(kit: Kit) -> str:
+    latencies = []
+    for _ in range(min(kit.options.samples, 10)):
+        async with Readers() as tg:
+            stream = await kit.started(tg)
+            latencies.append(await kit.cancel_closes_first(stream, base=kit.options.peer))
+            await kit.stopped_once(stream, "cancel")
+    return f"{len(latencies)} closed before the peer's 200; {_ms(latencies)}"
+
+
+async def _unbuffered(kit: Kit) -> str:
+    kit.sim.config = SimulatorConfig(tokens=40, rate=_PACE)
+    async with Readers() as tg:
+        stream = await kit.open(tg)
+        with anyio.move_on_after(kit.patience):
+            await stream.done.wait()
+    record = await kit.closed(stream)
+    if record.first_token_at is None or stream.first_token_at is None:
+        raise CheckFailed(f"no token arrived (provider wrote {record.sent})")
+    first = stream.first_token_at - record.first_token_at
+    tokens = stream.count("token")
+    alone = sum(1 for n in stream.reads if n == 1)
+    detail = (
+        f"first token {first * 1000:.0f} ms after the provider's; "
+        f"{alone} of {tokens} token events in a read of their own"
+    )
+    if first > _FIRST_EVENT_BOUND:
+        raise CheckFailed(f"buffered: {detail}")
+    if tokens == 0 or alone < _OWN_READ_SHARE * tokens:
+        raise CheckFailed(f"batched: {detail}")
+    return detail
+
+
+async def _one_terminal_event(kit: Kit) -> str:
+    kit.sim.config = SimulatorConfig(tokens=20, rate=0)
+    async with Readers() as tg:
+        stream = await kit.open(tg)
+        with anyio.move_on_after(kit.patience):
+            await stream.done.wait()
+    record = await kit.closed(stream)
+    terminals = stream.terminals()
+    if [t for t, _ in terminals] != ["done"] or stream.count("token") != record.sent:
+        raise CheckFailed(
+            f"a completed answer: terminal events {[t for t, _ in terminals]}, "
+            f"{stream.count('token')} token events for {record.sent} provider deltas"
+        )
+    read = [s for s in kit.streams if s.status == 200 and not s.left]
+    wrong = [s.session_id for s in read if len(s.terminals()) != 1]
+    if wrong:
+        raise CheckFailed(f"{len(wrong)} of {len(read)} streams without exactly one terminal event")
+    return f"{len(read)} streams, each one terminal event; counts matched"
+
+
+# name -> (check, what it needs; None: always runs)
+CHECKS: dict[str, tuple[Check, str | None]] = {
+    "cancel_closes_provider": (_cancel_closes_provider, None),
+    "disconnect_closes_provider": (_disconnect_closes_provider, None),
+    "cancel_waiting_for_headers": (_cancel_waiting_for_headers, None),
+    "cancel_before_first_token": (_cancel_before_first_token, None),
+    "cancel_during_reasoning": (_cancel_during_reasoning, None),
+    "cancel_during_tool_call": (_cancel_during_tool_call, None),
+    "cancel_twice_and_unknown_404": (_not_found, None),
+    "duplicate_live_id_409": (_duplicate_live_id, None),
+    "keepalives_do_not_hold_idle": (_keepalives_do_not_hold, "idle_timeout"),
+    "other_principal_cannot_cancel": (_other_principal_cannot_cancel, "second_key"),
+    "peer_cancel_closes_provider": (_peer_cancel, "peer"),
+    "unbuffered": (_unbuffered, None),
+    "one_terminal_event": (_one_terminal_event, None),
+}
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """The error envelope's ``code``; for a cancel's 404 this gateway answers
+    ``{"ok": false, "reason": "not_found"}`` (docs/api.md), read as the same."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    code = error.get("code") if isinstance(error, dict) else body.get("reason")
+    return code if isinstance(code, str) else None
