@@ -362,6 +362,16 @@ def end_lines(records: list[logging.LogRecord], session_id: str) -> list[str]:
     return [m for m in messages if m.startswith(prefix) and any(e in m for e in END_MARKERS)]
 
 
+def end_lines_by_session(records: list[logging.LogRecord]) -> dict[str, list[str]]:
+    """Every session's end-of-life log lines, read in one pass (for many sessions)."""
+    found: dict[str, list[str]] = {}
+    for record in records:
+        message = record.getMessage()
+        if message.startswith("[SSE] ") and any(e in message for e in END_MARKERS):
+            found.setdefault(message.split(" ", 2)[1], []).append(message)
+    return found
+
+
 def without_timings(data: dict[str, Any]) -> dict[str, Any]:
     """An end event's data less ``first_delta_ms`` (timings, checked where they matter)."""
     assert isinstance(data.get("first_delta_ms"), dict), data

@@ -17,7 +17,7 @@ from gateway.tools.simulator import Simulator, SimulatorConfig
 from .harness import (
     WAIT,
     Harness,
-    end_lines,
+    end_lines_by_session,
     established_to,
     serve_until,
     sim_config,
@@ -148,8 +148,9 @@ async def test_1000_clients_disconnecting_at_once(caplog: pytest.LogCaptureFixtu
             await h.simulator.wait_until(lambda: h.simulator.live == 0)
         assert len(h.registry) == 0
         assert established_to(h.sim_port) <= 100  # only idle pooled connections
+        ends = end_lines_by_session(caplog.records)
         for i in range(streams):
-            lines = end_lines(caplog.records, f"session_1_mass{i:05d}")
+            lines = ends.get(f"session_1_mass{i:05d}", [])
             assert len(lines) == 1
             assert "reason=disconnect" in lines[0]
 
