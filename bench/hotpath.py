@@ -25,28 +25,55 @@ that keeps up (``since``), over a 5,000-token answer.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
+
+# Where each module lives since issue 34's folders, and its flat name in older trees
+# (``--tree``).
+_FLAT = {
+    "core.session": "session",
+    "core.metrics": "metrics",
+    "provider.parser": "parser",
+    "provider.transport": "transport",
+    "resume.log": "resume",
+    "web.formats": "formats",
+    "web.stream": "stream",
+    "web.writer": "writer",
+}
+
+
+def _module(name: str) -> Any:
+    """A gateway module of the tree measured, by its name since issue 34. The layout is
+    read from the tree's files: the editable install would find the new one's modules
+    for any tree."""
+    import gateway
+
+    if (Path(gateway.__file__).parent / "web").is_dir():
+        return importlib.import_module(f"gateway.{name}")
+    return importlib.import_module(f"gateway.{_FLAT[name]}")
+
 
 N = 100_000
 _WORDS = [b" w%d" % i for i in range(97)]
 
 
 async def _once(chunks: list[bytes], openai: bool) -> float:
-    from gateway.core.session import Session
-    from gateway.provider.parser import ProviderStreamParser
-    from gateway.web.stream import ChatStream
+    Session = _module("core.session").Session
+    ProviderStreamParser = _module("provider.parser").ProviderStreamParser
+    ChatStream = _module("web.stream").ChatStream
 
     session = Session("s", "m")
     sink: Any
     take: Any = None
     try:
-        from gateway.web.writer import ClientWriter
+        ClientWriter = _module("web.writer").ClientWriter
     except ImportError:  # before the relay wrote to the client itself: the outbox
         from gateway.outbox import Outbox  # type: ignore[import-not-found, unused-ignore]
 
@@ -60,8 +87,8 @@ async def _once(chunks: list[bytes], openai: bool) -> float:
     extra: tuple[object, ...] = ()
     answer: Any = None
     if "answer" in params:
-        from gateway.web.formats import ChatCompletionChunks, GatewayEvents
-
+        formats = _module("web.formats")
+        ChatCompletionChunks, GatewayEvents = formats.ChatCompletionChunks, formats.GatewayEvents
         answer = ChatCompletionChunks(include_usage=False) if openai else GatewayEvents()
         answer.start(session)
         extra = (answer,)
@@ -108,7 +135,7 @@ class _Replay:
 async def _transport_once(chunks: list[bytes]) -> float:
     import httpx2 as httpx
 
-    from gateway.provider import transport
+    transport = _module("provider.transport")
 
     # Named H11Transport before step 7 (docs/benchmarks.md).
     names = vars(transport)
@@ -140,8 +167,14 @@ async def _transport_once(chunks: list[bytes]) -> float:
 
 
 async def _metrics_once(streams: int) -> float:
-    from gateway.core.metrics import Metrics
-    from gateway.core.session import Completed, Failed, Session, Stopped
+    Metrics = _module("core.metrics").Metrics
+    sessions = _module("core.session")
+    Completed, Failed, Session, Stopped = (
+        sessions.Completed,
+        sessions.Failed,
+        sessions.Session,
+        sessions.Stopped,
+    )
 
     metrics = Metrics()
     # A quarter each: completed with the provider's usage, cancelled (the Stop latency
@@ -155,7 +188,9 @@ async def _metrics_once(streams: int) -> float:
     sessions = []
     for i in range(streams):
         session = Session("s", "m")
-        session.tokens_delivered = 300
+        # tokens_queued before issue 34
+        counted = "tokens_delivered" if hasattr(session, "tokens_delivered") else "tokens_queued"
+        setattr(session, counted, 300)
         session.first_delta_at = session.started_at + 0.2
         end = ends[i % 4]
         if end is None:
@@ -173,8 +208,9 @@ async def _metrics_once(streams: int) -> float:
 
 
 def _resume_store_once(kept: int) -> tuple[float, float]:
-    from gateway.core.session import Session
-    from gateway.resume.log import EventLog, ResumeStore
+    Session = _module("core.session").Session
+    resume = _module("resume.log")
+    EventLog, ResumeStore = resume.EventLog, resume.ResumeStore
 
     store = ResumeStore(3600.0, max_ended=kept)
     session = Session("s", "m")
@@ -197,7 +233,7 @@ def _resume_store_once(kept: int) -> tuple[float, float]:
 
 
 def _resume_log_once(tokens: int) -> float:
-    from gateway.resume.log import EventLog
+    EventLog = _module("resume.log").EventLog
 
     seq = [0]
     log = EventLog(1 << 20, lambda: seq[0], lambda: None)
