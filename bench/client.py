@@ -55,20 +55,26 @@ class SSEStream(asyncio.Protocol):
         self.transport.close()
 
 
-async def open_stream(
-    port: int, sid: str, mode: str, n: int = 0, openai: bool = False
-) -> SSEStream:
-    """A stream on ``/api/chat/stream``, or with ``openai`` on ``/v1/chat/completions``."""
+def stream_request(port: int, sid: str, mode: str, n: int = 0, openai: bool = False) -> bytes:
+    """The bytes of a request for a stream on ``/api/chat/stream``, or with ``openai``
+    on ``/v1/chat/completions`` (which the provider itself also answers)."""
     fields: dict[str, object] = {"stream": True} if openai else {}
     body = json.dumps(
         {"messages": [{"role": "user", "content": f"bench:{sid}:{mode}:{n}"}], **fields}
     ).encode()
     path = "/v1/chat/completions" if openai else "/api/chat/stream"
-    request = (
+    return (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"X-Session-Id: {sid}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+async def open_stream(
+    port: int, sid: str, mode: str, n: int = 0, openai: bool = False
+) -> SSEStream:
+    """A stream on ``/api/chat/stream``, or with ``openai`` on ``/v1/chat/completions``."""
+    request = stream_request(port, sid, mode, n, openai)
     loop = asyncio.get_running_loop()
     transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
     stream.transport = transport

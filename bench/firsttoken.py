@@ -17,37 +17,107 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from support.processes import ROOT
 
-from .client import SSEStream
+from .client import SSEStream, stream_request
 from .run import _percentile, _server
 
-_PATHS = {"api": "/api/chat/stream", "v1": "/v1/chat/completions", "direct": "/v1/chat/completions"}
+# Runs in the gateway's process with ``--steps``: stamps the first token's path, each
+# step's time on CLOCK_MONOTONIC (the client's clock too), and writes them at SIGUSR2.
+_HOOK = """
+import json, os, signal, time
+from bench import firsttoken
+firsttoken.install_stamps()
+def dump(*_):
+    # Whole or not at all: the tool reads the file as soon as it is there.
+    with open(os.environ["STEPS_OUT"] + ".part", "w") as f:
+        json.dump(firsttoken.STAMPS, f)
+    os.replace(os.environ["STEPS_OUT"] + ".part", os.environ["STEPS_OUT"])
+signal.signal(signal.SIGUSR2, dump)
+from bench.serving import run_hooked
+run_hooked("gateway")
+"""
+
+# (step, time) in the order they happened, for one request at a time.
+STAMPS: list[tuple[str, float]] = []
 
 
-async def first_token_ms(port: int, surface: str, sid: str, to_end: bool = True) -> float:
+def _stamped(owner: Any, name: str, before: str | None, after: str | None) -> None:
+    """Wrap ``owner.name`` (a coroutine function or a function) to stamp ``before`` at
+    its call and ``after`` at its return."""
+    import inspect
+
+    inner = getattr(owner, name)
+    if inspect.iscoroutinefunction(inner):
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                STAMPS.append((before, time.monotonic()))
+            result = await inner(*args, **kwargs)
+            if after:
+                STAMPS.append((after, time.monotonic()))
+            return result
+
+    else:
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            if before:
+                STAMPS.append((before, time.monotonic()))
+            result = inner(*args, **kwargs)
+            if after:
+                STAMPS.append((after, time.monotonic()))
+            return result
+
+    setattr(owner, name, wrapper)
+
+
+def install_stamps() -> None:
+    """The first token's path, step by step (docs/benchmarks.md, "The first token")."""
+    from hypercorn.asyncio import tcp_server as asyncio_tcp
+    from hypercorn.trio import tcp_server as trio_tcp
+
+    from gateway.core import registry
+    from gateway.provider import parser, transport
+    from gateway.web import routes, stream, writer
+
+    _stamped(asyncio_tcp.TCPServer, "run", "accepted", None)
+    _stamped(trio_tcp.TCPServer, "run", "accepted", None)
+    _stamped(routes._Gateway, "__call__", "app called", None)
+    _stamped(routes, "json_body", None, "body read")
+    _stamped(routes, "chat_payload", None, "validated")
+    _stamped(stream.ChatStream, "__call__", "stream called", None)
+    _stamped(registry.Registry, "open", None, "session claimed")
+    _stamped(writer.ClientWriter, "start", "response start", "response started")
+    _stamped(stream.ChatStream, "_relay", "relay task runs", None)
+    _stamped(transport.HTTP1Transport, "handle_async_request", "transport called", None)
+    _stamped(transport.HTTP1Transport, "_take_idle", None, "connection taken")
+    _stamped(transport.HTTP1Transport, "_connect", None, "connection opened")
+    _stamped(transport.HTTP1Transport, "_send_request", None, "request written")
+    _stamped(stream, "open_stream", None, "response head")
+    _stamped(parser.ProviderStreamParser, "feed", None, "chunk parsed")
+    _stamped(writer.ClientWriter, "write", "write", "written")
+
+
+async def first_token_ms(
+    port: int, surface: str, sid: str, to_end: bool = True
+) -> tuple[float, float]:
     """One request on a fresh connection: milliseconds from its first byte to the first
     token's; then the answer is read to its end (``to_end``), or the connection closed
     (the floor never ends its answers)."""
     openai = surface != "api"
-    fields: dict[str, object] = {"stream": True} if openai else {}
-    body = json.dumps(
-        {"messages": [{"role": "user", "content": f"bench:{sid}:pace:1"}], **fields}
-    ).encode()
-    request = (
-        f"POST {_PATHS[surface]} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"X-Session-Id: {sid}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = stream_request(port, sid, "pace", 1, openai)
     loop = asyncio.get_running_loop()
     transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
     try:
@@ -58,7 +128,7 @@ async def first_token_ms(port: int, surface: str, sid: str, to_end: bool = True)
             await asyncio.wait_for(stream.ended, 10)
     finally:
         transport.close()
-    return (first - sent) * 1000
+    return sent, first
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -71,25 +141,82 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def measure(
-    worker: str, server: str, provider_port: int, samples: int, warmup: int
+    worker: str, server: str, provider_port: int, samples: int, warmup: int, steps: bool
 ) -> dict[str, Any]:
     surfaces = ["api", "v1"] if server == "gateway" else ["api"]
     times: dict[str, list[float]] = {s: [] for s in [*surfaces, "direct"]}
-    async with _server(server, worker, provider_port) as (port, _):
-        for i in range(warmup + samples):
-            for surface in times:
-                target = provider_port if surface == "direct" else port
-                sid = f"ft_{worker}_{surface}_{i}"
-                ms = await first_token_ms(target, surface, sid, server == "gateway")
-                if i >= warmup:
-                    times[surface].append(ms)
+    # The gateway's requests in order: (surface, sent, first token), for the steps.
+    sent_first: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "steps.json"
+        env = {"STEPS_OUT": str(out)} if steps else None
+        main = ("-c", _HOOK) if steps else None
+        async with _server(server, worker, provider_port, env, main) as (port, process):
+            for i in range(warmup + samples):
+                for surface in times:
+                    target = provider_port if surface == "direct" else port
+                    sid = f"ft_{worker}_{surface}_{i}"
+                    sent, first = await first_token_ms(target, surface, sid, server == "gateway")
+                    if surface != "direct":
+                        sent_first.append((surface, sent, first))
+                    if i >= warmup:
+                        times[surface].append((first - sent) * 1000)
+            if steps:
+                process.send_signal(signal.SIGUSR2)
+                for _ in range(100):
+                    if out.exists():
+                        break
+                    await asyncio.sleep(0.05)
+                stamps = json.loads(out.read_text())
     result: dict[str, Any] = {s: summary(v) for s, v in times.items()}
     direct = result["direct"]
     for surface in surfaces:
         result[f"added_{surface}"] = {
             q: round(result[surface][q] - direct[q], 3) for q in ("p50", "p90")
         }
+    if steps:
+        result["steps"] = _steps(stamps, sent_first[warmup * len(surfaces) :], warmup, surfaces)
     return result
+
+
+def _steps(
+    stamps: list[tuple[str, float]],
+    requests: list[tuple[str, float, float]],
+    warmup: int,
+    surfaces: list[str],
+) -> dict[str, dict[str, float]]:
+    """Each step's median time after the request's first byte, in ms, per surface: the
+    first time each step happened in the request, the first token's write (the first
+    write after a chunk was parsed), and the client's first token."""
+    per_request: list[list[tuple[str, float]]] = []
+    for name, t in stamps:
+        if name == "accepted":
+            per_request.append([])
+        if per_request:
+            per_request[-1].append((name, t))
+    # Connections without a request (the harness's wait for the port) are not requests.
+    per_request = [r for r in per_request if any(name == "app called" for name, _ in r)]
+    per_request = per_request[warmup * len(surfaces) :]
+    offsets: dict[str, dict[str, list[float]]] = {s: {} for s in surfaces}
+    for (surface, sent, first), request in zip(requests, per_request, strict=False):
+        seen: dict[str, float] = {}
+        parsed = False
+        for name, t in request:
+            if name == "chunk parsed":
+                parsed = True
+            if name == "written" and parsed:
+                name = "first token written"
+            seen.setdefault(name, t)
+        seen["client's first token"] = first
+        for name, t in seen.items():
+            offsets[surface].setdefault(name, []).append((t - sent) * 1000)
+    return {
+        surface: {
+            name: round(statistics.median(values), 3)
+            for name, values in sorted(found.items(), key=lambda kv: statistics.median(kv[1]))
+        }
+        for surface, found in offsets.items()
+    }
 
 
 async def _with_provider(run: Callable[[int], Awaitable[None]]) -> None:
@@ -111,11 +238,16 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=50, help="timed requests per surface")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--server", choices=["gateway", "floor"], default="gateway")
+    parser.add_argument(
+        "--steps", action="store_true", help="also time each step of the gateway's path"
+    )
     args = parser.parse_args()
 
     async def run(provider_port: int) -> None:
         for worker in args.k:
-            result = await measure(worker, args.server, provider_port, args.n, args.warmup)
+            result = await measure(
+                worker, args.server, provider_port, args.n, args.warmup, args.steps
+            )
             print(json.dumps({"worker": worker, "server": args.server, **result}), flush=True)
 
     uvloop.run(_with_provider(run))
