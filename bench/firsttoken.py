@@ -111,13 +111,17 @@ def install_stamps() -> None:
 
 
 async def first_token_ms(
-    port: int, surface: str, sid: str, to_end: bool = True
+    port: int, surface: str, sid: str, to_end: bool = True, delay_ms: int = 0
 ) -> tuple[float, float]:
     """One request on a fresh connection: milliseconds from its first byte to the first
     token's; then the answer is read to its end (``to_end``), or the connection closed
     (the floor never ends its answers)."""
     openai = surface != "api"
-    request = stream_request(port, sid, "pace", 1, openai)
+    request = (
+        stream_request(port, sid, "late", delay_ms, openai)
+        if delay_ms
+        else stream_request(port, sid, "pace", 1, openai)
+    )
     loop = asyncio.get_running_loop()
     transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
     try:
@@ -141,7 +145,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def measure(
-    worker: str, server: str, provider_port: int, samples: int, warmup: int, steps: bool
+    worker: str,
+    server: str,
+    provider_port: int,
+    samples: int,
+    warmup: int,
+    steps: bool,
+    delay_ms: int = 0,
 ) -> dict[str, Any]:
     surfaces = ["api", "v1"] if server == "gateway" else ["api"]
     times: dict[str, list[float]] = {s: [] for s in [*surfaces, "direct"]}
@@ -156,7 +166,9 @@ async def measure(
                 for surface in times:
                     target = provider_port if surface == "direct" else port
                     sid = f"ft_{worker}_{surface}_{i}"
-                    sent, first = await first_token_ms(target, surface, sid, server == "gateway")
+                    sent, first = await first_token_ms(
+                        target, surface, sid, server == "gateway", delay_ms
+                    )
                     if surface != "direct":
                         sent_first.append((surface, sent, first))
                     if i >= warmup:
@@ -241,12 +253,24 @@ def main() -> None:
     parser.add_argument(
         "--steps", action="store_true", help="also time each step of the gateway's path"
     )
+    parser.add_argument(
+        "--provider-delay",
+        type=int,
+        default=0,
+        help="the provider's time to first token, ms (default: at once)",
+    )
     args = parser.parse_args()
 
     async def run(provider_port: int) -> None:
         for worker in args.k:
             result = await measure(
-                worker, args.server, provider_port, args.n, args.warmup, args.steps
+                worker,
+                args.server,
+                provider_port,
+                args.n,
+                args.warmup,
+                args.steps,
+                args.provider_delay,
             )
             print(json.dumps({"worker": worker, "server": args.server, **result}), flush=True)
 

@@ -7,7 +7,9 @@ user message: ``bench:<sid>:<mode>:<n>``.
 
 modes: ``pace`` n tokens at --rate per second (n=0: no end);
        ``stall`` n tokens, then only ``: keep-alive`` comments;
-       ``hold`` one token, then only keep-alives (for memory).
+       ``hold`` one token, then only keep-alives (for memory);
+       ``late`` one token n milliseconds after the head, then the end (a provider's
+       time to first token, for bench/firsttoken.py).
 
 Control: ``GET /_closed/<sid>`` answers, once that stream's connection has closed,
 ``{"closed_at", "last_token_at", "sent"}``; ``GET /_stats`` answers ``{"sent", "open"}``.
@@ -24,7 +26,7 @@ from typing import cast
 
 import uvloop
 
-_MARK = re.compile(rb"bench:([A-Za-z0-9_.:-]+?):(pace|stall|hold):(\d+)")
+_MARK = re.compile(rb"bench:([A-Za-z0-9_.:-]+?):(pace|stall|hold|late):(\d+)")
 _HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -138,9 +140,22 @@ class _Connection(asyncio.Protocol):
             self.transport.write(_HEAD)
             self.mode, self.n, self.i = mode, n, 0
             self.start = asyncio.get_running_loop().time()
+            if mode == b"late":
+                self.handle = asyncio.get_running_loop().call_later(n / 1000, self._late)
+                return
             self._tick()
         else:
             self._json({"error": {"message": "not found"}}, b"404 Not Found")
+
+    def _late(self) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        self.transport.write(_token(0) + _FINISH)
+        stream.sent += 1
+        stream.last_token_at = time.monotonic()
+        self.p.sent += 1
+        self._end_stream()
 
     def _tick(self) -> None:
         stream = self.stream
