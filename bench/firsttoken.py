@@ -184,7 +184,7 @@ async def measure(
     direct = result["direct"]
     for surface in surfaces:
         result[f"added_{surface}"] = {
-            q: round(result[surface][q] - direct[q], 3) for q in ("p50", "p90")
+            q: round(result[surface][q] - direct[q], 3) for q in ("p50", "p90", "p99")
         }
     if steps:
         result["steps"] = _steps(stamps, sent_first[warmup * len(surfaces) :], warmup, surfaces)

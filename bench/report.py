@@ -135,6 +135,18 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 lines.append(
                     f"| {what}, CPU µs per token, {n} streams | | {_cpu(v)} | {label} {ratio} |"
                 )
+        first = gate.get("first_token")
+        if first:
+            direct = first["direct"]
+            for surface, path in (("api", "/api/chat/stream"), ("v1", "/v1/chat/completions")):
+                added, total = first[f"added_{surface}"], first[surface]
+                lines.append(
+                    f"| time to first token added over the provider, {path}, ms p50 / p90 / "
+                    f"p99 (one request at a time) | | {added['p50']} / {added['p90']} / "
+                    f"{added['p99']} (through the gateway {total['p50']} / {total['p90']} / "
+                    f"{total['p99']}; the provider alone {direct['p50']} / {direct['p90']} / "
+                    f"{direct['p99']}) | |"
+                )
         late = gate.get("idle_timeout_late")
         if late:
             lines.append(

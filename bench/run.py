@@ -506,6 +506,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             gateway_run = next(r for r in reversed(runs) if r["impl"] == "gateway")
             gateway_run["idle_timeout_late"] = timeouts
             print(f"   idle timeout lateness: {timeouts}", flush=True)
+            if args.first_token:
+                # Imported here: bench.firsttoken uses this module's helpers.
+                from .firsttoken import measure as first_token
+
+                print(f"-- time to first token on {worker}", flush=True)
+                gateway_run["first_token"] = await first_token(
+                    worker, "gateway", bench.provider_port, args.first_token, 10, False
+                )
+                print(f"   {gateway_run['first_token']}", flush=True)
     finally:
         provider.terminate()
         await provider.wait()
@@ -560,6 +569,12 @@ def main() -> None:
         default=200,
         help="streams for the CPU figures with resume on, alone and with Redis (needs "
         "redis-server); 0: skip",
+    )
+    parser.add_argument(
+        "--first-token",
+        type=int,
+        default=50,
+        help="requests, one at a time, for the time to first token (bench/firsttoken.py); 0: skip",
     )
     parser.add_argument(
         "--no-cluster",
