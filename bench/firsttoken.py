@@ -32,7 +32,7 @@ import uvloop
 from support.processes import ROOT
 
 from .client import SSEStream, stream_request
-from .run import _percentile, _server
+from .run import Bench, _percentile, _server
 
 # Runs in the gateway's process with ``--steps``: stamps the first token's path, each
 # step's time on CLOCK_MONOTONIC (the client's clock too), and writes them at SIGUSR2.
@@ -152,6 +152,7 @@ async def measure(
     warmup: int,
     steps: bool,
     delay_ms: int = 0,
+    background: int = 0,
 ) -> dict[str, Any]:
     surfaces = ["api", "v1"] if server == "gateway" else ["api"]
     times: dict[str, list[float]] = {s: [] for s in [*surfaces, "direct"]}
@@ -162,6 +163,9 @@ async def measure(
         env = {"STEPS_OUT": str(out)} if steps else None
         main = ("-c", _HOOK) if steps else None
         async with _server(server, worker, provider_port, env, main) as (port, process):
+            # Streams held open meanwhile, paced at 20 tokens/s (the loaded case).
+            bench = Bench(provider_port)
+            held = await bench.open_many(port, background, "pace", ramp=1.0) if background else []
             for i in range(warmup + samples):
                 for surface in times:
                     target = provider_port if surface == "direct" else port
@@ -173,6 +177,7 @@ async def measure(
                         sent_first.append((surface, sent, first))
                     if i >= warmup:
                         times[surface].append((first - sent) * 1000)
+            await bench.closing(held)
             if steps:
                 process.send_signal(signal.SIGUSR2)
                 for _ in range(100):
@@ -254,6 +259,12 @@ def main() -> None:
         "--steps", action="store_true", help="also time each step of the gateway's path"
     )
     parser.add_argument(
+        "--background",
+        type=int,
+        default=0,
+        help="streams held open meanwhile, 20 tokens/s each (default: none)",
+    )
+    parser.add_argument(
         "--provider-delay",
         type=int,
         default=0,
@@ -271,6 +282,7 @@ def main() -> None:
                 args.warmup,
                 args.steps,
                 args.provider_delay,
+                args.background,
             )
             print(json.dumps({"worker": worker, "server": args.server, **result}), flush=True)
 
