@@ -11,7 +11,7 @@ from gateway.cli import main
 from gateway.cluster.instance import Cluster
 
 
-async def _planted_bug(self: Any, client: Any, message: Any) -> None:
+async def _planted_bug(self: Any, message: Any) -> None:
     raise RuntimeError("planted bug in the message handler")
 
 

@@ -213,17 +213,24 @@ class Replay:
 
 
 @asynccontextmanager
-async def replaying(provider: ASGIApp, **settings: Any) -> AsyncIterator[Harness]:
-    """A gateway whose provider is ``provider`` (an ASGI app), each on a real socket."""
+async def serving(provider: ASGIApp) -> AsyncIterator[str]:
+    """``provider`` (an ASGI app) on a free loopback port for the block; its ``/v1``
+    base URL."""
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
         [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
         try:
-            async with Harness(upstream_url=f"http://127.0.0.1:{port}/v1", **settings) as h:
-                yield h
+            yield f"http://127.0.0.1:{port}/v1"
         finally:
             stop.set()
+
+
+@asynccontextmanager
+async def replaying(provider: ASGIApp, **settings: Any) -> AsyncIterator[Harness]:
+    """A gateway whose provider is ``provider`` (an ASGI app), each on a real socket."""
+    async with serving(provider) as url, Harness(upstream_url=url, **settings) as h:
+        yield h
 
 
 def sse(*chunks: dict[str, Any], done: bool = True) -> bytes:

@@ -16,11 +16,10 @@ import httpx2 as httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from gateway.server.serve import load_config
 from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from . import replay
-from .harness import ASYNCIO_AND_TRIO, WAIT, serve_until, traced_peak, worker_class
+from .harness import ASYNCIO_AND_TRIO, WAIT, traced_peak, worker_class
 from .processes import rss_growth
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
@@ -126,17 +125,12 @@ async def test_the_gateway_process_lists_a_gzip_bomb_within_its_bound(anyio_back
     # process, from /proc, with the default bound.
     bomb = gzip.compress(b'{"data": [{"id": "x"}]' + b" " * (256 * 1024 * 1024) + b"}", 1)
     provider = HostileModels(bomb, [(b"content-encoding", b"gzip")])
-    stop = anyio.Event()
 
     async def ask(client: httpx.AsyncClient) -> httpx.Response:
         return await client.get("/v1/models")
 
-    async with anyio.create_task_group() as tg:
-        config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, accesslog=None)
-        [(_, port)] = await tg.start(serve_until, provider, config, stop.wait)
-        url = f"http://127.0.0.1:{port}/v1"
+    async with replay.serving(provider) as url:
         listing, growth = await rss_growth(worker_class(anyio_backend), url, ask)
-        stop.set()
     assert listing.status_code == 200
     assert [m["id"] for m in listing.json()["data"]] == ["sim-model"]
     assert provider.asked == 1

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import ConfigError
 from gateway.server import keepalive
 from gateway.server.serve import is_hypercorn_setting, load_config
-from gateway.tools.simulator import Simulator
+from gateway.tools.simulator import Simulator, serve_simulator
 from support.processes import free_port
 
 from .harness import ASYNCIO_AND_TRIO, WAIT, serve_until, worker_class
@@ -174,8 +174,7 @@ async def test_plain_hypercorn_serving_the_app_has_the_fix(
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         # A provider of its own, not the demo simulator (whose serving installs the fix).
-        provider = load_config(bind=["127.0.0.1:0"], accesslog=None)
-        [(_, provider_port)] = await tg.start(serve_until, Simulator(), provider, stop.wait)
+        [(_, provider_port)] = await tg.start(serve_simulator, Simulator(), stop.wait)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["GATEWAY_UPSTREAM_URL"] = f"http://127.0.0.1:{provider_port}/v1"
         env["GATEWAY_MODEL"] = "sim-model"

@@ -3,11 +3,8 @@ subscriptions, and every command bounded in time. Claims (claims.py), forwarded
 cancels (cancels.py) and the resume messages (gateway/resume/messages.py) are made of
 it.
 
-Each process is an instance with its own id. A stream claims ``(principal, session
-id)`` cluster-wide with ``SET NX PX`` (refreshed while it lives), so a duplicate live
-id is a 409 on any instance. A cancel that arrives where the stream does not live is
-published to its owner's channel; the owner runs the same local cancel path and
-answers on the asker's channel once its provider connection is closed.
+Each process is an instance with its own id; its link listens on channels of its own
+(``subscribe``), and what arrives there is handed to the part that subscribed.
 
 Redis being down never stops streams or local cancels: claims are skipped (with one
 log line per outage), and a cancel that needs another instance is answered 503
@@ -22,7 +19,7 @@ connection of a command cancelled mid-way), and the link is marked unavailable, 
 Redis were down. The next command that is answered marks it available again; while it
 is unavailable, a probe asks twice a second. When it is back, every live stream's claim
 is set again (SET if gone, not only PEXPIRE), and an id that another instance claimed
-meanwhile is reported, not taken over.
+meanwhile is reported, not taken over (claims.py).
 
 Every message from Redis is untrusted input (anyone who can publish, an instance of
 another release): one that is not a valid message of a version this instance knows
@@ -161,7 +158,7 @@ class RedisLink:
                         self._up()
                         delay = 0.05
                         tg.start_soon(self._probe, client)
-                        tg.start_soon(self._consume, pubsub, client, tg)
+                        tg.start_soon(self._consume, pubsub, tg)
                         await self._stop.wait()
                         tg.cancel_scope.cancel()
             except (coredis.exceptions.RedisError, OSError) as exc:
@@ -189,11 +186,9 @@ class RedisLink:
         sentinel = await stack.enter_async_context(coredis.Sentinel(hosts, decode_responses=True))
         return await stack.enter_async_context(sentinel.primary_for(service))
 
-    async def _consume(
-        self, pubsub: PubSub[str], client: coredis.Redis[str], tg: TaskGroup
-    ) -> None:
+    async def _consume(self, pubsub: PubSub[str], tg: TaskGroup) -> None:
         async for message in pubsub:
-            tg.start_soon(self._on_message, client, message)
+            tg.start_soon(self._on_message, message)
 
     def _up(self) -> None:
         self.available = True
@@ -224,7 +219,7 @@ class RedisLink:
             )
             self._outage_logged = True
 
-    async def _on_message(self, client: coredis.Redis[str], message: PubSubMessage) -> None:
+    async def _on_message(self, message: PubSubMessage) -> None:
         try:
             if not isinstance(message, dict):
                 raise Malformed("not a message")

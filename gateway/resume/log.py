@@ -98,9 +98,11 @@ class ChunkLog:
 
 
 class EventLog(ChunkLog):
-    """A stream's events for its followers; the relay writes into it as into a ``ClientWriter``.
+    """A stream's events for its followers; the relay writes into it through
+    ``ResumableStream`` (stream.py), its ``Sink``.
 
-    ``put`` never waits: a resumable stream keeps relaying while nobody reads (parked).
+    ``put_nowait`` never waits: a resumable stream keeps relaying while nobody reads
+    (parked).
     When the events held exceed ``limit`` bytes, those a client has written go first;
     if that is not enough, the event is dropped and ``on_overflow`` called (it stops
     the stream). Pings are not logged: the watchdog's ping asks the follower to write
@@ -141,9 +143,6 @@ class EventLog(ChunkLog):
         self._append(last, data, mark)
         self._bytes += size
         self._notify()
-
-    async def put(self, data: bytes, mark: Mark | None = None) -> None:
-        self.put_nowait(data, mark)
 
     @property
     def size(self) -> int:
