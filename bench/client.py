@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any, cast
 
@@ -23,6 +24,10 @@ class SSEStream(asyncio.Protocol):
         self._ends: tuple[bytes, ...] = _OPENAI_ENDS if openai else _ENDS
         self._keep = len(self._marker) - 1
         self.first_token: asyncio.Future[float] = loop.create_future()
+        # A whole answer with a length, before the stream's (bench/firsttoken.py's
+        # warm-up request's), when one is awaited.
+        self.answered: asyncio.Future[None] = loop.create_future()
+        self._before: bytearray | None = None
         self.ended: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.tokens = 0
@@ -31,7 +36,24 @@ class SSEStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
+    def await_answer(self) -> asyncio.Future[None]:
+        """Take the next answer (one with a ``content-length``) as not the stream's."""
+        self._before = bytearray()
+        return self.answered
+
     def data_received(self, data: bytes) -> None:
+        if self._before is not None:
+            self._before += data
+            head, ended, body = self._before.partition(b"\r\n\r\n")
+            if not ended:
+                return
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            length = int(m.group(1)) if m else 0
+            if len(body) < length:
+                return
+            data = bytes(body[length:])
+            self._before = None
+            self.answered.set_result(None)
         # The tail is shorter than the marker, so a marker split across two reads is
         # counted once, in the read that completes it.
         window = self._tail + data
@@ -44,6 +66,8 @@ class SSEStream(asyncio.Protocol):
             self.ended.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.cancel()
         if not self.ended.done():
             self.ended.set_result(None)
         if not self.first_token.done():

@@ -111,11 +111,18 @@ def install_stamps() -> None:
 
 
 async def first_token_ms(
-    port: int, surface: str, sid: str, to_end: bool = True, delay_ms: int = 0
+    port: int,
+    surface: str,
+    sid: str,
+    to_end: bool = True,
+    delay_ms: int = 0,
+    warm: bool = False,
 ) -> tuple[float, float]:
-    """One request on a fresh connection: milliseconds from its first byte to the first
+    """One request on a new connection: milliseconds from its first byte to the first
     token's; then the answer is read to its end (``to_end``), or the connection closed
-    (the floor never ends its answers)."""
+    (the floor never ends its answers). With ``warm``, a ``GET`` is answered on the
+    connection first, so the server's accepting it is not timed, as for a browser's
+    kept-alive connection."""
     openai = surface != "api"
     request = (
         stream_request(port, sid, "late", delay_ms, openai)
@@ -125,6 +132,11 @@ async def first_token_ms(
     loop = asyncio.get_running_loop()
     transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
     try:
+        if warm:
+            path = "/_stats" if surface == "direct" else "/healthz"
+            answered = stream.await_answer()
+            transport.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            await asyncio.wait_for(answered, 10)
         sent = time.monotonic()
         transport.write(request)
         first = await asyncio.wait_for(stream.first_token, 10)
@@ -153,6 +165,7 @@ async def measure(
     steps: bool,
     delay_ms: int = 0,
     background: int = 0,
+    warm: bool = False,
 ) -> dict[str, Any]:
     surfaces = ["api", "v1"] if server == "gateway" else ["api"]
     times: dict[str, list[float]] = {s: [] for s in [*surfaces, "direct"]}
@@ -171,7 +184,7 @@ async def measure(
                     target = provider_port if surface == "direct" else port
                     sid = f"ft_{worker}_{surface}_{i}"
                     sent, first = await first_token_ms(
-                        target, surface, sid, server == "gateway", delay_ms
+                        target, surface, sid, server == "gateway", delay_ms, warm
                     )
                     if surface != "direct":
                         sent_first.append((surface, sent, first))
@@ -270,6 +283,11 @@ def main() -> None:
         default=0,
         help="the provider's time to first token, ms (default: at once)",
     )
+    parser.add_argument(
+        "--open",
+        action="store_true",
+        help="time each request on a connection the server has accepted and answered once",
+    )
     args = parser.parse_args()
 
     async def run(provider_port: int) -> None:
@@ -283,6 +301,7 @@ def main() -> None:
                 args.steps,
                 args.provider_delay,
                 args.background,
+                args.open,
             )
             print(json.dumps({"worker": worker, "server": args.server, **result}), flush=True)
 

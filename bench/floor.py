@@ -34,6 +34,11 @@ def create_app(upstream_url: str) -> Any:
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
+        if scope["method"] == "GET":
+            # bench/firsttoken.py's warm-up request: a connection accepted and used.
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         body = b""
         while True:
             message = await receive()

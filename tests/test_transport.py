@@ -4,6 +4,7 @@ connections, and what the gateway builds from its settings."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from gateway import Settings
-from gateway.provider.client import create_client
+from gateway.provider.client import chat_url, create_client, open_stream
 from gateway.provider.transport import BODY_EXTENSION, HTTP1Transport
 
 from .harness import WAIT, Harness, sim_config
@@ -163,6 +164,53 @@ def test_the_gateway_uses_it_unless_a_proxy_is_configured(
     assert not isinstance(create_client(settings)._transport, HTTP1Transport)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
     assert isinstance(create_client(settings)._transport, HTTP1Transport)
+
+
+async def test_a_streams_request_is_what_httpx_would_have_sent() -> None:
+    # The stream's request skips httpx's request building (a head prepared once per
+    # base URL): the provider must see the same request either way, path, query
+    # (Azure's api-version), headers and body.
+    requests: list[bytes] = []
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 14\r\n\r\n"
+    answer += b"data: [DONE]\n\n"
+
+    async def provider(stream: SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while (got := await _read_request(stream, buffer)) is not None:
+                request, buffer = got
+                requests.append(request)
+                await stream.send(answer)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    base = f"http://127.0.0.1:{port}/openai/deployments/d?api-version=2024-10-21"
+    payload = {"model": "m", "messages": [{"role": "user", "content": "h\u00e9 \u2028"}]}
+    settings = Settings(upstream_url=base, upstream_api_key="sk-test", model="m")
+    async with listener, anyio.create_task_group() as tg, create_client(settings) as client:
+        tg.start_soon(listener.serve, provider)
+        for _ in range(2):  # the prepared head, made on the first request, then reused
+            response = await open_stream(client, base, payload)
+            await response.aclose()
+        async with client.stream("POST", chat_url(base), json=payload) as r:
+            assert r.status_code == 200
+        tg.cancel_scope.cancel()
+
+    def parts(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        line, *fields = head.split(b"\r\n")
+        return line, sorted(f.lower() for f in fields), body
+
+    # The third went through httpx's client.
+    ours, ours_again, theirs = (parts(r) for r in requests)
+    assert ours == ours_again
+    line, fields, body = ours
+    assert line == b"POST /openai/deployments/d/chat/completions?api-version=2024-10-21 HTTP/1.1"
+    assert json.loads(body) == payload
+    assert body == theirs[2]
+    assert b"authorization: bearer sk-test" in fields
+    assert b"content-type: application/json" in fields
+    assert fields == theirs[1]
 
 
 async def _read_request(stream: SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:

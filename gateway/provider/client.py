@@ -18,6 +18,7 @@ import math
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -31,7 +32,7 @@ from ..errors import (
 )
 from ..settings import Settings
 from .parser import provider_error_ids
-from .transport import BODY_EXTENSION, HTTP1Transport
+from .transport import BODY_EXTENSION, HTTP1Transport, PreparedPost
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +66,52 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
     headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
     if settings.upstream_api_key:
         headers["authorization"] = f"Bearer {settings.upstream_api_key}"
-    transport: httpx.AsyncBaseTransport | None = None
+    lean = None
     if not _proxied(settings.upstream_url):
-        transport = HTTP1Transport(
+        lean = HTTP1Transport(
             max_connections=settings.upstream_max_connections, max_keepalive=keepalive
         )
     # Behind an HTTP proxy (HTTPS_PROXY and friends), httpx's own transport, which
     # speaks to proxies; the lean one does not.
-    return httpx.AsyncClient(
+    return ProviderClient(
+        lean=lean,
         http1=True,
         http2=False,
         timeout=timeout,
         limits=limits,
         headers=headers,
-        transport=transport,
+        transport=lean,
     )
+
+
+class ProviderClient(httpx.AsyncClient):
+    """httpx's client, and the lean transport beneath it if there is one: the stream's
+    request goes to that transport directly. The client's layers (auth, redirects,
+    event hooks, its cookie jar) are nothing a stream uses, and they were a tenth of a
+    millisecond on the first token's path (docs/benchmarks.md, "The first token"); a
+    provider's cookies are not kept from one user's stream for the next."""
+
+    def __init__(self, *, lean: HTTP1Transport | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lean = lean
+        self._timeouts = self.timeout.as_dict()
+        self._posts: dict[str, PreparedPost] = {}
+
+    async def post_json(self, base_url: str, payload: Mapping[str, object]) -> httpx.Response:
+        """POST ``payload`` to ``{base_url}/chat/completions`` through the lean
+        transport, with the client's headers, as ``json=`` would."""
+        assert self.lean is not None
+        if self.is_closed:
+            raise httpx.ConnectError("the client is closed (the gateway is stopping)")
+        prepared = self._posts.get(base_url)
+        if prepared is None:
+            headers = self.build_request("POST", chat_url(base_url), content=b"").headers
+            headers["content-type"] = "application/json"
+            prepared = self.lean.prepare_post(httpx.URL(chat_url(base_url)), headers)
+            self._posts[base_url] = prepared
+        # As httpx encodes ``json=``.
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return await self.lean.post(prepared, body.encode(), self._timeouts)
 
 
 def _proxied(url: str | None) -> bool:
@@ -244,9 +276,14 @@ async def open_stream(
     headers: dict[str, str] | None = None,
 ) -> UpstreamResponse:
     """POST ``{base_url}/chat/completions`` and return once the headers are in."""
-    request = client.build_request("POST", chat_url(base_url), json=payload, headers=headers)
     try:
-        response = await client.send(request, stream=True)
+        if isinstance(client, ProviderClient) and client.lean is not None and headers is None:
+            response = await client.post_json(base_url, payload)
+        else:
+            request = client.build_request(
+                "POST", chat_url(base_url), json=payload, headers=headers
+            )
+            response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         raise _map_error(exc, connected=False) from exc
     status = response.status_code

@@ -25,7 +25,7 @@ import httpx2 as httpx
 import trio
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["BODY_EXTENSION", "HTTP1Transport"]
+__all__ = ["BODY_EXTENSION", "HTTP1Transport", "PreparedPost"]
 
 # The response extension holding the body's ``receive()`` fast path.
 BODY_EXTENSION = "gateway.body"
@@ -54,7 +54,7 @@ class _Mapped:
 
     def __init__(
         self,
-        request: httpx.Request,
+        request: httpx.Request | None,
         what: str,
         timeout: type[httpx.TimeoutException],
         network: type[httpx.NetworkError],
@@ -80,17 +80,19 @@ class _Mapped:
 
 
 class _Connection:
-    __slots__ = ("idle_since", "origin", "stream")
+    __slots__ = ("idle_since", "origin", "socket", "stream")
 
     def __init__(self, stream: ByteStream, origin: _Origin) -> None:
         self.stream = stream
         self.origin = origin
         self.idle_since = 0.0
+        # Kept: anyio builds its table of attributes on every ``extra()``.
+        self.socket = stream.extra(SocketAttribute.raw_socket, None)
 
     def looks_dead(self) -> bool:
         """An idle connection with something to read has been closed by the server
         (or has sent bytes no request asked for): either way it cannot be reused."""
-        sock = self.stream.extra(SocketAttribute.raw_socket, None)
+        sock = self.socket
         if sock is None or sock.fileno() < 0:
             return True
         poller = select.poll()
@@ -129,12 +131,50 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         body = await request.aread()
+        return await self._open(origin, _serialized(request, body), request, timeouts)
+
+    def prepare_post(self, url: httpx.URL, headers: httpx.Headers) -> PreparedPost:
+        """The head of every POST to ``url`` with ``headers`` but its length, checked
+        once by h11 as ``handle_async_request`` checks each request's: a stream's
+        request is then a concatenation, not a request built and checked anew."""
+        if url.scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}")
+        fields = [
+            (k, v)
+            for k, v in headers.raw
+            if k.lower() not in (b"content-length", b"transfer-encoding")
+        ]
+        head = h11.Connection(h11.CLIENT).send(
+            h11.Request(
+                method=b"POST", target=url.raw_path, headers=[*fields, (b"content-length", b"0")]
+            )
+        )
+        # h11 ends the head with the length it was given: the prefix is what comes before.
+        prefix, _, _ = head.rpartition(b"content-length: 0\r\n")
+        origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
+        return PreparedPost(origin, prefix)
+
+    async def post(
+        self, prepared: PreparedPost, body: bytes, timeouts: dict[str, float | None]
+    ) -> httpx.Response:
+        """``prepared``'s POST with ``body``: what ``handle_async_request`` does with a
+        request, without building one."""
+        data = b"%scontent-length: %d\r\n\r\n%s" % (prepared.head, len(body), body)
+        return await self._open(prepared.origin, data, None, timeouts)
+
+    async def _open(
+        self,
+        origin: _Origin,
+        data: bytes,
+        request: httpx.Request | None,
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
         await self._acquire(request, timeouts.get("pool"))
         try:
             connection = await self._take_idle(origin)
             if connection is not None:
                 try:
-                    return await self._exchange(connection, request, body, timeouts)
+                    return await self._exchange(connection, data, request, timeouts)
                 except httpx.WriteError:
                     # The server had closed the kept-alive connection: the request
                     # could not be written whole, so it cannot have been acted on, and
@@ -143,7 +183,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                     # second chat request is a second bill.
                     pass
             connection = await self._connect(request, origin, timeouts.get("connect"))
-            return await self._exchange(connection, request, body, timeouts)
+            return await self._exchange(connection, data, request, timeouts)
         except BaseException:
             self._slots.release()
             raise
@@ -154,7 +194,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         for connection in idle:
             await anyio.aclose_forcefully(connection.stream)
 
-    async def _acquire(self, request: httpx.Request, within: float | None) -> None:
+    async def _acquire(self, request: httpx.Request | None, within: float | None) -> None:
         try:
             # A free slot is taken without a checkpoint: on the first token's path, a
             # scheduling round here let the client's start go before the provider's
@@ -201,7 +241,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             self._slots.release()
 
     async def _connect(
-        self, request: httpx.Request, origin: _Origin, within: float | None
+        self, request: httpx.Request | None, origin: _Origin, within: float | None
     ) -> _Connection:
         scheme, host, port = origin
         errors = _Mapped(
@@ -221,12 +261,14 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
     async def _exchange(
         self,
         connection: _Connection,
-        request: httpx.Request,
-        body: bytes,
+        data: bytes,
+        request: httpx.Request | None,
         timeouts: dict[str, float | None],
     ) -> httpx.Response:
         try:
-            await self._send_request(connection, request, body, timeouts.get("write"))
+            errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
+            with errors, anyio.fail_after(timeouts.get("write")):
+                await connection.stream.send(data)
             stream = _ResponseStream(self, connection, request, timeouts.get("read"))
             head = await stream.receive_head()
         except BaseException:
@@ -237,6 +279,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             status_code=head.status,
             headers=head.headers,
             stream=stream,
+            request=request,
             # httpx wraps the stream; the gateway finds the fast path here.
             extensions={
                 "http_version": head.version,
@@ -245,30 +288,33 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             },
         )
 
-    async def _send_request(
-        self,
-        connection: _Connection,
-        request: httpx.Request,
-        body: bytes,
-        within: float | None,
-    ) -> None:
-        # A connection's h11 only writes: it refuses a header that would break the
-        # request's framing (a CR or LF in a value).
-        conn = h11.Connection(h11.CLIENT)
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"]
-        if not any(k.lower() == b"content-length" for k, _ in headers) and (
-            body or request.method not in ("GET", "HEAD")
-        ):
-            headers.append((b"content-length", str(len(body)).encode()))
-        data = conn.send(
-            h11.Request(method=request.method, target=request.url.raw_path, headers=headers)
-        )
-        if body:
-            data += conn.send(h11.Data(data=body))
-        data += conn.send(h11.EndOfMessage())
-        errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
-        with errors, anyio.fail_after(within):
-            await connection.stream.send(data)
+
+class PreparedPost:
+    """A POST's origin and head but its length (``HTTP1Transport.prepare_post``)."""
+
+    __slots__ = ("head", "origin")
+
+    def __init__(self, origin: _Origin, head: bytes) -> None:
+        self.origin = origin
+        self.head = head
+
+
+def _serialized(request: httpx.Request, body: bytes) -> bytes:
+    # A connection's h11 only writes: it refuses a header that would break the
+    # request's framing (a CR or LF in a value).
+    conn = h11.Connection(h11.CLIENT)
+    headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"]
+    if not any(k.lower() == b"content-length" for k, _ in headers) and (
+        body or request.method not in ("GET", "HEAD")
+    ):
+        headers.append((b"content-length", str(len(body)).encode()))
+    data = conn.send(
+        h11.Request(method=request.method, target=request.url.raw_path, headers=headers)
+    )
+    if body:
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    return data
 
 
 class _Response:
@@ -359,7 +405,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         self,
         transport: HTTP1Transport,
         connection: _Connection,
-        request: httpx.Request,
+        request: httpx.Request | None,
         read_timeout: float | None,
     ) -> None:
         self._transport = transport
