@@ -101,10 +101,10 @@ def install_stamps() -> None:
     _stamped(registry.Registry, "open", None, "session claimed")
     _stamped(writer.ClientWriter, "start", "response start", "response started")
     _stamped(stream.ChatStream, "_relay", "relay task runs", None)
-    _stamped(transport.HTTP1Transport, "handle_async_request", "transport called", None)
+    _stamped(transport.HTTP1Transport, "post", "transport called", None)
     _stamped(transport.HTTP1Transport, "_take_idle", None, "connection taken")
     _stamped(transport.HTTP1Transport, "_connect", None, "connection opened")
-    _stamped(transport.HTTP1Transport, "_send_request", None, "request written")
+    _stamped(transport.HTTP1Transport, "_write", None, "request written")
     _stamped(stream, "open_stream", None, "response head")
     _stamped(parser.ProviderStreamParser, "feed", None, "chunk parsed")
     _stamped(writer.ClientWriter, "write", "write", "written")
@@ -166,6 +166,7 @@ async def measure(
     delay_ms: int = 0,
     background: int = 0,
     warm: bool = False,
+    gap_ms: float = 0.0,
 ) -> dict[str, Any]:
     surfaces = ["api", "v1"] if server == "gateway" else ["api"]
     times: dict[str, list[float]] = {s: [] for s in [*surfaces, "direct"]}
@@ -181,6 +182,10 @@ async def measure(
             held = await bench.open_many(port, background, "pace", ramp=1.0) if background else []
             for i in range(warmup + samples):
                 for surface in times:
+                    if gap_ms:
+                        # The previous answer's end (its last writes, its end line)
+                        # done before the next request: the gateway at idle.
+                        await asyncio.sleep(gap_ms / 1000)
                     target = provider_port if surface == "direct" else port
                     sid = f"ft_{worker}_{surface}_{i}"
                     sent, first = await first_token_ms(
@@ -288,6 +293,12 @@ def main() -> None:
         action="store_true",
         help="time each request on a connection the server has accepted and answered once",
     )
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="ms between one answer's end and the next request (default: none)",
+    )
     args = parser.parse_args()
 
     async def run(provider_port: int) -> None:
@@ -302,6 +313,7 @@ def main() -> None:
                 args.provider_delay,
                 args.background,
                 args.open,
+                args.gap,
             )
             print(json.dumps({"worker": worker, "server": args.server, **result}), flush=True)
 

@@ -266,9 +266,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         timeouts: dict[str, float | None],
     ) -> httpx.Response:
         try:
-            errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
-            with errors, anyio.fail_after(timeouts.get("write")):
-                await connection.stream.send(data)
+            await self._write(connection, data, request, timeouts.get("write"))
             stream = _ResponseStream(self, connection, request, timeouts.get("read"))
             head = await stream.receive_head()
         except BaseException:
@@ -287,6 +285,17 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
                 BODY_EXTENSION: stream,
             },
         )
+
+    async def _write(
+        self,
+        connection: _Connection,
+        data: bytes,
+        request: httpx.Request | None,
+        within: float | None,
+    ) -> None:
+        errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
+        with errors, anyio.fail_after(within):
+            await connection.stream.send(data)
 
 
 class PreparedPost:
