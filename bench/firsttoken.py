@@ -3,10 +3,11 @@
 ``python -m bench.firsttoken [-k asyncio uvloop trio] [-n 50] [--warmup 10]
 [--server gateway|floor]`` starts the lean provider (bench/provider.py) and, for each
 worker class, a server in front of it (``gateway serve`` with bench/hypercorn.toml, or
-the floor, bench/floor.py). One request at a time on a fresh connection, it times from
-the request's first byte to the first token's bytes at the client (the connection's
-setup is not counted, as a browser's is already open), for ``/api/chat/stream``,
-``/v1/chat/completions`` and the provider itself, interleaved so that the three see the
+the floor, bench/floor.py). One request at a time on a new connection, it times from
+the request's first byte to the first token's bytes at the client (the client's connect
+is not counted; the server's accepting it is, unless ``--open`` answers a ``GET`` on
+the connection first), for ``/api/chat/stream``, ``/v1/chat/completions`` and the
+provider itself, interleaved, their order rotated each round, so that the three see the
 same machine; each answer is read to its end before the next request, so the gateway's
 provider connections are reused as in steady use. It prints p50, p90, p99 and the
 minimum of each, and the time the server adds (its p50 and p90 less the provider's).
@@ -180,8 +181,12 @@ async def measure(
             # Streams held open meanwhile, paced at 20 tokens/s (the loaded case).
             bench = Bench(provider_port)
             held = await bench.open_many(port, background, "pace", ramp=1.0) if background else []
+            order = list(times)
             for i in range(warmup + samples):
-                for surface in times:
+                # Rotated each round: a request that follows a gateway answer meets the
+                # gateway still ending it (its last writes, its end line), so a fixed
+                # order would charge that to whichever surface comes next.
+                for surface in order[i % len(order) :] + order[: i % len(order)]:
                     if gap_ms:
                         # The previous answer's end (its last writes, its end line)
                         # done before the next request: the gateway at idle.
