@@ -77,6 +77,13 @@ class UnsupportedMediaType(APIError):
     code = "unsupported_media_type"
 
 
+class ModelNotFound(APIError):
+    """No route serves the model the request names (docs/routing.md)."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
 class SessionConflict(APIError):
     status_code = 409
     code = "session_conflict"

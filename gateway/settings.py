@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .config import (
+    CATCH_ALL,
+    DEFAULT_PROVIDER,
+    ProviderConfig,
+    RouteConfig,
+    Target,
+    base_url_of,
+    read_config,
+)
 from .errors import ConfigError
 
 _T = TypeVar("_T")
@@ -81,10 +90,24 @@ class Settings:
     # Bounds on what the gateway keeps of a provider's answers (docs/api.md).
     max_models_bytes: int = 1024 * 1024
     max_answer_bytes: int = 8 * 1024 * 1024
+    # GATEWAY_CONFIG's providers and model routes (config.py, docs/routing.md); empty:
+    # the GATEWAY_UPSTREAM_* provider serves every model (``providers_and_routes``).
+    providers: tuple[ProviderConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.upstream_url is not None:
-            object.__setattr__(self, "upstream_url", _base_url(self.upstream_url))
+            try:
+                object.__setattr__(self, "upstream_url", base_url_of(self.upstream_url))
+            except ValueError as exc:
+                raise ConfigError(f"GATEWAY_UPSTREAM_URL {exc}") from None
+        if self.providers and (self.upstream_url is not None or self.upstream_api_key):
+            raise ConfigError(
+                "set GATEWAY_CONFIG or GATEWAY_UPSTREAM_URL/GATEWAY_UPSTREAM_API_KEY, not "
+                "both: with GATEWAY_CONFIG, providers are its [providers.<name>] tables"
+            )
+        if bool(self.providers) != bool(self.routes):
+            raise ConfigError("providers and routes come together, from GATEWAY_CONFIG")
         for name in (
             "connect_timeout",
             "first_token_timeout",
@@ -186,6 +209,15 @@ class Settings:
                 f"GATEWAY_SIMULATOR_RATE must be a positive number, got {self.simulator_rate!r}"
             )
 
+    def providers_and_routes(self) -> tuple[tuple[ProviderConfig, ...], tuple[RouteConfig, ...]]:
+        """GATEWAY_CONFIG's, or the GATEWAY_UPSTREAM_* provider (the built-in
+        simulator without a URL) serving every model under the client's name for it."""
+        if self.providers:
+            return self.providers, self.routes
+        provider = ProviderConfig(DEFAULT_PROVIDER, self.upstream_url, self.upstream_api_key)
+        route = RouteConfig(CATCH_ALL, (Target(DEFAULT_PROVIDER, None),))
+        return (provider,), (route,)
+
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
@@ -208,7 +240,14 @@ class Settings:
                     # Set, but to blanks: never read as "unset", which would open the
                     # door the key was meant to guard.
                     raise ConfigError(f"{_env_name(field.name)} is set but blank")
-        if values.get("upstream_url") is not None and "model" not in values:
+        config = env.get("GATEWAY_CONFIG", "").strip()
+        if config:
+            values["providers"], values["routes"] = read_config(config, env)
+            named = [r.name for r in values["routes"] if r.name != CATCH_ALL]
+            if "model" not in values and named:
+                # A request without "model" goes to the file's first named route.
+                values["model"] = named[0]
+        elif values.get("upstream_url") is not None and "model" not in values:
             raise ConfigError("GATEWAY_MODEL is required when GATEWAY_UPSTREAM_URL is set")
         if "log_level" in values:
             values["log_level"] = values["log_level"].upper()
@@ -253,22 +292,6 @@ def _parse(field: str, raw: str, kind: Callable[[str], _T]) -> _T:
     except ValueError:
         what = "on or off" if kind is _switch else f"a {kind.__name__}"
         raise ConfigError(f"{_env_name(field)} must be {what}, got {raw!r}") from None
-
-
-def _base_url(url: str) -> str:
-    """Any http(s) base of an OpenAI-compatible API: ``.../v1``, Gemini's
-    ``.../v1beta/openai``, a proxy's path, an Azure deployment with ``?api-version=``.
-    Requests go to ``<base>/chat/completions`` (query kept)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 (raises on a malformed port)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"GATEWAY_UPSTREAM_URL must be an http(s) URL, got {url!r}")
-    if parts.fragment:
-        raise ConfigError(f"GATEWAY_UPSTREAM_URL must not have a #fragment, got {url!r}")
-    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")))
 
 
 def sentinel_service(url: str) -> tuple[list[tuple[str, int]], str]:

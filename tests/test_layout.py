@@ -10,7 +10,7 @@ import gateway
 
 PACKAGE = Path(gateway.__file__).parent
 # The modules at the top of the package that every part may use.
-BASE = {"errors", "settings", "logs"}
+BASE = {"errors", "settings", "config", "logs"}
 # What each part may import besides itself and the base. The top (``gateway.app``,
 # ``gateway.cli``, ``__init__``, ``__main__``) assembles them all.
 MAY_IMPORT = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -26,7 +27,17 @@ from ..errors import UpstreamError
 if TYPE_CHECKING:
     from ..provider.client import UpstreamResponse
 
-__all__ = ["Completed", "Failed", "Follower", "Mark", "Outcome", "Session", "StopReason", "Stopped"]
+__all__ = [
+    "Attempt",
+    "Completed",
+    "Failed",
+    "Follower",
+    "Mark",
+    "Outcome",
+    "Session",
+    "StopReason",
+    "Stopped",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +78,38 @@ class Failed:
 Outcome = Completed | Stopped | Failed
 
 
+@dataclass(slots=True)
+class Attempt:
+    """One provider a stream tried (docs/routing.md): who, when, and how it went.
+
+    ``result``: ``None`` while it runs; ``served`` once a delta came (or the answer
+    ended without one), ``failed`` (``code``, ``upstream_status``) when the next
+    target was tried or the stream failed, ``stopped`` when a stop ended it."""
+
+    provider: str
+    model: str
+    started_at: float
+    result: str | None = None
+    code: str | None = None
+    upstream_status: int | None = None
+    ended_at: float | None = None
+
+    def report(self, origin: float) -> dict[str, object]:
+        """What the end line and the terminal event say of it (times in ms after
+        ``origin``, the stream's start)."""
+        data: dict[str, object] = {
+            "provider": self.provider,
+            "model": self.model,
+            "result": self.result,
+            "started_ms": round((self.started_at - origin) * 1000),
+        }
+        if self.code is not None:
+            data["code"] = self.code
+        if self.upstream_status is not None:
+            data["upstream_status"] = self.upstream_status
+        return data
+
+
 class Follower(Protocol):
     """A client reading a resumable stream (resume/follow.py)."""
 
@@ -92,10 +135,12 @@ class Session:
         "_ended",
         "_has_ended",
         "attached",
+        "attempts",
         "client_gone",
         "clock",
         "first_at",
         "first_delta_at",
+        "first_token_timeout",
         "id",
         "last_delta_at",
         "last_ping_at",
@@ -146,6 +191,11 @@ class Session:
         # is reported ("content", "reasoning", "tool_call").
         self.first_delta_at: float | None = None
         self.first_at: dict[str, float] = {}
+        # The watchdog's first-token timeout: the provider's. Infinite when the stream
+        # has several targets: each attempt then has its own (web/stream.py).
+        self.first_token_timeout = math.inf
+        # The providers tried, in order (several when a route falls back).
+        self.attempts: list[Attempt] = []
         self.last_delta_at = self.started_at
         # The end of the relay's last write: the provider's silence is counted from
         # the later of it and the last delta, since a relay blocked writing to a slow

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import httpx2 as httpx
 
+from ..config import ProviderConfig
 from ..errors import (
     UpstreamDisconnected,
     UpstreamError,
@@ -50,24 +51,28 @@ _CLOSE_TIMEOUT = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
-def create_client(settings: Settings) -> httpx.AsyncClient:
+def create_client(settings: Settings, provider: ProviderConfig | None = None) -> httpx.AsyncClient:
+    """The HTTP client for ``provider`` (by default the ``GATEWAY_UPSTREAM_*`` one):
+    its key in its auth header, its extra headers, its connect timeout."""
+    if provider is None:
+        provider = settings.providers_and_routes()[0][0]
+    connect = provider.connect_timeout or settings.connect_timeout
     # No read timeout: the gap between content deltas is the session's idle
     # timeout, which keep-alive comments must not reset and httpx's would.
-    timeout = httpx.Timeout(
-        connect=settings.connect_timeout,
-        read=None,
-        write=settings.connect_timeout,
-        pool=settings.connect_timeout,
-    )
+    timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
     keepalive = min(100, settings.upstream_max_connections)
     limits = httpx.Limits(
         max_connections=settings.upstream_max_connections, max_keepalive_connections=keepalive
     )
     headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
-    if settings.upstream_api_key:
-        headers["authorization"] = f"Bearer {settings.upstream_api_key}"
+    headers.update(provider.headers)
+    if provider.api_key:
+        if provider.auth_header == "authorization":
+            headers["authorization"] = f"Bearer {provider.api_key}"
+        else:
+            headers[provider.auth_header] = provider.api_key
     lean = None
-    if not _proxied(settings.upstream_url):
+    if not _proxied(provider.base_url):
         lean = HTTP1Transport(
             max_connections=settings.upstream_max_connections, max_keepalive=keepalive
         )

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from ..cluster.instance import Cluster
 from ..core.session import Failed
 from ..logs import ensure_handler
-from ..provider.client import create_client
+from ..provider.routing import Providers
 from ..resume.follow import follow_messages
 from ..tools.simulator import Simulator, SimulatorConfig, serve_simulator
 from .state import state_of
@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 # The exit status of a process whose background task failed (EX_SOFTWARE). hypercorn
 # stops all its workers when one exits non-zero, so a supervisor restarts the lot.
 EXIT_BACKGROUND_FAILURE = 70
-# Bounds on the shutdown steps: the streams' stop, leaving Redis, closing the client.
+# Bounds on the shutdown steps: the streams' stop, leaving Redis (closing the providers'
+# clients: provider/routing.py).
 _STREAMS_STOP = 5.0
 _CLUSTER_LEAVE = 3.0
-_CLIENT_CLOSE = 5.0
 
 
 class Lifespan(AsyncContextManagerMixin):
@@ -57,7 +57,7 @@ class Lifespan(AsyncContextManagerMixin):
         # Here, not at import: the server has set up its logging by now.
         ensure_handler()
         state = self._state
-        state.client = create_client(state.settings)
+        providers: Providers | None = None
         failed: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
@@ -71,10 +71,13 @@ class Lifespan(AsyncContextManagerMixin):
                                 "cluster",
                                 functools.partial(self._run_cluster, state.cluster, cluster_scope),
                             )
-                        if state.settings.upstream_url is not None:
-                            state.upstream_url = state.settings.upstream_url
-                        else:
-                            await self._start_simulator(tg, stop_simulator)
+                        simulator_url = None
+                        if any(
+                            p.base_url is None for p in state.settings.providers_and_routes()[0]
+                        ):
+                            simulator_url = await self._start_simulator(tg, stop_simulator)
+                        providers = Providers(state.settings, simulator_url)
+                        state.providers = providers
                     except Exception as exc:
                         # Raised once what had started has stopped as at shutdown: an
                         # exception leaving the task group would cancel it instead.
@@ -91,13 +94,14 @@ class Lifespan(AsyncContextManagerMixin):
                         cluster_scope.deadline = anyio.current_time() + _CLUSTER_LEAVE
                     stop_simulator.set()
         finally:
-            with anyio.move_on_after(_CLIENT_CLOSE, shield=True):
-                await state.client.aclose()
+            if providers is not None:
+                await providers.aclose()
             state.metrics.close()
         if failed is not None:
             raise failed
 
-    async def _start_simulator(self, tg: anyio.abc.TaskGroup, stop: anyio.Event) -> None:
+    async def _start_simulator(self, tg: anyio.abc.TaskGroup, stop: anyio.Event) -> str:
+        """The built-in simulator, served until ``stop``; its base URL."""
         settings = self._state.settings
         simulator = Simulator(
             SimulatorConfig(
@@ -111,11 +115,9 @@ class Lifespan(AsyncContextManagerMixin):
         )
         host, port = addresses[0]
         self._state.simulator = simulator
-        self._state.upstream_url = f"http://{host}:{port}/v1"
-        logger.info(
-            "No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s",
-            self._state.upstream_url,
-        )
+        url = f"http://{host}:{port}/v1"
+        logger.info("No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s", url)
+        return url
 
     async def _run_cluster(
         self, cluster: Cluster, scope: anyio.CancelScope, *, task_status: TaskStatus[None]

@@ -30,6 +30,7 @@ from ..errors import (
     APIError,
     CancelTimeout,
     CancelUnavailable,
+    ModelNotFound,
     PayloadTooLarge,
 )
 from ..logs import loggable, use_format
@@ -201,8 +202,13 @@ def _stream(
     payload: ProviderRequest,
     answer: AnswerFormat,
 ) -> ChatStream:
+    state = state_of(request)
+    plan = state.providers.plan(payload["model"])
+    if plan is None:
+        raise ModelNotFound(f"no route serves the model {payload['model']!r}")
     return ChatStream(
-        state_of(request),
+        state,
+        plan,
         principal=principal,
         session_id=session_id,
         payload=payload,
@@ -214,14 +220,18 @@ def _stream(
 
 
 async def _models(request: Request) -> Response:
-    """The configured model first, then the provider's own list when it answers one."""
+    """The routes' model names (without GATEWAY_CONFIG: the configured model), then,
+    with a catch-all route, its provider's own list when it answers one."""
     state = state_of(request)
     principal_of(request)
-    ids = [state.settings.model]
-    listed = await state.models.ids(
-        state.client, state.upstream_url, state.settings.max_models_bytes
-    )
-    ids += [i for i in listed if i not in ids]
+    providers = state.providers
+    ids = providers.route_names() or [state.settings.model]
+    catch_all = providers.catch_all
+    if catch_all is not None:
+        listed = await catch_all.models.ids(
+            catch_all.client, catch_all.base_url, state.settings.max_models_bytes
+        )
+        ids += [i for i in listed if i not in ids]
     data = [{"id": i, "object": "model", "created": 0, "owned_by": "gateway"} for i in ids]
     return JSONResponse({"object": "list", "data": data})
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2 as httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 
 from ..cluster.instance import Cluster
 from ..core.metrics import Metrics
 from ..core.registry import Registry
-from ..provider.client import ModelList
+from ..provider.routing import Providers
 from ..resume.follow import ClientFollower
 from ..resume.log import ResumeStore
 from ..resume.messages import FollowMessages
@@ -31,36 +30,25 @@ class GatewayState:
     openapi: dict[str, Any]
     cluster: Cluster | None
     metrics: Metrics
-    models: ModelList = field(default_factory=ModelList)
     # With GATEWAY_RESUME_WINDOW > 0: the resumable streams (resume/log.py).
     resume: ResumeStore | None = None
     # The clients here following streams of other instances, by follower id.
     followers: dict[str, ClientFollower] = field(default_factory=dict)
     # With resume and a cluster: the messages about resumes across instances.
     follow: FollowMessages | None = None
-    # Set by the lifespan: the provider client, the provider's base URL (the built-in
-    # simulator's in demo mode) and, in demo mode, the simulator.
-    _client: httpx.AsyncClient | None = field(default=None, repr=False)
-    _upstream_url: str | None = None
+    # Set by the lifespan: the providers (the built-in simulator's in demo mode) and,
+    # in demo mode, the simulator.
+    _providers: Providers | None = field(default=None, repr=False)
     simulator: Simulator | None = None
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        assert self._client is not None, "the lifespan has not started"
-        return self._client
+    def providers(self) -> Providers:
+        assert self._providers is not None, "the lifespan has not started"
+        return self._providers
 
-    @client.setter
-    def client(self, client: httpx.AsyncClient) -> None:
-        self._client = client
-
-    @property
-    def upstream_url(self) -> str:
-        assert self._upstream_url is not None, "the lifespan has not started"
-        return self._upstream_url
-
-    @upstream_url.setter
-    def upstream_url(self, url: str) -> None:
-        self._upstream_url = url
+    @providers.setter
+    def providers(self, providers: Providers) -> None:
+        self._providers = providers
 
 
 def state_of(app: Starlette | Request) -> GatewayState:

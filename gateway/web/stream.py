@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from ..core.events import PING
 from ..core.registry import ANONYMOUS
 from ..core.report import log_end
-from ..core.session import Completed, Failed, Session
+from ..core.session import Attempt, Completed, Failed, Session, Stopped
 from ..core.sink import Sink
 from ..errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
 from ..logs import loggable
@@ -36,11 +36,13 @@ from ..provider.client import UpstreamResponse, open_stream
 from ..provider.parser import (
     ContentPart,
     Delta,
+    ParsedChunk,
     ProviderStreamParser,
     Reasoning,
     Refusal,
     ToolCallDelta,
 )
+from ..provider.routing import Plan
 from ..resume.follow import log_parked
 from ..resume.stream import ResumableStream
 from .formats import AnswerFormat, GatewayEvents
@@ -64,6 +66,7 @@ class ChatStream:
     def __init__(
         self,
         gateway: GatewayState,
+        plan: Plan,
         *,
         principal: str,
         session_id: str,
@@ -72,6 +75,7 @@ class ChatStream:
         answer: AnswerFormat | None = None,
     ) -> None:
         self._gateway = gateway
+        self._plan = plan
         self._answer = answer or GatewayEvents()
         self._principal = principal
         self._session_id = session_id
@@ -90,6 +94,11 @@ class ChatStream:
         except APIError as exc:
             await error_response(exc)(scope, receive, send)
             return
+        targets = self._plan.targets
+        if len(targets) == 1:
+            # One target: the watchdog's first-token timeout is its provider's. With
+            # several, each attempt has its own (``_open``).
+            session.first_token_timeout = targets[0][0].first_token_timeout
         try:
             if self._gateway.cluster is not None and not await self._gateway.cluster.claim(
                 session.principal, session.id
@@ -187,27 +196,24 @@ class ChatStream:
         upstream: UpstreamResponse | None = None
         try:
             try:
-                # Only the opening runs in the session's scope: once the response is
-                # open, a stop aborts it (Session.cancel) instead of cancelling this
-                # task, which may be writing to the client.
-                scope = session.scope
-                assert scope is not None
-                with scope:
-                    upstream = await open_stream(
-                        self._gateway.client,
-                        self._gateway.upstream_url,
-                        self._payload,
-                        self._upstream_headers,
-                    )
-                    session.upstream = upstream
+                opened = await self._open(session)
+                if opened is None:
+                    return
+                upstream, parser, first = opened
                 # A stop aborts the response from here on: the scope can go, objects
                 # fewer for the garbage collector while the stream lives.
                 session.scope = None
-                if upstream is None or session.outcome is not None:
+                if session.outcome is not None:
                     return
-                parser = ProviderStreamParser()
                 finish_reason: str | None = None
                 usage: dict[str, object] | None = None
+                for parsed in first:
+                    # What came before the first delta, and the chunk that held it.
+                    await self._deliver(session, sink, self._answer, parsed.deltas, parsed.plain)
+                    if parsed.error is not None:
+                        raise parsed.error
+                    finish_reason = parsed.finish_reason or finish_reason
+                    usage = parsed.usage or usage
                 while not parser.done:
                     data = await upstream.read()
                     if session.outcome is not None:
@@ -244,6 +250,7 @@ class ChatStream:
                 session.upstream = None
                 if upstream is not None:
                     await upstream.aclose()
+                _settle_attempt(session)
                 if session.provider_closed_at is None:
                     session.provider_closed_at = anyio.current_time()
         except Exception:
@@ -253,6 +260,97 @@ class ChatStream:
             done.set()
             if self._waiting is not None:
                 self._waiting.cancel()
+
+    async def _open(
+        self, session: Session
+    ) -> tuple[UpstreamResponse, ProviderStreamParser, list[ParsedChunk]] | None:
+        """The plan's targets in turn, until one gives a delta (or ends its answer
+        without one): that provider's open response, its parser and what it sent up to
+        and with its first delta. A target fails over to the next one only before a
+        delta has reached the client, and its connection is closed before the next one
+        opens (docs/routing.md). ``None`` when a stop came first; an ``UpstreamError``
+        when the last target failed, or one that does not fall through.
+
+        Runs in the session's scope: a stop cancels an opening or a wait for the
+        first delta, and no attempt starts after it."""
+        plan = self._plan
+        scope = session.scope
+        assert scope is not None
+        last = len(plan.targets) - 1
+        with scope:
+            for i, (provider, model) in enumerate(plan.targets):
+                if session.outcome is not None:
+                    return None  # a stop between two attempts: no further attempt
+                attempt = Attempt(provider.name, model, session.clock())
+                session.attempts.append(attempt)
+                payload = self._payload
+                if model != payload["model"]:
+                    payload = {**payload, "model": model}
+                upstream: UpstreamResponse | None = None
+                # With one target, the watchdog times the first token (as it always has).
+                within = provider.first_token_timeout if last else math.inf
+                try:
+                    with anyio.move_on_after(within) as waiting:
+                        upstream = await open_stream(
+                            provider.client, provider.base_url, payload, self._upstream_headers
+                        )
+                        session.upstream = upstream
+                        parser = ProviderStreamParser()
+                        first = await self._first_delta(session, upstream, parser)
+                        attempt.result = "served"
+                        return upstream, parser, first
+                except UpstreamError as exc:
+                    attempt.code, attempt.upstream_status = exc.code, exc.upstream_status
+                    if i == last or not plan.falls_through(exc.upstream_status):
+                        raise
+                    logger.info(
+                        "[SSE] %s provider %s failed before the first delta (%s); next target",
+                        session.id,
+                        provider.name,
+                        exc.code,
+                    )
+                finally:
+                    if attempt.result != "served":
+                        attempt.ended_at = session.clock()
+                        attempt.result = "stopped" if session.outcome is not None else "failed"
+                        session.upstream = None
+                        if upstream is not None:
+                            await upstream.aclose()
+                if waiting.cancelled_caught:
+                    attempt.code = "first_token_timeout"
+                    if i == last:
+                        session.cancel("timeout", "first_token")
+                        return None
+                    logger.info(
+                        "[SSE] %s provider %s sent no delta in %gs; next target",
+                        session.id,
+                        provider.name,
+                        within,
+                    )
+        return None
+
+    async def _first_delta(
+        self, session: Session, upstream: UpstreamResponse, parser: ProviderStreamParser
+    ) -> list[ParsedChunk]:
+        """Read ``upstream`` until a delta, or the answer's end without one; what was
+        parsed on the way, in order. A failure before any delta raises (the next
+        target may be tried); one in the same read as a delta is the stream's."""
+        parsed_so_far: list[ParsedChunk] = []
+        while not parser.done:
+            data = await upstream.read()
+            if session.outcome is not None:
+                break
+            if not data:
+                if not any(p.finish_reason for p in parsed_so_far):
+                    raise UpstreamProtocolError("provider closed the stream before [DONE]")
+                break
+            parsed = parser.feed(data)
+            parsed_so_far.append(parsed)
+            if any(_is_delta(d) for d in parsed.deltas):
+                break
+            if parsed.error is not None:
+                raise parsed.error
+        return parsed_so_far
 
     @staticmethod
     async def _deliver(
@@ -319,7 +417,8 @@ class ChatStream:
             else:
                 waiting_since = max(session.last_delta_at, session.last_write_at)
                 if session.first_delta_at is None:
-                    token_at, kind = waiting_since + s.first_token_timeout, "first_token"
+                    token_at = waiting_since + session.first_token_timeout
+                    kind = "first_token"
                 else:
                     token_at, kind = waiting_since + s.idle_timeout, "idle"
             if now >= token_at:
@@ -373,6 +472,24 @@ class ChatStream:
                         receive = None  # nothing comes after it
             finally:
                 self._waiting = None
+
+
+def _is_delta(delta: Delta) -> bool:
+    """A delta of the answer, not one of the provider's extras."""
+    return isinstance(delta, str | ToolCallDelta | Reasoning | Refusal | ContentPart)
+
+
+def _settle_attempt(session: Session) -> None:
+    """The served attempt's result once the stream has an outcome."""
+    if session.attempts and session.attempts[-1].result == "served":
+        attempt = session.attempts[-1]
+        attempt.ended_at = session.clock()
+        if isinstance(session.outcome, Stopped):
+            attempt.result = "stopped"
+        elif isinstance(session.outcome, Failed):
+            attempt.result = "failed"
+            attempt.code = session.outcome.code
+            attempt.upstream_status = session.outcome.upstream_status
 
 
 def _encode_delta(session: Session, answer: AnswerFormat, delta: Delta, now: float) -> bytes:

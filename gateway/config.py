@@ -1,0 +1,282 @@
+"""``GATEWAY_CONFIG``: the providers and the model routes, typed, read once at start.
+
+A TOML file (docs/routing.md): ``[providers.<name>]`` tables, each a provider's base
+URL, key (from the environment only), auth header, query and headers, and timeouts of
+its own; ``[models.<name>]`` tables, each the name clients send as ``model`` and the
+targets it is served by, in order. Anything wrong stops the gateway at start-up with
+a message naming the file, the table and the key.
+
+Without the file, the ``GATEWAY_UPSTREAM_*`` variables are one provider (``default``)
+and one route (``*``) that sends every model to it under the name the client gave.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "CATCH_ALL",
+    "DEFAULT_PROVIDER",
+    "FALL_THROUGH_STATUSES",
+    "ProviderConfig",
+    "RouteConfig",
+    "Target",
+    "read_config",
+]
+
+# The route that serves a model no other route names.
+CATCH_ALL = "*"
+DEFAULT_PROVIDER = "default"
+# A provider's answers that a route may also fall through on (``fall_through``); the
+# next target is always tried on a connect error, a timeout, 408, 429 and 5xx.
+FALL_THROUGH_STATUSES = frozenset({400, 401, 403, 404})
+
+# Names end up in metric labels and log lines: short, plain.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# RFC 9110 token characters, for a header's name.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_STRATEGIES = ("fallback", "hedge")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One provider. ``base_url`` ``None``: the built-in simulator (demo mode).
+
+    ``auth_header`` ``authorization`` sends ``Bearer <key>``; any other name sends the
+    key as it is (Azure's ``api-key``). The timeouts are ``None`` where the provider
+    keeps the gateway's (``GATEWAY_CONNECT_TIMEOUT``, ``GATEWAY_FIRST_TOKEN_TIMEOUT``).
+    """
+
+    name: str
+    base_url: str | None
+    api_key: str | None = None
+    auth_header: str = "authorization"
+    headers: tuple[tuple[str, str], ...] = ()
+    connect_timeout: float | None = None
+    first_token_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A provider and the model name sent to it; ``model`` ``None``: the client's."""
+
+    provider: str
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A model name clients send, and the targets that serve it, in order."""
+
+    name: str
+    targets: tuple[Target, ...]
+    strategy: str = "fallback"
+    hedge_after: float = 1.5
+    # Statuses of FALL_THROUGH_STATUSES on which this route tries its next target too.
+    fall_through: frozenset[int] = frozenset()
+
+
+def read_config(
+    path: str, environ: Mapping[str, str] | None = None
+) -> tuple[tuple[ProviderConfig, ...], tuple[RouteConfig, ...]]:
+    """The providers and routes of the TOML file at ``path``; keys are read from
+    ``environ`` (the process's environment by default)."""
+    env = os.environ if environ is None else environ
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"GATEWAY_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"GATEWAY_CONFIG: {path} is not valid TOML: {exc}") from None
+    reader = _Reader(path)
+    reader.only(data, "", {"providers", "models"})
+    providers = tuple(
+        _provider(reader, name, table, env)
+        for name, table in reader.tables(data, "providers").items()
+    )
+    if not providers:
+        raise ConfigError(f"GATEWAY_CONFIG: {path} has no [providers.<name>] table")
+    routes = tuple(
+        _route(reader, name, table, {p.name for p in providers})
+        for name, table in reader.tables(data, "models").items()
+    )
+    if not routes:
+        raise ConfigError(f"GATEWAY_CONFIG: {path} has no [models.<name>] table")
+    return providers, routes
+
+
+class _Reader:
+    """Typed reads of a table's keys, each failure naming the file, table and key."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"GATEWAY_CONFIG: {self._path}: [{where}] {message}")
+
+    def tables(self, data: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be tables, as [{key}.<name>]")
+        for name, table in value.items():
+            where = f'{key}."{name}"'
+            if not isinstance(table, dict):
+                raise self.fail(where, "must be a table")
+            if key == "providers" and not _NAME.fullmatch(name):
+                # A provider's name is a metric label and a log field.
+                raise self.fail(where, "name must be letters, digits, '_', '.', '-' (at most 64)")
+            if key == "models" and not (0 < len(name) <= 256 and name.isprintable()):
+                # The name clients send as "model" (an Ollama tag, a path-like id).
+                raise self.fail(where, "name must be printable, at most 256 characters")
+        return value
+
+    def only(self, table: dict[str, Any], where: str, keys: set[str]) -> None:
+        unknown = sorted(set(table) - keys)
+        if unknown:
+            known = ", ".join(sorted(keys))
+            raise self.fail(where or "top level", f"unknown key {unknown[0]!r} (known: {known})")
+
+    def string(self, table: dict[str, Any], where: str, key: str) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, f"{key} must be a non-empty string")
+        return value
+
+    def seconds(self, table: dict[str, Any], where: str, key: str) -> float | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise self.fail(where, f"{key} must be a positive number of seconds, got {value!r}")
+        return float(value)
+
+    def pairs(self, table: dict[str, Any], where: str, key: str) -> tuple[tuple[str, str], ...]:
+        value = table.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise self.fail(where, f"{key} must be an inline table of strings")
+        return tuple(value.items())
+
+
+_PROVIDER_KEYS = {
+    "base_url",
+    "api_key_env",
+    "auth_header",
+    "query",
+    "headers",
+    "connect_timeout",
+    "first_token_timeout",
+}
+
+
+def _provider(
+    reader: _Reader, name: str, table: dict[str, Any], env: Mapping[str, str]
+) -> ProviderConfig:
+    where = f'providers."{name}"'
+    reader.only(table, where, _PROVIDER_KEYS)
+    raw_url = reader.string(table, where, "base_url")
+    if raw_url is None:
+        raise reader.fail(where, "base_url is required")
+    try:
+        base_url = base_url_of(raw_url, dict(reader.pairs(table, where, "query")))
+    except ValueError as exc:
+        raise reader.fail(where, f"base_url {exc}") from None
+    api_key = None
+    key_env = reader.string(table, where, "api_key_env")
+    if key_env is not None:
+        api_key = env.get(key_env, "").strip()
+        if not api_key:
+            raise reader.fail(where, f"api_key_env names {key_env}, which is not set")
+        if not (api_key.isascii() and api_key.isprintable()):
+            raise reader.fail(where, f"the key in {key_env} is not printable ASCII")
+    auth_header = (reader.string(table, where, "auth_header") or "authorization").lower()
+    headers = reader.pairs(table, where, "headers")
+    for header, value in (("auth_header", auth_header), *headers):
+        if not _HEADER_NAME.fullmatch(header):
+            raise reader.fail(where, f"{header!r} is not a header name")
+        if any(c in value for c in "\r\n\0"):
+            raise reader.fail(where, f"the value of header {header!r} has a line break")
+    return ProviderConfig(
+        name=name,
+        base_url=base_url,
+        api_key=api_key,
+        auth_header=auth_header,
+        headers=headers,
+        connect_timeout=reader.seconds(table, where, "connect_timeout"),
+        first_token_timeout=reader.seconds(table, where, "first_token_timeout"),
+    )
+
+
+def _route(reader: _Reader, name: str, table: dict[str, Any], providers: set[str]) -> RouteConfig:
+    where = f'models."{name}"'
+    reader.only(table, where, {"targets", "strategy", "hedge_after", "fall_through"})
+    raw_targets = table.get("targets")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise reader.fail(where, "targets must be a non-empty list of {provider, model}")
+    targets = []
+    for i, target in enumerate(raw_targets):
+        at = f"{where} targets[{i}]"
+        if not isinstance(target, dict):
+            raise reader.fail(where, f"targets[{i}] must be {{ provider = ..., model = ... }}")
+        unknown = sorted(set(target) - {"provider", "model"})
+        if unknown:
+            raise reader.fail(at, f"unknown key {unknown[0]!r} (known: model, provider)")
+        provider = target.get("provider")
+        if provider not in providers:
+            raise reader.fail(at, f"provider {provider!r} is not a [providers.<name>] table")
+        model = target.get("model")
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise reader.fail(at, "model must be a non-empty string")
+        if model is None and name != CATCH_ALL:
+            model = name
+        targets.append(Target(provider, model))
+    strategy = reader.string(table, where, "strategy") or "fallback"
+    if strategy not in _STRATEGIES:
+        raise reader.fail(where, f"strategy must be fallback or hedge, got {strategy!r}")
+    fall_through = table.get("fall_through", [])
+    if not isinstance(fall_through, list) or not set(fall_through) <= FALL_THROUGH_STATUSES:
+        raise reader.fail(where, "fall_through must be a list of 400, 401, 403, 404")
+    return RouteConfig(
+        name=name,
+        targets=tuple(targets),
+        strategy=strategy,
+        hedge_after=reader.seconds(table, where, "hedge_after") or 1.5,
+        fall_through=frozenset(fall_through),
+    )
+
+
+def base_url_of(url: str, query: Mapping[str, str] | None = None) -> str:
+    """Any http(s) base of an OpenAI-compatible API, ``query`` added to its own:
+    ``.../v1``, Gemini's ``.../v1beta/openai``, a proxy's path, an Azure deployment
+    with ``api-version``. Requests go to ``<base>/chat/completions`` (query kept).
+    ``ValueError`` saying what is wrong."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL, got {url!r}")
+    if parts.fragment:
+        raise ValueError(f"must not have a #fragment, got {url!r}")
+    parts = parts._replace(path=parts.path.rstrip("/"))
+    if query:
+        given = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        parts = parts._replace(query=urllib.parse.urlencode([*given, *query.items()]))
+    return urllib.parse.urlunsplit(parts)

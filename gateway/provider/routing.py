@@ -1,0 +1,94 @@
+"""The providers at run time, and which of them serve a model (docs/routing.md).
+
+``Providers`` holds one ``Upstream`` per configured provider (its own HTTP client and
+pool, base URL and model list) and the routes of ``GATEWAY_CONFIG``; ``plan(model)``
+names the targets a stream tries, in order. The attempts themselves, and when the
+next target is tried, are the relay's (web/stream.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import anyio
+import httpx2 as httpx
+
+from ..config import CATCH_ALL, ProviderConfig, RouteConfig
+from ..settings import Settings
+from .client import ModelList, create_client
+
+__all__ = ["Plan", "Providers", "Upstream"]
+
+_CLOSE_TIMEOUT = 5.0
+
+
+class Upstream:
+    """One provider: its client, the base URL requests go to, its timeouts."""
+
+    def __init__(self, config: ProviderConfig, settings: Settings, base_url: str) -> None:
+        self.name = config.name
+        self.config = config
+        self.base_url = base_url
+        self.client: httpx.AsyncClient = create_client(settings, config)
+        self.models = ModelList()
+        self.first_token_timeout = config.first_token_timeout or settings.first_token_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The targets one stream tries, in order: (provider, the model name it is sent)."""
+
+    route: RouteConfig
+    targets: tuple[tuple[Upstream, str], ...]
+
+    def falls_through(self, status: int | None) -> bool:
+        """Whether a failed attempt with this provider status is followed by the next
+        target: always without a status (connect error, timeout, a broken stream),
+        on 408, 429 and 5xx, and on the 4xx the route names."""
+        if status is None:
+            return True
+        return status in (408, 429) or status >= 500 or status in self.route.fall_through
+
+
+class Providers:
+    """Every configured provider's ``Upstream``, and the routes by model name."""
+
+    def __init__(self, settings: Settings, simulator_url: str | None = None) -> None:
+        providers, routes = settings.providers_and_routes()
+        self._upstreams: dict[str, Upstream] = {}
+        for config in providers:
+            base_url = config.base_url or simulator_url
+            assert base_url is not None, "the built-in simulator has not started"
+            self._upstreams[config.name] = Upstream(config, settings, base_url)
+        self._routes: Mapping[str, RouteConfig] = {r.name: r for r in routes}
+
+    def plan(self, model: str) -> Plan | None:
+        """The targets for ``model``: its route's, or the catch-all's; ``None`` if no
+        route serves it."""
+        route = self._routes.get(model) or self._routes.get(CATCH_ALL)
+        if route is None:
+            return None
+        return Plan(
+            route,
+            tuple((self._upstreams[t.provider], t.model or model) for t in route.targets),
+        )
+
+    def route_names(self) -> list[str]:
+        """The model names routes serve, as configured (the catch-all left out)."""
+        return [name for name in self._routes if name != CATCH_ALL]
+
+    @property
+    def catch_all(self) -> Upstream | None:
+        """The first provider of the catch-all route, if there is one."""
+        route = self._routes.get(CATCH_ALL)
+        return self._upstreams[route.targets[0].provider] if route is not None else None
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self._upstreams.values())
+
+    async def aclose(self) -> None:
+        """Close every provider's client, bounded."""
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            for upstream in self._upstreams.values():
+                await upstream.client.aclose()
