@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import httpx2 as httpx
 import pytest
-from anyio.abc import TaskGroup
+from anyio.abc import SocketStream, TaskGroup
 from openai import AsyncOpenAI, AsyncStream
 from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
@@ -31,6 +31,7 @@ from starlette.types import ASGIApp
 
 from gateway import Settings, create_app
 from gateway.cli import stop_streams_first
+from gateway.config import read_config
 from gateway.core.registry import Registry
 from gateway.server.serve import load_config, serve
 from gateway.tools.simulator import Simulator, SimulatorConfig, StreamRecord
@@ -152,11 +153,14 @@ class Harness:
         stop_streams_first: bool = True,
         demo: bool = False,
         wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+        config: str | None = None,
         **settings: Any,
     ) -> None:
         """``demo``: no upstream URL, so the gateway serves its own built-in simulator
         (as ``make run`` does); ``sim`` is then unused. ``wrap``: serve the app through
-        this ASGI middleware (a planted bug)."""
+        this ASGI middleware (a planted bug). ``config``: a GATEWAY_CONFIG file's path
+        (docs/routing.md), whose providers serve instead of the harness's simulator;
+        its keys come from the process's environment."""
         self.simulator = Simulator(sim or SimulatorConfig(rate=200.0))
         self._upstream_url = upstream_url
         self._settings = settings
@@ -164,6 +168,7 @@ class Harness:
         self._stop_streams_first = stop_streams_first
         self._demo = demo
         self._wrap = wrap
+        self._config = config
         self._tg: TaskGroup | None = None
         self._stop_sim = anyio.Event()
         self._stop_gateway = anyio.Event()
@@ -175,13 +180,19 @@ class Harness:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         quiet = {"accesslog": None, "errorlog": None}
-        if self._upstream_url is None and not self._demo:
+        if self._upstream_url is None and not self._demo and self._config is None:
             config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, **quiet)
             [(_, self.sim_port)] = await self._tg.start(
                 serve_until, self.simulator, config, self._stop_sim.wait
             )
             self._upstream_url = f"http://127.0.0.1:{self.sim_port}/v1"
-        settings = Settings(upstream_url=self._upstream_url, model="sim-model", **self._settings)
+        if self._config is not None:
+            providers, routes = read_config(self._config)
+            settings = Settings(providers=providers, routes=routes, **self._settings)
+        else:
+            settings = Settings(
+                upstream_url=self._upstream_url, model="sim-model", **self._settings
+            )
         self.settings = settings
         self.app: Starlette = create_app(settings)
         config = load_config(bind=["127.0.0.1:0"], graceful_timeout=self._graceful_timeout, **quiet)
@@ -321,6 +332,21 @@ def traced_peak() -> Iterator[TracedPeak]:
         _, traced.bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+
+
+async def read_request(stream: SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:
+    """One request (head and Content-Length body) from ``stream``; the rest of what was
+    read after it. ``None`` if the client closed first."""
+    while b"\r\n\r\n" not in buffer:
+        try:
+            buffer += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return None
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(rest) < length:
+        rest += await stream.receive()
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
 
 
 async def serve_until(

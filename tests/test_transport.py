@@ -18,7 +18,7 @@ from gateway import Settings
 from gateway.provider.client import chat_url, create_client, open_stream
 from gateway.provider.transport import BODY_EXTENSION, HTTP1Transport
 
-from .harness import WAIT, Harness, sim_config
+from .harness import WAIT, Harness, read_request, sim_config
 
 pytestmark = pytest.mark.anyio
 
@@ -114,13 +114,7 @@ async def _one_shot_server() -> AsyncIterator[tuple[int, list[int], anyio.Event]
     async def handle(stream: SocketStream) -> None:
         accepted.append(1)
         async with stream:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += await stream.receive()
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            while len(rest) < length:
-                rest += await stream.receive()
+            await read_request(stream, b"")
             await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         closed.set()
 
@@ -177,7 +171,7 @@ async def test_a_streams_request_is_what_httpx_would_have_sent() -> None:
     async def provider(stream: SocketStream) -> None:
         async with stream:
             buffer = b""
-            while (got := await _read_request(stream, buffer)) is not None:
+            while (got := await read_request(stream, buffer)) is not None:
                 request, buffer = got
                 requests.append(request)
                 await stream.send(answer)
@@ -213,21 +207,6 @@ async def test_a_streams_request_is_what_httpx_would_have_sent() -> None:
     assert fields == theirs[1]
 
 
-async def _read_request(stream: SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:
-    """One request (head and Content-Length body) from ``stream``; the rest of what was
-    read after it. ``None`` if the client closed first."""
-    while b"\r\n\r\n" not in buffer:
-        try:
-            buffer += await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            return None
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    while len(rest) < length:
-        rest += await stream.receive()
-    return head + b"\r\n\r\n" + rest[:length], rest[length:]
-
-
 async def test_a_request_that_was_written_is_never_sent_twice(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -241,7 +220,7 @@ async def test_a_request_that_was_written_is_never_sent_twice(
         async with stream:
             buffer = b""
             for answered in (True, False):
-                got = await _read_request(stream, buffer)
+                got = await read_request(stream, buffer)
                 if got is None:
                     return
                 request, buffer = got
@@ -283,7 +262,7 @@ async def _scripted_server(
         async with stream:
             buffer = b""
             while queue:
-                got = await _read_request(stream, buffer)
+                got = await read_request(stream, buffer)
                 if got is None:
                     return
                 buffer = got[1]
@@ -392,7 +371,7 @@ async def test_endless_trailers_are_a_protocol_error_not_a_growing_buffer() -> N
     # would keep them all; the transport stops at 16 KiB without a body byte.
     async def provider(stream: SocketStream) -> None:
         async with stream:
-            if await _read_request(stream, b"") is None:
+            if await read_request(stream, b"") is None:
                 return
             await stream.send(
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: "

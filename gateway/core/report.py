@@ -10,13 +10,39 @@ import anyio
 
 from .session import Completed, Failed, Session, Stopped
 
-__all__ = ["end_record", "log_end", "outcome_label", "reported_usage", "terminal_event"]
+__all__ = [
+    "end_record",
+    "log_end",
+    "outcome_label",
+    "reported_usage",
+    "routing_report",
+    "terminal_event",
+]
 
 logger = logging.getLogger(__name__)
 
 
 def terminal_event(session: Session) -> tuple[str, dict[str, object]]:
-    """The name and data of the stream's terminal event, from its outcome."""
+    """The name and data of the stream's terminal event, from its outcome; with
+    GATEWAY_CONFIG's routes, who served it and each attempt (docs/routing.md)."""
+    name, data = _terminal_event(session)
+    if session.routed:
+        data.update(routing_report(session))
+    return name, data
+
+
+def routing_report(session: Session) -> dict[str, object]:
+    """The provider and model that served the stream (``None`` when none did), and
+    every attempt in order."""
+    served = next((a for a in session.attempts if a.served or a.result == "stopped"), None)
+    return {
+        "provider": None if served is None else served.provider,
+        "provider_model": None if served is None else served.model,
+        "attempts": [a.report(session.started_at) for a in session.attempts],
+    }
+
+
+def _terminal_event(session: Session) -> tuple[str, dict[str, object]]:
     outcome = session.outcome
     if isinstance(outcome, Completed):
         return "done", {
@@ -107,6 +133,7 @@ def end_record(session: Session, now: float) -> dict[str, object]:
             else round((session.first_delta_at - session.started_at) * 1000)
         ),
         "provider_close_ms": None,
+        **routing_report(session),
     }
     if session.stopped_at is not None and session.provider_closed_at is not None:
         close = max(0.0, session.provider_closed_at - session.stopped_at)

@@ -90,6 +90,8 @@ class Attempt:
     model: str
     started_at: float
     result: str | None = None
+    # A delta came (or the answer ended without one): this provider serves the stream.
+    served: bool = False
     code: str | None = None
     upstream_status: int | None = None
     ended_at: float | None = None
@@ -154,6 +156,7 @@ class Session:
         "refusal_delivered",
         "response_started",
         "resumable",
+        "routed",
         "scope",
         "send_started_at",
         "sent",
@@ -194,8 +197,10 @@ class Session:
         # The watchdog's first-token timeout: the provider's. Infinite when the stream
         # has several targets: each attempt then has its own (web/stream.py).
         self.first_token_timeout = math.inf
-        # The providers tried, in order (several when a route falls back).
+        # The providers tried, in order (several when a route falls back); ``routed``:
+        # the routes are GATEWAY_CONFIG's, and the client is told who served it.
         self.attempts: list[Attempt] = []
+        self.routed = False
         self.last_delta_at = self.started_at
         # The end of the relay's last write: the provider's silence is counted from
         # the later of it and the last delta, since a relay blocked writing to a slow

@@ -294,13 +294,17 @@ async def open_stream(
     status = response.status_code
     if status >= 400:
         body = b""
+        failed = UpstreamResponse(response)
         try:
             with anyio.move_on_after(_CLOSE_TIMEOUT):
-                body = await _read_limited(response)
-        except httpx.HTTPError:
+                body = await _read_limited(failed)
+        except UpstreamError:
             pass
         finally:
-            await UpstreamResponse(response).aclose()
+            # Not kept for another request: a provider that answers with an error may
+            # be overloaded, and a route's next target opens its own (docs/routing.md).
+            failed.abort()
+            await failed.aclose()
         # The provider's body may echo the prompt or account details: only the status
         # reaches the client; its error type and code reach the log.
         raise UpstreamStatusError(
@@ -349,11 +353,10 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
     return receive
 
 
-async def _read_limited(response: httpx.Response) -> bytes:
-    """Read a short error body to its end, so the connection can go back to the pool;
-    a longer one is cut (and its connection closed). Read as sent, never decoded."""
+async def _read_limited(response: UpstreamResponse) -> bytes:
+    """A short error body, to its end; a longer one cut. Read as sent, never decoded."""
     body = bytearray()
-    async for chunk in response.aiter_raw():
+    while chunk := await response.read():
         body += chunk
         if len(body) > _ERROR_BODY_LIMIT:
             break

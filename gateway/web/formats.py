@@ -17,7 +17,7 @@ from ..core.events import (
     json_string,
     json_text,
 )
-from ..core.report import reported_usage, terminal_event
+from ..core.report import reported_usage, routing_report, terminal_event
 from ..core.session import Completed, Failed, Session, Stopped
 from ..errors import AnswerTooLarge
 from ..provider.parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
@@ -196,7 +196,9 @@ class ChatCompletionChunks(AnswerFormat):
             return _data(_failure_body(outcome))
         extra: dict[str, object] = {}
         if isinstance(outcome, Completed):
-            out = self._chunk({}, outcome.finish_reason or "stop")
+            if session.routed:
+                extra["gateway"] = routing_report(session)
+            out = self._chunk({}, outcome.finish_reason or "stop", **extra)
         else:
             assert isinstance(outcome, Stopped)
             extra["gateway"] = _gateway_report(session)
@@ -342,6 +344,8 @@ class ChatCompletion(AnswerFormat):
         }
         if isinstance(outcome, Completed):
             finish_reason = outcome.finish_reason or "stop"
+            if session.routed:
+                answer["gateway"] = routing_report(session)
         else:
             assert isinstance(outcome, Stopped)
             finish_reason = CANCELLED

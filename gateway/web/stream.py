@@ -94,6 +94,7 @@ class ChatStream:
         except APIError as exc:
             await error_response(exc)(scope, receive, send)
             return
+        session.routed = bool(self._gateway.settings.providers)
         targets = self._plan.targets
         if len(targets) == 1:
             # One target: the watchdog's first-token timeout is its provider's. With
@@ -298,6 +299,7 @@ class ChatStream:
                         parser = ProviderStreamParser()
                         first = await self._first_delta(session, upstream, parser)
                         attempt.result = "served"
+                        attempt.served = True
                         return upstream, parser, first
                 except UpstreamError as exc:
                     attempt.code, attempt.upstream_status = exc.code, exc.upstream_status
@@ -310,7 +312,7 @@ class ChatStream:
                         exc.code,
                     )
                 finally:
-                    if attempt.result != "served":
+                    if not attempt.served:
                         attempt.ended_at = session.clock()
                         attempt.result = "stopped" if session.outcome is not None else "failed"
                         session.upstream = None
@@ -481,7 +483,7 @@ def _is_delta(delta: Delta) -> bool:
 
 def _settle_attempt(session: Session) -> None:
     """The served attempt's result once the stream has an outcome."""
-    if session.attempts and session.attempts[-1].result == "served":
+    if session.attempts and session.attempts[-1].served:
         attempt = session.attempts[-1]
         attempt.ended_at = session.clock()
         if isinstance(session.outcome, Stopped):
