@@ -183,6 +183,11 @@ async def _events(h: Harness, sid: str, model: str) -> list[Any]:
     return events
 
 
+async def _asked_once(simulator: Simulator) -> None:
+    with anyio.fail_after(WAIT):
+        await simulator.wait_until(lambda: len(simulator.records) == 1)
+
+
 def _models_asked(simulator: Simulator) -> list[object]:
     return [r.get("model") for r in simulator.requests]
 
@@ -327,8 +332,7 @@ async def test_a_stop_during_an_attempt_closes_it_and_starts_no_other(
             async with h.stream(sid, model="chat") as s:
                 assert (await s.next()) is not None  # start
                 simulator, port = served["silent"]
-                with anyio.fail_after(WAIT):
-                    await simulator.wait_until(lambda: len(simulator.records) == 1)
+                await _asked_once(simulator)
                 assert (await h.cancel(sid)).status_code == 200
                 # Closed before the cancel's 200.
                 assert established_to(port) == 0
@@ -405,3 +409,60 @@ async def test_each_provider_receives_its_own_headers_query_and_model(
     assert "authorization" not in headers
     assert headers["x-team"] == "chat"
     assert json.loads(body)["model"] == "gpt-4o"
+
+
+async def test_a_hedge_starts_the_next_target_and_closes_the_loser(tmp_path: Path) -> None:
+    async with _simulators(
+        silent=sim_config(stall_after=0), healthy=sim_config(tokens=3)
+    ) as served:
+        routes = (
+            '[models.fast]\ntargets = [{ provider = "silent" }, { provider = "healthy" }]\n'
+            'strategy = "hedge"\nhedge_after = 0.2\n'
+        )
+        async with Harness(config=_config(tmp_path, served, routes)) as h:
+            events = await _events(h, "route_hedge_loser", "fast")
+            assert [e.event for e in events] == ["start"] + ["token"] * 3 + ["done"]
+            first, second = events[-1].data["attempts"]
+            assert (first["provider"], first["result"]) == ("silent", "hedge_lost")
+            assert (second["provider"], second["result"]) == ("healthy", "served")
+            assert second["started_ms"] >= 200
+            assert events[-1].data["provider"] == "healthy"
+            # The loser's connection was closed when the winner's first delta came.
+            simulator, port = served["silent"]
+            assert (await h.closed(simulator.records[-1])).outcome == "closed_by_client"
+            assert established_to(port) == 0
+
+
+async def test_a_hedge_whose_first_target_answers_in_time_starts_no_other(tmp_path: Path) -> None:
+    async with _simulators(healthy=sim_config(tokens=3), spare=sim_config()) as served:
+        routes = (
+            '[models.fast]\ntargets = [{ provider = "healthy" }, { provider = "spare" }]\n'
+            'strategy = "hedge"\nhedge_after = 5\n'
+        )
+        async with Harness(config=_config(tmp_path, served, routes)) as h:
+            events = await _events(h, "route_hedge_in_time", "fast")
+            assert [a["provider"] for a in events[-1].data["attempts"]] == ["healthy"]
+            assert _models_asked(served["spare"][0]) == []
+
+
+async def test_a_stop_closes_both_hedged_attempts_before_its_200(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _simulators(one=sim_config(stall_after=0), two=sim_config(stall_after=0)) as served:
+        routes = (
+            '[models.fast]\ntargets = [{ provider = "one" }, { provider = "two" }]\n'
+            'strategy = "hedge"\nhedge_after = 0.1\n'
+        )
+        async with Harness(config=_config(tmp_path, served, routes)) as h:
+            sid = "route_hedge_stopped"
+            async with h.stream(sid, model="fast") as s:
+                assert (await s.next()) is not None  # start
+                for simulator, _ in served.values():
+                    await _asked_once(simulator)
+                assert sum(established_to(port) for _, port in served.values()) == 2
+                assert (await h.cancel(sid)).status_code == 200
+                assert sum(established_to(port) for _, port in served.values()) == 0
+                events = await s.rest()
+            assert events[-1].event == "stopped"
+            assert [a["result"] for a in events[-1].data["attempts"]] == ["stopped", "stopped"]
+            await h.assert_ended_cleanly(caplog, sid, "reason=cancel")

@@ -42,7 +42,7 @@ from ..provider.parser import (
     Refusal,
     ToolCallDelta,
 )
-from ..provider.routing import Plan
+from ..provider.routing import Plan, Upstream
 from ..resume.follow import log_parked
 from ..resume.stream import ResumableStream
 from .formats import AnswerFormat, GatewayEvents
@@ -262,74 +262,176 @@ class ChatStream:
             if self._waiting is not None:
                 self._waiting.cancel()
 
-    async def _open(
-        self, session: Session
-    ) -> tuple[UpstreamResponse, ProviderStreamParser, list[ParsedChunk]] | None:
-        """The plan's targets in turn, until one gives a delta (or ends its answer
-        without one): that provider's open response, its parser and what it sent up to
-        and with its first delta. A target fails over to the next one only before a
-        delta has reached the client, and its connection is closed before the next one
-        opens (docs/routing.md). ``None`` when a stop came first; an ``UpstreamError``
-        when the last target failed, or one that does not fall through.
+    async def _open(self, session: Session) -> _Opened | None:
+        """The plan's targets, until one gives a delta (or ends its answer without
+        one): that provider's open response, its parser and what it sent up to and
+        with its first delta. In turn (``fallback``): a target fails over to the next
+        one only before a delta has reached the client, its connection closed before
+        the next one opens; or side by side (``hedge``: ``_hedged``). ``None`` when a
+        stop came first; an ``UpstreamError`` when the last target failed, or one that
+        does not fall through (docs/routing.md).
 
-        Runs in the session's scope: a stop cancels an opening or a wait for the
-        first delta, and no attempt starts after it."""
+        Runs in the session's scope: a stop cancels every opening or wait for a first
+        delta, and no attempt starts after it."""
         plan = self._plan
         scope = session.scope
         assert scope is not None
         last = len(plan.targets) - 1
         with scope:
+            if last and plan.route.strategy == "hedge":
+                return await self._hedged(session)
             for i, (provider, model) in enumerate(plan.targets):
                 if session.outcome is not None:
                     return None  # a stop between two attempts: no further attempt
-                attempt = Attempt(provider.name, model, session.clock())
-                session.attempts.append(attempt)
-                payload = self._payload
-                if model != payload["model"]:
-                    payload = {**payload, "model": model}
-                upstream: UpstreamResponse | None = None
                 # With one target, the watchdog times the first token (as it always has).
                 within = provider.first_token_timeout if last else math.inf
                 try:
-                    with anyio.move_on_after(within) as waiting:
-                        upstream = await open_stream(
-                            provider.client, provider.base_url, payload, self._upstream_headers
-                        )
-                        session.upstream = upstream
-                        parser = ProviderStreamParser()
-                        first = await self._first_delta(session, upstream, parser)
-                        attempt.result = "served"
-                        attempt.served = True
-                        return upstream, parser, first
+                    return await self._attempt(session, provider, model, within)
                 except UpstreamError as exc:
-                    attempt.code, attempt.upstream_status = exc.code, exc.upstream_status
                     if i == last or not plan.falls_through(exc.upstream_status):
                         raise
-                    logger.info(
-                        "[SSE] %s provider %s failed before the first delta (%s); next target",
-                        session.id,
-                        provider.name,
-                        exc.code,
-                    )
-                finally:
-                    if not attempt.served:
-                        attempt.ended_at = session.clock()
-                        attempt.result = "stopped" if session.outcome is not None else "failed"
-                        session.upstream = None
-                        if upstream is not None:
-                            await upstream.aclose()
-                if waiting.cancelled_caught:
-                    attempt.code = "first_token_timeout"
+                    _log_next(session, provider, exc.code)
+                except _NoDelta:
                     if i == last:
                         session.cancel("timeout", "first_token")
                         return None
-                    logger.info(
-                        "[SSE] %s provider %s sent no delta in %gs; next target",
-                        session.id,
-                        provider.name,
-                        within,
-                    )
+                    _log_next(session, provider, "first_token_timeout")
         return None
+
+    async def _hedged(self, session: Session) -> _Opened | None:
+        """The targets side by side: the next one starts when those running have sent
+        no delta for ``hedge_after`` (or at once when one fails); the first to send a
+        delta wins, and every other attempt's connection is closed then."""
+        plan = self._plan
+        targets = plan.targets
+        attempts: list[Attempt] = []
+        send, receive = anyio.create_memory_object_stream[tuple[int, _Opened | Exception]](
+            len(targets)
+        )
+        won: _Opened | None = None
+        failure: Exception | None = None
+
+        async def run(i: int) -> None:
+            provider, model = targets[i]
+            try:
+                opened = await self._attempt(
+                    session, provider, model, provider.first_token_timeout, attempts[i]
+                )
+            except (UpstreamError, _NoDelta) as exc:
+                send.send_nowait((i, exc))
+                return
+            send.send_nowait((i, opened))
+
+        with send, receive:
+            async with anyio.create_task_group() as tg:
+
+                def start(i: int) -> None:
+                    provider, model = targets[i]
+                    attempts.append(Attempt(provider.name, model, session.clock()))
+                    session.attempts.append(attempts[i])
+                    tg.start_soon(run, i)
+
+                start(0)
+                started = running = 1
+                while running:
+                    got = None
+                    with anyio.move_on_after(
+                        plan.route.hedge_after if started < len(targets) else math.inf
+                    ):
+                        got = await receive.receive()
+                    if got is None:
+                        # No delta in time: the next target starts beside the others.
+                        logger.info(
+                            "[SSE] %s no delta in %gs; hedging with provider %s",
+                            session.id,
+                            plan.route.hedge_after,
+                            targets[started][0].name,
+                        )
+                        start(started)
+                        started, running = started + 1, running + 1
+                        continue
+                    running -= 1
+                    i, result = got
+                    if isinstance(result, tuple):
+                        won = result
+                        break
+                    failure = result
+                    if isinstance(result, UpstreamError) and not plan.falls_through(
+                        result.upstream_status
+                    ):
+                        break
+                    _log_next(
+                        session, targets[i][0], getattr(result, "code", "first_token_timeout")
+                    )
+                    if started < len(targets) and session.outcome is None:
+                        start(started)
+                        started, running = started + 1, running + 1
+                for attempt in attempts:
+                    if attempt.result is None:
+                        attempt.result = "hedge_lost" if won is not None else "abandoned"
+                tg.cancel_scope.cancel()
+            # An attempt that reached its first delta just after the winner did.
+            while True:
+                try:
+                    i, result = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                if isinstance(result, tuple):
+                    attempts[i].result, attempts[i].served = "hedge_lost", False
+                    await result[0].aclose()
+        if won is not None or session.outcome is not None:
+            return won
+        if isinstance(failure, _NoDelta):
+            session.cancel("timeout", "first_token")
+            return None
+        assert failure is not None
+        raise failure
+
+    async def _attempt(
+        self,
+        session: Session,
+        provider: Upstream,
+        model: str,
+        within: float,
+        hedged: Attempt | None = None,
+    ) -> _Opened:
+        """One target: open its response and read it to its first delta, within
+        ``within`` seconds (``_NoDelta`` past them). Recorded in ``session.attempts``
+        (a hedged attempt is, before it starts); on any failure or cancellation, its
+        connection is closed before this returns."""
+        attempt = hedged
+        if attempt is None:
+            attempt = Attempt(provider.name, model, session.clock())
+            session.attempts.append(attempt)
+        payload = self._payload
+        if model != payload["model"]:
+            payload = {**payload, "model": model}
+        upstream: UpstreamResponse | None = None
+        try:
+            with anyio.move_on_after(within):
+                upstream = await open_stream(
+                    provider.client, provider.base_url, payload, self._upstream_headers
+                )
+                if hedged is None:
+                    session.upstream = upstream  # one attempt at a time: a stop aborts it
+                parser = ProviderStreamParser()
+                first = await self._first_delta(session, upstream, parser)
+                attempt.result, attempt.served = "served", True
+                return upstream, parser, first
+            attempt.code = "first_token_timeout"
+            raise _NoDelta
+        except UpstreamError as exc:
+            attempt.code, attempt.upstream_status = exc.code, exc.upstream_status
+            raise
+        finally:
+            if not attempt.served:
+                attempt.ended_at = session.clock()
+                if attempt.result is None:
+                    attempt.result = "stopped" if session.outcome is not None else "failed"
+                if upstream is not None:
+                    if session.upstream is upstream:
+                        session.upstream = None
+                    await upstream.aclose()
 
     async def _first_delta(
         self, session: Session, upstream: UpstreamResponse, parser: ProviderStreamParser
@@ -474,6 +576,22 @@ class ChatStream:
                         receive = None  # nothing comes after it
             finally:
                 self._waiting = None
+
+
+_Opened = tuple[UpstreamResponse, ProviderStreamParser, list[ParsedChunk]]
+
+
+class _NoDelta(Exception):
+    """An attempt's provider sent no delta within its first-token timeout."""
+
+
+def _log_next(session: Session, provider: Upstream, why: str) -> None:
+    logger.info(
+        "[SSE] %s provider %s failed before the first delta (%s); next target",
+        session.id,
+        provider.name,
+        why,
+    )
 
 
 def _is_delta(delta: Delta) -> bool:
