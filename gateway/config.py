@@ -64,6 +64,11 @@ class ProviderConfig:
     headers: tuple[tuple[str, str], ...] = ()
     connect_timeout: float | None = None
     first_token_timeout: float | None = None
+    # Skipped by routes for ``cooldown`` seconds once it has failed
+    # ``cooldown_failures`` times within ``cooldown_window`` seconds (per instance).
+    cooldown_failures: int = 3
+    cooldown_window: float = 30.0
+    cooldown: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,9 @@ class _Reader:
 
 
 _PROVIDER_KEYS = {
+    "cooldown",
+    "cooldown_failures",
+    "cooldown_window",
     "base_url",
     "api_key_env",
     "auth_header",
@@ -220,7 +228,17 @@ def _provider(
         headers=headers,
         connect_timeout=reader.seconds(table, where, "connect_timeout"),
         first_token_timeout=reader.seconds(table, where, "first_token_timeout"),
+        cooldown_failures=_count(reader, table, where, "cooldown_failures", 3),
+        cooldown_window=reader.seconds(table, where, "cooldown_window") or 30.0,
+        cooldown=reader.seconds(table, where, "cooldown") or 30.0,
     )
+
+
+def _count(reader: _Reader, table: dict[str, Any], where: str, key: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise reader.fail(where, f"{key} must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def _route(reader: _Reader, name: str, table: dict[str, Any], providers: set[str]) -> RouteConfig:

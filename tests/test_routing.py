@@ -17,6 +17,7 @@ from anyio.abc import SocketStream
 
 from gateway import ConfigError, Settings
 from gateway.config import read_config
+from gateway.provider.routing import Cooldown
 from gateway.server.serve import load_config
 from gateway.tools.simulator import Simulator, SimulatorConfig
 
@@ -466,3 +467,42 @@ async def test_a_stop_closes_both_hedged_attempts_before_its_200(
             assert events[-1].event == "stopped"
             assert [a["result"] for a in events[-1].data["attempts"]] == ["stopped", "stopped"]
             await h.assert_ended_cleanly(caplog, sid, "reason=cancel")
+
+
+def test_a_cooldown_opens_after_n_failures_in_its_window_and_probes_once() -> None:
+    cooldown = Cooldown(failures=2, window=10.0, pause=30.0)
+    assert cooldown.take(0.0) is False
+    cooldown.settle(False, 0.0, False)
+    # The first failure left the window before the second came.
+    assert cooldown.take(11.0) is False
+    cooldown.settle(False, 11.0, False)
+    assert not cooldown.cooling(11.5)
+    cooldown.settle(False, 12.0, False)
+    assert cooldown.cooling(12.0)
+    assert cooldown.take(41.9) is None
+    # Past the pause: one probe, and the others still skip the provider.
+    assert cooldown.take(42.0) is True
+    assert cooldown.take(42.0) is None
+    cooldown.settle(False, 43.0, True)
+    assert cooldown.take(72.9) is None
+    assert cooldown.take(73.0) is True
+    # A probe that was stopped says nothing: the next stream probes.
+    cooldown.settle(None, 73.5, True)
+    assert cooldown.take(74.0) is True
+    cooldown.settle(True, 75.0, True)
+    assert not cooldown.cooling(75.0)
+    assert cooldown.take(75.0) is False
+
+
+async def test_a_provider_cooling_down_is_skipped_by_the_next_streams(tmp_path: Path) -> None:
+    async with _simulators(busy=sim_config(status=429), healthy=sim_config(tokens=2)) as served:
+        routes = '[models.chat]\ntargets = [{ provider = "busy" }, { provider = "healthy" }]\n'
+        extra = "cooldown_failures = 2\ncooldown_window = 60\ncooldown = 60"
+        async with Harness(config=_config(tmp_path, served, routes, busy=extra)) as h:
+            results = []
+            for i in range(3):
+                events = await _events(h, f"route_cooldown_{i}", "chat")
+                assert events[-1].event == "done"
+                results.append([a["result"] for a in events[-1].data["attempts"]])
+            assert results == [["failed", "served"], ["failed", "served"], ["cooldown", "served"]]
+            assert len(served["busy"][0].requests) == 2

@@ -18,13 +18,70 @@ from ..config import CATCH_ALL, ProviderConfig, RouteConfig
 from ..settings import Settings
 from .client import ModelList, create_client
 
-__all__ = ["Plan", "Providers", "Upstream"]
+__all__ = ["Cooldown", "Plan", "Providers", "Upstream"]
 
 _CLOSE_TIMEOUT = 5.0
 
 
+class Cooldown:
+    """A provider's failures, and whether routes skip it (per instance).
+
+    ``failures`` failures within ``window`` seconds open it: routes skip the provider
+    for ``pause`` seconds. Then one stream may try it (the probe, half-open) while the
+    others still skip it: a success closes it, a failure opens it again for ``pause``.
+    """
+
+    __slots__ = ("_failures", "_open_until", "_pause", "_probing", "_times", "_window")
+
+    def __init__(self, failures: int, window: float, pause: float) -> None:
+        self._failures = failures
+        self._window = window
+        self._pause = pause
+        self._times: list[float] = []
+        self._open_until: float | None = None
+        self._probing = False
+
+    def cooling(self, now: float) -> bool:
+        """Whether a route skips the provider now (``take`` would say no)."""
+        if self._open_until is None:
+            return False
+        return now < self._open_until or self._probing
+
+    def take(self, now: float) -> bool | None:
+        """May a stream try the provider now? ``None``: no (skip it); ``False``: yes;
+        ``True``: yes, as the probe past a pause, which must then be settled."""
+        if self.cooling(now):
+            return None
+        if self._open_until is not None:
+            self._probing = True
+            return True
+        return False
+
+    def settle(self, result: bool | None, now: float, probe: bool) -> None:
+        """An attempt's end: ``True`` served, ``False`` failed as a provider fails
+        (no connection, a timeout, 408, 429, 5xx, a broken stream), ``None`` neither
+        (stopped, lost a hedge, or refused the request itself). ``probe``: the
+        attempt was the probe (``take`` said ``True``)."""
+        probing = probe and self._probing
+        if probe:
+            self._probing = False
+        if result is True and probing:
+            self._open_until = None
+            self._times.clear()
+        elif result is False:
+            if probing:
+                self._open_until = now + self._pause
+                return
+            self._times = [t for t in self._times if now - t < self._window]
+            self._times.append(now)
+            if len(self._times) >= self._failures:
+                self._open_until = now + self._pause
+                self._times.clear()
+
+
 class Upstream:
-    """One provider: its client, the base URL requests go to, its timeouts."""
+    """One provider: its client, the base URL requests go to, its timeouts, and
+    whether routes skip it for now (``cooldown``)."""
 
     def __init__(self, config: ProviderConfig, settings: Settings, base_url: str) -> None:
         self.name = config.name
@@ -33,6 +90,7 @@ class Upstream:
         self.client: httpx.AsyncClient = create_client(settings, config)
         self.models = ModelList()
         self.first_token_timeout = config.first_token_timeout or settings.first_token_timeout
+        self.cooldown = Cooldown(config.cooldown_failures, config.cooldown_window, config.cooldown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +99,11 @@ class Plan:
 
     route: RouteConfig
     targets: tuple[tuple[Upstream, str], ...]
+
+    def all_cooling(self, now: float) -> bool:
+        """Every target is cooling down: the route then tries them all anyway, rather
+        than fail a stream no provider was asked for."""
+        return all(provider.cooldown.cooling(now) for provider, _ in self.targets)
 
     def falls_through(self, status: int | None) -> bool:
         """Whether a failed attempt with this provider status is followed by the next

@@ -30,7 +30,13 @@ from ..core.registry import ANONYMOUS
 from ..core.report import log_end
 from ..core.session import Attempt, Completed, Failed, Session, Stopped
 from ..core.sink import Sink
-from ..errors import APIError, SessionConflict, UpstreamError, UpstreamProtocolError
+from ..errors import (
+    APIError,
+    SessionConflict,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamUnavailable,
+)
 from ..logs import loggable
 from ..provider.client import UpstreamResponse, open_stream
 from ..provider.parser import (
@@ -276,27 +282,56 @@ class ChatStream:
         plan = self._plan
         scope = session.scope
         assert scope is not None
-        last = len(plan.targets) - 1
+        several = len(plan.targets) > 1
+        failure: Exception | None = None
         with scope:
-            if last and plan.route.strategy == "hedge":
+            if several and plan.route.strategy == "hedge":
                 return await self._hedged(session)
-            for i, (provider, model) in enumerate(plan.targets):
+            anyway = plan.all_cooling(session.clock())
+            for provider, model in plan.targets:
                 if session.outcome is not None:
                     return None  # a stop between two attempts: no further attempt
+                probe = self._take(session, provider, model, anyway)
+                if probe is None:
+                    continue
                 # With one target, the watchdog times the first token (as it always has).
-                within = provider.first_token_timeout if last else math.inf
+                within = provider.first_token_timeout if several else math.inf
                 try:
-                    return await self._attempt(session, provider, model, within)
+                    return await self._attempt(session, provider, model, within, probe)
                 except UpstreamError as exc:
-                    if i == last or not plan.falls_through(exc.upstream_status):
+                    if not plan.falls_through(exc.upstream_status):
                         raise
-                    _log_next(session, provider, exc.code)
-                except _NoDelta:
-                    if i == last:
-                        session.cancel("timeout", "first_token")
-                        return None
-                    _log_next(session, provider, "first_token_timeout")
-        return None
+                    failure = exc
+                except _NoDelta as exc:
+                    failure = exc
+                _log_next(session, provider, getattr(failure, "code", "first_token_timeout"))
+            return self._none_served(session, failure)
+        return None  # a stop cancelled the scope
+
+    @staticmethod
+    def _take(session: Session, provider: Upstream, model: str, anyway: bool) -> bool | None:
+        """Whether ``provider`` may be tried now (its cooldown's ``take``); a provider
+        skipped is recorded as an attempt with the result ``cooldown``."""
+        if anyway:
+            return False
+        probe = provider.cooldown.take(session.clock())
+        if probe is None:
+            now = session.clock()
+            session.attempts.append(Attempt(provider.name, model, now, "cooldown", ended_at=now))
+        return probe
+
+    @staticmethod
+    def _none_served(session: Session, failure: Exception | None) -> None:
+        """No target served: the last failure is the stream's (a first-token timeout
+        ends it as the watchdog's would)."""
+        if session.outcome is not None:
+            return None
+        if isinstance(failure, UpstreamError):
+            raise failure
+        if isinstance(failure, _NoDelta):
+            session.cancel("timeout", "first_token")
+            return None
+        raise UpstreamUnavailable("every provider of the route is cooling down")
 
     async def _hedged(self, session: Session) -> _Opened | None:
         """The targets side by side: the next one starts when those running have sent
@@ -304,18 +339,19 @@ class ChatStream:
         delta wins, and every other attempt's connection is closed then."""
         plan = self._plan
         targets = plan.targets
-        attempts: list[Attempt] = []
+        # The hedged attempts by target index (a target skipped has none).
+        attempts: dict[int, Attempt] = {}
         send, receive = anyio.create_memory_object_stream[tuple[int, _Opened | Exception]](
             len(targets)
         )
         won: _Opened | None = None
         failure: Exception | None = None
 
-        async def run(i: int) -> None:
+        async def run(i: int, probe: bool) -> None:
             provider, model = targets[i]
             try:
                 opened = await self._attempt(
-                    session, provider, model, provider.first_token_timeout, attempts[i]
+                    session, provider, model, provider.first_token_timeout, probe, attempts[i]
                 )
             except (UpstreamError, _NoDelta) as exc:
                 send.send_nowait((i, exc))
@@ -325,14 +361,24 @@ class ChatStream:
         with send, receive:
             async with anyio.create_task_group() as tg:
 
-                def start(i: int) -> None:
-                    provider, model = targets[i]
-                    attempts.append(Attempt(provider.name, model, session.clock()))
-                    session.attempts.append(attempts[i])
-                    tg.start_soon(run, i)
+                def start(i: int) -> int:
+                    """Start the first target from ``i`` not cooling down; the index
+                    after it (``len(targets)`` when none was left)."""
+                    while i < len(targets):
+                        provider, model = targets[i]
+                        probe = self._take(session, provider, model, anyway)
+                        if probe is not None:
+                            attempt = Attempt(provider.name, model, session.clock())
+                            attempts[i] = attempt
+                            session.attempts.append(attempt)
+                            tg.start_soon(run, i, probe)
+                            return i + 1
+                        i += 1
+                    return i
 
-                start(0)
-                started = running = 1
+                anyway = plan.all_cooling(session.clock())
+                started = start(0)
+                running = 1 if attempts else 0
                 while running:
                     got = None
                     with anyio.move_on_after(
@@ -342,13 +388,12 @@ class ChatStream:
                     if got is None:
                         # No delta in time: the next target starts beside the others.
                         logger.info(
-                            "[SSE] %s no delta in %gs; hedging with provider %s",
+                            "[SSE] %s no delta in %gs; hedging with the next target",
                             session.id,
                             plan.route.hedge_after,
-                            targets[started][0].name,
                         )
-                        start(started)
-                        started, running = started + 1, running + 1
+                        before, started = len(attempts), start(started)
+                        running += len(attempts) - before
                         continue
                     running -= 1
                     i, result = got
@@ -364,9 +409,9 @@ class ChatStream:
                         session, targets[i][0], getattr(result, "code", "first_token_timeout")
                     )
                     if started < len(targets) and session.outcome is None:
-                        start(started)
-                        started, running = started + 1, running + 1
-                for attempt in attempts:
+                        before, started = len(attempts), start(started)
+                        running += len(attempts) - before
+                for attempt in attempts.values():
                     if attempt.result is None:
                         attempt.result = "hedge_lost" if won is not None else "abandoned"
                 tg.cancel_scope.cancel()
@@ -379,13 +424,9 @@ class ChatStream:
                 if isinstance(result, tuple):
                     attempts[i].result, attempts[i].served = "hedge_lost", False
                     await result[0].aclose()
-        if won is not None or session.outcome is not None:
+        if won is not None:
             return won
-        if isinstance(failure, _NoDelta):
-            session.cancel("timeout", "first_token")
-            return None
-        assert failure is not None
-        raise failure
+        return self._none_served(session, failure)
 
     async def _attempt(
         self,
@@ -393,6 +434,7 @@ class ChatStream:
         provider: Upstream,
         model: str,
         within: float,
+        probe: bool,
         hedged: Attempt | None = None,
     ) -> _Opened:
         """One target: open its response and read it to its first delta, within
@@ -407,6 +449,8 @@ class ChatStream:
         if model != payload["model"]:
             payload = {**payload, "model": model}
         upstream: UpstreamResponse | None = None
+        # For the provider's cooldown: True served, False failed as a provider fails.
+        health: bool | None = None
         try:
             with anyio.move_on_after(within):
                 upstream = await open_stream(
@@ -417,13 +461,18 @@ class ChatStream:
                 parser = ProviderStreamParser()
                 first = await self._first_delta(session, upstream, parser)
                 attempt.result, attempt.served = "served", True
+                health = session.outcome is None or None
                 return upstream, parser, first
             attempt.code = "first_token_timeout"
+            health = False
             raise _NoDelta
         except UpstreamError as exc:
             attempt.code, attempt.upstream_status = exc.code, exc.upstream_status
+            if session.outcome is None and self._plan.falls_through(exc.upstream_status):
+                health = False
             raise
         finally:
+            provider.cooldown.settle(health, session.clock(), probe)
             if not attempt.served:
                 attempt.ended_at = session.clock()
                 if attempt.result is None:
