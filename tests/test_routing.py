@@ -432,6 +432,16 @@ async def test_a_hedge_starts_the_next_target_and_closes_the_loser(tmp_path: Pat
             simulator, port = served["silent"]
             assert (await h.closed(simulator.records[-1])).outcome == "closed_by_client"
             assert established_to(port) == 0
+            metrics = (await h.client.get("/metrics")).text
+            for line in (
+                'gateway_provider_attempts_total{provider="silent",result="hedge_lost"} 1.0',
+                'gateway_provider_attempts_total{provider="healthy",result="served"} 1.0',
+                'gateway_provider_attempts_total{provider="healthy",result="failed"} 0.0',
+                'gateway_provider_responses_open{provider="silent"} 0.0',
+                'gateway_provider_responses_open{provider="healthy"} 0.0',
+                'gateway_provider_time_to_first_delta_seconds_count{provider="healthy"} 1.0',
+            ):
+                assert line in metrics, line
 
 
 async def test_a_hedge_whose_first_target_answers_in_time_starts_no_other(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from ..provider.parser import token_counts
 from .report import outcome_label
 from .session import Completed, Failed, Session, Stopped
 
-__all__ = ["CANCEL_RESULTS", "OUTCOMES", "Metrics"]
+__all__ = ["ATTEMPT_RESULTS", "CANCEL_RESULTS", "OUTCOMES", "Metrics"]
 
 OUTCOMES = (
     "completed",
@@ -43,6 +43,8 @@ OUTCOMES = (
 )
 _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
+# What became of an attempt at a provider (core/session.py, Attempt).
+ATTEMPT_RESULTS = ("served", "failed", "stopped", "hedge_lost", "cooldown", "abandoned")
 _KINDS = ("content", "reasoning", "tool_call", "refusal")
 _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
 # Stop latencies are milliseconds on loopback, seconds when something is wrong.
@@ -54,7 +56,7 @@ _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 60
 class Metrics:
     """The gateway's metrics, in a registry of their own (one per app)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, providers: tuple[str, ...] = ()) -> None:
         # Off (GATEWAY_METRICS=off), nothing is created or counted: in multiprocess
         # mode not even the files.
         self.enabled = enabled
@@ -120,8 +122,34 @@ class Metrics:
             # Over several workers: 0 if any live one cannot reach Redis.
             multiprocess_mode="livemin",
         )
+        # Per configured provider (GATEWAY_CONFIG's names, or "default"): bounded.
+        self.attempts = Counter(
+            "gateway_provider_attempts",
+            "Attempts at a provider, by result (docs/routing.md), counted when the stream ends.",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.provider_first_delta = Histogram(
+            "gateway_provider_time_to_first_delta_seconds",
+            "From an attempt's start to its provider's first delta, for the attempt that served.",
+            ["provider"],
+            buckets=_FIRST_DELTA_BUCKETS,
+            registry=r,
+        )
+        self.provider_open = Gauge(
+            "gateway_provider_responses_open",
+            "Provider responses open now (two for a stream while it hedges).",
+            ["provider"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         # Every label value exists from the start: a rate over a series that appears
         # mid-way misses its first increment.
+        for provider in providers:
+            for result in ATTEMPT_RESULTS:
+                self.attempts.labels(provider, result)
+            self.provider_first_delta.labels(provider)
+            self.provider_open.labels(provider)
         for outcome in OUTCOMES:
             self.ended.labels(outcome)
             self.duration.labels(outcome)
@@ -165,6 +193,16 @@ class Metrics:
                 self.provider_tokens.labels(kind).inc(count)
         if isinstance(stopped, Failed) and stopped.code.startswith("upstream_"):
             self.upstream_errors.labels(stopped.code).inc()
+        for attempt in session.attempts:
+            self.attempts.labels(attempt.provider, attempt.result or "failed").inc()
+            if attempt.served and session.first_delta_at is not None:
+                delay = max(0.0, session.first_delta_at - attempt.started_at)
+                self.provider_first_delta.labels(attempt.provider).observe(delay)
+
+    def provider_opened(self, provider: str, delta: int) -> None:
+        """A provider response opened (``+1``) or closed (``-1``)."""
+        if self.enabled:
+            self.provider_open.labels(provider).inc(delta)
 
     def cancel_request(self, result: str) -> None:
         if not self.enabled:

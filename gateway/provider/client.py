@@ -155,6 +155,8 @@ class UpstreamResponse:
             self._receive = _reader(response.aiter_raw())
             self._close = response.aclose
         self.aborted = False
+        # The configured provider's name (provider/routing.py), for its metrics.
+        self.provider = ""
 
     async def read(self) -> bytes:
         """The next bytes of the body; ``b""`` at its end, or once aborted."""

@@ -114,7 +114,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_per_principal=settings.max_sessions_per_principal if authenticated else None,
         ),
         auth=Authenticator(settings),
-        metrics=Metrics(enabled=settings.metrics),
+        metrics=Metrics(
+            enabled=settings.metrics,
+            providers=tuple(p.name for p in settings.providers_and_routes()[0]),
+        ),
         resume=(
             ResumeStore(
                 settings.resume_window,

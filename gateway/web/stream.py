@@ -256,7 +256,7 @@ class ChatStream:
                 # Never aborted once closed: the connection may serve another request.
                 session.upstream = None
                 if upstream is not None:
-                    await upstream.aclose()
+                    await self._close(upstream)
                 _settle_attempt(session)
                 if session.provider_closed_at is None:
                     session.provider_closed_at = anyio.current_time()
@@ -307,6 +307,10 @@ class ChatStream:
                 _log_next(session, provider, getattr(failure, "code", "first_token_timeout"))
             return self._none_served(session, failure)
         return None  # a stop cancelled the scope
+
+    async def _close(self, upstream: UpstreamResponse) -> None:
+        await upstream.aclose()
+        self._gateway.metrics.provider_opened(upstream.provider, -1)
 
     @staticmethod
     def _take(session: Session, provider: Upstream, model: str, anyway: bool) -> bool | None:
@@ -423,7 +427,7 @@ class ChatStream:
                     break
                 if isinstance(result, tuple):
                     attempts[i].result, attempts[i].served = "hedge_lost", False
-                    await result[0].aclose()
+                    await self._close(result[0])
         if won is not None:
             return won
         return self._none_served(session, failure)
@@ -456,6 +460,8 @@ class ChatStream:
                 upstream = await open_stream(
                     provider.client, provider.base_url, payload, self._upstream_headers
                 )
+                upstream.provider = provider.name
+                self._gateway.metrics.provider_opened(provider.name, 1)
                 if hedged is None:
                     session.upstream = upstream  # one attempt at a time: a stop aborts it
                 parser = ProviderStreamParser()
@@ -480,7 +486,7 @@ class ChatStream:
                 if upstream is not None:
                     if session.upstream is upstream:
                         session.upstream = None
-                    await upstream.aclose()
+                    await self._close(upstream)
 
     async def _first_delta(
         self, session: Session, upstream: UpstreamResponse, parser: ProviderStreamParser
