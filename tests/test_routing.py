@@ -20,6 +20,7 @@ from gateway.config import read_config
 from gateway.provider.routing import Cooldown
 from gateway.server.serve import load_config
 from gateway.tools.simulator import Simulator, SimulatorConfig
+from support.processes import ROOT
 
 from .harness import WAIT, Harness, established_to, read_request, serve_until, sim_config
 
@@ -516,3 +517,12 @@ async def test_a_provider_cooling_down_is_skipped_by_the_next_streams(tmp_path: 
                 results.append([a["result"] for a in events[-1].data["attempts"]])
             assert results == [["failed", "served"], ["failed", "served"], ["cooldown", "served"]]
             assert len(served["busy"][0].requests) == 2
+
+
+def test_the_worked_example_of_the_docs_is_a_valid_file(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "routing.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    keys = {"DEEPSEEK_API_KEY": "k1", "OPENAI_API_KEY": "k2", "AZURE_OPENAI_KEY": "k3"}
+    providers, routes = read_config(_write(tmp_path, example), keys)
+    assert [p.name for p in providers] == ["deepseek", "openai", "vllm", "azure"]
+    assert [r.name for r in routes] == ["chat", "fast", "deepseek-reasoner", "*"]

@@ -263,6 +263,7 @@ def _context(settings: Settings) -> _Context:
             "ambiguous request (a header sent twice, two framings)"
         ),
         **unauthorized,
+        "404": _error("model_not_found: no route of GATEWAY_CONFIG serves the model"),
         "408": _error("the body did not arrive within GATEWAY_BODY_TIMEOUT"),
         "409": _error("a live stream already has this session id"),
         "413": _error("the body is larger than GATEWAY_MAX_BODY_BYTES"),
@@ -294,7 +295,9 @@ def _chat_stream(c: _Context) -> dict[str, Any]:
                 "200": {
                     "description": "events: start; token, reasoning, refusal, "
                     "tool_call, content_part and extra, in the provider's order; then "
-                    "one of done, stopped, error",
+                    "one of done, stopped, error (with GATEWAY_CONFIG, each says "
+                    "the provider and provider_model that served, and the attempts: "
+                    "docs/routing.md)",
                     "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
                     "content": {"text/event-stream": {"schema": _EVENT}},
                 },
