@@ -6,6 +6,7 @@ provider receives. Real sockets: simulators and scripted providers, asyncio and 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -183,6 +184,14 @@ async def _events(h: Harness, sid: str, model: str) -> list[Any]:
         events = await s.rest()
     await h.ended(sid)
     return events
+
+
+async def _closed(simulator: Simulator) -> str:
+    """How the simulator's last stream ended, once it has."""
+    record = simulator.records[-1]
+    with anyio.fail_after(WAIT):
+        await simulator.wait_until(lambda: record.outcome != "streaming")
+    return record.outcome
 
 
 async def _asked_once(simulator: Simulator) -> None:
@@ -431,7 +440,7 @@ async def test_a_hedge_starts_the_next_target_and_closes_the_loser(tmp_path: Pat
             assert events[-1].data["provider"] == "healthy"
             # The loser's connection was closed when the winner's first delta came.
             simulator, port = served["silent"]
-            assert (await h.closed(simulator.records[-1])).outcome == "closed_by_client"
+            assert await _closed(simulator) == "closed_by_client"
             assert established_to(port) == 0
             metrics = (await h.client.get("/metrics")).text
             for line in (
@@ -526,3 +535,79 @@ def test_the_worked_example_of_the_docs_is_a_valid_file(tmp_path: Path) -> None:
     providers, routes = read_config(_write(tmp_path, example), keys)
     assert [p.name for p in providers] == ["deepseek", "openai", "vllm", "azure"]
     assert [r.name for r in routes] == ["chat", "fast", "deepseek-reasoner", "*"]
+
+
+@asynccontextmanager
+async def _two_hedged_attempts(
+    tmp_path: Path, sid: str, **settings: Any
+) -> AsyncIterator[tuple[Harness, Any, dict[str, tuple[Simulator, int]]]]:
+    """A stream whose route has two hedged attempts open, neither sending a delta."""
+    async with _simulators(one=sim_config(stall_after=0), two=sim_config(stall_after=0)) as served:
+        routes = (
+            '[models.fast]\ntargets = [{ provider = "one" }, { provider = "two" }]\n'
+            'strategy = "hedge"\nhedge_after = 0.05\n'
+        )
+        async with (
+            Harness(config=_config(tmp_path, served, routes), **settings) as h,
+            h.stream(sid, model="fast") as s,
+        ):
+            assert (await s.next()) is not None  # start
+            for simulator, _ in served.values():
+                await _asked_once(simulator)
+            yield h, s, served
+
+
+def _closed_at(served: dict[str, tuple[Simulator, int]]) -> list[float]:
+    return [simulator.records[-1].ended_at or 0.0 for simulator, _ in served.values()]
+
+
+async def test_a_client_that_leaves_closes_both_hedged_attempts(tmp_path: Path) -> None:
+    sid = "route_hedge_disconnect"
+    async with _two_hedged_attempts(tmp_path, sid) as (h, s, served):
+        await s.response.aclose()  # the client goes: a disconnect
+        for simulator, port in served.values():
+            assert await _closed(simulator) == "closed_by_client"
+            assert established_to(port) == 0
+        await h.ended(sid)
+        assert h.registry.get(sid) is None
+
+
+async def test_shutdown_closes_both_hedged_attempts(tmp_path: Path) -> None:
+    sid = "route_hedge_shutdown"
+    async with _two_hedged_attempts(tmp_path, sid) as (h, s, served):
+        t0 = time.monotonic()
+        await h.shutdown()
+        events = await s.rest()
+        assert events[-1].event == "stopped"
+        assert events[-1].data["reason"] == "shutdown"
+        for simulator, _ in served.values():
+            assert await _closed(simulator) == "closed_by_client"
+        assert max(_closed_at(served)) - t0 < 1.0
+
+
+async def test_the_total_timeout_closes_both_hedged_attempts(tmp_path: Path) -> None:
+    sid = "route_hedge_total"
+    async with _two_hedged_attempts(tmp_path, sid, max_duration=0.5) as (_, s, served):
+        events = await s.rest()
+        assert events[-1].event == "stopped"
+        assert (events[-1].data["reason"], events[-1].data["detail"]) == ("timeout", "total")
+        assert [a["result"] for a in events[-1].data["attempts"]] == ["stopped", "stopped"]
+        for simulator, port in served.values():
+            assert await _closed(simulator) == "closed_by_client"
+            assert established_to(port) == 0
+
+
+async def test_one_target_keeps_the_watchdogs_first_token_timeout_with_its_own_value(
+    tmp_path: Path,
+) -> None:
+    async with _simulators(silent=sim_config(stall_after=0)) as served:
+        routes = '[models.chat]\ntargets = [{ provider = "silent" }]\n'
+        config = _config(tmp_path, served, routes, silent="first_token_timeout = 0.3")
+        async with Harness(config=config) as h:
+            started = time.monotonic()
+            events = await _events(h, "route_one_first_token", "chat")
+            assert 0.3 <= time.monotonic() - started < WAIT
+            assert (events[-1].data["reason"], events[-1].data["detail"]) == (
+                "timeout",
+                "first_token",
+            )

@@ -363,71 +363,76 @@ class ChatStream:
             send.send_nowait((i, opened))
 
         with send, receive:
-            async with anyio.create_task_group() as tg:
+            try:
+                async with anyio.create_task_group() as tg:
 
-                def start(i: int) -> int:
-                    """Start the first target from ``i`` not cooling down; the index
-                    after it (``len(targets)`` when none was left)."""
-                    while i < len(targets):
-                        provider, model = targets[i]
-                        probe = self._take(session, provider, model, anyway)
-                        if probe is not None:
-                            attempt = Attempt(provider.name, model, session.clock())
-                            attempts[i] = attempt
-                            session.attempts.append(attempt)
-                            tg.start_soon(run, i, probe)
-                            return i + 1
-                        i += 1
-                    return i
+                    def start(i: int) -> int:
+                        """Start the first target from ``i`` not cooling down; the index
+                        after it (``len(targets)`` when none was left)."""
+                        while i < len(targets):
+                            provider, model = targets[i]
+                            probe = self._take(session, provider, model, anyway)
+                            if probe is not None:
+                                attempt = Attempt(provider.name, model, session.clock())
+                                attempts[i] = attempt
+                                session.attempts.append(attempt)
+                                tg.start_soon(run, i, probe)
+                                return i + 1
+                            i += 1
+                        return i
 
-                anyway = plan.all_cooling(session.clock())
-                started = start(0)
-                running = 1 if attempts else 0
-                while running:
-                    got = None
-                    with anyio.move_on_after(
-                        plan.route.hedge_after if started < len(targets) else math.inf
-                    ):
-                        got = await receive.receive()
-                    if got is None:
-                        # No delta in time: the next target starts beside the others.
-                        logger.info(
-                            "[SSE] %s no delta in %gs; hedging with the next target",
-                            session.id,
-                            plan.route.hedge_after,
+                    anyway = plan.all_cooling(session.clock())
+                    started = start(0)
+                    running = 1 if attempts else 0
+                    while running:
+                        got = None
+                        with anyio.move_on_after(
+                            plan.route.hedge_after if started < len(targets) else math.inf
+                        ):
+                            got = await receive.receive()
+                        if got is None:
+                            # No delta in time: the next target starts beside the others.
+                            logger.info(
+                                "[SSE] %s no delta in %gs; hedging with the next target",
+                                session.id,
+                                plan.route.hedge_after,
+                            )
+                            before, started = len(attempts), start(started)
+                            running += len(attempts) - before
+                            continue
+                        running -= 1
+                        i, result = got
+                        if isinstance(result, tuple):
+                            won = result
+                            break
+                        failure = result
+                        if isinstance(result, UpstreamError) and not plan.falls_through(
+                            result.upstream_status
+                        ):
+                            break
+                        _log_next(
+                            session, targets[i][0], getattr(result, "code", "first_token_timeout")
                         )
-                        before, started = len(attempts), start(started)
-                        running += len(attempts) - before
-                        continue
-                    running -= 1
-                    i, result = got
-                    if isinstance(result, tuple):
-                        won = result
+                        if started < len(targets) and session.outcome is None:
+                            before, started = len(attempts), start(started)
+                            running += len(attempts) - before
+                    for attempt in attempts.values():
+                        if attempt.result is None:
+                            attempt.result = "hedge_lost" if won is not None else "abandoned"
+                    tg.cancel_scope.cancel()
+            finally:
+                # An attempt that reached its first delta just after the winner did, or
+                # as a stop came (the stop's cancellation skips what follows the group).
+                while True:
+                    try:
+                        i, result = receive.receive_nowait()
+                    except anyio.WouldBlock:
                         break
-                    failure = result
-                    if isinstance(result, UpstreamError) and not plan.falls_through(
-                        result.upstream_status
-                    ):
-                        break
-                    _log_next(
-                        session, targets[i][0], getattr(result, "code", "first_token_timeout")
-                    )
-                    if started < len(targets) and session.outcome is None:
-                        before, started = len(attempts), start(started)
-                        running += len(attempts) - before
-                for attempt in attempts.values():
-                    if attempt.result is None:
-                        attempt.result = "hedge_lost" if won is not None else "abandoned"
-                tg.cancel_scope.cancel()
-            # An attempt that reached its first delta just after the winner did.
-            while True:
-                try:
-                    i, result = receive.receive_nowait()
-                except anyio.WouldBlock:
-                    break
-                if isinstance(result, tuple):
-                    attempts[i].result, attempts[i].served = "hedge_lost", False
-                    await self._close(result[0])
+                    if isinstance(result, tuple) and result is not won:
+                        attempts[i].result, attempts[i].served = "hedge_lost", False
+                        if session.outcome is not None:
+                            attempts[i].result = "stopped"
+                        await self._close(result[0])
         if won is not None:
             return won
         return self._none_served(session, failure)
