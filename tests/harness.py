@@ -356,6 +356,27 @@ async def serve_until(
     await serve(app, config, shutdown_trigger=stop, task_status=task_status)
 
 
+@asynccontextmanager
+async def simulators(
+    **configs: SimulatorConfig,
+) -> AsyncIterator[dict[str, tuple[Simulator, int]]]:
+    """One simulator per name, each on its own port."""
+    stop = anyio.Event()
+    served: dict[str, tuple[Simulator, int]] = {}
+    async with anyio.create_task_group() as tg:
+        for name, config in configs.items():
+            simulator = Simulator(config)
+            quiet = load_config(
+                bind=["127.0.0.1:0"], graceful_timeout=0.5, accesslog=None, errorlog=None
+            )
+            [(_, port)] = await tg.start(serve_until, simulator, quiet, stop.wait)
+            served[name] = (simulator, port)
+        try:
+            yield served
+        finally:
+            stop.set()
+
+
 def worker_class(anyio_backend: Any) -> str:
     """The hypercorn worker class matching a test's anyio backend."""
     if anyio_backend == "trio":

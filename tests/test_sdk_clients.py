@@ -12,18 +12,18 @@ from typing import Any
 import anyio
 import pytest
 
-from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, sim_config
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, sim_config, simulators
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO, pytest.mark.slow]
 
 
 async def _run(
-    sdks: Path, sdk: str, h: Harness, abort_after: int, session_id: str
+    sdks: Path, sdk: str, h: Harness, abort_after: int, session_id: str, model: str = "m"
 ) -> dict[str, Any]:
     url = f"http://127.0.0.1:{h.port}/v1"
     with anyio.fail_after(WAIT * 3):
         done = await anyio.run_process(
-            ["node", str(sdks / "stream.mjs"), sdk, url, str(abort_after), session_id],
+            ["node", str(sdks / "stream.mjs"), sdk, url, str(abort_after), session_id, model],
             check=False,
         )
     assert done.returncode == 0, done.stderr.decode()
@@ -55,3 +55,27 @@ async def test_a_js_sdk_abort_closes_the_provider(
         assert record.sent < record.planned
         assert record.text.startswith(result["text"])
         await h.assert_ended_cleanly(caplog, sid, "aborted by client/cancel reason=disconnect")
+
+
+@pytest.mark.parametrize("sdk", ["openai", "vercel"])
+async def test_a_js_sdk_reads_a_fallbacks_answer_with_no_seam(
+    node_sdks: Path, sdk: str, tmp_path: Path
+) -> None:
+    # The route's first provider answers 429; the second serves (docs/routing.md).
+    configs = {"busy": sim_config(status=429), "healthy": sim_config(tokens=12, rate=0)}
+    async with simulators(**configs) as served:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            "".join(
+                f'[providers.{name}]\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+                for name, (_, port) in served.items()
+            )
+            + '[models.chat]\ntargets = [{ provider = "busy" }, { provider = "healthy" }]\n'
+        )
+        async with Harness(config=str(config)) as h:
+            result = await _run(node_sdks, sdk, h, 0, f"session_js_route_{sdk}", "chat")
+        [record] = served["healthy"][0].records
+    assert result["text"] == record.text
+    assert len(record.text.split()) == 12
+    assert result["aborted"] is False
+    assert len(served["busy"][0].requests) == 1
