@@ -168,6 +168,7 @@ async def measure(
     background: int = 0,
     warm: bool = False,
     gap_ms: float = 0.0,
+    routes: str | None = None,
 ) -> dict[str, Any]:
     surfaces = ["api", "v1"] if server == "gateway" else ["api"]
     times: dict[str, list[float]] = {s: [] for s in [*surfaces, "direct"]}
@@ -175,7 +176,9 @@ async def measure(
     sent_first: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "steps.json"
-        env = {"STEPS_OUT": str(out)} if steps else None
+        env = {"STEPS_OUT": str(out)} if steps else {}
+        if routes is not None:
+            env["GATEWAY_CONFIG"] = routes
         main = ("-c", _HOOK) if steps else None
         async with _server(server, worker, provider_port, env, main) as (port, process):
             # Streams held open meanwhile, paced at 20 tokens/s (the loaded case).
@@ -299,6 +302,10 @@ def main() -> None:
         help="time each request on a connection the server has accepted and answered once",
     )
     parser.add_argument(
+        "--routes",
+        help="a GATEWAY_CONFIG template for the gateway (bench/routed.toml, bench/fallback.toml)",
+    )
+    parser.add_argument(
         "--gap",
         type=float,
         default=0.0,
@@ -319,6 +326,7 @@ def main() -> None:
                 args.background,
                 args.open,
                 args.gap,
+                args.routes,
             )
             print(json.dumps({"worker": worker, "server": args.server, **result}), flush=True)
 

@@ -11,6 +11,9 @@ modes: ``pace`` n tokens at --rate per second (n=0: no end);
        ``late`` one token n milliseconds after the head, then the end (a provider's
        time to first token, for bench/firsttoken.py).
 
+A request for the model ``bench-503`` is answered 503 at once (a route's failing
+target: bench/fallback.toml).
+
 Control: ``GET /_closed/<sid>`` answers, once that stream's connection has closed,
 ``{"closed_at", "last_token_at", "sent"}``; ``GET /_stats`` answers ``{"sent", "open"}``.
 """
@@ -32,6 +35,8 @@ _HEAD = (
     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
 )
 _KEEPALIVE = b": keep-alive\n\n"
+# The model a route's failing target is asked for (bench/fallback.toml): a 503 at once.
+_UNAVAILABLE = b'"model":"bench-503"'
 _WORDS = b"the gateway closes the provider connection the moment you press stop".split()
 
 
@@ -128,6 +133,10 @@ class _Connection(asyncio.Protocol):
         elif method == b"GET" and path == "/_stats":
             self._json({"sent": self.p.sent, "open": self.p.open})
         elif method == b"POST" and path.endswith("/chat/completions"):
+            if _UNAVAILABLE in body:
+                # A route's failing target (bench/fallback.toml): refused at once.
+                self._json({"error": {"message": "unavailable"}}, b"503 Service Unavailable")
+                return
             m = _MARK.search(body)
             if m is None:
                 self._json({"error": {"message": "no bench marker"}}, b"400 Bad Request")

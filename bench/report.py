@@ -147,6 +147,18 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                     f"{total['p99']}; the provider alone {direct['p50']} / {direct['p90']} / "
                     f"{direct['p99']}) | |"
                 )
+        for routes, what in (
+            ("routed", "through a route of one target (bench/routed.toml)"),
+            ("fallback", "through a fallback: the first target answers 503 (bench/fallback.toml)"),
+        ):
+            first = gate.get(f"first_token_{routes}")
+            if first:
+                total, direct = first["api"], first["direct"]
+                lines.append(
+                    f"| time to first token {what}, /api/chat/stream, ms p50 / p90 / p99 | | "
+                    f"{total['p50']} / {total['p90']} / {total['p99']} (the provider alone "
+                    f"{direct['p50']} / {direct['p90']} / {direct['p99']}) | |"
+                )
         late = gate.get("idle_timeout_late")
         if late:
             lines.append(

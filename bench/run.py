@@ -27,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,6 +118,10 @@ async def _server(
             upstream,
         ]
     env.update(env_extra or {})
+    rendered = None
+    if impl == "gateway" and "GATEWAY_CONFIG" in env:
+        rendered = env["GATEWAY_CONFIG"] = _render_routes(env["GATEWAY_CONFIG"], upstream)
+        del env["GATEWAY_UPSTREAM_URL"]
     process = await asyncio.create_subprocess_exec(
         *command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL
     )
@@ -124,12 +129,24 @@ async def _server(
         await _wait_port(port, process)
         yield port, process
     finally:
+        if rendered is not None:
+            os.unlink(rendered)
         process.terminate()
         try:
             await asyncio.wait_for(process.wait(), 10)
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+def _render_routes(template: str, upstream: str) -> str:
+    """A routes file (bench/routed.toml, bench/fallback.toml) with the bench's provider
+    for ``$PROVIDER``, in a temporary file: its path. It replaces the
+    ``GATEWAY_UPSTREAM_*`` provider."""
+    text = Path(template).read_text().replace("$PROVIDER", upstream)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as rendered:
+        rendered.write(text)
+    return rendered.name
 
 
 class Saturated(Exception):
@@ -515,6 +532,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     worker, "gateway", bench.provider_port, args.first_token, 10, False
                 )
                 print(f"   {gateway_run['first_token']}", flush=True)
+                # Through GATEWAY_CONFIG's routes (docs/routing.md): one target, and a
+                # first target that answers 503 before the second serves.
+                for routes in ("routed", "fallback"):
+                    gateway_run[f"first_token_{routes}"] = await first_token(
+                        worker,
+                        "gateway",
+                        bench.provider_port,
+                        args.first_token,
+                        10,
+                        False,
+                        routes=str(ROOT / "bench" / f"{routes}.toml"),
+                    )
+                    print(f"   {routes}: {gateway_run[f'first_token_{routes}']}", flush=True)
     finally:
         provider.terminate()
         await provider.wait()

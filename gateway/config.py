@@ -50,7 +50,8 @@ _STRATEGIES = ("fallback", "hedge")
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    """One provider. ``base_url`` ``None``: the built-in simulator (demo mode).
+    """One provider. ``base_url`` ``None``: the built-in simulator (demo mode, or a
+    ``simulate`` table).
 
     ``auth_header`` ``authorization`` sends ``Bearer <key>``; any other name sends the
     key as it is (Azure's ``api-key``). The timeouts are ``None`` where the provider
@@ -60,6 +61,9 @@ class ProviderConfig:
     name: str
     base_url: str | None
     api_key: str | None = None
+    # A simulated provider (the built-in simulator; ``base_url`` ``None``): its
+    # behaviour, as SimulatorConfig's fields (``simulate = { status = 429 }``).
+    simulate: tuple[tuple[str, int | float | str], ...] = ()
     auth_header: str = "authorization"
     headers: tuple[tuple[str, str], ...] = ()
     connect_timeout: float | None = None
@@ -179,7 +183,21 @@ class _Reader:
         return tuple(value.items())
 
 
+# What a simulated provider may be told (gateway/tools/simulator.py, SimulatorConfig).
+SIMULATE_KEYS: dict[str, type] = {
+    "tokens": int,
+    "rate": float,
+    "status": int,
+    "stall_after": int,
+    "reset_after": int,
+    "headers_delay": float,
+    "queue_seconds": float,
+    "reasoning_tokens": int,
+    "mode": str,
+}
+
 _PROVIDER_KEYS = {
+    "simulate",
     "cooldown",
     "cooldown_failures",
     "cooldown_window",
@@ -199,12 +217,15 @@ def _provider(
     where = f'providers."{name}"'
     reader.only(table, where, _PROVIDER_KEYS)
     raw_url = reader.string(table, where, "base_url")
-    if raw_url is None:
-        raise reader.fail(where, "base_url is required")
-    try:
-        base_url = base_url_of(raw_url, dict(reader.pairs(table, where, "query")))
-    except ValueError as exc:
-        raise reader.fail(where, f"base_url {exc}") from None
+    simulate = _simulate(reader, table, where)
+    if (raw_url is None) == ("simulate" not in table):
+        raise reader.fail(where, "base_url is required (or a simulate table, not both)")
+    base_url = None
+    if raw_url is not None:
+        try:
+            base_url = base_url_of(raw_url, dict(reader.pairs(table, where, "query")))
+        except ValueError as exc:
+            raise reader.fail(where, f"base_url {exc}") from None
     api_key = None
     key_env = reader.string(table, where, "api_key_env")
     if key_env is not None:
@@ -224,6 +245,7 @@ def _provider(
         name=name,
         base_url=base_url,
         api_key=api_key,
+        simulate=simulate,
         auth_header=auth_header,
         headers=headers,
         connect_timeout=reader.seconds(table, where, "connect_timeout"),
@@ -232,6 +254,29 @@ def _provider(
         cooldown_window=reader.seconds(table, where, "cooldown_window") or 30.0,
         cooldown=reader.seconds(table, where, "cooldown") or 30.0,
     )
+
+
+def _simulate(
+    reader: _Reader, table: dict[str, Any], where: str
+) -> tuple[tuple[str, int | float | str], ...]:
+    value = table.get("simulate", {})
+    if not isinstance(value, dict):
+        raise reader.fail(where, "simulate must be an inline table, as simulate = { status = 429 }")
+    fields: list[tuple[str, int | float | str]] = []
+    for key, given in value.items():
+        kind = SIMULATE_KEYS.get(key)
+        if kind is None:
+            known = ", ".join(sorted(SIMULATE_KEYS))
+            raise reader.fail(where, f"simulate has an unknown key {key!r} (known: {known})")
+        ok = (
+            isinstance(given, str)
+            if kind is str
+            else (isinstance(given, int | float) and not isinstance(given, bool) and given >= 0)
+        )
+        if not ok or (kind is int and not isinstance(given, int)):
+            raise reader.fail(where, f"simulate.{key} must be a {kind.__name__} (>= 0)")
+        fields.append((key, kind(given)))
+    return tuple(fields)
 
 
 def _count(reader: _Reader, table: dict[str, Any], where: str, key: str, default: int) -> int:

@@ -617,3 +617,48 @@ async def test_the_openai_sdk_gets_a_fallbacks_answer_with_no_seam(tmp_path: Pat
         assert text == streamed_record.text
         assert whole.choices[0].message.content == whole_record.text
         assert len(served["busy"][0].requests) == 2
+
+
+async def test_simulated_providers_play_a_fallback_and_only_they_hear_whose_session_it_is(
+    tmp_path: Path,
+) -> None:
+    answer = _sse(
+        '{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}', "[DONE]"
+    )
+    async with _scripted(answer) as (port, requests):
+        config = _write(
+            tmp_path,
+            "[providers.busy]\nsimulate = { status = 429 }\n"
+            "[providers.healthy]\nsimulate = { tokens = 3, rate = 200.0 }\n"
+            f'[providers.real]\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+            '[models.chat]\ntargets = [{ provider = "busy" }, { provider = "healthy" }]\n'
+            '[models.real]\ntargets = [{ provider = "real" }]\n',
+        )
+        async with Harness(config=config) as h:
+            sid = "route_simulated_pair"
+            events = await _events(h, sid, "chat")
+            assert [e.event for e in events] == ["start"] + ["token"] * 3 + ["done"]
+            assert [a["result"] for a in events[-1].data["attempts"]] == ["failed", "served"]
+            demo = (await h.client.get(f"/api/demo/provider/{sid}")).json()
+            assert (demo["generated"], demo["outcome"]) == (3, "completed")
+            assert (await _events(h, "route_real_provider", "real"))[-1].event == "done"
+    [request] = requests
+    head = request.partition(b"\r\n\r\n")[0].lower()
+    assert b"x-principal" not in head
+    assert b"x-session-id" not in head
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('simulate = { status = "x" }', "simulate.status must be a int"),
+        ("simulate = { colour = 1 }", "simulate has an unknown key 'colour'"),
+        ('simulate = {}\nbase_url = "http://x/v1"', "not both"),
+    ],
+)
+def test_a_bad_simulate_table_is_refused(tmp_path: Path, table: str, message: str) -> None:
+    path = _write(
+        tmp_path, f'[providers.p]\n{table}\n[models.m]\ntargets = [{{ provider = "p" }}]\n'
+    )
+    with pytest.raises(ConfigError, match=message):
+        read_config(path, {})

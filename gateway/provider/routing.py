@@ -90,6 +90,8 @@ class Upstream:
         self.client: httpx.AsyncClient = create_client(settings, config)
         self.models = ModelList()
         self.first_token_timeout = config.first_token_timeout or settings.first_token_timeout
+        # Played by a built-in simulator: it may be told whose session it serves.
+        self.simulated = config.base_url is None
         self.cooldown = Cooldown(config.cooldown_failures, config.cooldown_window, config.cooldown)
 
 
@@ -117,11 +119,12 @@ class Plan:
 class Providers:
     """Every configured provider's ``Upstream``, and the routes by model name."""
 
-    def __init__(self, settings: Settings, simulator_url: str | None = None) -> None:
+    def __init__(self, settings: Settings, simulated: Mapping[str, str] | None = None) -> None:
+        """``simulated``: the base URL of each provider a built-in simulator plays."""
         providers, routes = settings.providers_and_routes()
         self._upstreams: dict[str, Upstream] = {}
         for config in providers:
-            base_url = config.base_url or simulator_url
+            base_url = config.base_url or (simulated or {}).get(config.name)
             assert base_url is not None, "the built-in simulator has not started"
             self._upstreams[config.name] = Upstream(config, settings, base_url)
         self._routes: Mapping[str, RouteConfig] = {r.name: r for r in routes}

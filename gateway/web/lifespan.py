@@ -13,11 +13,13 @@ process exits non-zero for its supervisor to restart (docs/operations.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 from anyio import AsyncContextManagerMixin
@@ -25,6 +27,7 @@ from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 
 from ..cluster.instance import Cluster
+from ..config import ProviderConfig
 from ..core.session import Failed
 from ..logs import ensure_handler
 from ..provider.routing import Providers
@@ -71,12 +74,13 @@ class Lifespan(AsyncContextManagerMixin):
                                 "cluster",
                                 functools.partial(self._run_cluster, state.cluster, cluster_scope),
                             )
-                        simulator_url = None
-                        if any(
-                            p.base_url is None for p in state.settings.providers_and_routes()[0]
-                        ):
-                            simulator_url = await self._start_simulator(tg, stop_simulator)
-                        providers = Providers(state.settings, simulator_url)
+                        simulated = {}
+                        for provider in state.settings.providers_and_routes()[0]:
+                            if provider.base_url is None:
+                                simulated[provider.name] = await self._start_simulator(
+                                    tg, stop_simulator, provider
+                                )
+                        providers = Providers(state.settings, simulated)
                         state.providers = providers
                     except Exception as exc:
                         # Raised once what had started has stopped as at shutdown: an
@@ -100,23 +104,32 @@ class Lifespan(AsyncContextManagerMixin):
         if failed is not None:
             raise failed
 
-    async def _start_simulator(self, tg: anyio.abc.TaskGroup, stop: anyio.Event) -> str:
-        """The built-in simulator, served until ``stop``; its base URL."""
+    async def _start_simulator(
+        self, tg: anyio.abc.TaskGroup, stop: anyio.Event, provider: ProviderConfig
+    ) -> str:
+        """A built-in simulator playing ``provider``, served until ``stop``; its base
+        URL. ``GATEWAY_SIMULATOR_*`` first, then the provider's ``simulate`` table."""
         settings = self._state.settings
-        simulator = Simulator(
-            SimulatorConfig(
-                tokens=settings.simulator_tokens,
-                rate=settings.simulator_rate,
-                reasoning_tokens=settings.simulator_reasoning_tokens,
-            )
+        config = SimulatorConfig(
+            tokens=settings.simulator_tokens,
+            rate=settings.simulator_rate,
+            reasoning_tokens=settings.simulator_reasoning_tokens,
         )
+        # The file's reader checked each field's name and type (config.SIMULATE_KEYS).
+        overrides: dict[str, Any] = dict(provider.simulate)
+        simulator = Simulator(dataclasses.replace(config, **overrides))
         addresses = await tg.start(
             self._supervise, "simulator", functools.partial(serve_simulator, simulator, stop.wait)
         )
         host, port = addresses[0]
-        self._state.simulator = simulator
+        self._state.simulators[provider.name] = simulator
         url = f"http://{host}:{port}/v1"
-        logger.info("No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s", url)
+        if settings.providers:
+            logger.info("Provider %s: a built-in simulator on %s", provider.name, url)
+        else:
+            logger.info(
+                "No GATEWAY_UPSTREAM_URL: serving the built-in provider simulator on %s", url
+            )
         return url
 
     async def _run_cluster(

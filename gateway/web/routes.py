@@ -37,7 +37,6 @@ from ..logs import loggable, use_format
 from ..resume.log import ResumeStore
 from ..resume.messages import FollowMessages
 from ..settings import Settings
-from ..tools.simulator import Simulator
 from .auth import Authenticator, check_bearer
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
@@ -217,7 +216,7 @@ def _stream(
         payload=payload,
         # Demo mode: the simulator records whose session it served, for the page's
         # panel (which shows a principal its own sessions only).
-        upstream_headers=_demo_headers(principal, session_id) if _simulator(request) else None,
+        demo_headers=_demo_headers(principal, session_id) if state.simulators else None,
         answer=answer,
     )
 
@@ -274,21 +273,24 @@ def _cancelled(session_id: str) -> Response:
     return JSONResponse({"ok": True, "cancelled": True, "session_id": session_id})
 
 
-def _simulator(request: Request) -> Simulator | None:
-    return state_of(request).simulator
-
-
 async def _demo_provider(request: Request) -> Response:
-    """What the built-in simulator did for a session: the token saving made visible."""
+    """What the built-in simulator did for a session: the token saving made visible.
+    (With several simulated providers, the one the session reached last.)"""
     principal = principal_of(request)
-    simulator = _simulator(request)
-    if simulator is None:
+    simulators = state_of(request).simulators
+    if not simulators:
         raise HTTPException(404, "demo mode is off: the gateway talks to a real provider")
     session_id = request.path_params["session_id"]
     # Another principal's session is not found, at once (no wait tells it exists).
-    record = simulator.record_for(session_id, _demo_headers(principal, session_id)["x-principal"])
-    if record is None:
+    hexed = _demo_headers(principal, session_id)["x-principal"]
+    found = [
+        (simulator, record)
+        for simulator in simulators.values()
+        if (record := simulator.record_for(session_id, hexed)) is not None
+    ]
+    if not found:
         raise HTTPException(404, "the simulator has no stream for this session")
+    simulator, record = max(found, key=lambda f: f[1].started_at)
     # Asked right after a stop, the simulator may not have seen the close yet.
     with anyio.move_on_after(_DEMO_WAIT):
         await simulator.wait_until(lambda: record.outcome != "streaming")

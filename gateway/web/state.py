@@ -36,10 +36,10 @@ class GatewayState:
     followers: dict[str, ClientFollower] = field(default_factory=dict)
     # With resume and a cluster: the messages about resumes across instances.
     follow: FollowMessages | None = None
-    # Set by the lifespan: the providers (the built-in simulator's in demo mode) and,
-    # in demo mode, the simulator.
+    # Set by the lifespan: the providers, and the built-in simulators playing some of
+    # them (demo mode, or GATEWAY_CONFIG's simulate tables), by provider name.
     _providers: Providers | None = field(default=None, repr=False)
-    simulator: Simulator | None = None
+    simulators: dict[str, Simulator] = field(default_factory=dict)
 
     @property
     def providers(self) -> Providers:

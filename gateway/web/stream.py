@@ -77,7 +77,7 @@ class ChatStream:
         principal: str,
         session_id: str,
         payload: ProviderRequest,
-        upstream_headers: dict[str, str] | None = None,
+        demo_headers: dict[str, str] | None = None,
         answer: AnswerFormat | None = None,
     ) -> None:
         self._gateway = gateway
@@ -86,7 +86,8 @@ class ChatStream:
         self._principal = principal
         self._session_id = session_id
         self._payload = payload
-        self._upstream_headers = upstream_headers
+        # Demo mode: whose session it is, for the built-in simulators only.
+        self._demo_headers = demo_headers
         # The watchdog's wait, which the relay's end cancels (the wait is for the
         # client's next message, not for the relay).
         self._waiting: anyio.CancelScope | None = None
@@ -462,9 +463,8 @@ class ChatStream:
         health: bool | None = None
         try:
             with anyio.move_on_after(within):
-                upstream = await open_stream(
-                    provider.client, provider.base_url, payload, self._upstream_headers
-                )
+                headers = self._demo_headers if provider.simulated else None
+                upstream = await open_stream(provider.client, provider.base_url, payload, headers)
                 upstream.provider = provider.name
                 self._gateway.metrics.provider_opened(provider.name, 1)
                 if hedged is None:

@@ -288,6 +288,17 @@ describe("startChat", () => {
     }
   });
 
+  it("says who served, when the gateway routes between providers", async () => {
+    const server = fakeServer();
+    const chat = startChat({ messages: [], fetch: server.fetch, model: "chat" });
+    const done = { status: "completed", finish_reason: "stop", usage: null, provider: "vllm", provider_model: "qwen3", attempts: [] };
+    server.push(token(1, "x") + `id: 2\nevent: done\ndata: ${JSON.stringify(done)}\n\n`);
+    const state = await chat.done;
+    assert.equal(state.provider, "vllm");
+    assert.equal(state.providerModel, "qwen3");
+    assert.equal(JSON.parse(server.calls[0].init.body).model, "chat");
+  });
+
   it("keeps a failed generation's native reason", async () => {
     const server = fakeServer();
     const chat = startChat({ messages: [], fetch: server.fetch });

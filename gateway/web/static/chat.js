@@ -8,6 +8,8 @@ const sendButton = document.getElementById("send");
 const stopButton = document.getElementById("stop");
 const demo = document.getElementById("demo");
 const demoText = document.getElementById("demo-text");
+const picker = document.getElementById("model-picker");
+const modelSelect = document.getElementById("model");
 
 const entries = []; // what the next request's history is built from
 let current = null; // the chat streaming now
@@ -132,6 +134,7 @@ async function send(text) {
   const calls = [];
   const chat = startChat({
     messages: history,
+    model: modelSelect.value || undefined,
     onReasoning: (delta) => {
       showReconnecting(view, false);
       thinkingBlock(view).textContent += delta;
@@ -184,6 +187,14 @@ async function send(text) {
     status.textContent = note;
     view.el.append(status);
   }
+  if (state.provider) {
+    // Who served it, when the gateway routes between providers (docs/routing.md).
+    const served = document.createElement("span");
+    served.className = "served-by";
+    served.textContent = ` Served by ${state.provider}` + (state.providerModel ? ` (${state.providerModel}).` : ".");
+    details.append(served);
+    view.el.dataset.provider = state.provider;
+  }
   view.el.append(details);
   if (current === chat) {
     current = null;
@@ -221,4 +232,16 @@ document.addEventListener("keydown", (event) => {
 // (sent with keepalive) reaches the gateway even if a proxy keeps the stream open.
 window.addEventListener("pagehide", () => current?.stop());
 
+// The models the gateway serves (its routes' names, docs/routing.md): a picker when
+// there is a choice. Without one, or when the list needs a key, requests name none.
+async function loadModels() {
+  const response = await fetch("/v1/models").catch(() => null);
+  if (!response?.ok) return;
+  const ids = ((await response.json()).data ?? []).map((m) => m.id).filter((id) => typeof id === "string");
+  if (ids.length < 2) return;
+  for (const id of ids) modelSelect.append(new Option(id, id));
+  picker.hidden = false;
+}
+
+loadModels();
 input.focus();

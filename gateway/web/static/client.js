@@ -93,6 +93,15 @@ export function historyFor(entries, { reasoning = false } = {}) {
     });
 }
 
+// Who served the answer, when the gateway routes between providers (docs/routing.md).
+function servedBy(data, state) {
+  if ("provider" in data) {
+    state.provider = data.provider;
+    state.providerModel = data.provider_model ?? null;
+  }
+  return state;
+}
+
 /**
  * Start one streamed answer.
  *
@@ -113,7 +122,9 @@ export function historyFor(entries, { reasoning = false } = {}) {
  *        another tab)
  *   {status: "error", code, message, detail?, text, tokens}   detail: the provider's own
  *        reason for a failed generation, e.g. "MALFORMED_FUNCTION_CALL"
- * and, on each, `reasoning` (the thinking's text), `refusal` (the refusal's text, "" if
+ * With the gateway's routes (docs/routing.md), each also has `provider` and `providerModel`:
+ * who served the answer (null if none did).
+ * And, on each, `reasoning` (the thinking's text), `refusal` (the refusal's text, "" if
  * none), `toolCalls` (`[{index, id, name, arguments, extra?}]`, the fragments of each call
  * joined: the first id and name a call gets are kept, `extra` holds what the provider added to
  * the call, such as Gemini's `extra_content`), `parts` (the unknown content parts) and
@@ -203,15 +214,15 @@ export function startChat({
       extras = data;
       onExtra(data, chat);
     } else if (event.event === "done") {
-      end({ status: "completed", finishReason: data.finish_reason ?? null, usage: data.usage ?? null });
+      end(servedBy(data, { status: "completed", finishReason: data.finish_reason ?? null, usage: data.usage ?? null }));
     } else if (event.event === "stopped") {
       const state = { status: "stopped", reason: data.reason };
       if (data.detail) state.detail = data.detail;
-      end(state);
+      end(servedBy(data, state));
     } else if (event.event === "error") {
       const state = { status: "error", code: data.code, message: data.message };
       if (data.detail) state.detail = data.detail;
-      end(state);
+      end(servedBy(data, state));
     }
     return final;
   };
