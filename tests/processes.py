@@ -104,7 +104,7 @@ class Gateway:
         self._reader.start()
         self.wait_for(rf"Running on http://127\.0\.0\.1:{self.port}\b")
         self.simulator_url = ""
-        if "GATEWAY_UPSTREAM_URL" in settings:
+        if "GATEWAY_UPSTREAM_URL" in settings or "GATEWAY_CONFIG" in settings:
             return
         line = self.wait_for(r"built-in provider simulator on (http://\S+)/v1")
         match = re.search(r"simulator on (http://\S+)/v1", line)

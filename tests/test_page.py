@@ -524,3 +524,33 @@ def test_an_answer_survives_going_offline_and_stop_works_after_a_resume(
         network.close()
         gw.stop()
     assert not any("Traceback" in line for line in gw.lines), "\n".join(gw.lines)
+
+
+def test_the_model_picker_lists_the_routes_and_an_answer_says_who_served(
+    context: BrowserContext, gateway: Gateway, tmp_path: Path
+) -> None:
+    # Two simulated providers behind one route: the first answers 429, the second serves.
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[providers.busy]\nsimulate = { status = 429 }\n"
+        "[providers.healthy]\nsimulate = { tokens = 5 }\n"
+        '[models.chat]\ntargets = [{ provider = "busy" }, { provider = "healthy" }]\n'
+        '[models.solo]\ntargets = [{ provider = "healthy" }]\n'
+    )
+    routed = _gateway(gateway.worker, GATEWAY_CONFIG=str(config))
+    try:
+        chat = ChatPage(context.new_page(), routed)
+        expect(chat.page.locator("#model option")).to_have_text(["chat", "solo"])
+        chat.ask("Hello")
+        answer = chat.answer()
+        expect(answer).to_have_attribute("data-status", "completed", timeout=WAIT * 1000)
+        expect(answer).to_have_attribute("data-provider", "healthy")
+        expect(answer.locator(".served-by")).to_have_text(" Served by healthy (chat).")
+        assert len(chat.answer_text().split()) == 5
+        chat.page.locator("#model").select_option("solo")
+        chat.ask("Again")
+        expect(chat.answer()).to_have_attribute("data-status", "completed", timeout=WAIT * 1000)
+        expect(chat.answer().locator(".served-by")).to_have_text(" Served by healthy (solo).")
+        assert chat.errors() == []
+    finally:
+        routed.stop()
