@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     contract_cmd.add_argument("--provider-host", default="127.0.0.1")
     contract_cmd.add_argument("--api-key", help="a key of the deployment's GATEWAY_API_KEYS")
     contract_cmd.add_argument("--second-key", help="another principal's key")
+    contract_cmd.add_argument(
+        "--routes",
+        action="store_const",
+        const=True,
+        default=None,
+        help="the deployment has the kit's routes (docs/routing.md): run the routing checks",
+    )
     contract_cmd.add_argument("--peer", help="another replica's or worker's base URL")
     contract_cmd.add_argument("--samples", type=int, default=30)
     contract_cmd.add_argument(
@@ -110,6 +117,7 @@ def _contract(args: argparse.Namespace) -> int:
         provider_host=args.provider_host,
         api_key=args.api_key,
         second_key=args.second_key,
+        routes=args.routes,
         peer=args.peer.rstrip("/") if args.peer else None,
         samples=args.samples,
         idle_timeout=args.idle_timeout,

@@ -16,7 +16,7 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.server.serve import load_config
-from gateway.tools.contract.checks import CHECKS
+from gateway.tools.contract.checks import CHECKS, routes_config
 from gateway.tools.contract.kit import CheckResult, ContractOptions
 from gateway.tools.contract.report import junit_xml, report
 from gateway.tools.contract.run import run_contract
@@ -47,9 +47,16 @@ def _gateway(provider_port: int, wrap: Any = None, **settings: Any) -> Harness:
     )
 
 
-async def test_our_gateway_passes_every_check() -> None:
+async def test_our_gateway_passes_every_check(tmp_path: Path) -> None:
+    # Routed: the kit's routes (docs/routing.md) beside a catch-all to the kit's provider.
     provider_port = free_port()
-    async with _gateway(provider_port) as h:
+    config = tmp_path / "gateway.toml"
+    url = f"http://127.0.0.1:{provider_port}/v1"
+    catch_all = '[models."*"]\ntargets = [{ provider = "contract" }]\n'
+    config.write_text(routes_config(url) + catch_all)
+    async with Harness(
+        config=str(config), api_keys=API_KEYS, idle_timeout=1.0, model="sim-model"
+    ) as h:
         results = await run_contract(
             ContractOptions(
                 gateway=f"http://127.0.0.1:{h.port}",
@@ -58,6 +65,7 @@ async def test_our_gateway_passes_every_check() -> None:
                 second_key=KEY_B,
                 samples=5,
                 idle_timeout=1.0,
+                routes=True,
             )
         )
     by_name = _by_name(results)
@@ -68,6 +76,7 @@ async def test_our_gateway_passes_every_check() -> None:
     assert [r.name for r in results if r.status == "skip"] == ["peer_cancel_closes_provider"]
     assert "5 of 5 closed before the 200" in by_name["cancel_closes_provider"].detail
     assert "p99" in by_name["disconnect_closes_provider"].detail
+    assert "before its 200" in by_name["stop_closes_every_attempt"].detail
 
 
 def _cancel_answered_first(app: ASGIApp) -> ASGIApp:

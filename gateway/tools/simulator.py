@@ -16,6 +16,10 @@ with ``tools`` whose last message is not a tool result is answered with a call t
 first tool, the arguments split across chunks as OpenAI does; the usage carries
 DeepSeek's extra fields; ``"stream": false`` gets a ``chat.completion`` object.
 
+A model whose name ends in ``-status-429`` (any status), ``-stall`` or ``-reset-2`` (any
+count) plays that fault: the status at once, a head and no delta, a connection broken
+after that many deltas (so one simulator can play a route's several targets).
+
 Three more modes, chosen by ``SimulatorConfig.mode`` or a model name ending in the
 mode's name (``simulator-refusal``): ``refusal`` answers in ``delta.refusal`` with
 ``content: null``, as OpenAI's structured outputs do; ``parts`` thinks and answers in
@@ -26,8 +30,10 @@ Mistral's content parts (``delta.content`` as ``[{"type": "thinking", ...}]``, t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -89,6 +95,25 @@ class SimulatorConfig:
     mode: str | None = None
 
 
+# A fault named by the model a request asks for, so that one simulator plays a route's
+# several targets (docs/routing.md; the contract kit's routing checks): ``...-status-429``
+# answers that status, ``...-stall`` sends its head and never a delta, ``...-reset-2``
+# breaks the connection after two deltas.
+_FAULT = re.compile(r"-(?:status-(\d{3})|(stall)|reset-(\d{1,6}))$")
+
+
+def _for_model(config: SimulatorConfig, model: str) -> SimulatorConfig:
+    fault = _FAULT.search(model)
+    if fault is None:
+        return config
+    status, stall, reset = fault.groups()
+    if status is not None:
+        return dataclasses.replace(config, status=int(status))
+    if stall is not None:
+        return dataclasses.replace(config, stall_after=0)
+    return dataclasses.replace(config, reset_after=int(reset))
+
+
 @dataclass(slots=True)
 class StreamRecord:
     """What the simulator did for one request."""
@@ -115,6 +140,8 @@ class StreamRecord:
     # The text of the last user message (its first 1000 characters): how the contract
     # kit finds the stream it opened, by a nonce in it.
     prompt: str = ""
+    # The model it was asked for (a route's target names its fault: ``_for_model``).
+    model: str = ""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -232,7 +259,8 @@ class Simulator:
             return
         self.requests.append(request)
         record.prompt = _last_user_text(request)
-        cfg = self.config
+        record.model = str(request.get("model") or "")
+        cfg = _for_model(self.config, record.model)
         if cfg.status is not None:
             await _json(
                 send, cfg.status, {"error": {"message": "simulated failure", "type": "server"}}
@@ -257,7 +285,7 @@ class Simulator:
                 if request.get("stream") is False:
                     await self._complete(request, planned, record, send)
                 else:
-                    await self._stream(request, planned, record, send)
+                    await self._stream(request, planned, record, send, cfg)
                 tg.cancel_scope.cancel()
         finally:
             if record.outcome == "streaming":
@@ -266,9 +294,13 @@ class Simulator:
             self._changed()
 
     async def _stream(
-        self, request: dict[str, Any], planned: _Plan, record: StreamRecord, send: Send
+        self,
+        request: dict[str, Any],
+        planned: _Plan,
+        record: StreamRecord,
+        send: Send,
+        cfg: SimulatorConfig,
     ) -> None:
-        cfg = self.config
         model = str(request.get("model") or "simulator")
         created = int(time.time())
 

@@ -14,9 +14,9 @@ import anyio
 import httpx2 as httpx
 
 from ..simulator import SimulatorConfig
-from .kit import CheckFailed, Kit, Readers, Stream, bounded_body
+from .kit import SAME_INSTANT, CheckFailed, Kit, Readers, Stream, bounded_body
 
-__all__ = ["CHECKS", "Check"]
+__all__ = ["CHECKS", "Check", "routes_config"]
 
 # The unbuffered check: the answer's pace, and how late its first event may be.
 _PACE = 20.0
@@ -237,6 +237,109 @@ async def _one_terminal_event(kit: Kit) -> str:
     return f"{len(read)} streams, each one terminal event; counts matched"
 
 
+# -- routing (docs/routing.md, "The contract kit") ----------------------------------
+# The deployment's routes name the kit's provider with a fault in the model's name
+# (gateway/tools/simulator.py, ``_for_model``).
+
+
+def routes_config(provider_url: str) -> str:
+    """The GATEWAY_CONFIG tables the routing checks need, for the kit's provider at
+    ``provider_url`` (``http://host:port/v1``): add them to the deployment's file."""
+    kit = 'provider = "contract"'
+    return f"""[providers.contract]
+base_url = "{provider_url}"
+cooldown_failures = 1000000000  # the checks fail it on purpose: never skipped
+
+[models.contract-fallback]
+targets = [{{ {kit}, model = "contract-status-429" }}, {{ {kit}, model = "contract" }}]
+
+[models.contract-after-delta]
+targets = [{{ {kit}, model = "contract-reset-2" }}, {{ {kit}, model = "contract" }}]
+
+[models.contract-hedge]
+targets = [{{ {kit}, model = "contract-stall" }}, {{ {kit}, model = "contract" }}]
+strategy = "hedge"
+hedge_after = 0.2
+
+[models.contract-hedge-stall]
+targets = [{{ {kit}, model = "contract-stall" }}, {{ {kit}, model = "contract-stall" }}]
+strategy = "hedge"
+hedge_after = 0.1
+"""
+
+
+async def _routed(kit: Kit, model: str, tokens: int) -> tuple[Stream, str, dict[str, Any]]:
+    """A stream of the route ``model``, read to its end: it, and its one terminal
+    event's name and data (one ``start`` and one terminal event, or the check fails)."""
+    kit.sim.config = SimulatorConfig(tokens=tokens, rate=_PACE * 10)
+    async with Readers() as tg:
+        stream = await kit.open(tg, model=model)
+        with anyio.move_on_after(kit.patience):
+            await stream.done.wait()
+    terminals = stream.terminals()
+    if len(terminals) != 1 or stream.count("start") != 1:
+        raise CheckFailed(
+            f"{stream.count('start')} start and {len(terminals)} terminal events (one each)"
+        )
+    event, data = terminals[0]
+    return stream, event, data
+
+
+async def _fallback_before_first_delta(kit: Kit) -> str:
+    stream, event, _ = await _routed(kit, "contract-fallback", 5)
+    asked = kit.asked(stream.nonce)
+    if event != "done" or asked != ["contract-status-429", "contract"]:
+        raise CheckFailed(f"ended {event!r}; the provider was asked for {asked}")
+    [served] = kit.records(stream.nonce)
+    if stream.count("token") != served.sent:
+        raise CheckFailed(f"{stream.count('token')} token events, {served.sent} sent")
+    return f"429, then the next target: {served.sent} tokens, one start, one done"
+
+
+async def _no_fallback_after_a_delta(kit: Kit) -> str:
+    stream, event, data = await _routed(kit, "contract-after-delta", 50)
+    asked = kit.asked(stream.nonce)
+    if event != "error" or asked != ["contract-reset-2"]:
+        raise CheckFailed(f"ended {event!r} ({data.get('code')}); asked for {asked}")
+    return f"{stream.count('token')} tokens, then error {data.get('code')}; no second model"
+
+
+async def _hedge_loser_closed(kit: Kit) -> str:
+    stream, event, _ = await _routed(kit, "contract-hedge", 5)
+    if event != "done":
+        raise CheckFailed(f"ended {event!r}, expected done")
+    loser = next((r for r in kit.records(stream.nonce) if r.model == "contract-stall"), None)
+    if loser is None:
+        raise CheckFailed("the first target was never asked")
+    with anyio.move_on_after(kit.patience):
+        await kit.sim.wait_until(lambda: loser.outcome != "streaming")
+    if loser.outcome != "closed_by_client":
+        raise CheckFailed(f"the losing attempt's stream: {loser.outcome}")
+    return "the second target won; the first's connection closed"
+
+
+async def _stop_closes_every_attempt(kit: Kit) -> str:
+    kit.sim.config = SimulatorConfig(tokens=5, rate=_PACE)
+    async with Readers() as tg:
+        stream = await kit.open(tg, model="contract-hedge-stall")
+        with anyio.move_on_after(kit.patience):
+            await kit.sim.wait_until(lambda: len(kit.records(stream.nonce)) == 2)
+        attempts = kit.records(stream.nonce)
+        if len(attempts) != 2:
+            raise CheckFailed(f"{len(attempts)} attempts open, expected two (hedged)")
+        sent = time.monotonic()
+        response = await kit.cancel(stream)
+        answered = time.monotonic()
+        if response.status_code != 200:
+            raise CheckFailed(f"cancel answered {response.status_code}")
+        await kit.stopped_once(stream, "cancel")
+    late = [r for r in attempts if r.ended_at is None or r.ended_at > answered + SAME_INSTANT]
+    if late:
+        raise CheckFailed(f"{len(late)} of 2 attempts still open at the cancel's 200")
+    close = max(r.ended_at or 0.0 for r in attempts) - sent
+    return f"both hedged attempts closed {close * 1000:.1f} ms after the cancel, before its 200"
+
+
 # name -> (check, what it needs; None: always runs)
 CHECKS: dict[str, tuple[Check, str | None]] = {
     "cancel_closes_provider": (_cancel_closes_provider, None),
@@ -252,6 +355,10 @@ CHECKS: dict[str, tuple[Check, str | None]] = {
     "peer_cancel_closes_provider": (_peer_cancel, "peer"),
     "unbuffered": (_unbuffered, None),
     "one_terminal_event": (_one_terminal_event, None),
+    "fallback_before_first_delta": (_fallback_before_first_delta, "routes"),
+    "no_fallback_after_a_delta": (_no_fallback_after_a_delta, "routes"),
+    "hedge_loser_closed": (_hedge_loser_closed, "routes"),
+    "stop_closes_every_attempt": (_stop_closes_every_attempt, "routes"),
 }
 
 

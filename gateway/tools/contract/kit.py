@@ -45,7 +45,7 @@ __all__ = [
 TERMINAL = ("done", "stopped", "error")
 # The provider's close and the cancel's 200 travel on two sockets to this one process;
 # when nothing sits between them, its event loop may see them in either order.
-_SAME_INSTANT = 0.02
+SAME_INSTANT = 0.02
 # The answer of the cancel and disconnect checks: it would never end by itself.
 _ENDLESS = SimulatorConfig(tokens=100_000, rate=50)
 
@@ -63,6 +63,9 @@ class ContractOptions:
     idle_timeout: float | None = None
     # A CA bundle to trust for https:// URLs (a deployment's own CA).
     cacert: str | None = None
+    # The deployment has the kit's routes (docs/routing.md, "The contract kit"): the
+    # routing checks run.
+    routes: bool | None = None
     # Only these checks (by name); all when empty.
     only: tuple[str, ...] = ()
     # How long any one wait may take before its check fails.
@@ -268,6 +271,19 @@ class Kit:
 
     # -- the provider's side ------------------------------------------------------
 
+    def records(self, nonce: str) -> list[StreamRecord]:
+        """Every stream the provider served for ``nonce`` (a route's attempts)."""
+        return [record for record in self.sim.records if nonce in record.prompt]
+
+    def asked(self, nonce: str) -> list[str]:
+        """The models the provider was asked for ``nonce``, in order, failed ones too."""
+        found = []
+        for request in self.sim.requests:
+            messages = request.get("messages")
+            if isinstance(messages, list) and nonce in str(messages[-1:]):
+                found.append(str(request.get("model")))
+        return found
+
     def _find(self, nonce: str) -> StreamRecord | None:
         for record in reversed(self.sim.records):
             if nonce in record.prompt:
@@ -307,10 +323,10 @@ class Kit:
         if response.status_code != 200:
             raise CheckFailed(f"cancel answered {response.status_code}: {response.text[:200]}")
         if record.outcome == "streaming":
-            # The same-instant allowance: see _SAME_INSTANT.
-            with anyio.move_on_after(_SAME_INSTANT):
+            # The same-instant allowance: see SAME_INSTANT.
+            with anyio.move_on_after(SAME_INSTANT):
                 await self.closed(stream)
-        if record.ended_at is None or record.ended_at > answered + _SAME_INSTANT:
+        if record.ended_at is None or record.ended_at > answered + SAME_INSTANT:
             late = "never" if record.ended_at is None else f"{record.ended_at - answered:.3f} s"
             raise CheckFailed(f"the 200 came before the provider was closed (closed: {late} after)")
         return max(0.0, record.ended_at - sent)
