@@ -210,6 +210,9 @@ async def test_a_429_falls_back_to_the_next_target_with_no_seam(tmp_path: Path) 
             assert _models_asked(served["busy"][0]) == ["b-1"]
             assert _models_asked(served["healthy"][0]) == ["h-1"]
             assert established_to(served["busy"][1]) == 0
+            metrics = (await h.client.get("/metrics")).text
+            failed = 'gateway_provider_failures_total{code="upstream_error",provider="busy"} 1.0'
+            assert failed in metrics
 
 
 async def test_a_400_does_not_fall_through_unless_the_route_says_so(tmp_path: Path) -> None:
@@ -433,6 +436,7 @@ async def test_a_hedge_starts_the_next_target_and_closes_the_loser(tmp_path: Pat
                 'gateway_provider_responses_open{provider="silent"} 0.0',
                 'gateway_provider_responses_open{provider="healthy"} 0.0',
                 'gateway_provider_time_to_first_delta_seconds_count{provider="healthy"} 1.0',
+                'gateway_provider_failures_total{code="first_token_timeout",provider="silent"} 0.0',
             ):
                 assert line in metrics, line
 

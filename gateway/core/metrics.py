@@ -26,7 +26,7 @@ from ..provider.parser import token_counts
 from .report import outcome_label
 from .session import Completed, Failed, Session, Stopped
 
-__all__ = ["ATTEMPT_RESULTS", "CANCEL_RESULTS", "OUTCOMES", "Metrics"]
+__all__ = ["ATTEMPT_RESULTS", "CANCEL_RESULTS", "FAILURE_CODES", "OUTCOMES", "Metrics"]
 
 OUTCOMES = (
     "completed",
@@ -45,6 +45,15 @@ _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
 # What became of an attempt at a provider (core/session.py, Attempt).
 ATTEMPT_RESULTS = ("served", "failed", "stopped", "hedge_lost", "cooldown", "abandoned")
+# Why an attempt failed: the provider error codes (gateway/errors.py), and no first
+# delta in time.
+FAILURE_CODES = (
+    "upstream_unavailable",
+    "upstream_error",
+    "upstream_disconnected",
+    "upstream_protocol",
+    "first_token_timeout",
+)
 _KINDS = ("content", "reasoning", "tool_call", "refusal")
 _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
 # Stop latencies are milliseconds on loopback, seconds when something is wrong.
@@ -129,6 +138,13 @@ class Metrics:
             ["provider", "result"],
             registry=r,
         )
+        self.provider_failures = Counter(
+            "gateway_provider_failures",
+            "Failed attempts at a provider, by cause (the error code, or "
+            "first_token_timeout), counted when the stream ends.",
+            ["provider", "code"],
+            registry=r,
+        )
         self.provider_first_delta = Histogram(
             "gateway_provider_time_to_first_delta_seconds",
             "From an attempt's start to its provider's first delta, for the attempt that served.",
@@ -150,6 +166,8 @@ class Metrics:
                 self.attempts.labels(provider, result)
             self.provider_first_delta.labels(provider)
             self.provider_open.labels(provider)
+            for code in FAILURE_CODES:
+                self.provider_failures.labels(provider, code)
         for outcome in OUTCOMES:
             self.ended.labels(outcome)
             self.duration.labels(outcome)
@@ -195,6 +213,8 @@ class Metrics:
             self.upstream_errors.labels(stopped.code).inc()
         for attempt in session.attempts:
             self.attempts.labels(attempt.provider, attempt.result or "failed").inc()
+            if attempt.result == "failed" and attempt.code in FAILURE_CODES:
+                self.provider_failures.labels(attempt.provider, attempt.code).inc()
             if attempt.served and session.first_delta_at is not None:
                 delay = max(0.0, session.first_delta_at - attempt.started_at)
                 self.provider_first_delta.labels(attempt.provider).observe(delay)

@@ -104,6 +104,7 @@ class Attempt:
             "model": self.model,
             "result": self.result,
             "started_ms": round((self.started_at - origin) * 1000),
+            "ended_ms": None if self.ended_at is None else round((self.ended_at - origin) * 1000),
         }
         if self.code is not None:
             data["code"] = self.code
