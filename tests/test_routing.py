@@ -20,6 +20,7 @@ from gateway import ConfigError, Settings
 from gateway.config import read_config
 from gateway.provider.routing import Cooldown
 from gateway.tools.simulator import Simulator
+from gateway.web import stream as stream_module
 from support.processes import ROOT
 
 from .harness import (
@@ -666,3 +667,26 @@ def test_a_bad_simulate_table_is_refused(tmp_path: Path, table: str, message: st
     )
     with pytest.raises(ConfigError, match=message):
         read_config(path, {})
+
+
+async def test_a_stop_between_two_attempts_starts_no_further_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop lands exactly between the attempts: planted where the relay notes the
+    # first one's failure, before the next target would start.
+    async with simulators(busy=sim_config(status=503), healthy=sim_config()) as served:
+        routes = '[models.chat]\ntargets = [{ provider = "busy" }, { provider = "healthy" }]\n'
+        async with Harness(config=_config(tmp_path, served, routes)) as h:
+            sid = "route_stop_between"
+            log_next = stream_module._log_next
+
+            def stop_then_log(session: Any, provider: Any, why: str) -> None:
+                assert session.cancel("cancel")
+                log_next(session, provider, why)
+
+            monkeypatch.setattr(stream_module, "_log_next", stop_then_log)
+            events = await _events(h, sid, "chat")
+            assert events[-1].event == "stopped"
+            assert [a["result"] for a in events[-1].data["attempts"]] == ["failed"]
+            assert _models_asked(served["healthy"][0]) == []
+            assert len(served["busy"][0].requests) == 1

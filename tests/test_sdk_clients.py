@@ -58,7 +58,7 @@ async def test_a_js_sdk_abort_closes_the_provider(
 
 
 @pytest.mark.parametrize("sdk", ["openai", "vercel"])
-async def test_a_js_sdk_reads_a_fallbacks_answer_with_no_seam(
+async def test_a_js_sdk_reads_a_routed_and_a_fallbacks_answer_with_no_seam(
     node_sdks: Path, sdk: str, tmp_path: Path
 ) -> None:
     # The route's first provider answers 429; the second serves (docs/routing.md).
@@ -71,11 +71,16 @@ async def test_a_js_sdk_reads_a_fallbacks_answer_with_no_seam(
                 for name, (_, port) in served.items()
             )
             + '[models.chat]\ntargets = [{ provider = "busy" }, { provider = "healthy" }]\n'
+            + '[models.solo]\ntargets = [{ provider = "healthy", model = "h-1" }]\n'
         )
         async with Harness(config=str(config)) as h:
             result = await _run(node_sdks, sdk, h, 0, f"session_js_route_{sdk}", "chat")
-        [record] = served["healthy"][0].records
-    assert result["text"] == record.text
-    assert len(record.text.split()) == 12
+            routed = await _run(node_sdks, sdk, h, 0, f"session_js_solo_{sdk}", "solo")
+        fallback_record, routed_record = served["healthy"][0].records
+    assert result["text"] == fallback_record.text
+    assert len(fallback_record.text.split()) == 12
     assert result["aborted"] is False
     assert len(served["busy"][0].requests) == 1
+    # A routed model without a fallback: the provider asked for the target's model.
+    assert routed["text"] == routed_record.text
+    assert routed_record.model == "h-1"
