@@ -690,3 +690,29 @@ async def test_a_stop_between_two_attempts_starts_no_further_one(
             assert [a["result"] for a in events[-1].data["attempts"]] == ["failed"]
             assert _models_asked(served["healthy"][0]) == []
             assert len(served["busy"][0].requests) == 1
+
+
+async def test_hedged_attempts_that_both_miss_their_first_token_end_the_stream_closed(
+    tmp_path: Path,
+) -> None:
+    async with simulators(one=sim_config(stall_after=0), two=sim_config(stall_after=0)) as served:
+        routes = (
+            '[models.fast]\ntargets = [{ provider = "one" }, { provider = "two" }]\n'
+            'strategy = "hedge"\nhedge_after = 0.05\n'
+        )
+        silent = "first_token_timeout = 0.3"
+        config = _config(tmp_path, served, routes, one=silent, two=silent)
+        async with Harness(config=config) as h:
+            events = await _events(h, "route_hedge_first_token", "fast")
+            assert (events[-1].data["reason"], events[-1].data["detail"]) == (
+                "timeout",
+                "first_token",
+            )
+            attempts = events[-1].data["attempts"]
+            assert [(a["result"], a["code"]) for a in attempts] == [
+                ("failed", "first_token_timeout"),
+                ("failed", "first_token_timeout"),
+            ]
+            for simulator, port in served.values():
+                assert await _closed(simulator) == "closed_by_client"
+                assert established_to(port) == 0
