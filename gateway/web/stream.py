@@ -289,7 +289,8 @@ class ChatStream:
             if several and plan.route.strategy == "hedge":
                 return await self._hedged(session)
             anyway = plan.all_cooling(session.clock())
-            for provider, model in plan.targets:
+            last = len(plan.targets) - 1
+            for i, (provider, model) in enumerate(plan.targets):
                 if session.outcome is not None:
                     return None  # a stop between two attempts: no further attempt
                 probe = self._take(session, provider, model, anyway)
@@ -305,7 +306,8 @@ class ChatStream:
                     failure = exc
                 except _NoDelta as exc:
                     failure = exc
-                _log_next(session, provider, getattr(failure, "code", "first_token_timeout"))
+                if i < last:  # the last one's failure is the stream's, in its end line
+                    _log_next(session, provider, getattr(failure, "code", "first_token_timeout"))
             return self._none_served(session, failure)
         return None  # a stop cancelled the scope
 
