@@ -21,6 +21,7 @@ from playwright.sync_api import sync_playwright
 
 from gateway import Settings, create_app
 from gateway.server.serve import load_config
+from gateway.tools.contract.checks import routes_config
 from gateway.tools.contract.kit import ContractOptions
 from gateway.tools.contract.report import report
 from gateway.tools.contract.run import run_contract
@@ -96,9 +97,14 @@ async def _deployment(tmp_path: Path, workers: tuple[str, str]) -> AsyncIterator
     redis = RedisServer()
     await anyio.to_thread.run_sync(redis.start)
     provider_port = free_port()
+    # The contract kit's routes (docs/deploy/README.md), and every other model to the
+    # same provider as the client names it.
+    config = tmp_path / "gateway.toml"
+    routes = routes_config(f"http://127.0.0.1:{provider_port}/v1")
+    config.write_text(routes + '[models."*"]\ntargets = [{ provider = "contract" }]\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env |= {
-        "GATEWAY_UPSTREAM_URL": f"http://127.0.0.1:{provider_port}/v1",
+        "GATEWAY_CONFIG": str(config),
         "GATEWAY_MODEL": "deploy-model",
         "GATEWAY_REDIS_URL": redis.url,
         "GATEWAY_API_KEYS": f"alice:{KEY_A},bob:{KEY_B}",
@@ -139,6 +145,7 @@ async def test_the_contract_passes_through_nginx_tls_and_two_replicas(tmp_path: 
                 peer=d.replicas[1],
                 idle_timeout=IDLE,
                 cacert=str(d.certs.ca),
+                routes=True,
             )
         )
         errors = d.nginx.errors()
