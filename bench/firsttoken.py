@@ -181,9 +181,11 @@ async def measure(
             env["GATEWAY_CONFIG"] = routes
         main = ("-c", _HOOK) if steps else None
         async with _server(server, worker, provider_port, env, main) as (port, process):
-            # Streams held open meanwhile, paced at 20 tokens/s (the issue's loaded case).
+            # Streams held open meanwhile, paced at 20 tokens/s (the issue's loaded case),
+            # by a client process of their own: read by this one, their tokens would
+            # queue the timed request's first token behind them in this loop.
             bench = Bench(provider_port)
-            held = await bench.open_many(port, background, "pace", ramp=1.0) if background else []
+            holder = await _holder(port, provider_port, background) if background else None
             order = list(times)
             for i in range(warmup + samples):
                 # Rotated each round: a request that follows a gateway answer meets the
@@ -203,7 +205,11 @@ async def measure(
                         sent_first.append((surface, sent, first))
                     if i >= warmup:
                         times[surface].append((first - sent) * 1000)
-            await bench.closing(held)
+            if holder is not None:
+                assert holder.stdin is not None
+                holder.stdin.close()
+                await holder.wait()
+                await bench.wait_provider_idle()
             if steps:
                 process.send_signal(signal.SIGUSR2)
                 for _ in range(100):
@@ -262,6 +268,38 @@ def _steps(
     }
 
 
+async def _holder(port: int, provider_port: int, count: int) -> asyncio.subprocess.Process:
+    """A process holding ``count`` paced streams open on ``port`` until its stdin
+    closes; returned once every one has its first token."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.firsttoken",
+        "--hold",
+        str(port),
+        str(provider_port),
+        str(count),
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    if (await holder.stdout.readline()).strip() != b"held":
+        raise RuntimeError("the holding client did not start its streams")
+    return holder
+
+
+async def _hold(port: int, provider_port: int, count: int) -> None:
+    """``--hold``: open ``count`` paced streams, say so, and close them at stdin's end."""
+    bench = Bench(provider_port)
+    streams = await bench.open_many(port, count, "pace", ramp=1.0)
+    print("held", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    for stream in streams:
+        stream.close()
+
+
 async def _with_provider(run: Callable[[int], Awaitable[None]]) -> None:
     provider = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.provider", cwd=ROOT, stdout=subprocess.PIPE
@@ -311,7 +349,11 @@ def main() -> None:
         default=0.0,
         help="ms between one answer's end and the next request (default: none)",
     )
+    parser.add_argument("--hold", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hold:
+        uvloop.run(_hold(*args.hold))
+        return
 
     async def run(provider_port: int) -> None:
         for worker in args.k:
