@@ -716,3 +716,27 @@ async def test_hedged_attempts_that_both_miss_their_first_token_end_the_stream_c
             for simulator, port in served.values():
                 assert await _closed(simulator) == "closed_by_client"
                 assert established_to(port) == 0
+
+
+async def test_a_stop_after_a_hedged_winners_first_delta_closes_the_winner(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The winner then goes quiet: only the cancel path's own abort can close it now.
+    quiet = sim_config(tokens=1000, stall_after=2, keepalive_interval=30)
+    async with simulators(silent=sim_config(stall_after=0), healthy=quiet) as served:
+        routes = (
+            '[models.fast]\ntargets = [{ provider = "silent" }, { provider = "healthy" }]\n'
+            'strategy = "hedge"\nhedge_after = 0.05\n'
+        )
+        async with Harness(config=_config(tmp_path, served, routes)) as h:
+            sid = "route_hedge_winner_stopped"
+            async with h.stream(sid, model="fast") as s:
+                await s.tokens_at_least(2)
+                simulator, port = served["healthy"]
+                assert (await h.cancel(sid)).status_code == 200
+                assert established_to(port) == 0
+                assert await _closed(simulator) == "closed_by_client"
+                events = await s.rest()
+            assert events[-1].event == "stopped"
+            assert events[-1].data["provider"] == "healthy"
+            await h.assert_ended_cleanly(caplog, sid, "reason=cancel")

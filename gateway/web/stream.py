@@ -208,8 +208,10 @@ class ChatStream:
                 if opened is None:
                     return
                 upstream, parser, first = opened
-                # A stop aborts the response from here on: the scope can go, objects
-                # fewer for the garbage collector while the stream lives.
+                # A stop aborts the response from here on (a hedge's winner too, which
+                # was opened beside others): the scope can go, objects fewer for the
+                # garbage collector while the stream lives.
+                session.upstream = upstream
                 session.scope = None
                 if session.outcome is not None:
                     return
