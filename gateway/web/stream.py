@@ -370,30 +370,29 @@ class ChatStream:
         with send, receive:
             try:
                 async with anyio.create_task_group() as tg:
+                    # The next target to try, and the attempts under way.
+                    next_target = running = 0
 
-                    def start(i: int) -> int:
-                        """Start the first target from ``i`` not cooling down; the index
-                        after it (``len(targets)`` when none was left)."""
-                        while i < len(targets):
+                    def start_next() -> None:
+                        """Start the next target not cooling down, if one is left."""
+                        nonlocal next_target, running
+                        while next_target < len(targets):
+                            i, next_target = next_target, next_target + 1
                             provider, model = targets[i]
                             probe = self._take(session, provider, model, anyway)
                             if probe is not None:
-                                attempt = Attempt(provider.name, model, session.clock())
-                                attempts[i] = attempt
-                                session.attempts.append(attempt)
+                                attempts[i] = Attempt(provider.name, model, session.clock())
+                                session.attempts.append(attempts[i])
                                 tg.start_soon(run, i, probe)
-                                return i + 1
-                            i += 1
-                        return i
+                                running += 1
+                                return
 
                     anyway = plan.all_cooling(session.clock())
-                    started = start(0)
-                    running = 1 if attempts else 0
+                    start_next()
                     while running:
                         got = None
-                        with anyio.move_on_after(
-                            plan.route.hedge_after if started < len(targets) else math.inf
-                        ):
+                        more = next_target < len(targets)
+                        with anyio.move_on_after(plan.route.hedge_after if more else math.inf):
                             got = await receive.receive()
                         if got is None:
                             # No delta in time: the next target starts beside the others.
@@ -402,8 +401,7 @@ class ChatStream:
                                 session.id,
                                 plan.route.hedge_after,
                             )
-                            before, started = len(attempts), start(started)
-                            running += len(attempts) - before
+                            start_next()
                             continue
                         running -= 1
                         i, result = got
@@ -418,9 +416,8 @@ class ChatStream:
                         _log_next(
                             session, targets[i][0], getattr(result, "code", "first_token_timeout")
                         )
-                        if started < len(targets) and session.outcome is None:
-                            before, started = len(attempts), start(started)
-                            running += len(attempts) - before
+                        if session.outcome is None:
+                            start_next()
                     for attempt in attempts.values():
                         if attempt.result is None:
                             attempt.result = "hedge_lost" if won is not None else "abandoned"
@@ -476,7 +473,7 @@ class ChatStream:
                 parser = ProviderStreamParser()
                 first = await self._first_delta(session, upstream, parser)
                 attempt.result, attempt.served = "served", True
-                health = session.outcome is None or None
+                health = True if session.outcome is None else None
                 return upstream, parser, first
             attempt.code = "first_token_timeout"
             health = False
