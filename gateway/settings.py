@@ -27,6 +27,8 @@ from .errors import ConfigError
 _T = TypeVar("_T")
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# GATEWAY_MODEL's default: the built-in simulator's name.
+_DEMO_MODEL = "simulator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +41,7 @@ class Settings:
 
     upstream_url: str | None = None
     upstream_api_key: str | None = None
-    model: str = "simulator"
+    model: str = _DEMO_MODEL
     connect_timeout: float = 10.0
     first_token_timeout: float = 120.0
     idle_timeout: float = 60.0
@@ -108,6 +110,17 @@ class Settings:
             )
         if bool(self.providers) != bool(self.routes):
             raise ConfigError("providers and routes come together, from GATEWAY_CONFIG")
+        served = {r.name for r in self.routes}
+        if self.routes and self.model not in served:
+            named = [r.name for r in self.routes if r.name != CATCH_ALL]
+            if self.model == _DEMO_MODEL and named:
+                # Not chosen (the demo's default): a request without "model" goes to
+                # the file's first named route.
+                object.__setattr__(self, "model", named[0])
+            elif CATCH_ALL not in served:
+                raise ConfigError(
+                    f"GATEWAY_MODEL {self.model!r} names no [models.<name>] of GATEWAY_CONFIG"
+                )
         for name in (
             "connect_timeout",
             "first_token_timeout",
@@ -243,10 +256,6 @@ class Settings:
         config = env.get("GATEWAY_CONFIG", "").strip()
         if config:
             values["providers"], values["routes"] = read_config(config, env)
-            named = [r.name for r in values["routes"] if r.name != CATCH_ALL]
-            if "model" not in values and named:
-                # A request without "model" goes to the file's first named route.
-                values["model"] = named[0]
         elif values.get("upstream_url") is not None and "model" not in values:
             raise ConfigError("GATEWAY_MODEL is required when GATEWAY_UPSTREAM_URL is set")
         if "log_level" in values:

@@ -286,6 +286,30 @@ async def test_a_recorded_stream_comes_through_every_path(name: str) -> None:
     assert len(provider.requests) == 8
 
 
+@pytest.mark.parametrize("name", NAMES)
+async def test_a_recorded_stream_comes_whole_through_a_fallback(name: str, tmp_path: Path) -> None:
+    # Routed (docs/routing.md): the first target answers 503, the recording serves.
+    # What came before the first delta (Azure's filter results, OpenAI's role chunk)
+    # is held until the target is chosen, then relayed in the provider's order.
+    exp = replay.expected(name)
+    provider = replay.Replay(replay.body(name))
+    async with replay.serving(provider) as url:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            "[providers.down]\nsimulate = { status = 503 }\n"
+            f'[providers.recorded]\nbase_url = "{url}"\n'
+            '[models.chat]\ntargets = [{ provider = "down" }, { provider = "recorded" }]\n'
+        )
+        async with Harness(config=str(config)) as h:
+            sid = "session_route_" + name.split(".")[0].replace("-", "_")
+            await _api(h, sid + "_api", exp)
+            await _v1_streamed(h, sid + "_v1s", exp)
+            for seed in range(2):
+                provider.seed = seed
+                await _api(h, f"{sid}_split{seed}", exp)
+    assert len(provider.requests) == 4
+
+
 # Content parts and tool calls, as the JavaScript SDKs' apps see them.
 JS_CASES = [
     "mistral-magistral-reasoning.chunks.txt",

@@ -145,6 +145,25 @@ def test_a_bad_file_stops_the_start_naming_table_and_key(
     assert path in str(raised.value) or "cannot read" in str(raised.value)
 
 
+def test_the_default_model_is_gateway_model_or_the_first_route(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD.replace('[models."*"]\ntargets = [{ provider = "local" }]\n', ""))
+    assert Settings.from_env({"GATEWAY_CONFIG": path, **KEYS}).model == "chat"
+    providers, routes = read_config(path, KEYS)
+    # Built directly too, as tests and embedding apps do.
+    assert Settings(providers=providers, routes=routes).model == "chat"
+    assert (
+        Settings.from_env({"GATEWAY_CONFIG": path, "GATEWAY_MODEL": "fast", **KEYS}).model == "fast"
+    )
+    with pytest.raises(ConfigError, match="GATEWAY_MODEL 'gpt-5' names no"):
+        Settings.from_env({"GATEWAY_CONFIG": path, "GATEWAY_MODEL": "gpt-5", **KEYS})
+    # With a catch-all, any model is served.
+    path = _write(tmp_path, GOOD)
+    assert (
+        Settings.from_env({"GATEWAY_CONFIG": path, "GATEWAY_MODEL": "gpt-5", **KEYS}).model
+        == "gpt-5"
+    )
+
+
 def test_the_file_and_the_upstream_variables_are_not_mixed(tmp_path: Path) -> None:
     env = {"GATEWAY_CONFIG": _write(tmp_path, GOOD), "GATEWAY_UPSTREAM_URL": "http://x/v1", **KEYS}
     with pytest.raises(ConfigError, match="not both"):
