@@ -126,6 +126,11 @@ def test_a_config_file_is_read_into_typed_providers_and_routes(tmp_path: Path) -
         ),
         (('"X-Team" = "chat"', '"X-Team" = "a\\r\\nb"'), "has a line break"),
         (("fall_through = [401]", "fall_through = [500]"), "fall_through must be"),
+        (
+            ("[providers.local]", "[providers.local]\ncooldown_failures = 0"),
+            "cooldown_failures must be a whole number >= 1",
+        ),
+        (("first_token_timeout = 30", "cooldown = 0"), "cooldown must be a positive"),
         (("[models.chat]", "[models.chat"), "not valid TOML"),
         (
             ('"https://api.deepseek.com/v1/"', '"ftp://x/v1"'),
