@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ __all__ = [
     "ProviderConfig",
     "RouteConfig",
     "Target",
+    "check_tls",
+    "load_tls",
     "read_config",
 ]
 
@@ -73,6 +76,13 @@ class ProviderConfig:
     cooldown_failures: int = 3
     cooldown_window: float = 30.0
     cooldown: float = 30.0
+    # TLS to an https provider (docs/operations.md): a PEM bundle trusted besides the
+    # system's, for this provider only; a client certificate and key for mutual TLS;
+    # ``verify`` False (a start-up warning names the provider) trusts any certificate.
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +218,10 @@ _PROVIDER_KEYS = {
     "headers",
     "connect_timeout",
     "first_token_timeout",
+    "ca_file",
+    "client_cert",
+    "client_key",
+    "verify",
 }
 
 
@@ -241,7 +255,10 @@ def _provider(
             raise reader.fail(where, f"{header!r} is not a header name")
         if any(c in value for c in "\r\n\0"):
             raise reader.fail(where, f"the value of header {header!r} has a line break")
-    return ProviderConfig(
+    verify = table.get("verify", True)
+    if not isinstance(verify, bool):
+        raise reader.fail(where, f"verify must be true or false, got {verify!r}")
+    provider = ProviderConfig(
         name=name,
         base_url=base_url,
         api_key=api_key,
@@ -253,7 +270,77 @@ def _provider(
         cooldown_failures=_count(reader, table, where, "cooldown_failures", 3),
         cooldown_window=reader.seconds(table, where, "cooldown_window") or 30.0,
         cooldown=reader.seconds(table, where, "cooldown") or 30.0,
+        ca_file=reader.string(table, where, "ca_file"),
+        client_cert=reader.string(table, where, "client_cert"),
+        client_key=reader.string(table, where, "client_key"),
+        verify=verify,
     )
+    try:
+        check_tls(provider)
+    except ValueError as exc:
+        raise reader.fail(where, str(exc)) from None
+    return provider
+
+
+def check_tls(provider: ProviderConfig, names: Mapping[str, str] | None = None) -> None:
+    """``ValueError`` saying what is wrong with the provider's TLS settings: a file
+    missing or unreadable, not PEM, a key that does not match its certificate, TLS
+    settings for a provider that is not https. ``names``: what to call each setting
+    (the variables, for the ``GATEWAY_UPSTREAM_*`` provider)."""
+    name = {"ca_file": "ca_file", "client_cert": "client_cert", "client_key": "client_key"}
+    name.update(names or {})
+    given = [k for k in ("ca_file", "client_cert", "client_key") if getattr(provider, k)]
+    if not given and provider.verify:
+        return
+    if provider.base_url is None or not provider.base_url.startswith("https:"):
+        what = name[given[0]] if given else "verify"
+        raise ValueError(f"{what} is for an https base_url")
+    if (provider.client_cert is None) != (provider.client_key is None):
+        raise ValueError(f"{name['client_cert']} and {name['client_key']} come together")
+    # A bare context: the files are checked without loading the system's trust.
+    load_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), provider, name)
+
+
+def _no_password() -> bytes:
+    return b""
+
+
+def load_tls(
+    context: ssl.SSLContext, provider: ProviderConfig, names: Mapping[str, str] | None = None
+) -> None:
+    """Add the provider's CA bundle to ``context``'s trust and its client certificate
+    to what it presents; ``ValueError`` naming the file that cannot be used."""
+    name = dict(names or {})
+    for key in ("ca_file", "client_cert", "client_key"):
+        path = getattr(provider, key)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name.get(key, key)} {path}: no such file")
+    for key, path in (("ca_file", provider.ca_file), ("client_cert", provider.client_cert)):
+        if path is None:
+            continue
+        what = name.get(key, key)
+        try:
+            if key == "ca_file":
+                context.load_verify_locations(cafile=path)
+            else:
+                # An encrypted key is refused, never asked for on the terminal.
+                context.load_cert_chain(path, provider.client_key, password=_no_password)
+        except OSError as exc:
+            # ssl.SSLError is an OSError: not PEM, or a key that is not the
+            # certificate's; a plain OSError: not readable.
+            if not isinstance(exc, ssl.SSLError):
+                reason = str(exc.strerror)
+            elif key == "ca_file":
+                reason = "not a PEM bundle of certificates"
+            elif exc.reason == "KEY_VALUES_MISMATCH":
+                key_name = name.get("client_key", "client_key")
+                reason = f"{key_name} {provider.client_key} is not its key"
+            else:
+                reason = (
+                    f"not a PEM certificate with {name.get('client_key', 'client_key')} "
+                    f"{provider.client_key} its unencrypted PEM key"
+                )
+            raise ValueError(f"{what} {path} cannot be used: {reason}") from None
 
 
 def _simulate(

@@ -138,10 +138,17 @@ class UpstreamError(GatewayError):
         upstream_status: int | None = None,
         provider_error: dict[str, str] | None = None,
         detail: str | None = None,
+        cause: str | None = None,
+        note: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.upstream_status = upstream_status
+        # Why no connection could be made (CONNECT_CAUSES), for the operator's log and
+        # metrics; the client sees only ``code``. ``note``: what the operator's log adds
+        # (OpenSSL's words for a certificate's fault).
+        self.cause = cause
+        self.note = note
         # The provider's error type and code, short identifiers only: for the
         # operator's log, never the client.
         self.provider_error = provider_error
@@ -154,6 +161,29 @@ class UpstreamUnavailable(UpstreamError):
     """No connection to the provider: refused, unresolvable, connect timeout."""
 
     code = "upstream_unavailable"
+
+
+class UpstreamMisconfigured(UpstreamUnavailable):
+    """The provider answered, but no trusted TLS connection could be made (its
+    certificate, its name, the gateway's trust or client certificate): retrying will
+    not help until the operator acts (docs/operations.md)."""
+
+    code = "upstream_misconfigured"
+
+
+# Why a connection to the provider failed (docs/operations.md): the first four are the
+# provider or the network (``upstream_unavailable``), the others TLS
+# (``upstream_misconfigured``).
+CONNECT_CAUSES = (
+    "connect_refused",
+    "dns_failure",
+    "connect_timeout",
+    "connect_failed",
+    "tls_handshake",
+    "cert_untrusted",
+    "cert_hostname_mismatch",
+    "cert_expired",
+)
 
 
 class UpstreamStatusError(UpstreamError):

@@ -20,6 +20,7 @@ from .config import (
     RouteConfig,
     Target,
     base_url_of,
+    check_tls,
     read_config,
 )
 from .errors import ConfigError
@@ -27,6 +28,12 @@ from .errors import ConfigError
 _T = TypeVar("_T")
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What check_tls calls the GATEWAY_UPSTREAM_* provider's TLS settings.
+_TLS_VARIABLES = {
+    "ca_file": "GATEWAY_UPSTREAM_CA_FILE",
+    "client_cert": "GATEWAY_UPSTREAM_CLIENT_CERT",
+    "client_key": "GATEWAY_UPSTREAM_CLIENT_KEY",
+}
 # GATEWAY_MODEL's default: the built-in simulator's name.
 _DEMO_MODEL = "simulator"
 
@@ -41,6 +48,12 @@ class Settings:
 
     upstream_url: str | None = None
     upstream_api_key: str | None = None
+    # TLS to the GATEWAY_UPSTREAM_URL provider (GATEWAY_CONFIG's providers have keys
+    # of their own): a CA bundle trusted besides the system's, a client certificate
+    # and key for mutual TLS (docs/operations.md).
+    upstream_ca_file: str | None = None
+    upstream_client_cert: str | None = None
+    upstream_client_key: str | None = None
     model: str = _DEMO_MODEL
     connect_timeout: float = 10.0
     first_token_timeout: float = 120.0
@@ -103,11 +116,23 @@ class Settings:
                 object.__setattr__(self, "upstream_url", base_url_of(self.upstream_url))
             except ValueError as exc:
                 raise ConfigError(f"GATEWAY_UPSTREAM_URL {exc}") from None
-        if self.providers and (self.upstream_url is not None or self.upstream_api_key):
+        upstream = (
+            self.upstream_url,
+            self.upstream_api_key,
+            self.upstream_ca_file,
+            self.upstream_client_cert,
+            self.upstream_client_key,
+        )
+        if self.providers and any(v is not None for v in upstream):
             raise ConfigError(
-                "set GATEWAY_CONFIG or GATEWAY_UPSTREAM_URL/GATEWAY_UPSTREAM_API_KEY, not "
-                "both: with GATEWAY_CONFIG, providers are its [providers.<name>] tables"
+                "set GATEWAY_CONFIG or the GATEWAY_UPSTREAM_* variables, not both: with "
+                "GATEWAY_CONFIG, providers are its [providers.<name>] tables"
             )
+        if not self.providers:
+            try:
+                check_tls(self.providers_and_routes()[0][0], _TLS_VARIABLES)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if bool(self.providers) != bool(self.routes):
             raise ConfigError("providers and routes come together, from GATEWAY_CONFIG")
         served = {r.name for r in self.routes}
@@ -227,7 +252,14 @@ class Settings:
         simulator without a URL) serving every model under the client's name for it."""
         if self.providers:
             return self.providers, self.routes
-        provider = ProviderConfig(DEFAULT_PROVIDER, self.upstream_url, self.upstream_api_key)
+        provider = ProviderConfig(
+            DEFAULT_PROVIDER,
+            self.upstream_url,
+            self.upstream_api_key,
+            ca_file=self.upstream_ca_file,
+            client_cert=self.upstream_client_cert,
+            client_key=self.upstream_client_key,
+        )
         route = RouteConfig(CATCH_ALL, (Target(DEFAULT_PROVIDER, None),))
         return (provider,), (route,)
 

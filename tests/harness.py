@@ -8,6 +8,7 @@ check the wire format rather than agree with themselves.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import json
 import logging
@@ -17,12 +18,14 @@ import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import anyio
 import httpx2 as httpx
 import pytest
+import trustme
 from anyio.abc import SocketStream, TaskGroup
 from openai import AsyncOpenAI, AsyncStream
 from openai.types.chat import ChatCompletionChunk
@@ -154,13 +157,16 @@ class Harness:
         demo: bool = False,
         wrap: Callable[[ASGIApp], ASGIApp] | None = None,
         config: str | None = None,
+        sim_tls: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
         """``demo``: no upstream URL, so the gateway serves its own built-in simulator
         (as ``make run`` does); ``sim`` is then unused. ``wrap``: serve the app through
         this ASGI middleware (a planted bug). ``config``: a GATEWAY_CONFIG file's path
         (docs/routing.md), whose providers serve instead of the harness's simulator;
-        its keys come from the process's environment."""
+        its keys come from the process's environment. ``sim_tls``: hypercorn's TLS
+        settings (``certfile``, ``keyfile``, ...) for the simulator, then reached over
+        https at 127.0.0.1."""
         self.simulator = Simulator(sim or SimulatorConfig(rate=200.0))
         self._upstream_url = upstream_url
         self._settings = settings
@@ -169,6 +175,7 @@ class Harness:
         self._demo = demo
         self._wrap = wrap
         self._config = config
+        self._sim_tls = sim_tls or {}
         self._tg: TaskGroup | None = None
         self._stop_sim = anyio.Event()
         self._stop_gateway = anyio.Event()
@@ -181,11 +188,14 @@ class Harness:
         await self._tg.__aenter__()
         quiet = {"accesslog": None, "errorlog": None}
         if self._upstream_url is None and not self._demo and self._config is None:
-            config = load_config(bind=["127.0.0.1:0"], graceful_timeout=1.0, **quiet)
+            config = load_config(
+                bind=["127.0.0.1:0"], graceful_timeout=1.0, **quiet, **self._sim_tls
+            )
             [(_, self.sim_port)] = await self._tg.start(
                 serve_until, self.simulator, config, self._stop_sim.wait
             )
-            self._upstream_url = f"http://127.0.0.1:{self.sim_port}/v1"
+            scheme = "https" if self._sim_tls else "http"
+            self._upstream_url = f"{scheme}://127.0.0.1:{self.sim_port}/v1"
         if self._config is not None:
             providers, routes = read_config(self._config)
             settings = Settings(providers=providers, routes=routes, **self._settings)
@@ -486,3 +496,34 @@ async def read_chunks(
             except StopAsyncIteration:
                 break
     return chunks
+
+
+@dataclasses.dataclass
+class Certificates:
+    """A CA's certificate, and a certificate it issued with its key, as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def issue_certificate(
+    directory: Path,
+    name: str,
+    ca: trustme.CA,
+    *identities: str,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> Certificates:
+    """Files ``<name>-ca.pem``, ``<name>.pem`` (the chain) and ``<name>.key`` in
+    ``directory``, for a certificate ``ca`` issues to ``identities``."""
+    issued = ca.issue_cert(*identities, not_before=not_before, not_after=not_after)
+    pems = Certificates(
+        directory / f"{name}-ca.pem", directory / f"{name}.pem", directory / f"{name}.key"
+    )
+    ca.cert_pem.write_to_path(str(pems.ca))
+    issued.private_key_pem.write_to_path(str(pems.key))
+    with pems.cert.open("wb") as chain:
+        for blob in issued.cert_chain_pems:
+            chain.write(blob.bytes())
+    return pems

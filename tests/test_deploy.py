@@ -28,7 +28,7 @@ from gateway.tools.contract.run import run_contract
 from gateway.tools.simulator import Simulator, SimulatorConfig
 from support.processes import ROOT, free_port
 
-from .harness import serve_until, worker_class
+from .harness import Certificates, issue_certificate, serve_until, worker_class
 from .processes import WAIT, Nginx, RedisServer, hypercorn_workers, until_up
 
 pytestmark = [
@@ -45,26 +45,11 @@ KEY_A, KEY_B = "deploy-key-alice-01234", "deploy-key-bob-0123456"
 IDLE = 1.0
 
 
-@dataclass
-class _Certificates:
-    ca: Path
-    cert: Path
-    key: Path
+def _certificates(directory: Path) -> Certificates:
+    return issue_certificate(directory, "site", trustme.CA(), "127.0.0.1", "localhost")
 
 
-def _certificates(directory: Path) -> _Certificates:
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    paths = _Certificates(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    ca.cert_pem.write_to_path(str(paths.ca))
-    issued.private_key_pem.write_to_path(str(paths.key))
-    with paths.cert.open("wb") as chain:
-        for blob in issued.cert_chain_pems:
-            chain.write(blob.bytes())
-    return paths
-
-
-def _site(replicas: list[int], certs: _Certificates) -> str:
+def _site(replicas: list[int], certs: Certificates) -> str:
     """docs/deploy/nginx.conf with this test's addresses and certificate: nothing else
     changed."""
     text = (ROOT / "docs" / "deploy" / "nginx.conf").read_text()
@@ -85,7 +70,7 @@ class _Deployment:
     url: str
     replicas: list[str]
     provider_port: int
-    certs: _Certificates
+    certs: Certificates
     nginx: Nginx
 
 
@@ -244,7 +229,7 @@ async def test_chromium_streams_eight_answers_over_http2_through_nginx(tmp_path:
     assert all("HTTP/2.0" in line for line in streams)
 
 
-def _tls_config(certs: _Certificates) -> Path:
+def _tls_config(certs: Certificates) -> Path:
     """hypercorn.toml with its certfile/keyfile example switched on."""
     text = (ROOT / "hypercorn.toml").read_text()
     for old, new in (

@@ -22,6 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from ..errors import CONNECT_CAUSES
 from ..provider.parser import token_counts
 from .report import outcome_label
 from .session import Completed, Failed, Session, Stopped
@@ -47,12 +48,24 @@ CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
 ATTEMPT_RESULTS = ("served", "failed", "stopped", "hedge_lost", "cooldown", "abandoned")
 # Why an attempt failed: the provider error codes (gateway/errors.py), and no first
 # delta in time.
+# A connection that failed is counted by its cause (errors.CONNECT_CAUSES) instead of
+# its code: "the certificate expired" and "the provider is down" need different hands.
 FAILURE_CODES = (
     "upstream_unavailable",
     "upstream_error",
     "upstream_disconnected",
     "upstream_protocol",
     "first_token_timeout",
+    *CONNECT_CAUSES,
+)
+# gateway_upstream_errors_total's codes: a failed stream's.
+_ERROR_CODES = (
+    "upstream_unavailable",
+    "upstream_error",
+    "upstream_disconnected",
+    "upstream_protocol",
+    "upstream_misconfigured",
+    *CONNECT_CAUSES,
 )
 _KINDS = ("content", "reasoning", "tool_call", "refusal")
 _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
@@ -168,6 +181,8 @@ class Metrics:
             self.provider_open.labels(provider)
             for code in FAILURE_CODES:
                 self.provider_failures.labels(provider, code)
+        for code in _ERROR_CODES:
+            self.upstream_errors.labels(code)
         for outcome in OUTCOMES:
             self.ended.labels(outcome)
             self.duration.labels(outcome)
@@ -210,11 +225,12 @@ class Metrics:
             for kind, count in token_counts(stopped.usage).items():
                 self.provider_tokens.labels(kind).inc(count)
         if isinstance(stopped, Failed) and stopped.code.startswith("upstream_"):
-            self.upstream_errors.labels(stopped.code).inc()
+            self.upstream_errors.labels(stopped.cause or stopped.code).inc()
         for attempt in session.attempts:
             self.attempts.labels(attempt.provider, attempt.result or "failed").inc()
-            if attempt.result == "failed" and attempt.code in FAILURE_CODES:
-                self.provider_failures.labels(attempt.provider, attempt.code).inc()
+            code = attempt.cause or attempt.code
+            if attempt.result == "failed" and code in FAILURE_CODES:
+                self.provider_failures.labels(attempt.provider, code).inc()
             if attempt.served and session.first_delta_at is not None:
                 delay = max(0.0, session.first_delta_at - attempt.started_at)
                 self.provider_first_delta.labels(attempt.provider).observe(delay)

@@ -142,6 +142,10 @@ def end_record(session: Session, now: float) -> dict[str, object]:
         record["code"] = outcome.code
         if outcome.detail is not None:
             record["detail"] = outcome.detail
+        if outcome.cause is not None:
+            record["cause"] = outcome.cause
+        if outcome.note is not None:
+            record["cause_detail"] = outcome.note
     return record
 
 
@@ -187,6 +191,8 @@ def log_end(session: Session) -> None:
             )
     elif isinstance(outcome, Failed):
         status = f" upstream_status={outcome.upstream_status}" if outcome.upstream_status else ""
+        if outcome.cause is not None:
+            status += f" cause={outcome.cause}"
         for name, value in (outcome.provider_error or {}).items():
             status += f" provider_{name}={value}"
         logger.warning(
@@ -196,7 +202,7 @@ def log_end(session: Session) -> None:
             status,
             _counts(session),
             after,
-            outcome.message,
+            outcome.message if outcome.note is None else f"{outcome.message} ({outcome.note})",
             extra=extra,
         )
 

@@ -69,10 +69,22 @@ class Failed:
     provider_error: dict[str, str] | None = None
     # An identifier the client is told (the provider's native finish reason).
     detail: str | None = None
+    # Why no connection was made (errors.CONNECT_CAUSES), and OpenSSL's words: for the
+    # operator's log and metrics only.
+    cause: str | None = None
+    note: str | None = None
 
     @classmethod
     def from_error(cls, exc: UpstreamError) -> Failed:
-        return cls(exc.code, exc.message, exc.upstream_status, exc.provider_error, exc.detail)
+        return cls(
+            exc.code,
+            exc.message,
+            exc.upstream_status,
+            exc.provider_error,
+            exc.detail,
+            exc.cause,
+            exc.note,
+        )
 
 
 Outcome = Completed | Stopped | Failed
@@ -94,6 +106,8 @@ class Attempt:
     served: bool = False
     code: str | None = None
     upstream_status: int | None = None
+    # Why its connection failed (errors.CONNECT_CAUSES).
+    cause: str | None = None
     ended_at: float | None = None
 
     def report(self, origin: float) -> dict[str, object]:
@@ -110,6 +124,8 @@ class Attempt:
             data["code"] = self.code
         if self.upstream_status is not None:
             data["upstream_status"] = self.upstream_status
+        if self.cause is not None:
+            data["cause"] = self.cause
         return data
 
 

@@ -15,6 +15,8 @@ import functools
 import json
 import logging
 import math
+import socket
+import ssl
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,17 +25,19 @@ from typing import Any
 import anyio
 import httpx2 as httpx
 
-from ..config import ProviderConfig
+from ..config import ProviderConfig, load_tls
 from ..errors import (
+    ConfigError,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamMisconfigured,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamUnavailable,
 )
 from ..settings import Settings
 from .parser import provider_error_ids
-from .transport import BODY_EXTENSION, HTTP1Transport, PreparedPost
+from .transport import BODY_EXTENSION, HTTP1Transport, PreparedPost, TLSHandshakeTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +75,13 @@ def create_client(settings: Settings, provider: ProviderConfig | None = None) ->
             headers["authorization"] = f"Bearer {provider.api_key}"
         else:
             headers[provider.auth_header] = provider.api_key
+    tls = tls_context(provider)
     lean = None
     if not _proxied(provider.base_url):
         lean = HTTP1Transport(
-            max_connections=settings.upstream_max_connections, max_keepalive=keepalive
+            max_connections=settings.upstream_max_connections,
+            max_keepalive=keepalive,
+            ssl_context=tls,
         )
     # Behind an HTTP proxy (HTTPS_PROXY and friends), httpx's own transport, which
     # speaks to proxies; the lean one does not.
@@ -86,7 +93,31 @@ def create_client(settings: Settings, provider: ProviderConfig | None = None) ->
         limits=limits,
         headers=headers,
         transport=lean,
+        verify=tls or True,
     )
+
+
+def tls_context(provider: ProviderConfig) -> ssl.SSLContext | None:
+    """The TLS context for an https provider: the system's trust (``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` as Python reads them) plus the provider's ``ca_file``, its client
+    certificate, or no verification at all (``verify = false``, with a warning)."""
+    if provider.base_url is None or not provider.base_url.startswith("https:"):
+        return None
+    if not provider.verify:
+        logger.warning(
+            "provider %s: TLS verification is off (verify = false): any certificate is "
+            "accepted, and anyone on the path can read and change its traffic",
+            provider.name,
+        )
+        context = httpx.create_ssl_context(verify=False)
+    else:
+        context = httpx.create_ssl_context()
+    try:
+        load_tls(context, provider)
+    except ValueError as exc:
+        # Checked when the settings were read; the file changed since.
+        raise ConfigError(f"provider {provider.name}: {exc}") from None
+    return context
 
 
 class ProviderClient(httpx.AsyncClient):
@@ -366,9 +397,18 @@ async def _read_limited(response: UpstreamResponse) -> bytes:
 
 
 def _map_error(exc: httpx.HTTPError, *, connected: bool) -> UpstreamError:
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+    if not connected and isinstance(exc, httpx.TransportError):
+        cause, note = _connect_cause(exc)
+        if cause in _TLS_CAUSES:
+            # The client is told only that the gateway needs attention; the log says why.
+            return UpstreamMisconfigured(
+                "no trusted connection to the provider could be made", cause=cause, note=note
+            )
+        if cause is not None:
+            return UpstreamUnavailable(_UNAVAILABLE[cause], cause=cause, note=note)
+    if isinstance(exc, httpx.PoolTimeout):
         return UpstreamUnavailable(f"provider not reachable: {type(exc).__name__}")
-    if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
+    if isinstance(exc, httpx.UnsupportedProtocol):
         return UpstreamUnavailable("provider refused the connection")
     if isinstance(exc, httpx.DecodingError):
         return UpstreamProtocolError("provider sent a body that cannot be decoded")
@@ -377,3 +417,59 @@ def _map_error(exc: httpx.HTTPError, *, connected: bool) -> UpstreamError:
             return UpstreamDisconnected("provider connection lost mid-stream")
         return UpstreamUnavailable("provider closed the connection before answering")
     return UpstreamError(f"provider request failed: {type(exc).__name__}")
+
+
+_TLS_CAUSES = frozenset(
+    {"tls_handshake", "cert_untrusted", "cert_hostname_mismatch", "cert_expired"}
+)
+# What the client is told when the provider or the network failed.
+_UNAVAILABLE = {
+    "connect_refused": "provider refused the connection",
+    "dns_failure": "provider's host name did not resolve",
+    "connect_timeout": "provider not reachable: ConnectTimeout",
+    "connect_failed": "provider not reachable",
+}
+# OpenSSL's verify results (X509_V_ERR_*): not yet valid, expired; host name, e-mail,
+# IP address mismatch. Every other one is a certificate not trusted.
+_EXPIRED = frozenset({9, 10})
+_NAME_MISMATCH = frozenset({62, 63, 64})
+
+
+def _connect_cause(exc: BaseException) -> tuple[str | None, str | None]:
+    """Why a connection (or the exchange before the response head) failed, from the
+    exceptions beneath httpx's (both transports raise ``from`` the socket's and ssl's
+    own), and a short detail for the operator's log."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        error = todo.pop(0)
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ssl.SSLCertVerificationError):
+            code = error.verify_code
+            if code in _EXPIRED:
+                return "cert_expired", error.verify_message
+            if code in _NAME_MISMATCH:
+                return "cert_hostname_mismatch", error.verify_message
+            return "cert_untrusted", error.verify_message
+        if isinstance(error, ssl.SSLError):
+            # A handshake refused by either side: no common version or cipher, a plain
+            # HTTP port, a client certificate required or rejected.
+            return "tls_handshake", error.reason or str(error)
+        if isinstance(error, TLSHandshakeTimeout):
+            # Accepted (the kernel does that), then silent: a provider stuck or
+            # overloaded, as likely as one misconfigured; the note says which step.
+            return "connect_timeout", "the TLS handshake did not finish in time"
+        if isinstance(error, socket.gaierror):
+            return "dns_failure", error.strerror
+        if isinstance(error, ConnectionRefusedError):
+            return "connect_refused", None
+        if isinstance(error, BaseExceptionGroup):
+            todo.extend(error.exceptions)
+        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect_timeout", None
+    if isinstance(exc, httpx.ConnectError):
+        return "connect_failed", str(exc)
+    return None, None

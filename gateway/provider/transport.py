@@ -24,8 +24,9 @@ import httptools
 import httpx2 as httpx
 import trio
 from anyio.abc import ByteStream, SocketAttribute
+from anyio.streams.tls import TLSStream
 
-__all__ = ["BODY_EXTENSION", "HTTP1Transport", "PreparedPost"]
+__all__ = ["BODY_EXTENSION", "HTTP1Transport", "PreparedPost", "TLSHandshakeTimeout"]
 
 # The response extension holding the body's ``receive()`` fast path.
 BODY_EXTENSION = "gateway.body"
@@ -43,6 +44,10 @@ _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError
 _MAPPED_ERRORS = (TimeoutError, *_NETWORK_ERRORS)
 # What the response parser raises on bytes that are not HTTP/1.1 (an upgrade included).
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+
+
+class TLSHandshakeTimeout(TimeoutError):
+    """The connect timeout ran out during the TLS handshake, not the TCP connect."""
 
 
 class _Mapped:
@@ -247,16 +252,32 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         errors = _Mapped(
             request, f"connecting to {host}:{port}", httpx.ConnectTimeout, httpx.ConnectError
         )
-        with errors, anyio.fail_after(within):
+        deadline = None if within is None else anyio.current_time() + within
+        with errors:
+            with anyio.fail_after(within):
+                stream: ByteStream = await anyio.connect_tcp(host, port)
             if scheme == "https":
-                ssl_context = self._ssl_context or httpx.create_ssl_context()
-                self._ssl_context = ssl_context
-                stream: ByteStream = await anyio.connect_tcp(
-                    host, port, ssl_context=ssl_context, tls_hostname=host
-                )
-            else:
-                stream = await anyio.connect_tcp(host, port)
+                left = None if deadline is None else deadline - anyio.current_time()
+                stream = await self._handshake(stream, host, left)
         return _Connection(stream, origin)
+
+    async def _handshake(self, tcp: ByteStream, host: str, within: float | None) -> ByteStream:
+        """TLS over the connected ``tcp`` stream, which is closed if it fails."""
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context()
+        try:
+            with anyio.fail_after(within):
+                return await TLSStream.wrap(
+                    tcp, hostname=host, ssl_context=self._ssl_context, standard_compatible=False
+                )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(tcp)
+            if isinstance(exc, TimeoutError):
+                # The provider accepted, then never finished its part of the handshake:
+                # told apart from a connect that timed out.
+                raise TLSHandshakeTimeout from exc
+            raise
 
     async def _exchange(
         self,

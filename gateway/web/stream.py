@@ -309,7 +309,7 @@ class ChatStream:
                 except _NoDelta as exc:
                     failure = exc
                 if i < last:  # the last one's failure is the stream's, in its end line
-                    _log_next(session, provider, getattr(failure, "code", "first_token_timeout"))
+                    _log_next(session, provider, failure)
             return self._none_served(session, failure)
         return None  # a stop cancelled the scope
 
@@ -413,9 +413,7 @@ class ChatStream:
                             result.upstream_status
                         ):
                             break
-                        _log_next(
-                            session, targets[i][0], getattr(result, "code", "first_token_timeout")
-                        )
+                        _log_next(session, targets[i][0], result)
                         if session.outcome is None:
                             start_next()
                     for attempt in attempts.values():
@@ -480,6 +478,7 @@ class ChatStream:
             raise _NoDelta
         except UpstreamError as exc:
             attempt.code, attempt.upstream_status = exc.code, exc.upstream_status
+            attempt.cause = exc.cause
             if session.outcome is None and self._plan.falls_through(exc.upstream_status):
                 health = False
             raise
@@ -646,7 +645,12 @@ class _NoDelta(Exception):
     """An attempt's provider sent no delta within its first-token timeout."""
 
 
-def _log_next(session: Session, provider: Upstream, why: str) -> None:
+def _log_next(session: Session, provider: Upstream, failure: object) -> None:
+    why = "first_token_timeout"
+    if isinstance(failure, UpstreamError):
+        why = failure.code if failure.cause is None else f"{failure.code} cause={failure.cause}"
+        if failure.note is not None:
+            why += f": {failure.note}"
     logger.info(
         "[SSE] %s provider %s failed before the first delta (%s); next target",
         session.id,
