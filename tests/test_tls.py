@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ from gateway.provider.client import ProviderClient
 from gateway.server.serve import load_config
 from gateway.tools.simulator import Simulator
 from gateway.web.state import state_of
+from support.processes import ROOT
 
 from .harness import (
     Certificates,
@@ -214,6 +217,8 @@ async def test_mutual_tls_presents_the_client_certificate(
         assert data["code"] == "upstream_misconfigured"
         assert "cause=tls_handshake" in line
         assert record["cause"] == "tls_handshake"
+        metrics = (await h.client.get("/metrics")).text
+        assert _metric(metrics, "gateway_upstream_errors_total", code="tls_handshake") == 1
         assert h.upstream_connections() == 0
 
 
@@ -497,3 +502,19 @@ def test_the_single_provider_variables(tmp_path: Path, pems: Pems) -> None:
                 "GATEWAY_UPSTREAM_CA_FILE": str(pems["good"].ca),
             }
         )
+
+
+async def test_gateway_serve_stops_at_start_on_a_ca_file_that_is_not_pem(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN NOTHING-----\n")
+    path = _config(tmp_path, f'ca_file = "{junk}"')
+    env = {**os.environ, "GATEWAY_CONFIG": path}
+    result = await anyio.run_process(
+        [sys.executable, "-m", "gateway", "serve", "-b", f"{_HOST}:0"],
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 2
+    stderr = result.stderr.decode()
+    assert f'[providers."private"] ca_file {junk} cannot be used' in stderr
