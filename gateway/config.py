@@ -29,6 +29,7 @@ __all__ = [
     "CATCH_ALL",
     "DEFAULT_PROVIDER",
     "FALL_THROUGH_STATUSES",
+    "KINDS",
     "ProviderConfig",
     "RouteConfig",
     "Target",
@@ -44,11 +45,17 @@ DEFAULT_PROVIDER = "default"
 # next target is always tried on a connect error, a timeout, 408, 429 and 5xx.
 FALL_THROUGH_STATUSES = frozenset({400, 401, 403, 404})
 
+# The Messages API version the gateway speaks (the ``anthropic-version`` header).
+ANTHROPIC_VERSION = "2023-06-01"
 # Names end up in metric labels and log lines: short, plain.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # RFC 9110 token characters, for a header's name.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STRATEGIES = ("fallback", "hedge")
+# The APIs a provider speaks: Chat Completions, or Anthropic's Messages.
+KINDS = ("openai", "anthropic")
+# Anthropic requires max_tokens; a request that gives none is sent this many.
+_ANTHROPIC_MAX_TOKENS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,11 @@ class ProviderConfig:
     name: str
     base_url: str | None
     api_key: str | None = None
+    # The API it speaks (KINDS): "anthropic" is sent Messages requests at
+    # ``<base>/messages`` with ``x-api-key`` and ``anthropic-version``.
+    kind: str = "openai"
+    # Anthropic's: the max_tokens of a request that names none.
+    max_tokens: int = _ANTHROPIC_MAX_TOKENS
     # A simulated provider (the built-in simulator; ``base_url`` ``None``): its
     # behaviour, as SimulatorConfig's fields (``simulate = { status = 429 }``).
     simulate: tuple[tuple[str, int | float | str], ...] = ()
@@ -222,6 +234,8 @@ _PROVIDER_KEYS = {
     "client_cert",
     "client_key",
     "verify",
+    "kind",
+    "max_tokens",
 }
 
 
@@ -248,8 +262,14 @@ def _provider(
             raise reader.fail(where, f"api_key_env names {key_env}, which is not set")
         if not (api_key.isascii() and api_key.isprintable()):
             raise reader.fail(where, f"the key in {key_env} is not printable ASCII")
-    auth_header = (reader.string(table, where, "auth_header") or "authorization").lower()
+    kind = reader.string(table, where, "kind") or "openai"
+    if kind not in KINDS:
+        raise reader.fail(where, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    default_auth = "x-api-key" if kind == "anthropic" else "authorization"
+    auth_header = (reader.string(table, where, "auth_header") or default_auth).lower()
     headers = reader.pairs(table, where, "headers")
+    if kind == "anthropic" and not any(h.lower() == "anthropic-version" for h, _ in headers):
+        headers = (*headers, ("anthropic-version", ANTHROPIC_VERSION))
     for header, value in (("auth_header", auth_header), *headers):
         if not _HEADER_NAME.fullmatch(header):
             raise reader.fail(where, f"{header!r} is not a header name")
@@ -262,6 +282,8 @@ def _provider(
         name=name,
         base_url=base_url,
         api_key=api_key,
+        kind=kind,
+        max_tokens=_count(reader, table, where, "max_tokens", _ANTHROPIC_MAX_TOKENS),
         simulate=simulate,
         auth_header=auth_header,
         headers=headers,

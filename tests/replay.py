@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.provider.parser import ProviderStreamParser
 from gateway.server.serve import load_config
 
 from .harness import Harness, serve_until
@@ -48,7 +49,7 @@ _IDENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def names() -> list[str]:
-    return sorted(p.name for p in RECORDED.iterdir() if p.name != "README.md")
+    return sorted(p.name for p in RECORDED.iterdir() if p.is_file() and p.name != "README.md")
 
 
 def body(name: str) -> bytes:
@@ -74,6 +75,34 @@ def split(data: bytes, rng: random.Random, pieces: int) -> list[bytes]:
     """``data`` cut at ``pieces - 1`` random offsets (some pieces may be one byte)."""
     cuts = sorted(rng.sample(range(1, len(data)), min(pieces - 1, len(data) - 1)))
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def splits(data: bytes, seed: str, count: int) -> list[list[bytes]]:
+    """``data`` whole, byte by byte, and cut at ``count`` random sets of offsets."""
+    rng = random.Random(seed)
+    out = [[data], [data[i : i + 1] for i in range(len(data))]]
+    return out + [split(data, rng, rng.randint(2, 60)) for _ in range(count)]
+
+
+def parse(parser: ProviderStreamParser, pieces: list[bytes]) -> Parsed:
+    """What ``parser`` makes of ``pieces`` fed in turn: every delta, the last finish
+    reason and usage; it must end the stream without an error."""
+    out = Parsed()
+    for piece in pieces:
+        parsed = parser.feed(piece)
+        assert parsed.error is None, parsed.error
+        out.deltas += parsed.deltas
+        out.finish = parsed.finish_reason or out.finish
+        out.usage = parsed.usage or out.usage
+    assert parser.done
+    return out
+
+
+@dataclass
+class Parsed:
+    deltas: list[object] = field(default_factory=list)
+    finish: str | None = None
+    usage: dict[str, object] | None = None
 
 
 def numbers(usage: dict[str, Any]) -> dict[str, Any]:

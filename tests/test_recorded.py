@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -57,23 +56,10 @@ def test_the_corpus_is_what_its_readme_names() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_the_parser_reads_every_split_of_a_recording_alike(name: str) -> None:
     # Whole, byte by byte, and at 50 random sets of cuts: the same deltas in order.
-    data = replay.body(name)
-    splits = [[data], [data[i : i + 1] for i in range(len(data))]]
-    rng = random.Random(name)
-    splits += [replay.split(data, rng, rng.randint(2, 60)) for _ in range(50)]
     results = []
-    for pieces in splits:
-        parser = ProviderStreamParser()
-        deltas: list[object] = []
-        finish = usage = None
-        for piece in pieces:
-            parsed = parser.feed(piece)
-            assert parsed.error is None, parsed.error
-            deltas += parsed.deltas
-            finish = parsed.finish_reason or finish
-            usage = parsed.usage or usage
-        assert parser.done
-        results.append((deltas, finish, usage))
+    for pieces in replay.splits(replay.body(name), name, 50):
+        parsed = replay.parse(ProviderStreamParser(), pieces)
+        results.append((parsed.deltas, parsed.finish, parsed.usage))
     assert all(result == results[0] for result in results)
     exp = replay.expected(name)
     assert (results[0][1], results[0][2]) == (exp.relayed_finish, exp.usage)

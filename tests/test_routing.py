@@ -543,10 +543,16 @@ async def test_a_provider_cooling_down_is_skipped_by_the_next_streams(tmp_path: 
 def test_the_worked_example_of_the_docs_is_a_valid_file(tmp_path: Path) -> None:
     text = (ROOT / "docs" / "routing.md").read_text()
     example = text.split("```toml\n", 1)[1].split("```", 1)[0]
-    keys = {"DEEPSEEK_API_KEY": "k1", "OPENAI_API_KEY": "k2", "AZURE_OPENAI_KEY": "k3"}
+    keys = {
+        "DEEPSEEK_API_KEY": "k1",
+        "OPENAI_API_KEY": "k2",
+        "AZURE_OPENAI_KEY": "k3",
+        "ANTHROPIC_API_KEY": "k4",
+    }
     providers, routes = read_config(_write(tmp_path, example), keys)
-    assert [p.name for p in providers] == ["deepseek", "openai", "vllm", "azure"]
-    assert [r.name for r in routes] == ["chat", "fast", "deepseek-reasoner", "*"]
+    assert [p.name for p in providers] == ["deepseek", "openai", "vllm", "azure", "claude"]
+    assert [r.name for r in routes] == ["chat", "fast", "claude", "deepseek-reasoner", "*"]
+    assert providers[-1].kind == "anthropic"
 
 
 @asynccontextmanager

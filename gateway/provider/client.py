@@ -42,6 +42,8 @@ from .transport import BODY_EXTENSION, HTTP1Transport, PreparedPost, TLSHandshak
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CHAT_PATH",
+    "MESSAGES_PATH",
     "ModelList",
     "UpstreamResponse",
     "chat_url",
@@ -50,6 +52,9 @@ __all__ = [
     "open_stream",
 ]
 
+# Where a stream is asked for, under the provider's base URL, by the API it speaks.
+CHAT_PATH = "/chat/completions"
+MESSAGES_PATH = "/messages"
 # Bounds for work done while cleaning up: closing a socket, reading an error body.
 _CLOSE_TIMEOUT = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -133,18 +138,18 @@ class ProviderClient(httpx.AsyncClient):
         self._timeouts = self.timeout.as_dict()
         self._posts: dict[str, PreparedPost] = {}
 
-    async def post_json(self, base_url: str, payload: Mapping[str, object]) -> httpx.Response:
-        """POST ``payload`` to ``{base_url}/chat/completions`` through the lean
-        transport, with the client's headers, as ``json=`` would."""
+    async def post_json(self, url: str, payload: Mapping[str, object]) -> httpx.Response:
+        """POST ``payload`` to ``url`` through the lean transport, with the client's
+        headers, as ``json=`` would."""
         assert self.lean is not None
         if self.is_closed:
             raise httpx.ConnectError("the client is closed (the gateway is stopping)")
-        prepared = self._posts.get(base_url)
+        prepared = self._posts.get(url)
         if prepared is None:
-            headers = self.build_request("POST", chat_url(base_url), content=b"").headers
+            headers = self.build_request("POST", url, content=b"").headers
             headers["content-type"] = "application/json"
-            prepared = self.lean.prepare_post(httpx.URL(chat_url(base_url)), headers)
-            self._posts[base_url] = prepared
+            prepared = self.lean.prepare_post(httpx.URL(url), headers)
+            self._posts[url] = prepared
         # As httpx encodes ``json=``.
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         return await self.lean.post(prepared, body.encode(), self._timeouts)
@@ -225,11 +230,12 @@ class UpstreamResponse:
             await self._close()
 
 
-@functools.lru_cache(maxsize=8)
-def chat_url(base_url: str) -> str:
-    """``<base>/chat/completions``, the base's query (Azure's ``api-version``) kept."""
+@functools.lru_cache(maxsize=32)
+def chat_url(base_url: str, path: str = CHAT_PATH) -> str:
+    """``<base>/chat/completions`` (or another ``path``), the base's query (Azure's
+    ``api-version``) kept."""
     parts = urllib.parse.urlsplit(base_url)
-    return urllib.parse.urlunsplit(parts._replace(path=parts.path + "/chat/completions"))
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path + path))
 
 
 # GET <base>/models: a listing, not a stream; it must not hold a request up for long.
@@ -312,15 +318,15 @@ async def open_stream(
     base_url: str,
     payload: Mapping[str, object],
     headers: dict[str, str] | None = None,
+    path: str = CHAT_PATH,
 ) -> UpstreamResponse:
-    """POST ``{base_url}/chat/completions`` and return once the headers are in."""
+    """POST ``{base_url}{path}`` and return once the headers are in."""
     try:
+        url = chat_url(base_url, path)
         if isinstance(client, ProviderClient) and client.lean is not None and headers is None:
-            response = await client.post_json(base_url, payload)
+            response = await client.post_json(url, payload)
         else:
-            request = client.build_request(
-                "POST", chat_url(base_url), json=payload, headers=headers
-            )
+            request = client.build_request("POST", url, json=payload, headers=headers)
             response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         raise _map_error(exc, connected=False) from exc

@@ -40,6 +40,10 @@ __all__ = [
     "Reasoning",
     "Refusal",
     "ToolCallDelta",
+    "decode_json",
+    "fits",
+    "known_error",
+    "numbers_only",
     "token_counts",
 ]
 
@@ -645,3 +649,10 @@ def _error(error: object) -> UpstreamStatusError:
     known = [value for value in ids.values() if value in KNOWN_ERRORS]
     message = f"provider sent an error: {known[0]}" if known else "provider sent an error"
     return UpstreamStatusError(message, provider_error=ids or None)
+
+
+# For the other providers' parsers (provider/anthropic.py): the same reading of JSON,
+# the same bound on what is passed on, the same telling of an error object.
+decode_json = _json
+fits = _fits
+known_error = _error

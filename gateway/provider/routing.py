@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import httpx2 as httpx
 
 from ..config import CATCH_ALL, ProviderConfig, RouteConfig
 from ..settings import Settings
-from .client import ModelList, create_client
+from .anthropic import AnthropicStreamParser, messages_request
+from .client import CHAT_PATH, MESSAGES_PATH, ModelList, create_client
+from .parser import ProviderStreamParser
 
 __all__ = ["Cooldown", "Plan", "Providers", "Upstream"]
 
@@ -93,6 +96,25 @@ class Upstream:
         # Played by a built-in simulator: it may be told whose session it serves.
         self.simulated = config.base_url is None
         self.cooldown = Cooldown(config.cooldown_failures, config.cooldown_window, config.cooldown)
+        self.anthropic = config.kind == "anthropic"
+        self.path = MESSAGES_PATH if self.anthropic else CHAT_PATH
+
+    def request(self, payload: Mapping[str, Any], model: str) -> Mapping[str, Any]:
+        """What this provider is sent for the (checked, Chat Completions) ``payload``:
+        the payload itself with ``model``, or its Messages form. ``BadRequest`` naming
+        a field Messages cannot take."""
+        if self.anthropic:
+            return messages_request(payload, model, self.config.max_tokens)
+        if "thinking" in payload:
+            # Anthropic's own field: an OpenAI-compatible provider is not sent it.
+            payload = {k: v for k, v in payload.items() if k != "thinking"}
+        if model != payload["model"]:
+            return {**payload, "model": model}
+        return payload
+
+    def parser(self) -> ProviderStreamParser:
+        """A parser for one of this provider's streams."""
+        return AnthropicStreamParser() if self.anthropic else ProviderStreamParser()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +123,13 @@ class Plan:
 
     route: RouteConfig
     targets: tuple[tuple[Upstream, str], ...]
+
+    def check(self, payload: Mapping[str, Any]) -> None:
+        """Refuse (``BadRequest``) a request some target's API cannot be sent, before
+        any stream starts."""
+        for provider, model in self.targets:
+            if provider.anthropic:
+                provider.request(payload, model)
 
     def all_cooling(self, now: float) -> bool:
         """Every target is cooling down: the route then tries them all anyway, rather

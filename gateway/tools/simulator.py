@@ -6,8 +6,12 @@ ended: ``completed``, or ``closed_by_client`` at token k of n, with the time on
 ``time.monotonic()`` (CLOCK_MONOTONIC, comparable across processes on Linux).
 ``GET /v1/_streams`` returns the records as JSON.
 
-It answers ``POST <any base>/chat/completions``, so any base URL can be tested. What
-it keeps is bounded: it runs for as long as a demo does.
+It answers ``POST <any base>/chat/completions``, so any base URL can be tested, and
+``POST <any base>/messages`` in Anthropic's Messages format: ``message_start``, a
+``ping``, a thinking block with its signature (when the request turns thinking on, or
+the model is a reasoner), text or a ``tool_use`` block, ``message_delta`` and
+``message_stop``; ``ping`` events as its keep-alives. What it keeps is bounded: it runs
+for as long as a demo does.
 
 It speaks the wire formats of the real providers: a model whose name ends in
 ``reasoner`` (``simulator-reasoner``) thinks first, DeepSeek-style
@@ -18,7 +22,8 @@ DeepSeek's extra fields; ``"stream": false`` gets a ``chat.completion`` object.
 
 A model whose name ends in ``-status-429`` (any status), ``-stall`` or ``-reset-2`` (any
 count) plays that fault: the status at once, a head and no delta, a connection broken
-after that many deltas (so one simulator can play a route's several targets).
+after that many deltas (so one simulator can play a route's several targets);
+``-overloaded`` sends an ``overloaded_error`` in the stream before any delta.
 
 Three more modes, chosen by ``SimulatorConfig.mode`` or a model name ending in the
 mode's name (``simulator-refusal``): ``refusal`` answers in ``delta.refusal`` with
@@ -38,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -93,20 +98,24 @@ class SimulatorConfig:
     tool_fragment_chars: int = 6
     # "refusal", "parts" or "error" (module docstring); None: from the model's name.
     mode: str | None = None
+    # An error in the stream before any delta: Anthropic's ``overloaded_error``.
+    overloaded: bool = False
 
 
 # A fault named by the model a request asks for, so that one simulator plays a route's
 # several targets (docs/routing.md; the contract kit's routing checks): ``...-status-429``
 # answers that status, ``...-stall`` sends its head and never a delta, ``...-reset-2``
 # breaks the connection after two deltas.
-_FAULT = re.compile(r"-(?:status-(\d{3})|(stall)|reset-(\d{1,6}))$")
+_FAULT = re.compile(r"-(?:status-(\d{3})|(stall)|reset-(\d{1,6})|(overloaded))$")
 
 
 def _for_model(config: SimulatorConfig, model: str) -> SimulatorConfig:
     fault = _FAULT.search(model)
     if fault is None:
         return config
-    status, stall, reset = fault.groups()
+    status, stall, reset, overloaded = fault.groups()
+    if overloaded is not None:
+        return dataclasses.replace(config, overloaded=True)
     if status is not None:
         return dataclasses.replace(config, status=int(status))
     if stall is not None:
@@ -222,13 +231,15 @@ class Simulator:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        if method == "POST" and path.endswith("/chat/completions"):
+        if method == "POST" and path.endswith(("/chat/completions", "/messages")):
             body = await _read_body(receive)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            if "authorization" in headers:
-                self.authorizations.append(headers["authorization"])
+            key = headers.get("authorization", headers.get("x-api-key"))
+            if key is not None:
+                self.authorizations.append(key)
+            prefix = "msg_sim" if path.endswith("/messages") else "chatcmpl-sim"
             record = StreamRecord(
-                id=f"chatcmpl-sim{next(self._ids)}",
+                id=f"{prefix}{next(self._ids)}",
                 planned=0,
                 started_at=time.monotonic(),
                 session_id=headers.get("x-session-id"),
@@ -258,13 +269,21 @@ class Simulator:
             await _json(send, 400, {"error": {"message": "invalid JSON", "type": "bad_request"}})
             return
         self.requests.append(request)
+        messages_api = record.path.endswith("/messages")
+        stream = request.get("stream") is not False
+        if messages_api:
+            # What the answer is planned from, read as a Chat Completions request.
+            request = _chat_view(request)
         record.prompt = _last_user_text(request)
         record.model = str(request.get("model") or "")
         cfg = _for_model(self.config, record.model)
         if cfg.status is not None:
-            await _json(
-                send, cfg.status, {"error": {"message": "simulated failure", "type": "server"}}
-            )
+            failure = {"message": "simulated failure", "type": "server"}
+            if messages_api:
+                failure["type"] = "overloaded_error" if cfg.status == 529 else "api_error"
+                await _json(send, cfg.status, {"type": "error", "error": failure})
+            else:
+                await _json(send, cfg.status, {"error": failure})
             return
         planned = _Plan(request, cfg, record.id)
         record.planned = len(planned)
@@ -282,10 +301,11 @@ class Simulator:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                if request.get("stream") is False:
-                    await self._complete(request, planned, record, send)
+                if not stream:
+                    await self._complete(request, planned, record, send, messages_api)
                 else:
-                    await self._stream(request, planned, record, send, cfg)
+                    form = _MessagesForm if messages_api else _ChatForm
+                    await self._stream(request, planned, record, send, cfg, form(request, record))
                 tg.cancel_scope.cancel()
         finally:
             if record.outcome == "streaming":
@@ -300,20 +320,8 @@ class Simulator:
         record: StreamRecord,
         send: Send,
         cfg: SimulatorConfig,
+        form: _Form,
     ) -> None:
-        model = str(request.get("model") or "simulator")
-        created = int(time.time())
-
-        def chunk(delta: dict[str, object], finish: str | None = None, **choice: object) -> bytes:
-            payload = {
-                "id": record.id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **choice}],
-            }
-            return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
         async def write(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
@@ -329,8 +337,15 @@ class Simulator:
                 ],
             }
         )
-        await self._keepalives(write, cfg.queue_seconds)
-        await write(chunk({"role": "assistant", "content": ""}))
+        await self._keepalives(write, cfg.queue_seconds, form.keepalive)
+        await write(form.opening())
+        if cfg.overloaded:
+            # An error in the stream before any delta (Anthropic's overloaded_error).
+            await write(form.error())
+            record.outcome = "completed"
+            record.ended_at = time.monotonic()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         start = anyio.current_time()
         for i, item in enumerate(planned):
             if cfg.rate > 0:
@@ -338,7 +353,7 @@ class Simulator:
             else:
                 await anyio.lowlevel.checkpoint()
             if i == cfg.stall_after:
-                await self._keepalives(write, float("inf"))
+                await self._keepalives(write, float("inf"), form.keepalive)
             if i == cfg.reset_after:
                 # Returning without ending the body makes hypercorn drop the connection.
                 record.outcome = "reset"
@@ -347,40 +362,34 @@ class Simulator:
             if i == cfg.malformed_after:
                 await write(b'data: {"choices": [{"delta": \n\n')
             if item.kind == "reasoning" and i and not i % max(cfg.reasoning_keepalive_every, 1):
-                await write(b": keep-alive\n\n")
-            await write(chunk(item.delta))
+                await write(form.keepalive)
+            await write(form.item(item))
             _record(record, item)
             if self._delta_waiters:
                 self._changed(self._delta_waiters)
         if not cfg.omit_done:
-            if planned.mode == "error":
-                # OpenRouter's failed choice: no error object, the reason in its own field.
-                native = {"native_finish_reason": "MALFORMED_FUNCTION_CALL"}
-                await write(chunk({}, planned.finish_reason, **native))
-            else:
-                await write(chunk({}, planned.finish_reason))
-            options = request.get("stream_options") or {}
-            if options.get("include_usage"):
-                payload = {
-                    "id": record.id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": _usage(request, record),
-                }
-                await write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-            await write(b"data: [DONE]\n\n")
+            await write(form.closing(planned))
         record.outcome = "completed"
         record.ended_at = time.monotonic()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _complete(
-        self, request: dict[str, Any], planned: _Plan, record: StreamRecord, send: Send
+        self,
+        request: dict[str, Any],
+        planned: _Plan,
+        record: StreamRecord,
+        send: Send,
+        messages_api: bool,
     ) -> None:
-        """``"stream": false``: the whole answer as one ``chat.completion`` object."""
+        """``"stream": false``: the whole answer as one ``chat.completion`` object (or
+        Messages' ``message``)."""
         for item in planned:
             _record(record, item)
+        if messages_api:
+            record.outcome = "completed"
+            record.ended_at = time.monotonic()
+            await _json(send, 200, _MessagesForm(request, record).message(planned))
+            return
         message: dict[str, object] = {"role": "assistant", "content": record.text or None}
         if record.refusal:
             message["refusal"] = record.refusal
@@ -408,8 +417,11 @@ class Simulator:
         record.ended_at = time.monotonic()
         await _json(send, 200, answer)
 
-    async def _keepalives(self, write: Callable[[bytes], Awaitable[None]], seconds: float) -> None:
-        """Send ``: keep-alive`` comments for ``seconds``, as DeepSeek does while queued."""
+    async def _keepalives(
+        self, write: Callable[[bytes], Awaitable[None]], seconds: float, keepalive: bytes
+    ) -> None:
+        """Send keep-alives for ``seconds``, as DeepSeek (``: keep-alive`` comments) and
+        Anthropic (``ping`` events) do while queued."""
         interval = self.config.keepalive_interval
         deadline = anyio.current_time() + seconds
         while anyio.current_time() < deadline:
@@ -419,7 +431,7 @@ class Simulator:
                 await anyio.sleep_until(deadline)
                 return
             await anyio.sleep(min(interval, deadline - anyio.current_time()))
-            await write(b": keep-alive\n\n")
+            await write(keepalive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +456,9 @@ class _Plan:
             self.mode = next((m for m in _MODES if model.endswith(m)), None)
         reasoner = cfg.reasoner
         if reasoner is None:
-            reasoner = model.endswith("reasoner") or self.mode == "parts"
+            thinking = request.get("thinking")
+            thinks = isinstance(thinking, dict) and thinking.get("type") == "enabled"
+            reasoner = model.endswith("reasoner") or self.mode == "parts" or thinks
         self.reasoning = cfg.reasoning_tokens if reasoner else 0
         self.tool = _tool_to_call(request)
         arguments = json.dumps({"query": " ".join(_WORDS[:5])})
@@ -493,6 +507,218 @@ class _Plan:
                 yield _Planned("content", {"content": [{"type": "text", "text": word}]}, word)
             else:
                 yield _Planned("content", {"content": word}, word)
+
+
+class _Form(Protocol):
+    """How one API's stream is written: its opening, each delta, an error, its end."""
+
+    keepalive: bytes
+
+    def opening(self) -> bytes: ...
+
+    def item(self, item: _Planned) -> bytes: ...
+
+    def error(self) -> bytes: ...
+
+    def closing(self, planned: _Plan) -> bytes: ...
+
+
+class _ChatForm:
+    """OpenAI's Chat Completions chunks, ``data: [DONE]`` at the end."""
+
+    keepalive = b": keep-alive\n\n"
+
+    def __init__(self, request: dict[str, Any], record: StreamRecord) -> None:
+        self._request = request
+        self._record = record
+        self._model = str(request.get("model") or "simulator")
+        self._created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **more: object) -> bytes:
+        payload = {
+            "id": self._record.id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": choices,
+            **more,
+        }
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    def _choice(self, delta: dict[str, Any], finish: str | None = None, **more: object) -> bytes:
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish, **more}])
+
+    def opening(self) -> bytes:
+        return self._choice({"role": "assistant", "content": ""})
+
+    def item(self, item: _Planned) -> bytes:
+        return self._choice(item.delta)
+
+    def error(self) -> bytes:
+        return b'data: {"error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+
+    def closing(self, planned: _Plan) -> bytes:
+        if planned.mode == "error":
+            # OpenRouter's failed choice: no error object, the reason in its own field.
+            native = {"native_finish_reason": "MALFORMED_FUNCTION_CALL"}
+            out = self._choice({}, planned.finish_reason, **native)
+        else:
+            out = self._choice({}, planned.finish_reason)
+        options = self._request.get("stream_options") or {}
+        if options.get("include_usage"):
+            out += self._chunk([], usage=_usage(self._request, self._record))
+        return out + b"data: [DONE]\n\n"
+
+
+# Chat Completions' finish reasons as Messages' stop reasons.
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class _MessagesForm:
+    """Anthropic's Messages events: ``message_start``, a ``ping``, content blocks
+    (thinking with its signature, text, tool_use with its input in pieces),
+    ``message_delta``, ``message_stop``."""
+
+    keepalive = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+    def __init__(self, request: dict[str, Any], record: StreamRecord) -> None:
+        self._request = request
+        self._record = record
+        self._block: str | None = None
+        self._index = -1
+
+    @staticmethod
+    def _event(kind: str, **data: object) -> bytes:
+        body = json.dumps({"type": kind, **data}, separators=(",", ":"))
+        return f"event: {kind}\ndata: {body}\n\n".encode()
+
+    def _usage(self) -> dict[str, int]:
+        usage = _usage(self._request, self._record)
+        return {
+            "input_tokens": int(str(usage["prompt_tokens"])),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": self._record.sent,
+        }
+
+    def opening(self) -> bytes:
+        message: dict[str, object] = {
+            "id": self._record.id,
+            "type": "message",
+            "role": "assistant",
+            "model": str(self._request.get("model") or "simulator"),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**self._usage(), "output_tokens": 1},
+        }
+        return self._event("message_start", message=message) + self.keepalive
+
+    def _switch(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._stop_block()
+        self._block = kind
+        self._index += 1
+        return out + self._event("content_block_start", index=self._index, content_block=block)
+
+    def _stop_block(self) -> bytes:
+        out = b""
+        if self._block == "reasoning":
+            signature = {"type": "signature_delta", "signature": "c2ltdWxhdGVk"}
+            out += self._event("content_block_delta", index=self._index, delta=signature)
+        if self._block is not None:
+            out += self._event("content_block_stop", index=self._index)
+        self._block = None
+        return out
+
+    def item(self, item: _Planned) -> bytes:
+        out = b""
+        if item.kind == "tool_call" and not item.text:
+            call = item.delta["tool_calls"][0]
+            block = {"type": "tool_use", "id": call["id"], "name": call["function"]["name"]}
+            return self._switch("tool_call", {**block, "input": {}})
+        if item.kind != self._block:
+            if item.kind == "reasoning":
+                out = self._switch(item.kind, {"type": "thinking", "thinking": "", "signature": ""})
+            else:
+                out = self._switch(item.kind, {"type": "text", "text": ""})
+        if item.kind == "reasoning":
+            delta = {"type": "thinking_delta", "thinking": item.text}
+        elif item.kind == "tool_call":
+            delta = {"type": "input_json_delta", "partial_json": item.text}
+        else:
+            delta = {"type": "text_delta", "text": item.text}
+        return out + self._event("content_block_delta", index=self._index, delta=delta)
+
+    def error(self) -> bytes:
+        return self._event("error", error={"type": "overloaded_error", "message": "Overloaded"})
+
+    def _stop_reason(self, planned: _Plan) -> str:
+        if planned.mode == "refusal":
+            return "refusal"
+        return _STOP_REASONS.get(planned.finish_reason, "end_turn")
+
+    def closing(self, planned: _Plan) -> bytes:
+        delta = {"stop_reason": self._stop_reason(planned), "stop_sequence": None}
+        usage = {"output_tokens": self._record.sent}
+        return (
+            self._stop_block()
+            + self._event("message_delta", delta=delta, usage=usage)
+            + self._event("message_stop")
+        )
+
+    def message(self, planned: _Plan) -> dict[str, Any]:
+        """The whole answer (``"stream": false``), once ``planned`` was recorded."""
+        record = self._record
+        content: list[dict[str, Any]] = []
+        if record.reasoning:
+            thinking = {"type": "thinking", "thinking": record.reasoning}
+            content.append({**thinking, "signature": "c2ltdWxhdGVk"})
+        text = record.text or record.refusal
+        if text:
+            content.append({"type": "text", "text": text})
+        if planned.tool is not None:
+            arguments = json.loads(record.tool_arguments or "{}")
+            call = {"type": "tool_use", "id": planned.call_id, "name": planned.tool}
+            content.append({**call, "input": arguments})
+        return {
+            "id": record.id,
+            "type": "message",
+            "role": "assistant",
+            "model": str(self._request.get("model") or "simulator"),
+            "content": content,
+            "stop_reason": self._stop_reason(planned),
+            "stop_sequence": None,
+            "usage": self._usage(),
+        }
+
+
+def _chat_view(request: dict[str, Any]) -> dict[str, Any]:
+    """A Messages request as the Chat Completions request it stands for, as far as the
+    simulator reads one: model, max_tokens, the tools' names, the turns' text, a tool
+    result as a ``tool`` turn, and whether it thinks."""
+    view: dict[str, Any] = {
+        key: request[key] for key in ("model", "max_tokens", "stream", "thinking") if key in request
+    }
+    tools = request.get("tools")
+    if isinstance(tools, list):
+        view["tools"] = [
+            {"type": "function", "function": {"name": t.get("name")}}
+            for t in tools
+            if isinstance(t, dict)
+        ]
+    messages: list[dict[str, Any]] = []
+    for turn in request.get("messages") or []:
+        if not isinstance(turn, dict):
+            continue
+        content = turn.get("content")
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        texts = [b.get("text") for b in blocks if isinstance(b, dict) and b.get("type") == "text"]
+        role = turn.get("role")
+        if any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
+            role = "tool"
+        messages.append({"role": role, "content": " ".join(t for t in texts if isinstance(t, str))})
+    view["messages"] = messages
+    return view
 
 
 def _tool_to_call(request: dict[str, Any]) -> str | None:

@@ -216,6 +216,16 @@ def _forwarded() -> dict[str, Any]:
         "frequency_penalty": _number(PENALTY),
         "logit_bias": {"type": "object", "additionalProperties": _number((-100, 100))},
         "reasoning_effort": short,
+        "thinking": {
+            "type": "object",
+            "description": "Anthropic's own thinking settings, sent to Anthropic providers "
+            "only (docs/routing.md)",
+            "required": ["type"],
+            "properties": {
+                "type": {"type": "string"},
+                "budget_tokens": {"type": "integer", "minimum": 1},
+            },
+        },
         "user": short,
         "n": {"const": 1},
     }

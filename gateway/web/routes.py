@@ -208,6 +208,7 @@ def _stream(
     plan = state.providers.plan(payload["model"])
     if plan is None:
         raise ModelNotFound(f"no route serves the model {payload['model']!r}")
+    plan.check(payload)
     return ChatStream(
         state,
         plan,

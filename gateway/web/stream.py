@@ -454,21 +454,21 @@ class ChatStream:
         if attempt is None:
             attempt = Attempt(provider.name, model, session.clock())
             session.attempts.append(attempt)
-        payload = self._payload
-        if model != payload["model"]:
-            payload = {**payload, "model": model}
+        payload = provider.request(self._payload, model)
         upstream: UpstreamResponse | None = None
         # For the provider's cooldown: True served, False failed as a provider fails.
         health: bool | None = None
         try:
             with anyio.move_on_after(within):
                 headers = self._demo_headers if provider.simulated else None
-                upstream = await open_stream(provider.client, provider.base_url, payload, headers)
+                upstream = await open_stream(
+                    provider.client, provider.base_url, payload, headers, provider.path
+                )
                 upstream.provider = provider.name
                 self._gateway.metrics.provider_opened(provider.name, 1)
                 if hedged is None:
                     session.upstream = upstream  # one attempt at a time: a stop aborts it
-                parser = ProviderStreamParser()
+                parser = provider.parser()
                 first = await self._first_delta(session, upstream, parser)
                 attempt.result, attempt.served = "served", True
                 health = True if session.outcome is None else None

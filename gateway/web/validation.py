@@ -400,6 +400,15 @@ def _short_string(value: object, name: str) -> None:
         _fail(f"{name} must be a string of 1 to {MAX_SHORT_CHARS} characters")
 
 
+def _thinking(value: object, name: str) -> None:
+    """Anthropic's own ``thinking`` object (``{"type": "enabled", "budget_tokens": N}``),
+    sent to Anthropic providers only (provider/routing.py)."""
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        _fail(f"{name} must be an object with a type, as Anthropic's")
+    if "budget_tokens" in value:
+        _positive_integer(value["budget_tokens"], f"{name}.budget_tokens")
+
+
 def _one(value: object, name: str) -> None:
     if value != 1 or isinstance(value, bool):
         _fail(f"{name} must be 1: the gateway streams one answer")
@@ -435,6 +444,7 @@ _FIELDS: dict[str, Callable[[object, str], None]] = {
     "frequency_penalty": _number(*PENALTY),
     "logit_bias": _logit_bias,
     "reasoning_effort": _short_string,
+    "thinking": _thinking,
     "user": _short_string,
     "n": _one,
 }
