@@ -1,9 +1,10 @@
 """Python function calls per relayed token: a count, not a time, so noise cannot move it.
 
-``python -m bench.calls gateway|floor [-k uvloop] [-n 200] [-d 5] [--top 40] [--env K=V ...]``
-runs the server (with those environment variables: ``GATEWAY_RESUME_WINDOW=30``, say)
-under cProfile, switched on for ``-d`` seconds (SIGUSR1, SIGUSR2) while N paced
-streams run at 20 tokens/s, and prints the calls per token and the functions called.
+``python -m bench.calls gateway|floor [-k uvloop] [-n 200] [-d 5] [--top 40] [--env K=V ...]
+[--surface api|openai|messages]`` runs the server (with those environment variables:
+``GATEWAY_RESUME_WINDOW=30``, say) under cProfile, switched on for ``-d`` seconds
+(SIGUSR1, SIGUSR2) while N paced streams run at 20 tokens/s, and prints the calls per
+token and the functions called.
 
 On this machine the interpreter's time per token tracks the calls: ``perf`` put the
 gateway's extra CPU over the floor almost all in libpython (docs/benchmarks.md). A
@@ -45,7 +46,13 @@ _RATE = 20
 
 
 async def record(
-    server: str, worker: str, streams: int, seconds: float, out: Path, env: dict[str, str]
+    server: str,
+    worker: str,
+    streams: int,
+    seconds: float,
+    out: Path,
+    env: dict[str, str],
+    surface: str = "api",
 ) -> None:
     provider = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.provider", cwd=ROOT, stdout=subprocess.PIPE
@@ -57,7 +64,7 @@ async def record(
         async with _server(
             server, worker, bench.provider_port, env_extra=env, main=("-c", _HOOK)
         ) as (port, process):
-            running = await bench.open_many(port, streams, "pace", ramp=1.0)
+            running = await bench.open_many(port, streams, "pace", ramp=1.0, surface=surface)
             await asyncio.sleep(2.0)
             process.send_signal(signal.SIGUSR1)
             await asyncio.sleep(seconds)
@@ -97,11 +104,16 @@ def main() -> None:
     parser.add_argument("-d", "--duration", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--env", nargs="*", default=[], help="K=V for the server's environment")
+    parser.add_argument(
+        "--surface", default="api", choices=["api", "openai", "messages"], help="the client's"
+    )
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "calls.prof"
-        uvloop.run(record(args.server, args.worker, args.streams, args.duration, out, env))
+        uvloop.run(
+            record(args.server, args.worker, args.streams, args.duration, out, env, args.surface)
+        )
         # Paced streams: the provider sends each its tokens on time, so the count is known.
         print(summarize(out, args.streams * _RATE * args.duration, args.top))
 

@@ -13,15 +13,26 @@ _TOKEN = b"event: token"
 # /v1/chat/completions (OpenAI's chunks): a content chunk, and the stream's last lines.
 _OPENAI_ENDS = (b"data: [DONE]", b'data: {"error"')
 _OPENAI_TOKEN = b'"delta":{"content":'
+# The client surfaces: path, a content delta's mark, the stream's last events, the
+# body's own fields.
+SURFACES: dict[str, tuple[str, bytes, tuple[bytes, ...], dict[str, object]]] = {
+    "api": ("/api/chat/stream", _TOKEN, _ENDS, {}),
+    "openai": ("/v1/chat/completions", _OPENAI_TOKEN, _OPENAI_ENDS, {"stream": True}),
+    "messages": (
+        "/v1/messages",
+        b'"type":"text_delta"',
+        (b"event: message_stop", b"event: error"),
+        {"stream": True, "max_tokens": 4096},
+    ),
+}
 
 
 class SSEStream(asyncio.Protocol):
     """One streaming request; notes the first token and the end, nothing else."""
 
-    def __init__(self, openai: bool = False) -> None:
+    def __init__(self, surface: str = "api") -> None:
         loop = asyncio.get_running_loop()
-        self._marker = _OPENAI_TOKEN if openai else _TOKEN
-        self._ends: tuple[bytes, ...] = _OPENAI_ENDS if openai else _ENDS
+        _, self._marker, self._ends, _ = SURFACES[surface]
         self._keep = len(self._marker) - 1
         self.first_token: asyncio.Future[float] = loop.create_future()
         # A whole answer with a length, before the stream's (bench/firsttoken.py's
@@ -79,14 +90,14 @@ class SSEStream(asyncio.Protocol):
         self.transport.close()
 
 
-def stream_request(port: int, sid: str, mode: str, n: int = 0, openai: bool = False) -> bytes:
-    """The bytes of a request for a stream on ``/api/chat/stream``, or with ``openai``
-    on ``/v1/chat/completions`` (which the provider itself also answers)."""
-    fields: dict[str, object] = {"stream": True} if openai else {}
+def stream_request(port: int, sid: str, mode: str, n: int = 0, surface: str = "api") -> bytes:
+    """The bytes of a request for a stream on a surface (``SURFACES``): the gateway's
+    ``/api/chat/stream``, ``/v1/chat/completions`` (which the provider itself also
+    answers), ``/v1/messages``."""
+    path, _, _, fields = SURFACES[surface]
     body = json.dumps(
         {"messages": [{"role": "user", "content": f"bench:{sid}:{mode}:{n}"}], **fields}
     ).encode()
-    path = "/v1/chat/completions" if openai else "/api/chat/stream"
     return (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"X-Session-Id: {sid}\r\nContent-Type: application/json\r\n"
@@ -95,12 +106,12 @@ def stream_request(port: int, sid: str, mode: str, n: int = 0, openai: bool = Fa
 
 
 async def open_stream(
-    port: int, sid: str, mode: str, n: int = 0, openai: bool = False
+    port: int, sid: str, mode: str, n: int = 0, surface: str = "api"
 ) -> SSEStream:
-    """A stream on ``/api/chat/stream``, or with ``openai`` on ``/v1/chat/completions``."""
-    request = stream_request(port, sid, mode, n, openai)
+    """A stream on a surface (``SURFACES``)."""
+    request = stream_request(port, sid, mode, n, surface)
     loop = asyncio.get_running_loop()
-    transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
+    transport, stream = await loop.create_connection(lambda: SSEStream(surface), "127.0.0.1", port)
     stream.transport = transport
     transport.write(request)
     return stream

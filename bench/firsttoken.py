@@ -124,14 +124,15 @@ async def first_token_ms(
     (the floor never ends its answers). With ``warm``, a ``GET`` is answered on the
     connection first, so the server's accepting it is not timed, as for a browser's
     kept-alive connection."""
-    openai = surface != "api"
+    # "direct": the provider, which answers /v1/chat/completions.
+    kind = "api" if surface == "api" else "openai"
     request = (
-        stream_request(port, sid, "late", delay_ms, openai)
+        stream_request(port, sid, "late", delay_ms, kind)
         if delay_ms
-        else stream_request(port, sid, "pace", 1, openai)
+        else stream_request(port, sid, "pace", 1, kind)
     )
     loop = asyncio.get_running_loop()
-    transport, stream = await loop.create_connection(lambda: SSEStream(openai), "127.0.0.1", port)
+    transport, stream = await loop.create_connection(lambda: SSEStream(kind), "127.0.0.1", port)
     try:
         if warm:
             path = "/_stats" if surface == "direct" else "/healthz"

@@ -1,4 +1,5 @@
-"""A lean OpenAI-compatible provider for benchmarks (asyncio protocol on uvloop).
+"""A lean OpenAI-compatible provider for benchmarks (asyncio protocol on uvloop); at
+``<base>/messages`` it speaks Anthropic's Messages (bench/anthropic.toml).
 
 It sends one token per HTTP chunk, as real providers do, paced per stream, and it
 records on ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process)
@@ -44,12 +45,36 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-def _token(i: int) -> bytes:
+def _token(i: int, messages: bool = False) -> bytes:
     word = _WORDS[i % len(_WORDS)]
+    if messages:
+        return _chunk(
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":" ' + word + b'"}}\n\n'
+        )
     return _chunk(
         b'data: {"id":"b","object":"chat.completion.chunk","choices":[{"index":0,'
         b'"delta":{"content":" ' + word + b'"},"finish_reason":null}]}\n\n'
     )
+
+
+# Anthropic's Messages: the events before the first token, and after the last.
+_MESSAGES_START = _chunk(
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_b",'
+    b'"type":"message","role":"assistant","content":[],"model":"bench","stop_reason":null,'
+    b'"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+)
+_MESSAGES_FINISH = (
+    _chunk(
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"end_turn","stop_sequence":null},"usage":{"output_tokens":1}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    + b"0\r\n\r\n"
+)
 
 
 _FINISH = (
@@ -91,6 +116,7 @@ class _Connection(asyncio.Protocol):
         self.buf = b""
         self.stream: _Stream | None = None
         self.handle: asyncio.TimerHandle | None = None
+        self.messages = False
         self.transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,7 +158,7 @@ class _Connection(asyncio.Protocol):
             task.add_done_callback(self.p.tasks.discard)
         elif method == b"GET" and path == "/_stats":
             self._json({"sent": self.p.sent, "open": self.p.open})
-        elif method == b"POST" and path.endswith("/chat/completions"):
+        elif method == b"POST" and path.endswith(("/chat/completions", "/messages")):
             if _UNAVAILABLE in body:
                 # A route's failing target (bench/fallback.toml): refused at once.
                 self._json({"error": {"message": "unavailable"}}, b"503 Service Unavailable")
@@ -146,7 +172,8 @@ class _Connection(asyncio.Protocol):
             stream = self.p.streams.setdefault(sid, _Stream())
             self.stream = stream
             self.p.open += 1
-            self.transport.write(_HEAD)
+            self.messages = path.endswith("/messages")
+            self.transport.write(_HEAD + (_MESSAGES_START if self.messages else b""))
             self.mode, self.n, self.i = mode, n, 0
             self.start = asyncio.get_running_loop().time()
             if mode == b"late":
@@ -156,11 +183,14 @@ class _Connection(asyncio.Protocol):
         else:
             self._json({"error": {"message": "not found"}}, b"404 Not Found")
 
+    def _finish(self) -> bytes:
+        return _MESSAGES_FINISH if self.messages else _FINISH
+
     def _late(self) -> None:
         stream = self.stream
         if stream is None:
             return
-        self.transport.write(_token(0) + _FINISH)
+        self.transport.write(_token(0, self.messages) + self._finish())
         stream.sent += 1
         stream.last_token_at = time.monotonic()
         self.p.sent += 1
@@ -172,12 +202,12 @@ class _Connection(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         if self.mode == b"pace" and self.n and self.i >= self.n:
-            self.transport.write(_FINISH)
+            self.transport.write(self._finish())
             self._end_stream()
             return
         limit = {b"pace": None, b"stall": self.n, b"hold": 1}[self.mode]
         if limit is None or self.i < limit:
-            self.transport.write(_token(self.i))
+            self.transport.write(_token(self.i, self.messages))
             self.i += 1
             stream.sent += 1
             stream.last_token_at = time.monotonic()

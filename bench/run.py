@@ -211,12 +211,12 @@ class Bench:
         return out
 
     async def open_many(
-        self, port: int, count: int, mode: str, ramp: float, openai: bool = False
+        self, port: int, count: int, mode: str, ramp: float, surface: str = "api"
     ) -> list[SSEStream]:
         """Open `count` streams spread over `ramp` seconds, so tokens don't arrive in lockstep."""
         streams = []
         for i in range(count):
-            streams.append(await open_stream(port, self.sid(mode), mode, 0, openai))
+            streams.append(await open_stream(port, self.sid(mode), mode, 0, surface))
             await asyncio.sleep(ramp / count if i % 10 == 9 else 0)
         # A stream the server ended before its first token (a saturated server's own
         # provider connection timing out) is a failed start too, not a crash of the run.
@@ -316,7 +316,7 @@ async def measure_variant(
     worker: str,
     load: int,
     window: float,
-    openai: bool = False,
+    surface: str = "api",
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """CPU per token of the gateway run another way, in its own process, as the main
@@ -325,7 +325,7 @@ async def measure_variant(
     async with _server("gateway", worker, bench.provider_port, env) as (port, process):
         if env and "GATEWAY_REDIS_URL" in env:
             await _joined(port)
-        streams = await bench.open_many(port, load, "pace", ramp=1.0, openai=openai)
+        streams = await bench.open_many(port, load, "pace", ramp=1.0, surface=surface)
         await asyncio.sleep(2.0)
         cpu = await bench.cpu_per_token(process.pid, streams, window)
         await bench.closing(streams)
@@ -491,7 +491,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"-- gateway /v1/chat/completions on {worker}", flush=True)
                 runs.append(
                     await measure_variant(
-                        bench, "gateway-openai", worker, args.openai, args.window, openai=True
+                        bench, "gateway-openai", worker, args.openai, args.window, surface="openai"
                     )
                 )
                 print(json.dumps(runs[-1]), flush=True)

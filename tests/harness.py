@@ -387,6 +387,17 @@ async def simulators(
             stop.set()
 
 
+async def closed_early(simulator: Simulator) -> StreamRecord:
+    """The simulator's one stream, once it has ended: closed by the gateway before its
+    end (asserted)."""
+    [record] = simulator.records
+    with anyio.fail_after(WAIT):
+        await simulator.wait_until(lambda: record.outcome != "streaming")
+    assert record.outcome == "closed_by_client"
+    assert record.sent < record.planned
+    return record
+
+
 def worker_class(anyio_backend: Any) -> str:
     """The hypercorn worker class matching a test's anyio backend."""
     if anyio_backend == "trio":

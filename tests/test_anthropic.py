@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from starlette.types import Receive, Scope, Send
@@ -55,6 +56,17 @@ def body(name: str) -> bytes:
     if name.endswith(".sse"):
         return raw.rstrip(b"\n") + b"\n\n"
     return b"".join(b"data: " + line + b"\n\n" for line in raw.split(b"\n") if line)
+
+
+def with_events(name: str) -> bytes:
+    """The body with each event's ``event:`` line, as Claude sends it and as Anthropic's
+    SDK needs it (it dispatches on the name): the AI SDK's files keep only the data."""
+    if name.endswith(".sse"):
+        return body(name)
+    lines = [line for line in (RECORDED / name).read_bytes().split(b"\n") if line]
+    return b"".join(
+        b"event: %s\ndata: %s\n\n" % (json.loads(line)["type"].encode(), line) for line in lines
+    )
 
 
 @dataclass
@@ -252,6 +264,67 @@ async def test_a_recording_through_api_and_v1(
     assert sent["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Tell me about stopping."}]}
     ]
+
+
+def _blocks(content: list[Any]) -> list[Any]:
+    """A message's blocks, each run of text blocks joined into one (text, citations)."""
+    out: list[Any] = []
+    for block in content:
+        if block.type == "text" and out and isinstance(out[-1], tuple):
+            out[-1] = (out[-1][0] + block.text, out[-1][1] + (block.citations or []))
+        elif block.type == "text":
+            out.append((block.text, list(block.citations or [])))
+        else:
+            out.append(block)
+    return out
+
+
+async def _final_message(base_url: str, model: str) -> Any:
+    """What Anthropic's SDK makes of one streamed answer from ``base_url``."""
+    client = anthropic.AsyncAnthropic(base_url=base_url, api_key="unused", max_retries=0)
+    async with (
+        client,
+        client.messages.stream(
+            model=model, max_tokens=1000, messages=[{"role": "user", "content": "hi"}]
+        ) as stream,
+    ):
+        async for _ in stream:
+            pass
+        return await stream.get_final_message()
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_a_recording_through_v1_messages(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anthropic's SDK reads through the gateway what it reads from Claude itself (the
+    # recording replayed straight to it): every block, the stop reason, the usage.
+    provider = _Claude(with_events(name), seed=len(name) + 1, pieces=25)
+    async with replay.serving(provider) as url:
+        direct = await _final_message(url.removesuffix("/v1"), "claude-sonnet-4-5")
+    async with _through(tmp_path, provider, monkeypatch) as h:
+        relayed = await _final_message(f"http://127.0.0.1:{h.port}", "claude")
+    # The client's request went as it was sent, the model the route's.
+    assert provider.requests[-1] == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+    # Every block as Claude sent it, but consecutive text blocks, which come as one
+    # (their text and citations in order; docs/api.md).
+    assert _blocks(relayed.content) == _blocks(direct.content)
+    assert relayed.stop_reason == direct.stop_reason
+    # The usage's numbers (its text, such as service_tier, is not relayed).
+    for count in (
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ):
+        assert getattr(relayed.usage, count) == getattr(direct.usage, count), count
+    exp = expected(name)
+    assert "".join(b.text for b in relayed.content if b.type == "text") == exp.text
 
 
 # Requests into Messages.

@@ -1,5 +1,6 @@
-"""The JavaScript SDKs on ``/v1/chat/completions``: the ``openai`` npm package and the
-Vercel AI SDK (``ai`` with ``@ai-sdk/openai-compatible``), under Node, each reading an
+"""The JavaScript SDKs, under Node: on ``/v1/chat/completions`` the ``openai`` npm
+package and the Vercel AI SDK (``ai`` with ``@ai-sdk/openai-compatible``), on
+``/v1/messages`` ``@anthropic-ai/sdk`` and ``@ai-sdk/anthropic``; each reading an
 answer whole and aborting one with an ``AbortController``. The packages are pinned in
 tests/sdk/package.json and installed (``npm ci``) on first use."""
 
@@ -12,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, sim_config, simulators
+from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, closed_early, sim_config, simulators
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO, pytest.mark.slow]
 
@@ -84,3 +85,53 @@ async def test_a_js_sdk_reads_a_routed_and_a_fallbacks_answer_with_no_seam(
     # A routed model without a fallback: the provider asked for the target's model.
     assert routed["text"] == routed_record.text
     assert routed_record.model == "h-1"
+
+
+def _claude_and_gpt(served: dict[str, tuple[Any, int]]) -> str:
+    """A GATEWAY_CONFIG: model ``claude`` to the simulator speaking Messages, ``gpt`` to
+    one speaking Chat Completions."""
+    return (
+        f'[providers.claude]\nkind = "anthropic"\n'
+        f'base_url = "http://127.0.0.1:{served["claude"][1]}/v1"\n'
+        f'[providers.gpt]\nbase_url = "http://127.0.0.1:{served["gpt"][1]}/v1"\n'
+        '[models.claude]\ntargets = [{ provider = "claude" }]\n'
+        '[models.gpt]\ntargets = [{ provider = "gpt" }]\n'
+    )
+
+
+@pytest.mark.parametrize("sdk", ["anthropic", "vercel-anthropic"])
+async def test_the_anthropic_js_sdks_read_v1_messages(
+    node_sdks: Path, sdk: str, tmp_path: Path
+) -> None:
+    # @anthropic-ai/sdk and @ai-sdk/anthropic on /v1/messages, to Claude (the simulator
+    # speaking Messages) and to an OpenAI-compatible provider.
+    config = tmp_path / "gateway.toml"
+    answer = sim_config(tokens=12, rate=0)
+    async with simulators(claude=answer, gpt=answer) as served:
+        config.write_text(_claude_and_gpt(served))
+        async with Harness(config=str(config)) as h:
+            for model in ("claude", "gpt"):
+                result = await _run(node_sdks, sdk, h, 0, f"s_js_{sdk}_{model}", model)
+                [record] = served[model][0].records
+                assert result["text"] == record.text
+                assert len(record.text.split()) == 12
+                assert result["stopReason"] == ("end_turn" if sdk == "anthropic" else "stop")
+                assert record.path.endswith("/messages" if model == "claude" else "/completions")
+
+
+@pytest.mark.parametrize("sdk", ["anthropic", "vercel-anthropic"])
+async def test_an_anthropic_js_sdk_abort_closes_the_provider(
+    node_sdks: Path, sdk: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.toml"
+    endless = sim_config(tokens=100_000, rate=100)
+    async with simulators(claude=endless, gpt=endless) as served:
+        config.write_text(_claude_and_gpt(served))
+        async with Harness(config=str(config)) as h:
+            for model in ("claude", "gpt"):
+                simulator = served[model][0]
+                sid = f"s_js_abort_{sdk}_{model}"
+                result = await _run(node_sdks, sdk, h, 5, sid, model)
+                assert result["aborted"] is True
+                record = await closed_early(simulator)
+                assert record.text.startswith(result["text"])

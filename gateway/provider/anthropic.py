@@ -17,6 +17,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from ..errors import BadRequest, UpstreamProtocolError
 from .parser import (
     MAX_LINE_BYTES,
@@ -32,6 +34,7 @@ from .parser import (
 )
 
 __all__ = [
+    "CHAT_USAGE_FIELDS",
     "STOP_REASONS",
     "THINKING_BUDGETS",
     "AnthropicStreamParser",
@@ -51,6 +54,18 @@ STOP_REASONS = {
 # ``reasoning_effort`` as a thinking budget, in tokens (Anthropic's minimum is 1024).
 THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
 _NO_THINKING = ("none", "minimal")
+# A tool_use block's fields the gateway reads itself.
+_TOOL_USE_FIELDS = frozenset({"type", "id", "name", "input"})
+# What chat_usage adds to Anthropic's usage.
+CHAT_USAGE_FIELDS = frozenset(
+    {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+    }
+)
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 
@@ -261,6 +276,31 @@ def _thinking(payload: Mapping[str, Any], request: dict[str, Any]) -> None:
         raise _refuse("temperature", "Anthropic does not take it with thinking on")
 
 
+# The token path: a content_block_delta of text, thinking or tool input, its shape
+# checked in C as msgspec decodes it. Any other event, or a delta of another type,
+# fails this decoding and is read untyped (``_event``), as every event could be.
+class _Text(msgspec.Struct, tag="text_delta", tag_field="type", gc=False):
+    text: str
+
+
+class _Thinking(msgspec.Struct, tag="thinking_delta", tag_field="type", gc=False):
+    thinking: str
+
+
+class _Json(msgspec.Struct, tag="input_json_delta", tag_field="type", gc=False):
+    partial_json: str
+
+
+class _BlockDelta(msgspec.Struct, tag="content_block_delta", tag_field="type", gc=False):
+    index: int
+    delta: _Text | _Thinking | _Json
+
+
+_decode_delta = msgspec.json.Decoder(_BlockDelta).decode
+# One read holding one content_block_delta event: the common read.
+_DELTA_EVENT = b"event: content_block_delta\ndata: "
+
+
 class AnthropicStreamParser(ProviderStreamParser):
     """A Messages stream (``message_start``, content blocks, ``message_delta``,
     ``message_stop``) as the gateway's deltas: text, ``Reasoning`` (thinking), and
@@ -276,8 +316,61 @@ class AnthropicStreamParser(ProviderStreamParser):
         self._tools: dict[int, int] = {}
         self._usage: dict[str, object] = {}
 
+    def feed(self, data: bytes) -> ParsedChunk:
+        if (
+            data.startswith(_DELTA_EVENT)
+            and data.endswith(b"\n\n")
+            and data.count(b"\n") == 3
+            and not self._buffer
+            and not self._data
+            and not self._skip_lf
+            and self.error is None
+            and not self.done
+            and b"\r" not in data
+            and len(data) <= self._max
+        ):
+            try:
+                event = _decode_delta(data[len(_DELTA_EVENT) : -2])
+            except (ValueError, RecursionError):
+                pass  # another event's shape, or JSON only json reads: the whole way
+            else:
+                out = ParsedChunk()
+                self._typed(event, out)
+                return out
+        return super().feed(data)
+
+    def _typed(self, event: _BlockDelta, out: ParsedChunk) -> None:
+        """``_delta``'s reading, on a delta whose shape msgspec has checked."""
+        delta = event.delta
+        if type(delta) is _Text:
+            if delta.text:
+                out.deltas.append(delta.text)
+        elif type(delta) is _Thinking:
+            out.plain = False
+            if delta.thinking:
+                out.deltas.append(Reasoning(delta.thinking, "reasoning_content"))
+        else:
+            assert type(delta) is _Json
+            out.plain = False
+            call = self._tools.get(event.index)
+            if call is None:
+                # A server tool's input: as sent, as _delta passes it.
+                given: dict[str, object] = {"type": "input_json_delta"}
+                given["partial_json"] = delta.partial_json
+                if fits(given):
+                    out.deltas.append(Extras(delta=given))
+            elif delta.partial_json:
+                out.deltas.append(ToolCallDelta(call, None, None, delta.partial_json))
+
     def _event(self, data: str, out: ParsedChunk) -> None:
         if self.done:
+            return
+        try:
+            typed = _decode_delta(data)
+        except (ValueError, RecursionError):
+            pass
+        else:
+            self._typed(typed, out)
             return
         event = decode_json(data)
         if not isinstance(event, dict):
@@ -349,9 +442,15 @@ class AnthropicStreamParser(ProviderStreamParser):
             given = block.get("input")
             # Usually empty, its JSON following in pieces; some answers hold it whole.
             arguments = json.dumps(given) if isinstance(given, dict) and given else ""
+            # The block's other fields (who called it: ``caller``), as sent.
+            extras = {k: v for k, v in block.items() if k not in _TOOL_USE_FIELDS}
             out.deltas.append(
                 ToolCallDelta(
-                    call, _name(block.get("id"), "id"), _name(block.get("name"), "name"), arguments
+                    call,
+                    _name(block.get("id"), "id"),
+                    _name(block.get("name"), "name"),
+                    arguments,
+                    extras if extras and fits(extras) else None,
                 )
             )
         elif fits(block):

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHAT_PATH",
+    "COUNT_TOKENS_PATH",
     "MESSAGES_PATH",
     "ModelList",
     "UpstreamResponse",
@@ -50,11 +51,13 @@ __all__ = [
     "create_client",
     "list_models",
     "open_stream",
+    "post_for_json",
 ]
 
 # Where a stream is asked for, under the provider's base URL, by the API it speaks.
 CHAT_PATH = "/chat/completions"
 MESSAGES_PATH = "/messages"
+COUNT_TOKENS_PATH = "/messages/count_tokens"
 # Bounds for work done while cleaning up: closing a socket, reading an error body.
 _CLOSE_TIMEOUT = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -313,6 +316,37 @@ async def list_models(client: httpx.AsyncClient, base_url: str, max_bytes: int) 
     return [i for i in ids if isinstance(i, str) and 0 < len(i) <= _MAX_MODEL_ID]
 
 
+# A small JSON answer (Anthropic's token count): bounded in time and size.
+_JSON_TIMEOUT = 10.0
+_JSON_LIMIT = 64 * 1024
+
+
+async def post_for_json(
+    client: httpx.AsyncClient, base_url: str, path: str, payload: Mapping[str, object]
+) -> tuple[int, object]:
+    """POST ``payload`` to ``{base_url}{path}`` and read a small JSON answer: its status
+    and body (``None`` when it is not JSON). Errors are mapped as a stream's are."""
+    request = client.build_request(
+        "POST", chat_url(base_url, path), json=payload, headers={"accept": "application/json"}
+    )
+    try:
+        with anyio.fail_after(_JSON_TIMEOUT):
+            response = await client.send(request, stream=True)
+            answer = UpstreamResponse(response)
+            try:
+                body = await _read_limited(answer, _JSON_LIMIT)
+            finally:
+                await answer.aclose()
+    except TimeoutError:
+        raise UpstreamUnavailable("provider did not answer in time") from None
+    except httpx.HTTPError as exc:
+        raise _map_error(exc, connected=False) from exc
+    try:
+        return response.status_code, json.loads(body)
+    except (ValueError, RecursionError):
+        return response.status_code, None
+
+
 async def open_stream(
     client: httpx.AsyncClient,
     base_url: str,
@@ -392,12 +426,12 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
     return receive
 
 
-async def _read_limited(response: UpstreamResponse) -> bytes:
-    """A short error body, to its end; a longer one cut. Read as sent, never decoded."""
+async def _read_limited(response: UpstreamResponse, limit: int = _ERROR_BODY_LIMIT) -> bytes:
+    """A short body, to its end; a longer one cut. Read as sent, never decoded."""
     body = bytearray()
     while chunk := await response.read():
         body += chunk
-        if len(body) > _ERROR_BODY_LIMIT:
+        if len(body) > limit:
             break
     return bytes(body)
 

@@ -99,11 +99,19 @@ class Upstream:
         self.anthropic = config.kind == "anthropic"
         self.path = MESSAGES_PATH if self.anthropic else CHAT_PATH
 
-    def request(self, payload: Mapping[str, Any], model: str) -> Mapping[str, Any]:
+    def request(
+        self,
+        payload: Mapping[str, Any],
+        model: str,
+        native: Mapping[str, Any] | None = None,
+    ) -> Mapping[str, Any]:
         """What this provider is sent for the (checked, Chat Completions) ``payload``:
-        the payload itself with ``model``, or its Messages form. ``BadRequest`` naming
-        a field Messages cannot take."""
+        the payload itself with ``model``, or its Messages form (``native``, the client's
+        own Messages request, when it sent one). ``BadRequest`` naming a field Messages
+        cannot take."""
         if self.anthropic:
+            if native is not None:
+                return {**native, "model": model}
             return messages_request(payload, model, self.config.max_tokens)
         if "thinking" in payload:
             # Anthropic's own field: an OpenAI-compatible provider is not sent it.
@@ -124,12 +132,16 @@ class Plan:
     route: RouteConfig
     targets: tuple[tuple[Upstream, str], ...]
 
-    def check(self, payload: Mapping[str, Any]) -> None:
+    def check(self, payload: Mapping[str, Any], native: Mapping[str, Any] | None = None) -> None:
         """Refuse (``BadRequest``) a request some target's API cannot be sent, before
         any stream starts."""
         for provider, model in self.targets:
             if provider.anthropic:
-                provider.request(payload, model)
+                provider.request(payload, model, native)
+
+    @property
+    def anthropic_only(self) -> bool:
+        return all(provider.anthropic for provider, _ in self.targets)
 
     def all_cooling(self, now: float) -> bool:
         """Every target is cooling down: the route then tries them all anyway, rather

@@ -231,7 +231,15 @@ class Simulator:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        if method == "POST" and path.endswith(("/chat/completions", "/messages")):
+        if method == "POST" and path.endswith("/messages/count_tokens"):
+            # Anthropic's token count: the words of the request's text, as _usage counts.
+            request = json.loads(await _read_body(receive) or b"{}")
+            view = _chat_view(request)
+            self.requests.append(request)
+            await _json(
+                send, 200, {"input_tokens": _usage(view, StreamRecord("", 0, 0.0))["prompt_tokens"]}
+            )
+        elif method == "POST" and path.endswith(("/chat/completions", "/messages")):
             body = await _read_body(receive)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             key = headers.get("authorization", headers.get("x-api-key"))

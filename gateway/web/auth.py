@@ -2,8 +2,8 @@
 
 Three modes, from the settings:
 - none: every request is the one anonymous principal (local development);
-- bearer keys: ``Authorization: Bearer <key>`` names the principal; a wrong or
-  missing key is a 401;
+- bearer keys: ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as the
+  Anthropic SDKs send it) names the principal; a wrong or missing key is a 401;
 - trusted header: the application's own authenticating proxy sets a header naming
   the user; it is honoured only from ``GATEWAY_TRUSTED_PROXIES``, so a client that
   reaches the gateway directly cannot claim to be someone else.
@@ -44,10 +44,12 @@ class Authenticator:
         return ANONYMOUS
 
     def _from_key(self, headers: Headers) -> str:
-        given = _bearer(headers)
+        # ``x-api-key``: where the Anthropic SDKs send the key (ANTHROPIC_API_KEY).
+        given = _bearer(headers) or _api_key(headers)
         if given is None:
             raise Unauthorized(
-                "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
+                "an API key is required: Authorization: Bearer <key> (or x-api-key: <key>)",
+                headers=_CHALLENGE,
             )
         found = None
         # Every key is compared, each in constant time: no timing tells which matched.
@@ -86,6 +88,11 @@ def _bearer(headers: Headers) -> bytes | None:
     if scheme.lower() != "bearer" or not credential.strip():
         return None
     return credential.strip().encode()
+
+
+def _api_key(headers: Headers) -> bytes | None:
+    value = (_one(headers, "x-api-key") or "").strip()
+    return value.encode() if value else None
 
 
 def _one(headers: Headers, name: str) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from starlette.responses import JSONResponse
+
 from ..core.events import (
     SSE_MEDIA_TYPE,
     encode_event,
@@ -19,11 +21,11 @@ from ..core.events import (
 )
 from ..core.report import reported_usage, routing_report, terminal_event
 from ..core.session import Completed, Failed, Session, Stopped
-from ..errors import AnswerTooLarge
+from ..errors import AnswerTooLarge, APIError
 from ..provider.parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
-from .responses import error_body
+from .responses import error_body, error_response
 
-__all__ = ["AnswerFormat", "ChatCompletion", "ChatCompletionChunks", "GatewayEvents"]
+__all__ = ["AnswerFormat", "ChatCompletion", "ChatCompletionChunks", "GatewayEvents", "hold"]
 
 _JSON = b"application/json"
 # OpenAI has no finish reason for a stop; clients that check for known ones see "other".
@@ -56,6 +58,11 @@ class AnswerFormat:
 
     def status(self, session: Session) -> int:
         return 200
+
+    def error(self, exc: APIError) -> JSONResponse:
+        """A refusal before the answer starts (too many sessions, a conflict), in the
+        surface's error envelope."""
+        return error_response(exc)
 
 
 class GatewayEvents(AnswerFormat):
@@ -213,6 +220,19 @@ def _data(chunk: dict[str, object]) -> bytes:
     return b"data: " + json_text(chunk).encode() + b"\n\n"
 
 
+def hold(held: int, text: str, max_bytes: int) -> int:
+    """The bytes an answer held whole holds with ``text`` added; ``AnswerTooLarge``
+    past ``max_bytes`` (``GATEWAY_MAX_ANSWER_BYTES``): the stream fails and the provider
+    is closed, instead of the process holding any size of answer."""
+    held += len(text.encode("utf-8", "surrogatepass"))
+    if held > max_bytes:
+        raise AnswerTooLarge(
+            f"the answer is over GATEWAY_MAX_ANSWER_BYTES ({max_bytes} bytes); "
+            "ask for it with stream: true"
+        )
+    return held
+
+
 class ChatCompletion(AnswerFormat):
     """``POST /v1/chat/completions`` without ``stream``: the provider still streams
     (so a client that leaves still stops it), and the answer is assembled here."""
@@ -247,12 +267,7 @@ class ChatCompletion(AnswerFormat):
         return b""
 
     def _hold(self, text: str) -> None:
-        self._bytes += len(text.encode("utf-8", "surrogatepass"))
-        if self._bytes > self._max_bytes:
-            raise AnswerTooLarge(
-                f"the answer is over GATEWAY_MAX_ANSWER_BYTES ({self._max_bytes} bytes); "
-                "ask for it with stream: true"
-            )
+        self._bytes = hold(self._bytes, text, self._max_bytes)
 
     def delta(self, session: Session, delta: Delta) -> bytes:
         if isinstance(delta, Reasoning):

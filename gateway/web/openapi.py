@@ -371,6 +371,135 @@ def _chat_completions(c: _Context) -> dict[str, Any]:
     }
 
 
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message", "code"],
+            "properties": {
+                "type": {"type": "string"},
+                "message": {"type": "string"},
+                "code": {"type": "string"},
+            },
+        },
+    },
+}
+
+
+def _anthropic_error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ANTHROPIC_ERROR}},
+    }
+
+
+_BLOCKS = {"type": "array", "items": {"type": "object"}}
+_MESSAGES_BODY = {
+    "type": "object",
+    "required": ["messages", "max_tokens"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": ["user", "assistant"]},
+                    "content": {"oneOf": [{"type": "string"}, _BLOCKS]},
+                },
+            },
+        },
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "system": {"oneOf": [{"type": "string"}, _BLOCKS]},
+        "stop_sequences": {"type": "array", "items": {"type": "string"}},
+        "temperature": {"type": "number"},
+        "top_p": {"type": "number"},
+        "top_k": {"type": "integer"},
+        "tools": _BLOCKS,
+        "tool_choice": {"type": "object"},
+        "thinking": {"type": "object"},
+        "metadata": {"type": "object"},
+        "stream": {"type": "boolean"},
+    },
+}
+
+
+def _anthropic_refusals(c: _Context) -> dict[str, Any]:
+    """The refusals of every path, in Anthropic's envelope on /v1/messages."""
+    return {
+        status: _anthropic_error(response["description"]) for status, response in c.refusals.items()
+    }
+
+
+def _messages(c: _Context) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Anthropic's Messages API, with the gateway's Stop (docs/api.md)",
+            "security": c.security,
+            "parameters": [
+                {"name": "X-Session-Id", "in": "header", "required": False, "schema": _SESSION_ID}
+            ],
+            "requestBody": _json_body(_MESSAGES_BODY),
+            "responses": {
+                "200": {
+                    "description": "stream: true: Messages events (message_start, content "
+                    "blocks, message_delta, message_stop; an error event if the provider "
+                    "failed); else one message",
+                    "headers": {"X-Session-Id": {"schema": _SESSION_ID, "required": True}},
+                    "content": {
+                        "text/event-stream": {"schema": {"type": "string"}},
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["id", "type", "content"],
+                                "properties": {"type": {"const": "message"}},
+                            }
+                        },
+                    },
+                },
+                **_anthropic_refusals(c),
+                "502": _anthropic_error(
+                    "stream: false and the provider failed, or the answer grew over "
+                    "GATEWAY_MAX_ANSWER_BYTES"
+                ),
+            },
+        }
+    }
+
+
+def _count_tokens(c: _Context) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Anthropic's token count, for a model an Anthropic provider serves",
+            "security": c.security,
+            "requestBody": _json_body(
+                {"type": "object", "properties": _MESSAGES_BODY["properties"]}
+            ),
+            "responses": {
+                "200": {
+                    "description": "the provider's count",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["input_tokens"],
+                                "properties": {"input_tokens": {"type": "integer"}},
+                            }
+                        }
+                    },
+                },
+                **_anthropic_refusals(c),
+                "502": _anthropic_error("the provider failed"),
+            },
+        }
+    }
+
+
 def _models(c: _Context) -> dict[str, Any]:
     return {
         "get": {
@@ -595,6 +724,8 @@ def _index(_: _Context) -> dict[str, Any]:
 _PATHS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "/api/chat/stream": _chat_stream,
     "/v1/chat/completions": _chat_completions,
+    "/v1/messages": _messages,
+    "/v1/messages/count_tokens": _count_tokens,
     "/v1/models": _models,
     "/api/chat/stream/{session_id}": _chat_resume,
     "/api/chat/cancel/{session_id}": _chat_cancel,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,12 +29,16 @@ from ..core.metrics import Metrics
 from ..core.registry import SESSION_ID_RE, Registry
 from ..errors import (
     APIError,
+    BadRequest,
     CancelTimeout,
     CancelUnavailable,
     ModelNotFound,
     PayloadTooLarge,
+    UpstreamError,
 )
 from ..logs import loggable, use_format
+from ..provider.client import COUNT_TOKENS_PATH, post_for_json
+from ..provider.routing import Plan
 from ..resume.log import ResumeStore
 from ..resume.messages import FollowMessages
 from ..settings import Settings
@@ -41,6 +46,14 @@ from .auth import Authenticator, check_bearer
 from .formats import AnswerFormat, ChatCompletion, ChatCompletionChunks, GatewayEvents
 from .framing import RefuseAmbiguousFraming
 from .lifespan import Lifespan
+from .messages import (
+    MessagesAnswer,
+    MessagesEvents,
+    anthropic_error,
+    chat_form,
+    messages_body,
+)
+from .messages import error_response as messages_error
 from .openapi import openapi
 from .responses import error_json, error_response
 from .resume_routes import chat_resume
@@ -75,7 +88,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["authorization", "content-type", "x-session-id"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "x-session-id",
+                    # The Anthropic SDKs' (in a browser).
+                    "x-api-key",
+                    "anthropic-version",
+                    "anthropic-beta",
+                    "anthropic-dangerous-direct-browser-access",
+                ],
                 expose_headers=["x-session-id", "x-resume-window"],
                 max_age=600,
             )
@@ -87,6 +109,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/chat/stream/{session_id}", _Streaming(chat_resume), methods=["GET"]),
             Route("/api/chat/cancel/{session_id}", _chat_cancel, methods=["POST"]),
             Route("/v1/chat/completions", _Streaming(_chat_completions), methods=["POST"]),
+            Route("/v1/messages", _Streaming(_messages), methods=["POST"]),
+            Route("/v1/messages/count_tokens", _count_tokens, methods=["POST"]),
             Route("/v1/models", _models, methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/metrics", _metrics, methods=["GET"]),
@@ -197,18 +221,88 @@ async def _chat_completions(request: Request) -> ASGIApp:
     return _stream(request, principal, session_id, payload, answer)
 
 
+async def _messages(request: Request) -> ASGIApp:
+    """Anthropic's Messages endpoint (docs/api.md), on the same sessions and
+    cancellation path; to an Anthropic provider the request goes as the client sent
+    it, to an OpenAI-compatible one translated."""
+    state = state_of(request)
+    principal = principal_of(request)
+    given = request.headers.get("x-session-id")
+    session_id = new_session_id() if given is None else session_id_from(given)
+    body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
+    native, stream = messages_body(body, state.settings)
+    plan = _plan(request, native["model"])
+    if plan.anthropic_only:
+        # Not sent to any provider: what the session and its log need of the request.
+        payload: ProviderRequest = {
+            "model": native["model"],
+            "messages": [],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    else:
+        payload = chat_form(native, state.settings)
+    limit = state.settings.max_answer_bytes
+    answer: AnswerFormat = MessagesEvents() if stream else MessagesAnswer(limit)
+    return _stream(request, principal, session_id, payload, answer, native)
+
+
+_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+
+
+async def _count_tokens(request: Request) -> Response:
+    """Anthropic's token count, asked of the first target of the model's route when
+    it is an Anthropic provider (other APIs have none); its answer passed on."""
+    state = state_of(request)
+    principal_of(request)
+    body = await json_body(request, state.settings.max_body_bytes, state.settings.body_timeout)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_body")
+    model = body.get("model", state.settings.model)
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model must be a non-empty string", code="invalid_body")
+    provider, target = _plan(request, model).targets[0]
+    if not provider.anthropic:
+        raise ModelNotFound(
+            f"count_tokens is offered for models an Anthropic provider serves; {model!r} "
+            "is not one",
+            code="count_tokens_unavailable",
+        )
+    asked = {name: body[name] for name in _COUNT_FIELDS if name in body}
+    try:
+        status, answer = await post_for_json(
+            provider.client, provider.base_url, COUNT_TOKENS_PATH, {**asked, "model": target}
+        )
+    except UpstreamError as exc:
+        return JSONResponse(anthropic_error(502, exc.code, exc.message), status_code=502)
+    tokens = answer.get("input_tokens") if isinstance(answer, dict) else None
+    if status != 200 or not isinstance(tokens, int) or isinstance(tokens, bool):
+        # The provider's error body may hold what the client should not see.
+        message = f"provider answered HTTP {status}"
+        if status == 400:
+            raise BadRequest(f"{message}: the request was refused", code="upstream_error")
+        return JSONResponse(anthropic_error(502, "upstream_error", message), status_code=502)
+    return JSONResponse({"input_tokens": tokens})
+
+
+def _plan(request: Request, model: str) -> Plan:
+    plan = state_of(request).providers.plan(model)
+    if plan is None:
+        raise ModelNotFound(f"no route serves the model {model!r}")
+    return plan
+
+
 def _stream(
     request: Request,
     principal: str,
     session_id: str,
     payload: ProviderRequest,
     answer: AnswerFormat,
+    native: dict[str, Any] | None = None,
 ) -> ChatStream:
     state = state_of(request)
-    plan = state.providers.plan(payload["model"])
-    if plan is None:
-        raise ModelNotFound(f"no route serves the model {payload['model']!r}")
-    plan.check(payload)
+    plan = _plan(request, payload["model"])
+    plan.check(payload, native)
     return ChatStream(
         state,
         plan,
@@ -219,6 +313,7 @@ def _stream(
         # panel (which shows a principal its own sessions only).
         demo_headers=_demo_headers(principal, session_id) if state.simulators else None,
         answer=answer,
+        native=native,
     )
 
 
@@ -365,9 +460,12 @@ async def _handle_client_disconnect(request: Request, exc: Exception) -> Respons
 
 async def _handle_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
+    # Each surface in its own envelope: Anthropic's on /v1/messages.
+    anthropic = request.url.path.startswith("/v1/messages")
+    response = messages_error(exc) if anthropic else error_response(exc)
     if isinstance(exc, PayloadTooLarge):
-        return _Drained(error_response(exc), state_of(request).settings)
-    return error_response(exc)
+        return _Drained(response, state_of(request).settings)
+    return response
 
 
 # How much of an oversized body is read, and thrown away, after its 413.

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -52,7 +54,6 @@ from ..provider.routing import Plan, Upstream
 from ..resume.follow import log_parked
 from ..resume.stream import ResumableStream
 from .formats import AnswerFormat, GatewayEvents
-from .responses import error_response
 from .state import GatewayState
 from .validation import ProviderRequest
 from .writer import SERVER_SEND, ClientWriter
@@ -79,6 +80,7 @@ class ChatStream:
         payload: ProviderRequest,
         demo_headers: dict[str, str] | None = None,
         answer: AnswerFormat | None = None,
+        native: Mapping[str, Any] | None = None,
     ) -> None:
         self._gateway = gateway
         self._plan = plan
@@ -86,6 +88,9 @@ class ChatStream:
         self._principal = principal
         self._session_id = session_id
         self._payload = payload
+        # A Messages request as the client sent it (/v1/messages): what an Anthropic
+        # provider is sent.
+        self._native = native
         # Demo mode: whose session it is, for the built-in simulators only.
         self._demo_headers = demo_headers
         # The watchdog's wait, which the relay's end cancels (the wait is for the
@@ -99,7 +104,7 @@ class ChatStream:
                 self._session_id, self._payload["model"], self._principal
             )
         except APIError as exc:
-            await error_response(exc)(scope, receive, send)
+            await self._answer.error(exc)(scope, receive, send)
             return
         session.routed = bool(self._gateway.settings.providers)
         targets = self._plan.targets
@@ -113,7 +118,7 @@ class ChatStream:
             ):
                 session.settle(Failed("session_conflict", "the id is live on another instance"))
                 conflict = SessionConflict(f"a live stream already has session id {session.id!r}")
-                await error_response(conflict)(scope, receive, send)
+                await self._answer.error(conflict)(scope, receive, send)
                 return
             store = self._gateway.resume
             if store is not None and self._answer.resumable:
@@ -454,7 +459,7 @@ class ChatStream:
         if attempt is None:
             attempt = Attempt(provider.name, model, session.clock())
             session.attempts.append(attempt)
-        payload = provider.request(self._payload, model)
+        payload = provider.request(self._payload, model, self._native)
         upstream: UpstreamResponse | None = None
         # For the provider's cooldown: True served, False failed as a provider fails.
         health: bool | None = None

@@ -1,20 +1,27 @@
-// One streamed answer from the gateway's /v1/chat/completions through an SDK, for
-// tests/test_sdk_clients.py: node stream.mjs <openai|vercel> <baseURL> <abortAfter> <sessionId> [model]
-// abortAfter 0 reads to the end; otherwise the AbortController fires after that many
-// text parts. Prints {"parts", "text", "aborted"} as JSON.
-import OpenAI from "openai";
+// One streamed answer from the gateway through an SDK, for tests/test_sdk_clients.py:
+// node stream.mjs <openai|vercel|anthropic|vercel-anthropic> <baseURL> <abortAfter> <sessionId> [model]
+// openai and vercel (@ai-sdk/openai-compatible) read /v1/chat/completions; anthropic
+// (@anthropic-ai/sdk) and vercel-anthropic (@ai-sdk/anthropic) read /v1/messages.
+// baseURL is the gateway's /v1. abortAfter 0 reads to the end; otherwise the
+// AbortController fires after that many text parts. Prints {"parts", "text", "aborted",
+// "stopReason"} as JSON.
+import Anthropic from "@anthropic-ai/sdk";
+import { createAnthropic } from "@ai-sdk/anthropic";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import { streamText } from "ai";
+import OpenAI from "openai";
 
+// The AI SDK tells its warnings on stdout, which carries this script's answer.
+globalThis.AI_SDK_LOG_WARNINGS = false;
 const [sdk, baseURL, after, sessionId, model = "m"] = process.argv.slice(2);
-// Optional on /v1/chat/completions; given here so the test can follow the session.
+// Optional on /v1; given here so the test can follow the session.
 const headers = { "X-Session-Id": sessionId };
 const abortAfter = Number(after);
 const controller = new AbortController();
 const messages = [{ role: "user", content: "Tell me about stopping." }];
 let parts = 0;
 let text = "";
-let aborted = false;
+let stopReason = null;
 
 function take(piece) {
   if (!piece) return;
@@ -24,7 +31,23 @@ function take(piece) {
 }
 
 function isAbort(error) {
-  return controller.signal.aborted && (error?.name === "AbortError" || error instanceof OpenAI.APIUserAbortError);
+  return (
+    controller.signal.aborted &&
+    (error?.name === "AbortError" ||
+      error instanceof OpenAI.APIUserAbortError ||
+      error instanceof Anthropic.APIUserAbortError)
+  );
+}
+
+async function aiSdk(provider) {
+  const result = streamText({
+    model: provider(model),
+    messages,
+    abortSignal: controller.signal,
+    maxRetries: 0,
+  });
+  for await (const piece of result.textStream) take(piece);
+  if (!controller.signal.aborted) stopReason = await result.finishReason;
 }
 
 try {
@@ -35,18 +58,31 @@ try {
       { signal: controller.signal },
     );
     for await (const chunk of stream) take(chunk.choices[0]?.delta?.content);
-  } else {
-    const provider = createOpenAICompatible({ name: "gateway", baseURL, apiKey: "unused", headers });
-    const result = streamText({
-      model: provider(model),
-      messages,
-      abortSignal: controller.signal,
+  } else if (sdk === "vercel") {
+    await aiSdk(createOpenAICompatible({ name: "gateway", baseURL, apiKey: "unused", headers }));
+  } else if (sdk === "anthropic") {
+    // As an app with ANTHROPIC_BASE_URL set: the SDK adds /v1/messages itself.
+    const client = new Anthropic({
+      baseURL: baseURL.replace(/\/v1$/, ""),
+      apiKey: "unused",
       maxRetries: 0,
+      defaultHeaders: headers,
     });
-    for await (const piece of result.textStream) take(piece);
+    const stream = client.messages.stream(
+      { model, max_tokens: 1024, messages },
+      { signal: controller.signal },
+    );
+    for await (const event of stream) {
+      if (event.type === "content_block_delta" && event.delta.type === "text_delta") {
+        take(event.delta.text);
+      }
+      if (event.type === "message_delta") stopReason = event.delta.stop_reason;
+    }
+  } else {
+    await aiSdk(createAnthropic({ baseURL, apiKey: "unused", headers }));
   }
 } catch (error) {
   if (!isAbort(error)) throw error;
 }
-aborted = controller.signal.aborted;
-process.stdout.write(JSON.stringify({ parts, text, aborted }) + "\n");
+const aborted = controller.signal.aborted;
+process.stdout.write(JSON.stringify({ parts, text, aborted, stopReason }) + "\n");
