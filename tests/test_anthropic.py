@@ -26,9 +26,18 @@ from gateway.config import read_config
 from gateway.errors import BadRequest
 from gateway.provider.anthropic import AnthropicStreamParser, messages_request
 from gateway.provider.parser import Extras, Reasoning, ToolCallDelta
+from gateway.web.state import state_of
 
 from . import replay
-from .harness import Harness, openai_client, read_chunks, sim_config, simulators
+from .harness import (
+    Harness,
+    closed_early,
+    end_lines,
+    openai_client,
+    read_chunks,
+    sim_config,
+    simulators,
+)
 
 pytestmark = [
     pytest.mark.anyio,
@@ -562,6 +571,67 @@ async def test_stop_closes_an_anthropic_provider_before_the_200(tmp_path: Path) 
             assert rest[-1].event == "stopped"
             await h.ended(sid)
             assert h.registry.get(sid) is None
+
+
+_STOPS: dict[str, tuple[Any, dict[str, Any], str]] = {
+    # The provider, the gateway's setting, what the end line says.
+    "first_token": (sim_config(stall_after=0, keepalive_interval=0.05), {}, "reason=first_token"),
+    "idle": (
+        # Pings every 50 ms after three tokens: keep-alives, not progress.
+        sim_config(tokens=100_000, rate=200, stall_after=3, keepalive_interval=0.05),
+        {"idle_timeout": 0.4},
+        "reason=idle",
+    ),
+    "total": (sim_config(tokens=100_000, rate=200), {"max_duration": 0.5}, "reason=total"),
+    "shutdown": (sim_config(tokens=100_000, rate=200), {}, "reason=shutdown"),
+}
+
+
+@pytest.mark.parametrize("trigger", list(_STOPS))
+async def test_every_stop_closes_an_anthropic_provider(
+    tmp_path: Path, trigger: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider, settings, line = _STOPS[trigger]
+    async with simulators(claude=provider) as served:
+        simulator, port = served["claude"]
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[providers.claude]\nkind = "anthropic"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+            + ("first_token_timeout = 0.4\n" if trigger == "first_token" else "")
+            + '[models.claude]\ntargets = [{ provider = "claude" }]\n'
+        )
+        async with Harness(config=str(config), **settings) as h:
+            sid = f"session_claude_{trigger}"
+            async with h.stream(sid, model="claude") as s:
+                if trigger == "shutdown":
+                    await s.tokens_at_least(3)
+                    await h.shutdown()
+                events = await s.rest()
+            assert events[-1].event == "stopped", events[-1]
+            record = await closed_early(simulator)
+            assert record.path == "/v1/messages"
+            await h.ended(sid)
+            [end] = end_lines(caplog.records, sid)
+            assert line in end
+            [logged] = [r for r in caplog.records if r.getMessage() == end]
+            # From the stop's trigger to the provider's connection closed.
+            assert logged.__dict__["gateway"]["provider_close_ms"] < 100
+
+
+async def test_a_simulated_anthropic_provider(tmp_path: Path) -> None:
+    # `simulate` with kind = "anthropic": the built-in simulator, spoken to in Messages.
+    path = _config(
+        tmp_path,
+        '[providers.claude]\nkind = "anthropic"\nsimulate = { tokens = 6, rate = 0 }\n',
+        targets='{ provider = "claude" }',
+    )
+    async with Harness(config=path) as h:
+        async with h.stream("session_claude_simulated", model="claude") as s:
+            events = await s.rest()
+        assert events[-1].event == "done"
+        assert len(s.tokens) == 6
+        [simulator] = state_of(h.app).simulators.values()
+        assert [r.path for r in simulator.records] == ["/v1/messages"]
 
 
 async def test_overloaded_before_the_first_delta_falls_back(tmp_path: Path) -> None:
