@@ -77,6 +77,9 @@ async def test_our_gateway_passes_every_check(tmp_path: Path) -> None:
     assert "5 of 5 closed before the 200" in by_name["cancel_closes_provider"].detail
     assert "p99" in by_name["disconnect_closes_provider"].detail
     assert "before its 200" in by_name["stop_closes_every_attempt"].detail
+    assert "closed before the 200, each ended once" in (
+        by_name["messages_cancel_closes_provider"].detail
+    )
 
 
 def _cancel_answered_first(app: ASGIApp) -> ASGIApp:
@@ -129,11 +132,37 @@ def _deaf_to_disconnects(app: ASGIApp) -> ASGIApp:
     return broken
 
 
+def _messages_without_their_stop(app: ASGIApp) -> ASGIApp:
+    """Broken: /v1/messages answers lose their ``message_stop`` (an answer the
+    Anthropic SDKs never see end)."""
+
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/messages":
+            await app(scope, receive, send)
+            return
+
+        async def cut(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                kept = body.replace(b'event: message_stop\ndata: {"type":"message_stop"}\n\n', b"")
+                message = {**message, "body": kept}
+            await send(message)
+
+        await app(scope, receive, cut)
+
+    return broken
+
+
 @pytest.mark.parametrize(
     ("wrap", "fails", "passes"),
     [
         (_cancel_answered_first, "cancel_closes_provider", "disconnect_closes_provider"),
         (_deaf_to_disconnects, "disconnect_closes_provider", "cancel_closes_provider"),
+        (
+            _messages_without_their_stop,
+            "messages_one_terminal_event",
+            "messages_disconnect_closes_provider",
+        ),
     ],
 )
 async def test_a_broken_gateway_fails_the_right_check(wrap: Any, fails: str, passes: str) -> None:

@@ -237,6 +237,46 @@ async def _one_terminal_event(kit: Kit) -> str:
     return f"{len(read)} streams, each one terminal event; counts matched"
 
 
+# -- Anthropic's Messages surface (docs/api.md) --------------------------------------
+
+
+async def _messages_cancel_closes_provider(kit: Kit) -> str:
+    latencies = []
+    for _ in range(max(1, kit.options.samples // 3)):
+        async with Readers() as tg:
+            stream = await kit.started(tg, surface="messages")
+            latencies.append(await kit.cancel_closes_first(stream))
+            await kit.stopped_once(stream, "cancel")
+    return f"{len(latencies)} closed before the 200, each ended once; {_ms(latencies)}"
+
+
+async def _messages_disconnect_closes_provider(kit: Kit) -> str:
+    async with Readers() as tg:
+        stream = await kit.started(tg, surface="messages")
+        left = time.monotonic()
+        stream.left = True
+        stream.scope.cancel()
+        record = await kit.closed(stream)
+    assert record.ended_at is not None
+    return f"closed {max(0.0, record.ended_at - left) * 1000:.1f} ms after the disconnect"
+
+
+async def _messages_one_terminal_event(kit: Kit) -> str:
+    kit.sim.config = SimulatorConfig(tokens=20, rate=0)
+    async with Readers() as tg:
+        stream = await kit.open(tg, surface="messages")
+        with anyio.move_on_after(kit.patience):
+            await stream.done.wait()
+    record = await kit.closed(stream)
+    terminals = stream.terminals()
+    if [t for t, _ in terminals] != ["done"] or stream.count("token") != record.sent:
+        raise CheckFailed(
+            f"a completed answer: endings {[t for t, _ in terminals]}, "
+            f"{stream.count('token')} text deltas for {record.sent} provider deltas"
+        )
+    return f"one message_delta and message_stop; {record.sent} text deltas"
+
+
 # -- routing (docs/routing.md, "The contract kit") ----------------------------------
 # The deployment's routes name the kit's provider with a fault in the model's name
 # (gateway/tools/simulator.py, ``_for_model``).
@@ -355,6 +395,9 @@ CHECKS: dict[str, tuple[Check, str | None]] = {
     "peer_cancel_closes_provider": (_peer_cancel, "peer"),
     "unbuffered": (_unbuffered, None),
     "one_terminal_event": (_one_terminal_event, None),
+    "messages_cancel_closes_provider": (_messages_cancel_closes_provider, None),
+    "messages_disconnect_closes_provider": (_messages_disconnect_closes_provider, None),
+    "messages_one_terminal_event": (_messages_one_terminal_event, None),
     "fallback_before_first_delta": (_fallback_before_first_delta, "routes"),
     "no_fallback_after_a_delta": (_no_fallback_after_a_delta, "routes"),
     "hedge_loser_closed": (_hedge_loser_closed, "routes"),

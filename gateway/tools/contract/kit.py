@@ -115,6 +115,11 @@ class Stream:
     session_id: str
     # How long ``until`` waits (a broken deployment must not hang the kit).
     patience: float = 15.0
+    # Read from /api/chat/stream ("api"), or Anthropic's /v1/messages ("messages"),
+    # whose events are read as the gateway's own (``_as_gateway_events``).
+    surface: str = "api"
+    # Messages: the ``message_delta`` waiting for its ``message_stop``.
+    ending: tuple[str, dict[str, Any]] | None = None
     status: int | None = None
     body: bytes = b""
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -194,6 +199,34 @@ def _parse_events(buffer: bytearray) -> list[tuple[str, dict[str, Any]]]:
             events.append((name, parsed if isinstance(parsed, dict) else {"value": parsed}))
 
 
+def _as_gateway_events(
+    stream: Stream, events: list[tuple[str, dict[str, Any]]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Messages' events (docs/api.md) as the gateway's own, so one check reads both: a
+    ``text_delta`` is a ``token``; ``message_delta`` then ``message_stop`` end the
+    answer (``stopped`` with the gateway's report for ``stop_reason: "cancelled"``,
+    else ``done``: without its ``message_stop`` there is no terminal event); Anthropic's
+    ``error`` is ``error``."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    kinds = {"text_delta": "token", "thinking_delta": "reasoning", "input_json_delta": "tool_call"}
+    for name, data in events:
+        delta = data.get("delta")
+        if name == "content_block_delta" and isinstance(delta, dict):
+            out.append((kinds.get(str(delta.get("type")), "other"), data))
+        elif name == "message_delta" and isinstance(delta, dict):
+            report = data.get("gateway")
+            if delta.get("stop_reason") == "cancelled":
+                stream.ending = ("stopped", report if isinstance(report, dict) else {})
+            else:
+                stream.ending = ("done", data)
+        elif name == "message_stop" and stream.ending is not None:
+            out.append(stream.ending)
+            stream.ending = None
+        elif name == "error":
+            out.append(("error", data))
+    return out
+
+
 class Kit:
     def __init__(self, options: ContractOptions, simulator: Simulator, client: httpx.AsyncClient):
         self.options = options
@@ -208,27 +241,32 @@ class Kit:
         key = self.options.api_key if key is None else key
         return {"authorization": f"Bearer {key}"} if key else {}
 
-    async def open(self, tg: TaskGroup, key: str | None = None, **body: Any) -> Stream:
+    async def open(
+        self, tg: TaskGroup, key: str | None = None, surface: str = "api", **body: Any
+    ) -> Stream:
         nonce = secrets.token_hex(8)
-        stream = Stream(nonce, f"contract-{nonce}", self.patience)
+        stream = Stream(nonce, f"contract-{nonce}", self.patience, surface=surface)
         self.streams.append(stream)
         payload = {
             "messages": [{"role": "user", "content": f"Contract check {nonce}: tell me more."}],
             **body,
         }
+        if surface == "messages":
+            payload.update(stream=True, max_tokens=100_000)
         tg.start_soon(self._read, stream, payload, key)
         return stream
 
-    async def started(self, tg: TaskGroup, key: str | None = None) -> Stream:
+    async def started(self, tg: TaskGroup, key: str | None = None, surface: str = "api") -> Stream:
         """A stream of the endless answer, once its first token event is in."""
         self.sim.config = _ENDLESS
-        stream = await self.open(tg, key)
+        stream = await self.open(tg, key, surface)
         await stream.until(lambda s: s.count("token") >= 1, "a token event")
         return stream
 
     async def _read(self, stream: Stream, payload: dict[str, Any], key: str | None) -> None:
         headers = {"x-session-id": stream.session_id, **self._headers(key)}
-        url = f"{self.options.gateway}/api/chat/stream"
+        path = "/v1/messages" if stream.surface == "messages" else "/api/chat/stream"
+        url = f"{self.options.gateway}{path}"
         buffer = bytearray()
         try:
             async with self.client.stream("POST", url, json=payload, headers=headers) as response:
@@ -243,6 +281,8 @@ class Kit:
                     async for chunk in response.aiter_bytes():
                         buffer += chunk
                         events = _parse_events(buffer)
+                        if stream.surface == "messages":
+                            events = _as_gateway_events(stream, events)
                         if len(buffer) > _MAX_EVENT:
                             stream.body = f"an event over {_MAX_EVENT} bytes".encode()
                             return
