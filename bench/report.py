@@ -34,6 +34,21 @@ _VARIANTS = (
         "gateway / floor",
     ),
     ("gateway-openai", "gateway's /v1/chat/completions (OpenAI's chunks)", "/v1 / native"),
+    (
+        "gateway-anthropic",
+        "gateway, an Anthropic provider (Messages read natively: bench/anthropic.toml)",
+        "Anthropic / OpenAI provider",
+    ),
+    (
+        "gateway-messages",
+        "gateway's /v1/messages (Anthropic's events), an OpenAI-compatible provider",
+        "/v1/messages / native",
+    ),
+    (
+        "gateway-messages-anthropic",
+        "gateway's /v1/messages, an Anthropic provider",
+        "/v1/messages+Anthropic / native",
+    ),
     ("gateway-nometrics", "gateway with GATEWAY_METRICS=off", "off / on"),
     ("gateway-resume", "gateway with GATEWAY_RESUME_WINDOW=30", "resume / off"),
     (

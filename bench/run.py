@@ -495,6 +495,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
                 print(json.dumps(runs[-1]), flush=True)
+            if args.anthropic:
+                anthropic = {"GATEWAY_CONFIG": str(ROOT / "bench" / "anthropic.toml")}
+                for impl, surface, env in (
+                    ("gateway-anthropic", "api", anthropic),
+                    ("gateway-messages", "messages", None),
+                    ("gateway-messages-anthropic", "messages", anthropic),
+                ):
+                    print(f"-- {impl} on {worker}", flush=True)
+                    runs.append(
+                        await measure_variant(
+                            bench, impl, worker, args.anthropic, args.window, surface, env
+                        )
+                    )
+                    print(json.dumps(runs[-1]), flush=True)
             if args.metrics_off:
                 print(f"-- gateway with GATEWAY_METRICS=off on {worker}", flush=True)
                 runs.append(
@@ -586,6 +600,14 @@ def main() -> None:
         type=int,
         default=200,
         help="streams for the CPU figure of /v1/chat/completions; 0: skip",
+    )
+    parser.add_argument(
+        "--anthropic",
+        type=int,
+        default=200,
+        help="streams for the CPU figures of Anthropic's Messages: an Anthropic provider "
+        "(bench/anthropic.toml), and /v1/messages to an OpenAI-compatible one and to it; "
+        "0: skip",
     )
     parser.add_argument(
         "--metrics-off",

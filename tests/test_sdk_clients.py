@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO, pytest.mark.slow]
 
 
 async def _run(
-    sdks: Path, sdk: str, h: Harness, abort_after: int, session_id: str, model: str = "m"
+    sdks: Path, sdk: str, h: Harness, abort_after: int | str, session_id: str, model: str = "m"
 ) -> dict[str, Any]:
     url = f"http://127.0.0.1:{h.port}/v1"
     with anyio.fail_after(WAIT * 3):
@@ -135,3 +135,22 @@ async def test_an_anthropic_js_sdk_abort_closes_the_provider(
                 assert result["aborted"] is True
                 record = await closed_early(simulator)
                 assert record.text.startswith(result["text"])
+
+
+@pytest.mark.parametrize("sdk", ["anthropic", "vercel-anthropic"])
+async def test_a_stop_ends_an_anthropic_js_sdks_loop_cleanly(
+    node_sdks: Path, sdk: str, tmp_path: Path
+) -> None:
+    # The cancel endpoint, called while the SDK reads: its loop ends without an error.
+    config = tmp_path / "gateway.toml"
+    endless = sim_config(tokens=100_000, rate=100)
+    async with simulators(claude=endless, gpt=endless) as served:
+        config.write_text(_claude_and_gpt(served))
+        async with Harness(config=str(config)) as h:
+            result = await _run(node_sdks, sdk, h, "c3", f"s_js_stop_{sdk}", "claude")
+            record = await closed_early(served["claude"][0])
+    assert result["cancelled"] == 200
+    assert result["aborted"] is False
+    assert result["stopReason"] == ("cancelled" if sdk == "anthropic" else "other")
+    assert record.text.startswith(result["text"])
+    assert result["parts"] >= 3

@@ -3,8 +3,9 @@
 // openai and vercel (@ai-sdk/openai-compatible) read /v1/chat/completions; anthropic
 // (@anthropic-ai/sdk) and vercel-anthropic (@ai-sdk/anthropic) read /v1/messages.
 // baseURL is the gateway's /v1. abortAfter 0 reads to the end; otherwise the
-// AbortController fires after that many text parts. Prints {"parts", "text", "aborted",
-// "stopReason"} as JSON.
+// AbortController fires after that many text parts; "c<n>" instead asks the gateway's
+// cancel endpoint to stop the stream after n parts, and reads on to its end. Prints
+// {"parts", "text", "aborted", "stopReason", "cancelled"} as JSON.
 import Anthropic from "@anthropic-ai/sdk";
 import { createAnthropic } from "@ai-sdk/anthropic";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
@@ -16,18 +17,25 @@ globalThis.AI_SDK_LOG_WARNINGS = false;
 const [sdk, baseURL, after, sessionId, model = "m"] = process.argv.slice(2);
 // Optional on /v1; given here so the test can follow the session.
 const headers = { "X-Session-Id": sessionId };
-const abortAfter = Number(after);
+const cancelAfter = after.startsWith("c") ? Number(after.slice(1)) : 0;
+const abortAfter = cancelAfter ? 0 : Number(after);
+let cancelled = null;
 const controller = new AbortController();
 const messages = [{ role: "user", content: "Tell me about stopping." }];
 let parts = 0;
 let text = "";
 let stopReason = null;
 
-function take(piece) {
+async function take(piece) {
   if (!piece) return;
   text += piece;
   parts += 1;
   if (abortAfter && parts >= abortAfter && !controller.signal.aborted) controller.abort();
+  if (cancelAfter && parts === cancelAfter) {
+    const gateway = baseURL.replace(/\/v1$/, "");
+    const response = await fetch(`${gateway}/api/chat/cancel/${sessionId}`, { method: "POST" });
+    cancelled = response.status;
+  }
 }
 
 function isAbort(error) {
@@ -46,7 +54,7 @@ async function aiSdk(provider) {
     abortSignal: controller.signal,
     maxRetries: 0,
   });
-  for await (const piece of result.textStream) take(piece);
+  for await (const piece of result.textStream) await take(piece);
   if (!controller.signal.aborted) stopReason = await result.finishReason;
 }
 
@@ -57,7 +65,7 @@ try {
       { model, messages, stream: true },
       { signal: controller.signal },
     );
-    for await (const chunk of stream) take(chunk.choices[0]?.delta?.content);
+    for await (const chunk of stream) await take(chunk.choices[0]?.delta?.content);
   } else if (sdk === "vercel") {
     await aiSdk(createOpenAICompatible({ name: "gateway", baseURL, apiKey: "unused", headers }));
   } else if (sdk === "anthropic") {
@@ -74,7 +82,7 @@ try {
     );
     for await (const event of stream) {
       if (event.type === "content_block_delta" && event.delta.type === "text_delta") {
-        take(event.delta.text);
+        await take(event.delta.text);
       }
       if (event.type === "message_delta") stopReason = event.delta.stop_reason;
     }
@@ -85,4 +93,4 @@ try {
   if (!isAbort(error)) throw error;
 }
 const aborted = controller.signal.aborted;
-process.stdout.write(JSON.stringify({ parts, text, aborted, stopReason }) + "\n");
+process.stdout.write(JSON.stringify({ parts, text, aborted, stopReason, cancelled }) + "\n");
