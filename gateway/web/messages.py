@@ -189,7 +189,9 @@ def chat_form(native: Mapping[str, Any], settings: Settings) -> ProviderRequest:
     _tools(native, body)
     thinking = native.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
-        budget = thinking.get("budget_tokens") or 0
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise _fail("thinking.budget_tokens must be an integer")
         body["reasoning_effort"] = next((e for b, e in _EFFORTS if budget <= b), "high")
     return chat_payload(body, settings)
 
@@ -209,9 +211,15 @@ def _text(value: object, where: str) -> str:
         for j, block in enumerate(value):
             if not isinstance(block, dict) or block.get("type") != "text":
                 raise _untranslatable(f"{where}[{j}]", "only text blocks are taken here")
-            texts.append(str(block.get("text", "")))
+            texts.append(_string(block.get("text"), f"{where}[{j}].text"))
         return "\n\n".join(texts)
     raise _fail(f"{where} must be a string or a list of text blocks")
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(f"{where} must be a string")
+    return value
 
 
 def _image(block: Mapping[str, Any], where: str, j: int) -> str:
@@ -233,7 +241,7 @@ def _assistant(content: object, where: str) -> dict[str, Any]:
     for j, block in enumerate(blocks):
         kind = block.get("type")
         if kind == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_string(block.get("text"), f"{where}.content[{j}].text"))
         elif kind == "tool_use":
             arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
             function = {"name": block.get("name"), "arguments": arguments}
