@@ -275,6 +275,15 @@ async def test_refusals_are_in_anthropics_envelope(tmp_path: Path) -> None:
         await good.messages.create(
             model="claude", max_tokens=10, messages=HI, extra_body={"top_k": 5}
         )
+        # Shapes the translation reads are checked: a 400, not a 500.
+        with pytest.raises(anthropic.BadRequestError) as shape:
+            await good.messages.create(
+                model="gpt",
+                max_tokens=10,
+                messages=HI,
+                extra_body={"thinking": {"type": "enabled", "budget_tokens": "many"}},
+            )
+        assert "thinking.budget_tokens" in str(shape.value)
         assert g.claude.requests[-1]["top_k"] == 5
 
 
