@@ -37,6 +37,7 @@ from gateway.cli import stop_streams_first
 from gateway.config import read_config
 from gateway.core.registry import Registry
 from gateway.server.serve import load_config, serve
+from gateway.tools.contract.kit import SAME_INSTANT
 from gateway.tools.simulator import Simulator, SimulatorConfig, StreamRecord
 from gateway.web.state import state_of
 
@@ -289,6 +290,19 @@ class Harness:
         self, session_id: str, headers: dict[str, str] | None = None
     ) -> httpx.Response:
         return await self.client.post(f"/api/chat/cancel/{session_id}", headers=headers)
+
+    async def cancel_closes_first(self, session_id: str, record: StreamRecord) -> httpx.Response:
+        """Cancel; the provider's stream must be closed by the 200. The close and the
+        200 reach this one process on two sockets, and its loop may see them in either
+        order: the contract kit's same-instant allowance (tools/contract/kit.py)."""
+        response = await self.cancel(session_id)
+        answered = time.monotonic()
+        assert response.status_code == 200, response.text
+        with anyio.fail_after(WAIT):
+            await self.simulator.wait_until(lambda: record.ended_at is not None)
+        assert record.ended_at is not None
+        assert record.ended_at <= answered + SAME_INSTANT
+        return response
 
     async def record(self, index: int = -1) -> StreamRecord:
         """The simulator's record of a stream, once it has one."""

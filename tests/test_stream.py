@@ -52,10 +52,9 @@ async def test_cancel_closes_provider_and_ends_stream(caplog: pytest.LogCaptureF
             await s.tokens_at_least(5)
             record = await h.record()
             t0 = time.monotonic()
-            response = await h.cancel(sid)
-            assert response.status_code == 200
-            assert response.json() == {"ok": True, "cancelled": True, "session_id": sid}
             # The 200 comes only after the provider's connection is closed.
+            response = await h.cancel_closes_first(sid, record)
+            assert response.json() == {"ok": True, "cancelled": True, "session_id": sid}
             assert record.outcome == "closed_by_client"
             assert record.ended_at is not None
             assert record.ended_at - t0 < 0.1
@@ -131,8 +130,7 @@ async def test_cancel_before_first_token(caplog: pytest.LogCaptureFixture) -> No
             await s.until(lambda e: e.event == "start")
             record = await h.record()
             t0 = time.monotonic()
-            response = await h.cancel(sid)
-            assert response.status_code == 200
+            await h.cancel_closes_first(sid, record)
             assert record.outcome == "closed_by_client"
             assert record.ended_at is not None
             assert record.ended_at - t0 < 0.1
@@ -173,7 +171,7 @@ async def test_cancel_while_waiting_for_provider_headers() -> None:
             await s.until(lambda e: e.event == "start")
             record = await h.record()
             t0 = time.monotonic()
-            assert (await h.cancel(sid)).status_code == 200
+            await h.cancel_closes_first(sid, record)
             assert record.outcome == "closed_by_client"
             assert record.ended_at is not None
             assert record.ended_at - t0 < 0.1
