@@ -144,23 +144,27 @@ class RedisLink:
                     await client.ping()
                     # No retry policy: a lost connection comes back to this loop, which
                     # logs the outage once and renews the subscription.
-                    async with (
-                        client.pubsub(
-                            channels=list(self._handlers),
-                            ignore_subscribe_messages=True,
-                            retry_policy=None,
-                        ) as pubsub,
-                        anyio.create_task_group() as tg,
-                    ):
-                        self._client = client
-                        self._tg = tg
-                        await self._connected(client, tg)
-                        self._up()
-                        delay = 0.05
-                        tg.start_soon(self._probe, client)
-                        tg.start_soon(self._consume, pubsub, tg)
-                        await self._stop.wait()
-                        tg.cancel_scope.cancel()
+                    async with client.pubsub(
+                        channels=list(self._handlers),
+                        ignore_subscribe_messages=True,
+                        retry_policy=None,
+                    ) as pubsub:
+                        try:
+                            async with anyio.create_task_group() as tg:
+                                self._client = client
+                                self._tg = tg
+                                await self._connected(client, tg)
+                                self._up()
+                                delay = 0.05
+                                tg.start_soon(self._probe, client)
+                                tg.start_soon(self._consume, pubsub, tg)
+                                await self._stop.wait()
+                                tg.cancel_scope.cancel()
+                        finally:
+                            # At once, not after the subscription's close (which awaits):
+                            # meanwhile a caller would start a task in a closed group.
+                            self._client = None
+                            self._tg = None
             except (coredis.exceptions.RedisError, OSError) as exc:
                 self._down(exc)
             except BaseExceptionGroup as group:
