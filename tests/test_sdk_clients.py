@@ -7,11 +7,15 @@ tests/sdk/package.json and installed (``npm ci``) on first use."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+
+from gateway.tools.simulator import Simulator, SimulatorConfig
 
 from .harness import ASYNCIO_AND_TRIO, WAIT, Harness, closed_early, sim_config, simulators
 
@@ -87,16 +91,23 @@ async def test_a_js_sdk_reads_a_routed_and_a_fallbacks_answer_with_no_seam(
     assert routed_record.model == "h-1"
 
 
-def _claude_and_gpt(served: dict[str, tuple[Any, int]]) -> str:
-    """A GATEWAY_CONFIG: model ``claude`` to the simulator speaking Messages, ``gpt`` to
-    one speaking Chat Completions."""
-    return (
-        f'[providers.claude]\nkind = "anthropic"\n'
-        f'base_url = "http://127.0.0.1:{served["claude"][1]}/v1"\n'
-        f'[providers.gpt]\nbase_url = "http://127.0.0.1:{served["gpt"][1]}/v1"\n'
-        '[models.claude]\ntargets = [{ provider = "claude" }]\n'
-        '[models.gpt]\ntargets = [{ provider = "gpt" }]\n'
-    )
+@asynccontextmanager
+async def _claude_and_gpt(
+    tmp_path: Path, answer: SimulatorConfig
+) -> AsyncIterator[tuple[Harness, dict[str, Simulator]]]:
+    """A gateway whose model ``claude`` goes to a simulator speaking Messages and ``gpt``
+    to one speaking Chat Completions; the simulators by model."""
+    async with simulators(claude=answer, gpt=answer) as served:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[providers.claude]\nkind = "anthropic"\n'
+            f'base_url = "http://127.0.0.1:{served["claude"][1]}/v1"\n'
+            f'[providers.gpt]\nbase_url = "http://127.0.0.1:{served["gpt"][1]}/v1"\n'
+            '[models.claude]\ntargets = [{ provider = "claude" }]\n'
+            '[models.gpt]\ntargets = [{ provider = "gpt" }]\n'
+        )
+        async with Harness(config=str(config)) as h:
+            yield h, {model: simulator for model, (simulator, _) in served.items()}
 
 
 @pytest.mark.parametrize("sdk", ["anthropic", "vercel-anthropic"])
@@ -105,36 +116,27 @@ async def test_the_anthropic_js_sdks_read_v1_messages(
 ) -> None:
     # @anthropic-ai/sdk and @ai-sdk/anthropic on /v1/messages, to Claude (the simulator
     # speaking Messages) and to an OpenAI-compatible provider.
-    config = tmp_path / "gateway.toml"
-    answer = sim_config(tokens=12, rate=0)
-    async with simulators(claude=answer, gpt=answer) as served:
-        config.write_text(_claude_and_gpt(served))
-        async with Harness(config=str(config)) as h:
-            for model in ("claude", "gpt"):
-                result = await _run(node_sdks, sdk, h, 0, f"s_js_{sdk}_{model}", model)
-                [record] = served[model][0].records
-                assert result["text"] == record.text
-                assert len(record.text.split()) == 12
-                assert result["stopReason"] == ("end_turn" if sdk == "anthropic" else "stop")
-                assert record.path.endswith("/messages" if model == "claude" else "/completions")
+    async with _claude_and_gpt(tmp_path, sim_config(tokens=12, rate=0)) as (h, by_model):
+        for model, simulator in by_model.items():
+            result = await _run(node_sdks, sdk, h, 0, f"s_js_{sdk}_{model}", model)
+            [record] = simulator.records
+            assert result["text"] == record.text
+            assert len(record.text.split()) == 12
+            assert result["stopReason"] == ("end_turn" if sdk == "anthropic" else "stop")
+            assert record.path.endswith("/messages" if model == "claude" else "/completions")
 
 
 @pytest.mark.parametrize("sdk", ["anthropic", "vercel-anthropic"])
 async def test_an_anthropic_js_sdk_abort_closes_the_provider(
     node_sdks: Path, sdk: str, tmp_path: Path
 ) -> None:
-    config = tmp_path / "gateway.toml"
     endless = sim_config(tokens=100_000, rate=100)
-    async with simulators(claude=endless, gpt=endless) as served:
-        config.write_text(_claude_and_gpt(served))
-        async with Harness(config=str(config)) as h:
-            for model in ("claude", "gpt"):
-                simulator = served[model][0]
-                sid = f"s_js_abort_{sdk}_{model}"
-                result = await _run(node_sdks, sdk, h, 5, sid, model)
-                assert result["aborted"] is True
-                record = await closed_early(simulator)
-                assert record.text.startswith(result["text"])
+    async with _claude_and_gpt(tmp_path, endless) as (h, by_model):
+        for model, simulator in by_model.items():
+            result = await _run(node_sdks, sdk, h, 5, f"s_js_abort_{sdk}_{model}", model)
+            assert result["aborted"] is True
+            record = await closed_early(simulator)
+            assert record.text.startswith(result["text"])
 
 
 @pytest.mark.parametrize("sdk", ["anthropic", "vercel-anthropic"])
@@ -142,13 +144,10 @@ async def test_a_stop_ends_an_anthropic_js_sdks_loop_cleanly(
     node_sdks: Path, sdk: str, tmp_path: Path
 ) -> None:
     # The cancel endpoint, called while the SDK reads: its loop ends without an error.
-    config = tmp_path / "gateway.toml"
     endless = sim_config(tokens=100_000, rate=100)
-    async with simulators(claude=endless, gpt=endless) as served:
-        config.write_text(_claude_and_gpt(served))
-        async with Harness(config=str(config)) as h:
-            result = await _run(node_sdks, sdk, h, "c3", f"s_js_stop_{sdk}", "claude")
-            record = await closed_early(served["claude"][0])
+    async with _claude_and_gpt(tmp_path, endless) as (h, by_model):
+        result = await _run(node_sdks, sdk, h, "c3", f"s_js_stop_{sdk}", "claude")
+        record = await closed_early(by_model["claude"])
     assert result["cancelled"] == 200
     assert result["aborted"] is False
     assert result["stopReason"] == ("cancelled" if sdk == "anthropic" else "other")

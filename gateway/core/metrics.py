@@ -46,27 +46,19 @@ _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CANCEL_RESULTS = ("stopped", "not_found", "forwarded", "unavailable", "timeout")
 # What became of an attempt at a provider (core/session.py, Attempt).
 ATTEMPT_RESULTS = ("served", "failed", "stopped", "hedge_lost", "cooldown", "abandoned")
-# Why an attempt failed: the provider error codes (gateway/errors.py), and no first
-# delta in time.
-# A connection that failed is counted by its cause (errors.CONNECT_CAUSES) instead of
-# its code: "the certificate expired" and "the provider is down" need different hands.
-FAILURE_CODES = (
+# The provider error codes (gateway/errors.py). A connection that failed is counted by
+# its cause (errors.CONNECT_CAUSES) instead of its code: "the certificate expired" and
+# "the provider is down" need different hands.
+_UPSTREAM_CODES = (
     "upstream_unavailable",
     "upstream_error",
     "upstream_disconnected",
     "upstream_protocol",
-    "first_token_timeout",
-    *CONNECT_CAUSES,
 )
+# Why an attempt failed: those, and no first delta in time.
+FAILURE_CODES = (*_UPSTREAM_CODES, "first_token_timeout", *CONNECT_CAUSES)
 # gateway_upstream_errors_total's codes: a failed stream's.
-_ERROR_CODES = (
-    "upstream_unavailable",
-    "upstream_error",
-    "upstream_disconnected",
-    "upstream_protocol",
-    "upstream_misconfigured",
-    *CONNECT_CAUSES,
-)
+_ERROR_CODES = (*_UPSTREAM_CODES, "upstream_misconfigured", *CONNECT_CAUSES)
 _KINDS = ("content", "reasoning", "tool_call", "refusal")
 _TRIGGERS = ("cancel", "disconnect", "timeout", "shutdown")
 # Stop latencies are milliseconds on loopback, seconds when something is wrong.

@@ -9,7 +9,7 @@ next target is tried, are the relay's (web/stream.py).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -131,13 +131,14 @@ class Plan:
 
     route: RouteConfig
     targets: tuple[tuple[Upstream, str], ...]
+    # What each target (provider name, model) is sent: ``prepare``'s.
+    requests: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
 
-    def check(self, payload: Mapping[str, Any], native: Mapping[str, Any] | None = None) -> None:
-        """Refuse (``BadRequest``) a request some target's API cannot be sent, before
-        any stream starts."""
+    def prepare(self, payload: Mapping[str, Any], native: Mapping[str, Any] | None = None) -> None:
+        """Make what each target is sent, once, before any stream starts; a request some
+        target's API cannot be sent is refused here (``BadRequest``)."""
         for provider, model in self.targets:
-            if provider.anthropic:
-                provider.request(payload, model, native)
+            self.requests[provider.name, model] = provider.request(payload, model, native)
 
     @property
     def anthropic_only(self) -> bool:

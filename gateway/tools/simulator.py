@@ -234,11 +234,8 @@ class Simulator:
         if method == "POST" and path.endswith("/messages/count_tokens"):
             # Anthropic's token count: the words of the request's text, as _usage counts.
             request = json.loads(await _read_body(receive) or b"{}")
-            view = _chat_view(request)
             self.requests.append(request)
-            await _json(
-                send, 200, {"input_tokens": _usage(view, StreamRecord("", 0, 0.0))["prompt_tokens"]}
-            )
+            await _json(send, 200, {"input_tokens": _prompt_words(_chat_view(request))})
         elif method == "POST" and path.endswith(("/chat/completions", "/messages")):
             body = await _read_body(receive)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -601,9 +598,8 @@ class _MessagesForm:
         return f"event: {kind}\ndata: {body}\n\n".encode()
 
     def _usage(self) -> dict[str, int]:
-        usage = _usage(self._request, self._record)
         return {
-            "input_tokens": int(str(usage["prompt_tokens"])),
+            "input_tokens": _prompt_words(self._request),
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
             "output_tokens": self._record.sent,
@@ -770,10 +766,15 @@ def _record(record: StreamRecord, item: _Planned) -> None:
         record.tool_arguments += item.text
 
 
+def _prompt_words(request: dict[str, Any]) -> int:
+    """The prompt's size, as the simulator counts it: the words of its messages."""
+    messages = request.get("messages") or []
+    return sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+
+
 def _usage(request: dict[str, Any], record: StreamRecord) -> dict[str, object]:
     """OpenAI's three counts and DeepSeek's extra fields (cache hits, reasoning tokens)."""
-    messages = request.get("messages") or []
-    prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+    prompt = _prompt_words(request)
     reasoning = len(record.reasoning.split())
     return {
         "prompt_tokens": prompt,

@@ -244,7 +244,7 @@ async def _messages(request: Request) -> ASGIApp:
         payload = chat_form(native, state.settings)
     limit = state.settings.max_answer_bytes
     answer: AnswerFormat = MessagesEvents() if stream else MessagesAnswer(limit)
-    return _stream(request, principal, session_id, payload, answer, native)
+    return _stream(request, principal, session_id, payload, answer, native, plan)
 
 
 _COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
@@ -299,10 +299,12 @@ def _stream(
     payload: ProviderRequest,
     answer: AnswerFormat,
     native: dict[str, Any] | None = None,
+    plan: Plan | None = None,
 ) -> ChatStream:
     state = state_of(request)
-    plan = _plan(request, payload["model"])
-    plan.check(payload, native)
+    if plan is None:
+        plan = _plan(request, payload["model"])
+    plan.prepare(payload, native)
     return ChatStream(
         state,
         plan,
@@ -313,7 +315,6 @@ def _stream(
         # panel (which shows a principal its own sessions only).
         demo_headers=_demo_headers(principal, session_id) if state.simulators else None,
         answer=answer,
-        native=native,
     )
 
 

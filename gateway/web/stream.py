@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
 from functools import partial
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -80,7 +78,6 @@ class ChatStream:
         payload: ProviderRequest,
         demo_headers: dict[str, str] | None = None,
         answer: AnswerFormat | None = None,
-        native: Mapping[str, Any] | None = None,
     ) -> None:
         self._gateway = gateway
         self._plan = plan
@@ -88,9 +85,6 @@ class ChatStream:
         self._principal = principal
         self._session_id = session_id
         self._payload = payload
-        # A Messages request as the client sent it (/v1/messages): what an Anthropic
-        # provider is sent.
-        self._native = native
         # Demo mode: whose session it is, for the built-in simulators only.
         self._demo_headers = demo_headers
         # The watchdog's wait, which the relay's end cancels (the wait is for the
@@ -459,7 +453,7 @@ class ChatStream:
         if attempt is None:
             attempt = Attempt(provider.name, model, session.clock())
             session.attempts.append(attempt)
-        payload = provider.request(self._payload, model, self._native)
+        payload = self._plan.requests[provider.name, model]
         upstream: UpstreamResponse | None = None
         # For the provider's cooldown: True served, False failed as a provider fails.
         health: bool | None = None

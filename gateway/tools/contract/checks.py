@@ -8,6 +8,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -34,28 +35,31 @@ def _ms(values: list[float]) -> str:
     return f"p50 {statistics.median(ordered) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
 
 
-async def _cancel_closes_provider(kit: Kit) -> str:
+async def _cancel_closes_provider(kit: Kit, surface: str = "api", share: int = 1) -> str:
+    """On ``surface`` (the kit's), for ``1/share`` of the samples."""
+    samples = max(1, kit.options.samples // share)
     latencies = []
-    for _ in range(kit.options.samples):
+    for _ in range(samples):
         async with Readers() as tg:
-            stream = await kit.started(tg)
+            stream = await kit.started(tg, surface=surface)
             latencies.append(await kit.cancel_closes_first(stream))
             await kit.stopped_once(stream, "cancel")
-    return f"{len(latencies)} of {kit.options.samples} closed before the 200; {_ms(latencies)}"
+    return f"{len(latencies)} of {samples} closed before the 200; {_ms(latencies)}"
 
 
-async def _disconnect_closes_provider(kit: Kit) -> str:
+async def _disconnect_closes_provider(kit: Kit, surface: str = "api", share: int = 1) -> str:
+    samples = max(1, kit.options.samples // share)
     latencies = []
-    for _ in range(kit.options.samples):
+    for _ in range(samples):
         async with Readers() as tg:
-            stream = await kit.started(tg)
+            stream = await kit.started(tg, surface=surface)
             left = time.monotonic()
             stream.left = True
             stream.scope.cancel()
             record = await kit.closed(stream)
             assert record.ended_at is not None
             latencies.append(max(0.0, record.ended_at - left))
-    return f"{len(latencies)} of {kit.options.samples} closed; {_ms(latencies)}"
+    return f"{len(latencies)} of {samples} closed; {_ms(latencies)}"
 
 
 async def _stop_at(kit: Kit, config: SimulatorConfig, ready: str, **body: Any) -> str:
@@ -217,10 +221,12 @@ async def _unbuffered(kit: Kit) -> str:
     return detail
 
 
-async def _one_terminal_event(kit: Kit) -> str:
+async def _completed_once(kit: Kit, surface: str) -> int:
+    """A short answer read to its end on ``surface``: one ``done``, a token event per
+    provider delta. Returns the deltas."""
     kit.sim.config = SimulatorConfig(tokens=20, rate=0)
     async with Readers() as tg:
-        stream = await kit.open(tg)
+        stream = await kit.open(tg, surface=surface)
         with anyio.move_on_after(kit.patience):
             await stream.done.wait()
     record = await kit.closed(stream)
@@ -230,6 +236,11 @@ async def _one_terminal_event(kit: Kit) -> str:
             f"a completed answer: terminal events {[t for t, _ in terminals]}, "
             f"{stream.count('token')} token events for {record.sent} provider deltas"
         )
+    return record.sent
+
+
+async def _one_terminal_event(kit: Kit) -> str:
+    await _completed_once(kit, "api")
     read = [s for s in kit.streams if s.status == 200 and not s.left]
     wrong = [s.session_id for s in read if len(s.terminals()) != 1]
     if wrong:
@@ -240,41 +251,9 @@ async def _one_terminal_event(kit: Kit) -> str:
 # -- Anthropic's Messages surface (docs/api.md) --------------------------------------
 
 
-async def _messages_cancel_closes_provider(kit: Kit) -> str:
-    latencies = []
-    for _ in range(max(1, kit.options.samples // 3)):
-        async with Readers() as tg:
-            stream = await kit.started(tg, surface="messages")
-            latencies.append(await kit.cancel_closes_first(stream))
-            await kit.stopped_once(stream, "cancel")
-    return f"{len(latencies)} closed before the 200, each ended once; {_ms(latencies)}"
-
-
-async def _messages_disconnect_closes_provider(kit: Kit) -> str:
-    async with Readers() as tg:
-        stream = await kit.started(tg, surface="messages")
-        left = time.monotonic()
-        stream.left = True
-        stream.scope.cancel()
-        record = await kit.closed(stream)
-    assert record.ended_at is not None
-    return f"closed {max(0.0, record.ended_at - left) * 1000:.1f} ms after the disconnect"
-
-
 async def _messages_one_terminal_event(kit: Kit) -> str:
-    kit.sim.config = SimulatorConfig(tokens=20, rate=0)
-    async with Readers() as tg:
-        stream = await kit.open(tg, surface="messages")
-        with anyio.move_on_after(kit.patience):
-            await stream.done.wait()
-    record = await kit.closed(stream)
-    terminals = stream.terminals()
-    if [t for t, _ in terminals] != ["done"] or stream.count("token") != record.sent:
-        raise CheckFailed(
-            f"a completed answer: endings {[t for t, _ in terminals]}, "
-            f"{stream.count('token')} text deltas for {record.sent} provider deltas"
-        )
-    return f"one message_delta and message_stop; {record.sent} text deltas"
+    sent = await _completed_once(kit, "messages")
+    return f"one message_delta and message_stop; {sent} text deltas"
 
 
 # -- routing (docs/routing.md, "The contract kit") ----------------------------------
@@ -395,8 +374,15 @@ CHECKS: dict[str, tuple[Check, str | None]] = {
     "peer_cancel_closes_provider": (_peer_cancel, "peer"),
     "unbuffered": (_unbuffered, None),
     "one_terminal_event": (_one_terminal_event, None),
-    "messages_cancel_closes_provider": (_messages_cancel_closes_provider, None),
-    "messages_disconnect_closes_provider": (_messages_disconnect_closes_provider, None),
+    # The same checks on Anthropic's /v1/messages, on a third of the samples.
+    "messages_cancel_closes_provider": (
+        partial(_cancel_closes_provider, surface="messages", share=3),
+        None,
+    ),
+    "messages_disconnect_closes_provider": (
+        partial(_disconnect_closes_provider, surface="messages", share=3),
+        None,
+    ),
     "messages_one_terminal_event": (_messages_one_terminal_event, None),
     "fallback_before_first_delta": (_fallback_before_first_delta, "routes"),
     "no_fallback_after_a_delta": (_no_fallback_after_a_delta, "routes"),
