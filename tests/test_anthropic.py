@@ -332,8 +332,81 @@ async def test_a_recording_through_v1_messages(
         "cache_read_input_tokens",
     ):
         assert getattr(relayed.usage, count) == getattr(direct.usage, count), count
+    assert relayed.stop_sequence == direct.stop_sequence
     exp = expected(name)
     assert "".join(b.text for b in relayed.content if b.type == "text") == exp.text
+
+
+def _ended(stop_reason: str, stop_sequence: str | None) -> bytes:
+    """A short Messages stream made by hand (no recording ends so), after the events of
+    the recordings above: text, then the given end."""
+    events: list[dict[str, Any]] = [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-sonnet-4-5",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 1},
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "1, 2"},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+            "usage": {"output_tokens": 4},
+        },
+        {"type": "message_stop"},
+    ]
+    return b"".join(
+        b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
+    )
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "stop_sequence", "finish"),
+    [("stop_sequence", ", 3", "stop"), ("pause_turn", None, "other")],
+)
+async def test_claudes_own_stop_reason_reaches_v1_messages(
+    stop_reason: str,
+    stop_sequence: str | None,
+    finish: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Chat Completions' finish reasons say less (stop_sequence is "stop", pause_turn
+    # "other"): /v1/messages gets Claude's own, /api the mapped one.
+    provider = _Claude(_ended(stop_reason, stop_sequence))
+    async with _through(tmp_path, provider, monkeypatch) as h:
+        relayed = await _final_message(f"http://127.0.0.1:{h.port}", "claude")
+        async with h.stream("session_claude_own_stop", model="claude") as s:
+            events = await s.rest()
+    assert relayed.stop_reason == stop_reason
+    assert relayed.stop_sequence == stop_sequence
+    assert events[-1].data["finish_reason"] == finish
+
+
+def test_a_stop_sequence_longer_than_a_client_could_send_is_not_passed_on() -> None:
+    parser = AnthropicStreamParser()
+    end = {"stop_reason": "stop_sequence", "stop_sequence": "x" * 2000}
+    parsed = parser.feed(
+        b"event: message_delta\ndata: %s\n\n"
+        % json.dumps(
+            {"type": "message_delta", "delta": end, "usage": {"output_tokens": 1}}
+        ).encode()
+    )
+    assert parsed.finish_reason == "stop"
+    assert parser.native_stop == {"stop_reason": "stop_sequence", "stop_sequence": None}
 
 
 # Requests into Messages.

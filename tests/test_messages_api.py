@@ -7,25 +7,26 @@ sockets, speaking Messages or Chat Completions.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import anyio
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from gateway.provider import client as client_module
 from gateway.tools.simulator import Simulator
 
+from . import replay
 from .harness import WAIT, Harness, closed_early, sim_config, simulators
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.asyncio_and_trio,
-    # Leaving the SDK's event loop early leaves its async generator to the garbage
-    # collector (as the openai SDK's, tests/test_recorded.py); Trio reports it. Not ours.
-    pytest.mark.filterwarnings("ignore:Async generator 'anthropic.lib.streaming.:ResourceWarning"),
-]
+# Leaving the SDK's event loop early leaves its async generators to the garbage
+# collector; pyproject.toml's filter says so once for every test.
+pytestmark = [pytest.mark.anyio, pytest.mark.asyncio_and_trio]
 
 HI: Any = [{"role": "user", "content": "Tell me about stopping."}]
 SEARCH: Any = [{"name": "search", "input_schema": {"type": "object"}}]
@@ -74,6 +75,9 @@ targets = [{{ provider = "gpt", model = "gpt-4o" }}]
 
 [models.busy]
 targets = [{{ provider = "claude", model = "claude-overloaded" }}]
+
+[models.busy529]
+targets = [{{ provider = "claude", model = "claude-status-529" }}]
 """
         )
         async with Harness(config=str(path), **settings) as h:
@@ -231,9 +235,11 @@ async def test_a_stop_ends_the_sdk_loop_cleanly_with_the_report(tmp_path: Path, 
     assert report["provider"] == model
 
 
-async def test_a_provider_error_is_anthropics_error_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["busy", "busy529"])
+async def test_a_provider_error_is_anthropics_error_event(tmp_path: Path, model: str) -> None:
+    # Claude overloaded: an error event in its stream, or HTTP 529 with its envelope.
     async with _gateway(tmp_path) as g:
-        async with g.sdk().messages.stream(model="busy", max_tokens=100, messages=HI) as s:
+        async with g.sdk().messages.stream(model=model, max_tokens=100, messages=HI) as s:
             with pytest.raises(anthropic.APIStatusError) as caught:
                 await s.get_final_message()
         body: Any = caught.value.body
@@ -241,8 +247,10 @@ async def test_a_provider_error_is_anthropics_error_event(tmp_path: Path) -> Non
         assert body["error"]["type"] == "overloaded_error"
         assert body["error"]["code"] == "upstream_error"
         with pytest.raises(anthropic.APIStatusError) as whole:
-            await g.sdk().messages.create(model="busy", max_tokens=100, messages=HI)
+            await g.sdk().messages.create(model=model, max_tokens=100, messages=HI)
         assert whole.value.status_code == 502
+        whole_body: Any = whole.value.body
+        assert whole_body["error"]["type"] == "overloaded_error"
 
 
 async def test_refusals_are_in_anthropics_envelope(tmp_path: Path) -> None:
@@ -309,3 +317,83 @@ async def test_the_session_id_is_returned(tmp_path: Path) -> None:
             "/v1/messages", json={"model": "claude", "max_tokens": 10, "messages": HI}
         )
         assert response.headers["x-session-id"].startswith("gw-")
+
+
+async def test_a_whole_answer_over_the_bound_is_a_502_and_closes_the_provider(
+    tmp_path: Path,
+) -> None:
+    # GATEWAY_MAX_ANSWER_BYTES holds on /v1/messages as on /v1/chat/completions.
+    async with _gateway(tmp_path, tokens=100_000, rate=0, max_answer_bytes=2048) as g:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            await g.sdk().messages.create(model="claude", max_tokens=100_000, messages=HI)
+        assert caught.value.status_code == 502
+        body: Any = caught.value.body
+        assert body["error"]["code"] == "answer_too_large"
+        record = await closed_early(g.claude)
+    assert len(record.text.encode()) > 2048
+
+
+class _CountTokens:
+    """A provider's /messages/count_tokens that never answers (``hang``) or answers a
+    200 longer than the gateway reads (``huge``)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.asked = anyio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        self.asked.set()
+        if self.mode == "hang":
+            await anyio.sleep_forever()
+        body = json.dumps({"input_tokens": 3, "padding": "x" * (128 * 1024)}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize("mode", ["hang", "huge"])
+async def test_count_tokens_is_bounded_in_time_and_size(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short bound for the test: the gateway's is 10 s (provider/client.py).
+    monkeypatch.setattr(client_module, "_JSON_TIMEOUT", 0.3)
+    provider = _CountTokens(mode)
+    async with replay.serving(provider) as url:
+        path = tmp_path / "gateway.toml"
+        path.write_text(
+            f'[providers.claude]\nkind = "anthropic"\nbase_url = "{url}"\n'
+            '[models.claude]\ntargets = [{ provider = "claude" }]\n'
+        )
+        async with Harness(config=str(path)) as h:
+            with anyio.fail_after(WAIT):
+                response = await h.client.post(
+                    "/v1/messages/count_tokens", json={"model": "claude", "messages": HI}
+                )
+    assert provider.asked.is_set()
+    assert response.status_code == 502
+    error = response.json()["error"]
+    # Not reachable in time, or an answer over 64 KiB: never passed on, never a hang.
+    assert error["code"] == ("upstream_unavailable" if mode == "hang" else "upstream_error")
+    assert error["type"] == "api_error"
+
+
+async def test_field_shapes_are_checked(tmp_path: Path) -> None:
+    async with _gateway(tmp_path) as g:
+        for field, value in (("tools", {"name": "x"}), ("system", 5), ("metadata", [])):
+            response = await g.h.client.post(
+                "/v1/messages",
+                json={"model": "claude", "max_tokens": 10, "messages": HI, field: value},
+            )
+            assert response.status_code == 400, field
+            assert response.json()["error"]["message"].startswith(f"{field} must be")
+        assert not g.claude.records

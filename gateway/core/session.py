@@ -52,6 +52,8 @@ Mark = tuple[int, int, int, int]
 class Completed:
     finish_reason: str | None
     usage: dict[str, object] | None
+    # The provider's own words for the end, where its API has more (provider/anthropic.py).
+    native_stop: dict[str, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,9 @@ STOP_REASONS = {
 # ``reasoning_effort`` as a thinking budget, in tokens (Anthropic's minimum is 1024).
 THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
 _NO_THINKING = ("none", "minimal")
+# Identifiers a provider may name its stop reason with; a stop sequence's length.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_MAX_STOP_SEQUENCE = 1024
 # A tool_use block's fields the gateway reads itself.
 _TOOL_USE_FIELDS = frozenset({"type", "id", "name", "input"})
 # What chat_usage adds to Anthropic's usage.
@@ -385,12 +389,14 @@ class AnthropicStreamParser(ProviderStreamParser):
             if isinstance(usage, dict):
                 self._usage.update(numbers_only(usage))
         elif kind == "message_delta":
-            delta = event.get("delta")
-            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+            given = event.get("delta")
+            delta = given if isinstance(given, dict) else {}
+            reason = delta.get("stop_reason")
             if reason is not None:
                 out.finish_reason = (
                     STOP_REASONS.get(reason, "other") if isinstance(reason, str) else "other"
                 )
+                self.native_stop = _native_stop(reason, delta)
             usage = event.get("usage")
             if isinstance(usage, dict):
                 self._usage.update(numbers_only(usage))
@@ -481,6 +487,17 @@ def chat_usage(usage: Mapping[str, object]) -> dict[str, object]:
     if isinstance(details, dict) and isinstance(details.get("thinking_tokens"), int):
         out["completion_tokens_details"] = {"reasoning_tokens": details["thinking_tokens"]}
     return out
+
+
+def _native_stop(reason: object, delta: Mapping[str, object]) -> dict[str, str | None] | None:
+    """Claude's own stop reason, and the stop sequence it met (one of the client's),
+    for /v1/messages, when they are short text; ``None`` otherwise."""
+    sequence = delta.get("stop_sequence")
+    if not isinstance(reason, str) or not _IDENTIFIER.fullmatch(reason):
+        return None
+    if not (isinstance(sequence, str) and len(sequence) <= _MAX_STOP_SEQUENCE):
+        sequence = None
+    return {"stop_reason": reason, "stop_sequence": sequence}
 
 
 def _object(value: object, name: str) -> dict[str, Any]:

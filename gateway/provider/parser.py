@@ -247,6 +247,9 @@ class ProviderStreamParser:
         self._data: list[str] = []
         self.done = False
         self.error: UpstreamError | None = None
+        # How the provider itself said the answer ended, where its API says more than
+        # ``finish_reason`` can (Anthropic's stop_reason and stop_sequence).
+        self.native_stop: dict[str, str | None] | None = None
 
     def feed(self, data: bytes) -> ParsedChunk:
         """Parse the next bytes. Malformed input or an error object sets ``error``, after

@@ -20,7 +20,7 @@ from ..core.events import json_string, json_text
 from ..core.report import reported_usage, routing_report, terminal_event
 from ..core.session import Completed, Failed, Session, Stopped
 from ..errors import APIError, BadRequest
-from ..provider.anthropic import CHAT_USAGE_FIELDS, STOP_REASONS
+from ..provider.anthropic import CHAT_USAGE_FIELDS
 from ..provider.parser import ContentPart, Delta, Extras, Reasoning, Refusal, ToolCallDelta
 from ..settings import Settings
 from .formats import AnswerFormat, hold
@@ -66,8 +66,12 @@ _SHAPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "service_tier": (str, "a string"),
 }
 # Chat Completions' finish reasons back as Messages' stop reasons.
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-_STOP_REASONS["content_filter"] = "refusal"
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
 # What a stream a Stop ended says: no stop reason of Anthropic's means "stopped by the
 # client"; the gateway's report beside it says why.
 CANCELLED = "cancelled"
@@ -87,9 +91,16 @@ _EFFORTS = ((2048, "low"), (8192, "medium"))
 def anthropic_error(status: int, code: str, message: str) -> dict[str, object]:
     """Anthropic's error envelope; ``code`` is the gateway's own (docs/api.md)."""
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    if code == "upstream_error" and "overloaded_error" in message:
-        kind = "overloaded_error"
     return {"type": "error", "error": {"type": kind, "message": message, "code": code}}
+
+
+def _failure(outcome: Failed) -> dict[str, object]:
+    """A failed answer's envelope: ``overloaded_error`` when the provider said it was
+    (its in-stream error, or its 529's body), as Anthropic itself would."""
+    overloaded = (outcome.provider_error or {}).get("type") == "overloaded_error"
+    kind = "overloaded_error" if overloaded else "api_error"
+    error = {"type": kind, "message": outcome.message, "code": outcome.code}
+    return {"type": "error", "error": error}
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -301,12 +312,16 @@ def _usage(session: Session) -> dict[str, object]:
     return out
 
 
-def _stop_reason(session: Session) -> str:
+def _stop(session: Session) -> dict[str, str | None]:
+    """``stop_reason`` and ``stop_sequence``: an Anthropic provider's own, else from
+    the finish reason; ``cancelled`` for a stopped answer."""
     outcome = session.outcome
-    if isinstance(outcome, Completed):
-        finish = outcome.finish_reason or "stop"
-        return _STOP_REASONS.get(finish, finish if finish in STOP_REASONS else "end_turn")
-    return CANCELLED
+    if not isinstance(outcome, Completed):
+        return {"stop_reason": CANCELLED, "stop_sequence": None}
+    if outcome.native_stop is not None:
+        return outcome.native_stop
+    reason = _STOP_REASONS.get(outcome.finish_reason or "stop", "end_turn")
+    return {"stop_reason": reason, "stop_sequence": None}
 
 
 def _report(session: Session) -> dict[str, object] | None:
@@ -432,11 +447,11 @@ class MessagesEvents(_MessagesFormat):
     def terminal(self, session: Session) -> bytes:
         outcome = session.outcome
         if isinstance(outcome, Failed):
-            error = anthropic_error(502, outcome.code, outcome.message)
+            error = _failure(outcome)
             return self._close() + self._event("error", error)
         data: dict[str, object] = {
             "type": "message_delta",
-            "delta": {"stop_reason": _stop_reason(session), "stop_sequence": None},
+            "delta": _stop(session),
             "usage": _usage(session),
         }
         report = _report(session)
@@ -515,7 +530,7 @@ class MessagesAnswer(_MessagesFormat):
     def terminal(self, session: Session) -> bytes:
         outcome = session.outcome
         if isinstance(outcome, Failed):
-            return json_text(anthropic_error(502, outcome.code, outcome.message)).encode()
+            return json_text(_failure(outcome)).encode()
         for call in self._calls.values():
             try:
                 call["input"] = json.loads(call["input"] or "{}")
@@ -527,8 +542,7 @@ class MessagesAnswer(_MessagesFormat):
             "role": "assistant",
             "model": session.model,
             "content": self._content,
-            "stop_reason": _stop_reason(session),
-            "stop_sequence": None,
+            **_stop(session),
             "usage": _usage(session),
         }
         report = _report(session)

@@ -249,7 +249,7 @@ class ChatStream:
                     with anyio.move_on_after(_DRAIN_TIMEOUT):
                         while await upstream.read():
                             pass
-                session.settle(Completed(finish_reason, usage))
+                session.settle(Completed(finish_reason, usage, parser.native_stop))
             except UpstreamError as exc:
                 # After a stop, this is the stop's abort seen by the read: the outcome
                 # is settled already, and this one ignored.
