@@ -153,3 +153,29 @@ async def test_a_stop_ends_an_anthropic_js_sdks_loop_cleanly(
     assert result["stopReason"] == ("cancelled" if sdk == "anthropic" else "other")
     assert record.text.startswith(result["text"])
     assert result["parts"] >= 3
+
+
+async def test_anthropics_npm_sdk_reads_whole_answers_with_thinking_and_a_tool(
+    node_sdks: Path, tmp_path: Path
+) -> None:
+    async with _claude_and_gpt(tmp_path, sim_config(tokens=6, rate=0)) as (h, by_model):
+        for model, simulator in by_model.items():
+            result = await _run(node_sdks, "anthropic-whole", h, 0, f"s_js_whole_{model}", model)
+            thought, called = simulator.records
+            thinking, tool = result["thinking"], result["tool"]
+            text = [b["text"] for b in thinking["content"] if b["type"] == "text"]
+            assert text == [thought.text]
+            assert thinking["stop_reason"] == "end_turn"
+            assert thinking["usage"]["output_tokens"] == thought.sent
+            if model == "claude":
+                # Claude's thinking, with its signature; an OpenAI-compatible model that
+                # does not think has none to give.
+                first = thinking["content"][0]
+                assert first["type"] == "thinking"
+                assert first["thinking"] == thought.reasoning
+                assert first["signature"]
+            [block] = tool["content"]
+            assert block["type"] == "tool_use"
+            assert block["name"] == "search"
+            assert json.dumps(block["input"]) == called.tool_arguments
+            assert tool["stop_reason"] == "tool_use"

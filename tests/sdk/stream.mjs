@@ -1,5 +1,8 @@
 // One streamed answer from the gateway through an SDK, for tests/test_sdk_clients.py:
-// node stream.mjs <openai|vercel|anthropic|vercel-anthropic> <baseURL> <abortAfter> <sessionId> [model]
+// node stream.mjs <openai|vercel|anthropic|vercel-anthropic|anthropic-whole> <baseURL> <abortAfter> <sessionId> [model]
+// anthropic-whole asks @anthropic-ai/sdk for two answers without streaming, one with
+// thinking on and one with a tool, and prints {"thinking", "tool"}: each answer's
+// content blocks, stop reason and usage.
 // openai and vercel (@ai-sdk/openai-compatible) read /v1/chat/completions; anthropic
 // (@anthropic-ai/sdk) and vercel-anthropic (@ai-sdk/anthropic) read /v1/messages.
 // baseURL is the gateway's /v1. abortAfter 0 reads to the end; otherwise the
@@ -56,6 +59,30 @@ async function aiSdk(provider) {
   });
   for await (const piece of result.textStream) await take(piece);
   if (!controller.signal.aborted) stopReason = await result.finishReason;
+}
+
+if (sdk === "anthropic-whole") {
+  const client = new Anthropic({
+    baseURL: baseURL.replace(/\/v1$/, ""),
+    apiKey: "unused",
+    maxRetries: 0,
+    defaultHeaders: headers,
+  });
+  const thinking = await client.messages.create({
+    model,
+    max_tokens: 2048,
+    messages,
+    thinking: { type: "enabled", budget_tokens: 1024 },
+  });
+  const tool = await client.messages.create({
+    model,
+    max_tokens: 1024,
+    messages,
+    tools: [{ name: "search", input_schema: { type: "object" } }],
+  });
+  const brief = (m) => ({ content: m.content, stop_reason: m.stop_reason, usage: m.usage });
+  process.stdout.write(JSON.stringify({ thinking: brief(thinking), tool: brief(tool) }) + "\n");
+  process.exit(0);
 }
 
 try {
