@@ -51,8 +51,26 @@ from bench.serving import run_hooked
 run_hooked("gateway")
 """
 
-# (step, time) in the order they happened, for one request at a time.
-STAMPS: list[tuple[str, float]] = []
+# (step, time, loop round) in the order they happened. The round is the number of
+# asyncio's event loop iterations so far: counted on the stdlib loop only (uvloop's
+# and Trio's run in C or cannot be hooked), -1 elsewhere.
+STAMPS: list[tuple[str, float, int]] = []
+_ROUND = [-1]
+
+
+def _count_rounds() -> None:
+    """Each iteration of asyncio's own loop counted: how many scheduling rounds a step
+    waits for (under load, each one waits behind every other stream's work)."""
+    from asyncio import base_events
+
+    run_once = base_events.BaseEventLoop._run_once  # type: ignore[attr-defined]
+
+    def counted(self: Any) -> None:
+        _ROUND[0] += 1
+        run_once(self)
+
+    _ROUND[0] = 0
+    base_events.BaseEventLoop._run_once = counted  # type: ignore[attr-defined]
 
 
 def _stamped(owner: Any, name: str, before: str | None, after: str | None) -> None:
@@ -65,20 +83,20 @@ def _stamped(owner: Any, name: str, before: str | None, after: str | None) -> No
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             if before:
-                STAMPS.append((before, time.monotonic()))
+                STAMPS.append((before, time.monotonic(), _ROUND[0]))
             result = await inner(*args, **kwargs)
             if after:
-                STAMPS.append((after, time.monotonic()))
+                STAMPS.append((after, time.monotonic(), _ROUND[0]))
             return result
 
     else:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
             if before:
-                STAMPS.append((before, time.monotonic()))
+                STAMPS.append((before, time.monotonic(), _ROUND[0]))
             result = inner(*args, **kwargs)
             if after:
-                STAMPS.append((after, time.monotonic()))
+                STAMPS.append((after, time.monotonic(), _ROUND[0]))
             return result
 
     setattr(owner, name, wrapper)
@@ -93,10 +111,12 @@ def install_stamps() -> None:
     from gateway.provider import parser, transport
     from gateway.web import routes, stream, writer
 
+    _count_rounds()
     _stamped(asyncio_tcp.TCPServer, "run", "accepted", None)
     _stamped(trio_tcp.TCPServer, "run", "accepted", None)
     _stamped(routes._Gateway, "__call__", "app called", None)
-    _stamped(routes, "json_body", None, "body read")
+    _stamped(routes._Streaming, "__call__", "endpoint reached", None)
+    _stamped(routes, "json_body", "body read begins", "body read")
     _stamped(routes, "chat_payload", None, "validated")
     _stamped(stream.ChatStream, "__call__", "stream called", None)
     _stamped(registry.Registry, "open", None, "session claimed")
@@ -225,48 +245,69 @@ async def measure(
             q: round(result[surface][q] - direct[q], 3) for q in ("p50", "p90", "p99")
         }
     if steps:
-        result["steps"] = _steps(stamps, sent_first[warmup * len(surfaces) :], warmup, surfaces)
+        result["steps"] = _steps(stamps, sent_first[warmup * len(surfaces) :], surfaces)
     return result
 
 
 def _steps(
-    stamps: list[tuple[str, float]],
+    stamps: list[tuple[str, float, int]],
     requests: list[tuple[str, float, float]],
-    warmup: int,
     surfaces: list[str],
 ) -> dict[str, dict[str, float]]:
     """Each step's median time after the request's first byte, in ms, per surface: the
     first time each step happened in the request, the first token's write (the first
-    write after a chunk was parsed), and the client's first token."""
-    per_request: list[list[tuple[str, float]]] = []
-    for name, t in stamps:
-        if name == "accepted":
+    write after a chunk was parsed), and the client's first token. On asyncio's own
+    loop, also each step's median loop round after the connection's (``rounds <surface>``).
+    """
+    per_request: list[list[tuple[str, float, int]]] = []
+    for stamp in stamps:
+        if stamp[0] == "accepted":
             per_request.append([])
         if per_request:
-            per_request[-1].append((name, t))
-    # Connections without a request (the harness's wait for the port) are not requests.
-    per_request = [r for r in per_request if any(name == "app called" for name, _ in r)]
-    per_request = per_request[warmup * len(surfaces) :]
+            per_request[-1].append(stamp)
+    # Each timed request's own stamps: the connection whose app was called between its
+    # first byte and its first token (the harness's wait for the port, and the streams
+    # held open by --background, are other connections; with --background their
+    # tokens' steps, "chunk parsed" and "write", come between).
+    called = [
+        (next(t for name, t, _ in r if name == "app called"), r)
+        for r in per_request
+        if any(name == "app called" for name, _, _ in r)
+    ]
     offsets: dict[str, dict[str, list[float]]] = {s: {} for s in surfaces}
-    for (surface, sent, first), request in zip(requests, per_request, strict=False):
-        seen: dict[str, float] = {}
+    rounds: dict[str, dict[str, list[int]]] = {s: {} for s in surfaces}
+    for surface, sent, first in requests:
+        found = [r for t, r in called if sent <= t <= first]
+        if len(found) != 1:
+            continue
+        seen: dict[str, tuple[float, int]] = {}
         parsed = False
-        for name, t in request:
+        for name, t, n in found[0]:
             if name == "chunk parsed":
                 parsed = True
             if name == "written" and parsed:
                 name = "first token written"
-            seen.setdefault(name, t)
-        seen["client's first token"] = first
-        for name, t in seen.items():
+            seen.setdefault(name, (t, n))
+        for name, (t, n) in seen.items():
             offsets[surface].setdefault(name, []).append((t - sent) * 1000)
-    return {
+            rounds[surface].setdefault(name, []).append(n - seen["accepted"][1])
+        offsets[surface].setdefault("client's first token", []).append((first - sent) * 1000)
+    result = {
         surface: {
             name: round(statistics.median(values), 3)
             for name, values in sorted(found.items(), key=lambda kv: statistics.median(kv[1]))
         }
         for surface, found in offsets.items()
     }
+    for surface, found_rounds in rounds.items():
+        if any(n for values in found_rounds.values() for n in values):
+            result[f"rounds {surface}"] = {
+                name: statistics.median(values)
+                for name, values in sorted(
+                    found_rounds.items(), key=lambda kv: statistics.median(kv[1])
+                )
+            }
+    return result
 
 
 async def _holder(port: int, provider_port: int, count: int) -> asyncio.subprocess.Process:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import anyio
@@ -389,3 +390,52 @@ async def test_endless_trailers_are_a_protocol_error_not_a_growing_buffer() -> N
                 await _read_all(response)
         assert "body framing is over 16384 bytes" in str(raised.value)
         tg.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def _silent_provider() -> Iterator[socket.socket]:
+    """A listening socket that accepts nothing: the kernel completes each handshake
+    and holds what is sent in a small receive buffer, read by no one (an anyio
+    listener's connection, on asyncio, would read it all into memory)."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener
+
+
+async def test_a_request_the_provider_does_not_read_is_a_write_timeout() -> None:
+    # On asyncio the request is handed to the transport without anyio's send; what the
+    # socket does not take (more than the kernel's buffers hold) is still waited for
+    # under the write timeout, never left to the read timeout.
+    with _silent_provider() as provider:
+        port = provider.getsockname()[1]
+        transport = HTTP1Transport(max_connections=1, max_keepalive=1)
+        timeout = httpx.Timeout(WAIT, write=0.3)
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+            with anyio.fail_after(WAIT), pytest.raises(httpx.WriteTimeout):
+                await client.post(f"http://127.0.0.1:{port}/", content=b"x" * (16 << 20))
+
+
+async def test_the_request_is_written_without_a_scheduling_round(
+    anyio_backend_name: str,
+) -> None:
+    # One round fewer on the first token's path (docs/benchmarks.md, "The first
+    # token"): on asyncio the request leaves with no checkpoint, so even a cancelled
+    # scope does not stop it; on Trio the socket's send checkpoints first.
+    request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+    transport = HTTP1Transport(max_connections=1, max_keepalive=1)
+    with _silent_provider() as provider:
+        origin = ("http", "127.0.0.1", provider.getsockname()[1])
+        connection = await transport._connect(None, origin, WAIT)
+        async with connection.stream:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await transport._write(connection, request, None, WAIT)
+        written = not scope.cancelled_caught
+        assert written == (anyio_backend_name != "trio")
+        accepted, _ = await anyio.to_thread.run_sync(provider.accept)
+        with accepted:
+            accepted.settimeout(WAIT)
+            received = await anyio.to_thread.run_sync(accepted.recv, 4096)
+    assert received == (request if written else b"")

@@ -314,9 +314,37 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         request: httpx.Request | None,
         within: float | None,
     ) -> None:
+        rest = _write_now(connection.stream, data)
+        if rest is None:
+            return
         errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
         with errors, anyio.fail_after(within):
-            await connection.stream.send(data)
+            # The request, or (``b""``) the wait for what was written now to drain below
+            # the transport's high-water mark, as anyio's send waits for it.
+            await connection.stream.send(rest)
+
+
+def _write_now(stream: ByteStream, data: bytes) -> bytes | None:
+    """On asyncio and uvloop, ``data`` handed to the connection's transport at once
+    when nothing is queued before it: what anyio's ``send`` does, without the
+    scheduling round it yields afterwards, one of the few on the first token's path
+    (docs/benchmarks.md, "The first token"). Returns what is left for ``send``: ``None``
+    when nothing is, ``b""`` when the transport now holds more than its high-water mark,
+    ``data`` when it was not written (Trio, TLS, a connection already broken: ``send``
+    raises what it raises)."""
+    transport = getattr(stream, "_transport", None)
+    protocol = getattr(stream, "_protocol", None)
+    if (
+        transport is None
+        or protocol is None
+        or protocol.exception is not None
+        or transport.is_closing()
+        or transport.get_write_buffer_size()
+        or not protocol.write_event.is_set()
+    ):
+        return data
+    transport.write(data)
+    return None if protocol.write_event.is_set() else b""
 
 
 class PreparedPost:
