@@ -162,6 +162,31 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                     f"{total['p99']}; the provider alone {direct['p50']} / {direct['p90']} / "
                     f"{direct['p99']}) | |"
                 )
+        floor = gate.get("first_token_floor")
+        if first and floor:
+            added = floor["added_api"]
+            above = [round(first["added_api"][q] - added[q], 3) for q in ("p50", "p90")]
+            lines.append(
+                "| time to first token added by the floor (bench/floor.py: hypercorn, and a "
+                "relay that does nothing else), the same measure, ms p50 / p90 / p99 | | "
+                f"{added['p50']} / {added['p90']} / {added['p99']} (the provider alone "
+                f"{floor['direct']['p50']}) | gateway /api above it: p50 {above[0]}, "
+                f"p90 {above[1]} |"
+            )
+        for server, what in (
+            ("gateway", "through the gateway, /api/chat/stream"),
+            ("floor", "by the floor"),
+        ):
+            loaded = gate.get(f"first_token_loaded_{server}")
+            if loaded:
+                added, direct = loaded["added_api"], loaded["direct"]
+                lines.append(
+                    f"| time to first token added {what}, {gate.get('first_token_load')} "
+                    "streams held open meanwhile (20 tokens/s each), "
+                    f"ms p50 / p90 / p99 | | {added['p50']} / {added['p90']} / {added['p99']} "
+                    f"(the provider alone {direct['p50']} / {direct['p90']} / "
+                    f"{direct['p99']}) | |"
+                )
         for routes, what in (
             ("routed", "through a route of one target (bench/routed.toml)"),
             ("fallback", "through a fallback: the first target answers 503 (bench/fallback.toml)"),

@@ -559,6 +559,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         routes=str(ROOT / "bench" / f"{routes}.toml"),
                     )
                     print(f"   {routes}: {gateway_run[f'first_token_{routes}']}", flush=True)
+                # The same measure of hypercorn's floor (bench/floor.py): the part of
+                # the gateway's figure that hypercorn holds, and both with streams held
+                # open meanwhile (the issue's loaded case, docs/benchmarks.md).
+                gateway_run["first_token_floor"] = await first_token(
+                    worker, "floor", bench.provider_port, args.first_token, 10, False
+                )
+                print(f"   floor: {gateway_run['first_token_floor']}", flush=True)
+                if args.first_token_load:
+                    gateway_run["first_token_load"] = args.first_token_load
+                    for server in ("gateway", "floor"):
+                        key = f"first_token_loaded_{server}"
+                        gateway_run[key] = await first_token(
+                            worker,
+                            server,
+                            bench.provider_port,
+                            args.first_token,
+                            10,
+                            False,
+                            background=args.first_token_load,
+                        )
+                        print(f"   {server}, loaded: {gateway_run[key]}", flush=True)
     finally:
         provider.terminate()
         await provider.wait()
@@ -627,6 +648,13 @@ def main() -> None:
         type=int,
         default=50,
         help="requests, one at a time, for the time to first token (bench/firsttoken.py); 0: skip",
+    )
+    parser.add_argument(
+        "--first-token-load",
+        type=int,
+        default=200,
+        help="streams held open (20 tokens/s) while the first token is timed again, "
+        "through the gateway and the floor; 0: skip",
     )
     parser.add_argument(
         "--no-cluster",

@@ -14,6 +14,7 @@ its end go back to a small idle pool.
 from __future__ import annotations
 
 import select
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -22,6 +23,7 @@ import anyio
 import h11
 import httptools
 import httpx2 as httpx
+import sniffio
 import trio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSStream
@@ -314,37 +316,49 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         request: httpx.Request | None,
         within: float | None,
     ) -> None:
-        rest = _write_now(connection.stream, data)
+        rest = _write_now(connection, data)
         if rest is None:
             return
         errors = _Mapped(request, "sending the request", httpx.WriteTimeout, httpx.WriteError)
         with errors, anyio.fail_after(within):
-            # The request, or (``b""``) the wait for what was written now to drain below
-            # the transport's high-water mark, as anyio's send waits for it.
+            # The request, what the socket did not take of it, or (``b""``, asyncio) the
+            # wait for what the transport holds to drain, as anyio's send waits for it.
             await connection.stream.send(rest)
 
 
-def _write_now(stream: ByteStream, data: bytes) -> bytes | None:
-    """On asyncio and uvloop, ``data`` handed to the connection's transport at once
-    when nothing is queued before it: what anyio's ``send`` does, without the
-    scheduling round it yields afterwards, one of the few on the first token's path
-    (docs/benchmarks.md, "The first token"). Returns what is left for ``send``: ``None``
-    when nothing is, ``b""`` when the transport now holds more than its high-water mark,
-    ``data`` when it was not written (Trio, TLS, a connection already broken: ``send``
-    raises what it raises)."""
+def _write_now(connection: _Connection, data: bytes) -> bytes | None:
+    """``data`` handed to the connection's socket at once, as far as it takes it without
+    waiting: what anyio's ``send`` does, without the scheduling round it yields after
+    (one of the few on the first token's path: docs/benchmarks.md, "The first token").
+    Returns what is left for ``send``: ``None`` when nothing is; ``b""`` on asyncio when
+    its transport now holds more than its high-water mark; the rest of ``data`` when
+    the socket did not take it all, or ``data`` when it was not written (under TLS, or
+    a connection already broken: ``send`` raises what it raises)."""
+    stream = connection.stream
+    if isinstance(stream, TLSStream):
+        return data
+    # asyncio and uvloop: the stream's transport (uvloop's socket object cannot send).
     transport = getattr(stream, "_transport", None)
     protocol = getattr(stream, "_protocol", None)
-    if (
-        transport is None
-        or protocol is None
-        or protocol.exception is not None
-        or transport.is_closing()
-        or transport.get_write_buffer_size()
-        or not protocol.write_event.is_set()
-    ):
+    if transport is not None and protocol is not None:
+        if (
+            protocol.exception is not None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or not protocol.write_event.is_set()
+        ):
+            return data
+        transport.write(data)
+        return None if protocol.write_event.is_set() else b""
+    # Trio: its non-blocking socket, which no task is writing to.
+    sock = connection.socket
+    if not isinstance(sock, socket.socket) or sniffio.current_async_library() != "trio":
         return data
-    transport.write(data)
-    return None if protocol.write_event.is_set() else b""
+    try:
+        sent = sock.send(data)
+    except OSError:  # would block, or broken: ``send`` waits, or raises
+        return data
+    return None if sent == len(data) else data[sent:]
 
 
 class PreparedPost:
