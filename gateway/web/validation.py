@@ -7,7 +7,6 @@ itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from typing import NoReturn, Required, TypedDict
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..core.registry import SESSION_ID_CHARS, SESSION_ID_RE
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
@@ -137,15 +136,24 @@ async def json_body(request: Request, limit: int, within: float) -> object:
         raise UnsupportedMediaType("the request body must be application/json")
     too_large = PayloadTooLarge(f"the request body is larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    length = int(declared) if declared.isdigit() else None
+    if length is not None and length > limit:
         raise too_large  # answered before reading a byte of it
     body = bytearray()
+    receive = request.receive
     with anyio.move_on_after(within) as scope:
-        async with contextlib.aclosing(request.stream()) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) > limit:
-                    raise too_large
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise too_large
+            # Whole once its Content-Length is there: the server's "no more body"
+            # message is not waited for (under Trio, one scheduling round on the
+            # first token's path; docs/benchmarks.md, "The first token").
+            if not message.get("more_body", False) or len(body) == length:
+                break
     if scope.cancelled_caught:
         logger.info("request body not received within %gs: answered 408", within)
         # The rest of the body may still come: the connection cannot be reused.
