@@ -1,8 +1,9 @@
 """The least a relay on hypercorn can do per token, measured beside the gateway.
 
-A raw ASGI app (no Starlette, no HTTP client, no parsing): for each stream it opens a
-plain TCP connection to the provider, writes the request by hand, and for every read
-from that socket sends one fixed ``token`` event to the client. At a paced load each
+A raw ASGI app (no Starlette, no HTTP client, no parsing): for each stream it takes a
+plain TCP connection to the provider opened ahead, writes the request by hand, and for
+every read from that socket sends one fixed ``token`` event to the client (the first
+once the provider's first event is in). At a paced load each
 read is one token, so its CPU per token is hypercorn's own per-event cost plus one
 socket read: a floor no hypercorn-based relay goes below. It is not a correct proxy
 (no cancel endpoint, no framing); `make bench` uses it for CPU figures only.
@@ -91,9 +92,15 @@ def create_app(upstream_url: str) -> Any:
                 b"content-length: %d\r\n\r\n%s" % (path.encode(), host.encode(), len(body), body)
             )
             try:
+                # The first token is sent once the provider's first event has come, not
+                # at the read of its response head (when the two come apart), as the
+                # gateway's does: the first-token comparison waits for the same bytes.
+                before = b""
+                while b"data:" not in before:
+                    before += await upstream.receive()
                 while True:
-                    await upstream.receive()
                     await send({"type": "http.response.body", "body": _TOKEN, "more_body": True})
+                    await upstream.receive()
             except anyio.EndOfStream:
                 tg.cancel_scope.cancel()
 
