@@ -17,6 +17,11 @@ def _cpu(v: dict[str, Any]) -> str:
     return f"{v['us_per_token']} ({v['cpu_fraction']:.0%} CPU, {v['tokens_per_s']} tok/s)"
 
 
+def _quantiles(figures: dict[str, Any]) -> str:
+    """A first-token figure's p50 / p90 / p99, as the tables write them."""
+    return f"{figures['p50']} / {figures['p90']} / {figures['p99']}"
+
+
 def _ratio(gateway: float | None, baseline: float | None) -> str:
     if gateway is None or baseline is None or baseline == 0:
         return ""
@@ -157,10 +162,8 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 added, total = first[f"added_{surface}"], first[surface]
                 lines.append(
                     f"| time to first token added over the provider, {path}, ms p50 / p90 / "
-                    f"p99 (one request at a time) | | {added['p50']} / {added['p90']} / "
-                    f"{added['p99']} (through the gateway {total['p50']} / {total['p90']} / "
-                    f"{total['p99']}; the provider alone {direct['p50']} / {direct['p90']} / "
-                    f"{direct['p99']}) | |"
+                    f"p99 (one request at a time) | | {_quantiles(added)} (through the gateway "
+                    f"{_quantiles(total)}; the provider alone {_quantiles(direct)}) | |"
                 )
         floor = gate.get("first_token_floor")
         if first and floor:
@@ -169,7 +172,7 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
             lines.append(
                 "| time to first token added by the floor (bench/floor.py: hypercorn, and a "
                 "relay that does nothing else), the same measure, ms p50 / p90 / p99 | | "
-                f"{added['p50']} / {added['p90']} / {added['p99']} (the provider alone "
+                f"{_quantiles(added)} (the provider alone "
                 f"{floor['direct']['p50']}) | gateway /api above it: p50 {above[0]}, "
                 f"p90 {above[1]} |"
             )
@@ -183,9 +186,8 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 lines.append(
                     f"| time to first token added {what}, {gate.get('first_token_load')} "
                     "streams held open meanwhile (20 tokens/s each), "
-                    f"ms p50 / p90 / p99 | | {added['p50']} / {added['p90']} / {added['p99']} "
-                    f"(the provider alone {direct['p50']} / {direct['p90']} / "
-                    f"{direct['p99']}) | |"
+                    f"ms p50 / p90 / p99 | | {_quantiles(added)} "
+                    f"(the provider alone {_quantiles(direct)}) | |"
                 )
         for routes, what in (
             ("routed", "through a route of one target (bench/routed.toml)"),
@@ -196,8 +198,7 @@ def _tables(report: dict[str, Any], loads: list[int]) -> str:
                 total, direct = first["api"], first["direct"]
                 lines.append(
                     f"| time to first token {what}, /api/chat/stream, ms p50 / p90 / p99 | | "
-                    f"{total['p50']} / {total['p90']} / {total['p99']} (the provider alone "
-                    f"{direct['p50']} / {direct['p90']} / {direct['p99']}) | |"
+                    f"{_quantiles(total)} (the provider alone {_quantiles(direct)}) | |"
                 )
         late = gate.get("idle_timeout_late")
         if late:

@@ -358,6 +358,13 @@ def traced_peak() -> Iterator[TracedPeak]:
         tracemalloc.stop()
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """A test ASGI app's lifespan: started at once, and ended when asked."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 async def read_request(stream: SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:
     """One request (head and Content-Length body) from ``stream``; the rest of what was
     read after it. ``None`` if the client closed first."""

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.provider.parser import ProviderStreamParser
 from gateway.server.serve import load_config
 
-from .harness import Harness, serve_until
+from .harness import Harness, answer_lifespan, serve_until
 
 RECORDED = Path(__file__).parent / "recorded"
 
@@ -220,9 +220,7 @@ class Replay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         request = b""
         while True:

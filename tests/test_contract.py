@@ -22,7 +22,7 @@ from gateway.tools.contract.report import junit_xml, report
 from gateway.tools.contract.run import run_contract
 from support.processes import ROOT, free_port
 
-from .harness import ASYNCIO_AND_TRIO, Harness, serve_until, traced_peak
+from .harness import ASYNCIO_AND_TRIO, Harness, answer_lifespan, serve_until, traced_peak
 from .processes import Nginx
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_AND_TRIO]
@@ -298,9 +298,7 @@ class _Endless:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         while (await receive()).get("more_body"):
             pass

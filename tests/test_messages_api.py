@@ -22,7 +22,7 @@ from gateway.provider import client as client_module
 from gateway.tools.simulator import Simulator
 
 from . import replay
-from .harness import WAIT, Harness, closed_early, sim_config, simulators
+from .harness import WAIT, Harness, answer_lifespan, closed_early, sim_config, simulators
 
 # Leaving the SDK's event loop early leaves its async generators to the garbage
 # collector; pyproject.toml's filter says so once for every test.
@@ -343,9 +343,7 @@ class _CountTokens:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         self.asked.set()
         if self.mode == "hang":

@@ -19,7 +19,7 @@ from gateway.server.serve import is_hypercorn_setting, load_config
 from gateway.tools.simulator import Simulator, serve_simulator
 from support.processes import free_port
 
-from .harness import ASYNCIO_AND_TRIO, WAIT, serve_until, worker_class
+from .harness import ASYNCIO_AND_TRIO, WAIT, answer_lifespan, serve_until, worker_class
 from .processes import hypercorn_workers, until_up
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,9 +62,7 @@ def test_methods_and_private_names_are_not_settings(key: str) -> None:
 async def _chunked_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers each request with a body in two chunks, as a stream's is sent."""
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await answer_lifespan(receive, send)
         return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"one", "more_body": True})
