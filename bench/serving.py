@@ -28,7 +28,8 @@ def main(create_app: Callable[[str], Any]) -> None:
 
 
 async def _serve_forever(app: Any, config: Any) -> None:
-    await serve(app, config, shutdown_trigger=anyio.sleep_forever)
+    # hypercorn's own writes: the floor and the baseline are hypercorn as it comes.
+    await serve(app, config, shutdown_trigger=anyio.sleep_forever, hypercorn_writes=True)
 
 
 def run_hooked(server: str) -> None:

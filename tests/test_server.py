@@ -14,7 +14,7 @@ from hypercorn.trio.tcp_server import TCPServer as TrioTCPServer
 from starlette.types import Receive, Scope, Send
 
 from gateway import ConfigError
-from gateway.server import keepalive
+from gateway.server import keepalive, writes
 from gateway.server.serve import is_hypercorn_setting, load_config
 from gateway.tools.simulator import Simulator, serve_simulator
 from support.processes import free_port
@@ -141,6 +141,10 @@ def test_the_installed_hypercorn_has_what_the_keep_alive_fix_patches() -> None:
     assert keepalive.missing() == []
 
 
+def test_the_installed_hypercorn_has_what_the_trio_writes_use() -> None:
+    assert writes.fits()
+
+
 @pytest.mark.parametrize(
     ("server", "attribute"),
     [
@@ -194,3 +198,73 @@ async def _read_to_end(stream: SocketStream) -> None:
     with contextlib.suppress(anyio.EndOfStream):
         while True:
             await stream.receive()
+
+
+async def _write_app(
+    scope: Scope, receive: Receive, send: Send, *, big: bytes, yielded: list[bool]
+) -> None:
+    """A response whose second chunk goes from a task whose scope is cancelled: the
+    first chunk's send is watched for a scheduling round, the second is far more than
+    the socket takes at once."""
+    if scope["type"] == "lifespan":
+        await answer_lifespan(receive, send)
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    ran = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_set, ran)  # runs at this task's next scheduling round
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        yielded.append(ran.is_set())
+    with anyio.CancelScope() as cancelled:
+        cancelled.cancel()
+        # No checkpoint on the way in: what the socket takes goes at once, and the rest
+        # must follow whole (shielded), not be cut by the cancel.
+        await send({"type": "http.response.body", "body": big, "more_body": True})
+    await send({"type": "http.response.body", "body": b"end"})
+
+
+async def _set(event: anyio.Event) -> None:
+    event.set()
+
+
+@pytest.mark.anyio
+async def test_a_response_is_written_without_a_scheduling_round_and_whole_when_cancelled(
+    anyio_backend: Any,
+) -> None:
+    # Under Trio, hypercorn's send yields twice (its lock, the socket's send): the
+    # gateway's serving writes at once when nothing else is writing (writes.py).
+    # A chunk the socket does not take at once, sent from a cancelled scope, still
+    # arrives whole and before the next: the rest goes through hypercorn's shielded
+    # write, its lock taken before any other send.
+    big = bytes(range(256)) * (16 * 4096)  # 16 MiB
+    yielded: list[bool] = []
+    config = load_config(bind=["127.0.0.1:0"], accesslog=None)
+    stop = anyio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await _write_app(scope, receive, send, big=big, yielded=yielded)
+
+    async with anyio.create_task_group() as tg:
+        [(_, port)] = await tg.start(serve_until, app, config, stop.wait)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nhost: gateway\r\n\r\n")
+            response = bytearray()
+            with anyio.fail_after(WAIT):
+                while not response.endswith(b"0\r\n\r\n"):
+                    response += await stream.receive(1 << 20)
+        stop.set()
+    head, _, body = bytes(response).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert _dechunked(body) == b"first" + big + b"end"
+    assert yielded == [False]
+
+
+def _dechunked(body: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return bytes(out)
+        out += body[:size]
+        body = body[size + 2 :]

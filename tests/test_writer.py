@@ -52,7 +52,7 @@ def _writer() -> tuple[Session, _Client, ClientWriter]:
 
 async def test_chunks_go_in_order_after_the_start_and_count_once_written() -> None:
     session, client, writer = _writer()
-    await writer.start()
+    await writer.start(b"")
     assert client.messages[0]["type"] == "http.response.start"
     assert (b"x-session-id", b"s") in client.messages[0]["headers"]
     await writer.write(b"a", (1, 0, 0, 0))
@@ -68,7 +68,7 @@ async def test_chunks_go_in_order_after_the_start_and_count_once_written() -> No
 
 async def test_a_send_cut_short_counts_nothing() -> None:
     session, client, writer = _writer()
-    await writer.start()
+    await writer.start(b"")
     await writer.write(b"a", (1, 0, 0, 0))
     client.gate = anyio.Event()
     with anyio.CancelScope() as scope:
@@ -84,7 +84,7 @@ async def test_a_send_cut_short_counts_nothing() -> None:
 
 async def test_a_client_gone_mid_write_stops_the_stream() -> None:
     session, client, writer = _writer()
-    await writer.start()
+    await writer.start(b"")
     client.fail = anyio.BrokenResourceError()
     await writer.write(b"a", (1, 0, 0, 0))
     assert session.client_gone
@@ -98,7 +98,7 @@ async def test_a_client_gone_mid_write_stops_the_stream() -> None:
 
 async def test_a_ping_is_written_only_between_writes_and_never_beside_one() -> None:
     session, client, writer = _writer()
-    await writer.start()
+    await writer.start(b"")
     async with anyio.create_task_group() as tg:
         writer.pings = tg
         client.gate = anyio.Event()

@@ -13,8 +13,10 @@ __all__ = ["Sink"]
 
 
 class Sink(Protocol):
-    async def start(self) -> None:
-        """Before the first write (a response whose status is known starts now)."""
+    async def start(self, first: bytes) -> None:
+        """The response's start, if its status is known, and the stream's first event
+        (``first``; nothing if empty). Called once the relay has started: no write
+        goes before these two."""
 
     async def write(self, data: bytes, mark: Mark | None = None) -> None:
         """Hand ``data`` on; ``mark``, the stream's counts once it is written, counts

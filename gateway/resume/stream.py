@@ -69,8 +69,11 @@ class ResumableStream:
             await relay(self, tg)
             tg.cancel_scope.cancel()
 
-    async def start(self) -> None:
-        pass  # the follower starts the client's response
+    async def start(self, first: bytes) -> None:
+        # The follower starts the client's response. Nothing awaits before the put: the
+        # relay, started already, has not run yet.
+        if first:
+            self._log.put_nowait(first, None)
 
     async def write(self, data: bytes, mark: Mark | None = None) -> None:
         # Never waits: a resumable stream keeps relaying while nobody reads (parked).

@@ -22,6 +22,7 @@ from hypercorn.config import Config
 from starlette.types import ASGIApp
 
 from ..errors import ConfigError
+from . import writes
 from .keepalive import install
 
 __all__ = ["WORKER_CLASSES", "anyio_backend", "load_config", "serve"]
@@ -80,8 +81,12 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+    hypercorn_writes: bool = False,
 ) -> None:
-    """Serve ``app`` until ``shutdown_trigger`` returns; report the bound addresses."""
+    """Serve ``app`` until ``shutdown_trigger`` returns; report the bound addresses.
+
+    Under Trio, responses are written at once when they can be (writes.py), unless
+    ``hypercorn_writes``: bench/serving.py measures hypercorn's own floor with it."""
     config = copy.copy(config)
     sockets, addresses = _bind(config.bind, config.backlog)
     config.bind = [f"fd://{sock.detach()}" for sock in sockets]
@@ -89,6 +94,9 @@ async def serve(
     install()
     if sniffio.current_async_library() == "trio":
         import hypercorn.trio
+
+        if not hypercorn_writes:
+            writes.install()
 
         await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     else:

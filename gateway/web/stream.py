@@ -161,12 +161,14 @@ class ChatStream:
         relayed = anyio.Event()
         relaying = False
         try:
-            await sink.start()
+            # The relay first: its request goes to the provider, then the response's
+            # head and first event are written while the provider works on it. Its
+            # first write waits for them (``Sink.start``).
             start = self._answer.start(session)
-            if start:
-                await sink.write(start)
             tg.start_soon(self._relay, session, sink, relayed)
             relaying = True
+            await anyio.lowlevel.checkpoint()
+            await sink.start(start)
             await self._watch(session, sink, relayed, receive)
         except Exception:
             logger.exception("[SSE] %s internal error", session.id)

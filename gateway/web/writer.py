@@ -60,13 +60,21 @@ class ClientWriter:
         self.interrupted = False
         self.pings: TaskGroup | None = None
 
-    async def start(self) -> None:
-        """The response's start, if the answer streams (its status is known)."""
-        if self._answer.streaming and not self._session.client_gone:
+    async def start(self, first: bytes) -> None:
+        """The response's start, if the answer streams (its status is known), then
+        ``first``, the stream's first event. The relay runs already: its writes wait
+        for both (nothing awaits between the two: no write comes between them)."""
+        session = self._session
+        if self._answer.streaming and not session.client_gone:
+            self._busy = True
             try:
                 await self._start_response()
             except CLIENT_GONE:
-                self._session.client_left("disconnect")
+                session.client_left("disconnect")
+            finally:
+                self._release()
+        if first:
+            await self.write(first)
 
     async def write(self, data: bytes, mark: Mark | None = None) -> None:
         """Write ``data`` to the client; ``mark`` counts as delivered once it has gone.
