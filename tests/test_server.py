@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,25 @@ def test_the_installed_hypercorn_has_what_the_keep_alive_fix_patches() -> None:
 
 def test_the_installed_hypercorn_has_what_the_trio_writes_use() -> None:
     assert writes.fits()
+
+
+@pytest.mark.parametrize(("module", "installed"), [("gateway.app", True), ("gateway", False)])
+def test_plain_hypercorn_serving_the_app_writes_as_gateway_serve_does(
+    module: str, installed: bool
+) -> None:
+    # `hypercorn gateway.app:app` imports the entry point, which installs them; the
+    # package alone (the floor's serving, bench/serving.py) leaves hypercorn as it is.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    probe = (
+        f"import {module}\n"
+        "from hypercorn.trio.tcp_server import TCPServer\n"
+        "print(getattr(TCPServer.protocol_send, '_writes_at_once', False))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(installed)
 
 
 @pytest.mark.parametrize(
