@@ -70,8 +70,9 @@ class ResumableStream:
             tg.cancel_scope.cancel()
 
     async def start(self, first: bytes) -> None:
-        # The follower starts the client's response. Nothing awaits before the put: the
-        # relay, started already, has not run yet.
+        # The follower starts the client's response. The relay has run only up to its
+        # first wait for the provider (web/stream.py lets it go first for one round):
+        # no delta of its can be in the log before this, the first event.
         if first:
             self._log.put_nowait(first, None)
 
